@@ -1,0 +1,154 @@
+"""The dataset reader interface every reader implements, and subsetting.
+
+A reader knows one dataset's native on-disk layout. It lists the official split as
+``Record`` rows (stable ``image_id``, integer label, class names) and decodes one
+image to a PIL image. Everything after decoding (resize, crop, normalise) is the
+shared, deterministic ``preprocess`` so that every dataset is treated alike and the
+settings can be recorded in the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import DatasetError, ImageReadError
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a split.
+
+    image_id: the dataset's own id (relative path or official id), stable across runs.
+    label: 0-based class index into the reader's ``class_names``.
+    path: file to decode, or None for in-memory datasets (digits).
+    bbox: optional (x0, y0, x1, y1) box in pixels, for bounding-box crops.
+    """
+
+    image_id: str
+    label: int
+    path: Path | None = None
+    bbox: tuple[float, float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which dataset, split and subset to read.
+
+    reader: registered reader name (``digits``, ``imagefolder``, ``imagenet``, ``cub`` ...).
+    root: the dataset's root folder in its native layout (None for digits).
+    split: the official split name the reader understands (``train``, ``test``, ``val`` ...).
+    limit: keep at most this many images (after ``classes``/``per_class``), chosen with ``seed``.
+    classes: keep only these classes (names or 0-based indices); labels stay the dataset's.
+    per_class: keep at most this many images per class, chosen with ``seed``.
+    seed: seed for the subset choice; the kept images stay in dataset order.
+    crop: ``center`` (resize shorter side, centre crop) or ``bbox`` (crop to the
+        annotated box first, for CUB / Cars / Aircraft).
+    options: reader-specific extras (e.g. ``variant: family`` for Aircraft).
+    """
+
+    reader: str = "digits"
+    root: str | None = None
+    split: str = "train"
+    limit: int | None = None
+    classes: tuple[str, ...] | None = None
+    per_class: int | None = None
+    seed: int = 0
+    crop: str = "center"
+    options: dict = field(default_factory=dict)
+
+
+class DatasetReader:
+    """Base class. Subclasses set ``records`` and ``class_names`` in ``__init__``."""
+
+    name: str = "base"
+    splits: tuple[str, ...] = ("train", "test")
+
+    def __init__(self, root: Path | None, split: str, **options):
+        if split not in self.splits:
+            raise DatasetError(
+                f"dataset {self.name!r} has no split {split!r}; valid: {', '.join(self.splits)}"
+            )
+        self.root = Path(root).expanduser() if root is not None else None
+        self.split = split
+        self.options = options
+        self.records: list[Record] = []
+        self.class_names: list[str] = []
+
+    def require_root(self) -> Path:
+        if self.root is None:
+            raise DatasetError(f"dataset {self.name!r} needs 'root:' (the folder it was unpacked to)")
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"dataset root {str(self.root)!r} for {self.name!r} does not exist; set 'root:' to the unpacked dataset folder"
+            )
+        return self.root
+
+    def require_file(self, relative: str, layout_hint: str) -> Path:
+        """Path of an annotation file, or a DatasetError naming it and the layout expected."""
+        path = self.require_root() / relative
+        if not path.exists():
+            raise DatasetError(
+                f"{self.name}: missing {relative!r} under {str(self.root)!r}; expected layout: {layout_hint}"
+            )
+        return path
+
+    def load_image(self, record: Record) -> Image.Image:
+        """Decode one image as PIL (any mode); raise ImageReadError on failure."""
+        if record.path is None:
+            raise NotImplementedError(f"{type(self).__name__} must override load_image")
+        try:
+            with Image.open(record.path) as img:
+                img.load()
+                return img.copy()
+        except FileNotFoundError:
+            raise ImageReadError(record.image_id, f"file not found: {record.path}") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for corrupt/truncated files
+            raise ImageReadError(record.image_id, f"{type(exc).__name__}: {exc}") from None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def select_subset(records: Sequence[Record], class_names: Sequence[str], cfg: DatasetConfig) -> list[Record]:
+    """Apply ``classes``, ``per_class`` and ``limit`` deterministically (dataset order kept)."""
+    rng = np.random.default_rng(cfg.seed)
+    keep = list(records)
+    if cfg.classes:
+        wanted = set()
+        for c in cfg.classes:
+            if str(c) in class_names:
+                wanted.add(list(class_names).index(str(c)))
+            elif str(c).isdigit() and int(c) < len(class_names):
+                wanted.add(int(c))
+            else:
+                raise DatasetError(f"unknown class {c!r} in 'classes'; use a class name or 0-based index")
+        keep = [r for r in keep if r.label in wanted]
+    if cfg.per_class is not None:
+        by_class: dict[int, list[int]] = {}
+        for i, r in enumerate(keep):
+            by_class.setdefault(r.label, []).append(i)
+        chosen: set[int] = set()
+        for idx in by_class.values():
+            n = min(cfg.per_class, len(idx))
+            chosen.update(rng.choice(idx, size=n, replace=False).tolist())
+        keep = [r for i, r in enumerate(keep) if i in chosen]
+    if cfg.limit is not None and cfg.limit < len(keep):
+        chosen = set(rng.choice(len(keep), size=cfg.limit, replace=False).tolist())
+        keep = [r for i, r in enumerate(keep) if i in chosen]
+    return keep
+
+
+def with_records(reader: DatasetReader, records: list[Record]) -> DatasetReader:
+    """Return the reader with its records replaced (used after subsetting)."""
+    reader.records = records
+    return reader
+
+
+def config_from_dict(d: dict) -> DatasetConfig:
+    return DatasetConfig(**{f.name: d[f.name] for f in dataclasses.fields(DatasetConfig) if f.name in d})

@@ -1,0 +1,46 @@
+"""A plain image folder: ``root/<class>/<image>`` (optionally ``root/<split>/<class>/<image>``).
+
+Classes are the sorted sub-folder names; image_id is the path relative to the split
+folder (``cat/0001.png``). If ``root/<split>/`` exists it is used, otherwise ``root``
+itself is the split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.datasets.base import DatasetReader, Record
+from pipeline.errors import DatasetError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def scan_class_folders(base: Path) -> tuple[list[str], list[Record]]:
+    """Sorted class folders under ``base`` and their images as Records (ids relative to base)."""
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    records = []
+    for label, name in enumerate(classes):
+        for f in sorted((base / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                records.append(Record(image_id=f.relative_to(base).as_posix(), label=label, path=f))
+    return classes, records
+
+
+class ImageFolderReader(DatasetReader):
+    name = "imagefolder"
+    splits = ("train", "val", "test", "all")
+
+    def __init__(self, root, split: str = "train", **options):
+        super().__init__(root, split, **options)
+        base = self.require_root()
+        if (base / split).is_dir():
+            base = base / split
+        classes, records = scan_class_folders(base)
+        if not classes:
+            raise DatasetError(
+                f"imagefolder: no class folders under {str(base)!r}; expected layout root/<class>/<image>"
+            )
+        if not records:
+            raise DatasetError(f"imagefolder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(base)!r}")
+        self.class_names = classes
+        self.records = records

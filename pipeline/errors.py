@@ -1,0 +1,57 @@
+"""The DiffprobeError family: one-line messages that name the thing and the fix.
+
+The CLI prints ``str(error)`` on one line and exits non-zero; ``-v`` shows the
+traceback. Library code raises these for anything a user can get wrong; plain
+exceptions mean a bug in diffprobe.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DiffprobeError(Exception):
+    """Base class: something the user can fix. The message says what and how."""
+
+    exit_code = 2
+
+
+class ConfigError(DiffprobeError):
+    """A workflow file or stage parameter is wrong."""
+
+
+class StoreError(DiffprobeError):
+    """A store is missing, incomplete, corrupt or written by another config."""
+
+
+class DatasetError(DiffprobeError):
+    """A dataset root, annotation file or image cannot be used."""
+
+
+class ModelError(DiffprobeError):
+    """A model cannot be loaded, or a block / timestep / condition is invalid for it."""
+
+
+class ImageReadError(DatasetError):
+    """One image could not be decoded; carries the id so it can be recorded and masked."""
+
+    def __init__(self, image_id: str, reason: str):
+        super().__init__(f"cannot read image {image_id!r}: {reason}")
+        self.image_id = image_id
+        self.reason = reason
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def list_choices(choices: Iterable[str], limit: int = 12) -> str:
+    """Abbreviate a long list of valid names as ``a, b, c ... y, z (N in all)``."""
+    items = [str(c) for c in choices]
+    if len(items) <= limit:
+        return ", ".join(items)
+    half = limit // 2
+    return f"{', '.join(items[:half])} ... {', '.join(items[-half:])} ({len(items)} in all)"
