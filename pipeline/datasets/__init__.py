@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from pipeline.datasets.aircraft import AircraftReader
 from pipeline.datasets.base import DatasetConfig, DatasetReader, Record, select_subset
+from pipeline.datasets.cars import CarsReader
+from pipeline.datasets.cub import CUBReader
 from pipeline.datasets.digits import DigitsReader
+from pipeline.datasets.dogs import DogsReader
+from pipeline.datasets.flowers import FlowersReader
+from pipeline.datasets.food import FoodReader
 from pipeline.datasets.imagefolder import ImageFolderReader
+from pipeline.datasets.imagenet import ImageNetReader
+from pipeline.datasets.nabirds import NABirdsReader
+from pipeline.datasets.pets import PetsReader
 from pipeline.datasets.preprocess import Preprocessing, preprocess
 from pipeline.errors import DatasetError, did_you_mean
 
@@ -12,6 +21,15 @@ from pipeline.errors import DatasetError, did_you_mean
 READERS: dict[str, type[DatasetReader]] = {
     "digits": DigitsReader,
     "imagefolder": ImageFolderReader,
+    "imagenet": ImageNetReader,
+    "cub": CUBReader,
+    "cars": CarsReader,
+    "aircraft": AircraftReader,
+    "flowers": FlowersReader,
+    "pets": PetsReader,
+    "food": FoodReader,
+    "dogs": DogsReader,
+    "nabirds": NABirdsReader,
 }
 
 

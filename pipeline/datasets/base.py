@@ -53,10 +53,10 @@ class DatasetConfig:
     """
 
     reader: str = "digits"
-    root: str | None = None
+    root: str | None = field(default=None, metadata={"path": "path"})
     split: str = "train"
     limit: int | None = None
-    classes: tuple[str, ...] | None = None
+    classes: tuple[str | int, ...] | None = None
     per_class: int | None = None
     seed: int = 0
     crop: str = "center"

@@ -1,0 +1,62 @@
+"""Model adapters and the one registry that maps ``model.kind`` to a loader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pipeline.errors import ModelError, did_you_mean
+from pipeline.models.base import BlockInfo, Condition, ModelAdapter
+from pipeline.models.config import ModelConfig
+
+
+def _unet2d(cfg: ModelConfig) -> ModelAdapter:
+    from pipeline.models.unet2d import UNet2DAdapter
+
+    return UNet2DAdapter(cfg)
+
+
+def _factory(cfg: ModelConfig) -> ModelAdapter:
+    from pipeline.models.factory import build_factory_adapter
+
+    return build_factory_adapter(cfg)
+
+
+#: model kind -> loader. The one registry; add new adapters here.
+MODEL_KINDS: dict[str, Callable[[ModelConfig], ModelAdapter]] = {
+    "unet2d": _unet2d,
+    "factory": _factory,
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu`` / ``cuda`` / ``cuda:N``; asking for CUDA without it is an error, never a fallback."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} requested but CUDA is not available here; use device: cpu")
+        dev = torch.device(device)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+        return dev
+    raise ModelError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+
+
+def load_model(cfg: ModelConfig, device: str = "cpu", dtype: str = "float32") -> ModelAdapter:
+    """Build the adapter for ``cfg`` on ``device`` with parameters in ``dtype``."""
+    if cfg.kind not in MODEL_KINDS:
+        raise ModelError(
+            f"unknown model kind {cfg.kind!r}{did_you_mean(cfg.kind, MODEL_KINDS)}; valid: {', '.join(MODEL_KINDS)}"
+        )
+    dev = resolve_device(device)
+    adapter = MODEL_KINDS[cfg.kind](cfg)
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    param = next(adapter.module.parameters())
+    if param.device != dev or param.dtype != torch_dtype:
+        adapter.module.to(device=dev, dtype=torch_dtype)
+    return adapter
+
+
+__all__ = ["MODEL_KINDS", "BlockInfo", "Condition", "ModelAdapter", "ModelConfig", "load_model", "resolve_device"]

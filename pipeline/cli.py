@@ -1,0 +1,120 @@
+"""The ``diffprobe`` command line: thin click commands over library functions.
+
+Heavy imports (torch, zarr, dask) happen inside commands so ``--help`` is instant.
+Errors a user can fix print one line and exit 2; ``-v`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+
+def _friendly(fn):
+    """Turn DiffprobeError into one line + exit code; -v re-raises for the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pipeline.errors import DiffprobeError
+
+        ctx = click.get_current_context()
+        verbose = (ctx.find_root().params or {}).get("verbose", False)
+        try:
+            return fn(*args, **kwargs)
+        except DiffprobeError as exc:
+            if verbose:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="diffprobe")
+def main(verbose: bool) -> None:
+    """diffprobe: extract diffusion activations once, analyse them many times."""
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--only", metavar="STAGE", help="Run just this stage (its inputs must be complete).")
+@click.option("--until", metavar="STAGE", help="Run stages up to and including this one.")
+@click.option("--force", is_flag=True, help="Replace outputs written by another config.")
+@click.option("--dry-run", is_flag=True, help="Say what would run, skip or be refused; run nothing.")
+@click.option("--shard", metavar="i/N", help="Do units u with u % N == i (default: RANK/WORLD_SIZE).")
+@click.option("--strict", is_flag=True, help="Unreadable images are fatal instead of masked.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_friendly
+def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
+    """Run a workflow's stages in order, skipping up-to-date outputs."""
+    from pipeline.config import load_workflow
+    from pipeline.runner import Runner, parse_shard
+
+    wf = load_workflow(workflow)
+    runner = Runner(wf, force=force, shard=parse_shard(shard), strict=strict, progress=not no_progress)
+    runner.run(only=only, until=until, dry_run=dry_run)
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--only", metavar="STAGE", help="Plan just this stage.")
+@_friendly
+def plan(workflow, only):
+    """Before spending GPU time: samples, shapes, forward passes, bytes, time."""
+    from pipeline.config import load_workflow
+    from pipeline.runner import Runner
+
+    wf = load_workflow(workflow)
+    runner = Runner(wf, progress=False)
+    for entry in runner.select(only=only):
+        stage = runner.stages[entry.name]
+        click.echo(f"== {entry.name} ({entry.kind}) -> {entry.output}")
+        rows = stage.plan(entry.config, runner.context(entry))
+        if not rows:
+            click.echo("   (nothing to estimate for this stage)")
+        width = max((len(k) for k, _ in rows), default=0)
+        for key, value in rows:
+            click.echo(f"   {key:<{width}}  {value}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--size", type=int, help="Input size in pixels (default: the model's own).")
+@click.option("--kind", default=None, help="Model kind (unet2d, factory, sd, dit); guessed from MODEL.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Factory option (repeatable).")
+@_friendly
+def blocks(model, size, kind, options):
+    """List every capturable block of MODEL with its output shape and forward position.
+
+    MODEL is a local diffusers folder, a config JSON, or a factory 'file.py:function'.
+    """
+    from pipeline.cli_support import model_config_from_cli
+    from pipeline.models import load_model
+
+    cfg = model_config_from_cli(model, size, kind, options)
+    adapter = load_model(cfg)
+    rows = adapter.blocks()
+    click.echo(f"{'pos':>4}  {'paper':>5}  {'block':<40} shape (C, H, W)")
+    for b in rows:
+        paper = str(b.paper_number) if b.paper_number else ""
+        click.echo(f"{b.position:>4}  {paper:>5}  {b.name:<40} {b.shape}")
+    click.echo(f"{len(rows)} blocks; input {adapter.latent_channels}x{adapter.latent_size}x{adapter.latent_size}, "
+               f"{adapter.num_train_timesteps} timesteps")
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path())
+@_friendly
+def inspect(store_path):
+    """Blocks, shapes, dtype, timesteps, completion, compression and provenance of a store."""
+    from pipeline.inspect import describe_store
+
+    click.echo(describe_store(store_path))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

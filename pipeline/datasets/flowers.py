@@ -1,0 +1,60 @@
+"""Oxford Flowers-102 (8189 images, 102 classes).
+
+Layout (root is the folder the three downloads were unpacked to)::
+
+    imagelabels.mat     labels: 1 x 8189, 1-based class of image_{i:05d}
+    setid.mat           trnid, valid, tstid: 1-based image numbers of each split
+    jpg/image_00001.jpg ...
+
+Splits ``train`` (trnid, 1020), ``val`` (valid, 1020), ``test`` (tstid, 6149) and
+``trainval`` (trnid + valid). The official split is deliberately small for
+training: ``test`` is the large one. Class names are the standard list shipped in
+``data/classnames/flowers102.txt`` (label order); the dataset itself ships only
+numbers. image_id is ``jpg/image_NNNNN.jpg``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.datasets.annotations import check_options, load_mat, mat_ints, mat_key, read_lines
+from pipeline.datasets.base import DatasetReader, Record
+from pipeline.errors import DatasetError
+
+CLASS_NAMES_FILE = Path(__file__).resolve().parents[2] / "data" / "classnames" / "flowers102.txt"
+NUM_CLASSES = 102
+SPLIT_KEYS = {"train": ("trnid",), "val": ("valid",), "test": ("tstid",), "trainval": ("trnid", "valid")}
+LAYOUT = "imagelabels.mat, setid.mat, jpg/image_NNNNN.jpg"
+
+
+class FlowersReader(DatasetReader):
+    name = "flowers"
+    splits = tuple(SPLIT_KEYS)
+
+    def __init__(self, root, split: str = "train", **options):
+        super().__init__(root, split, **options)
+        check_options(self.name, options, {})
+        root = self.require_root()
+        labels_path = self.require_file("imagelabels.mat", LAYOUT)
+        setid_path = self.require_file("setid.mat", LAYOUT)
+        labels = mat_ints(mat_key(load_mat(labels_path), "labels", labels_path))
+        setid = load_mat(setid_path)
+        numbers = sorted(n for key in SPLIT_KEYS[split] for n in mat_ints(mat_key(setid, key, setid_path)))
+        self.class_names = flower_names()
+        for n in numbers:
+            if not 1 <= n <= len(labels):
+                raise DatasetError(f"{setid_path}: image number {n} is outside 1..{len(labels)} (imagelabels.mat)")
+            label = labels[n - 1]
+            if not 1 <= label <= len(self.class_names):
+                raise DatasetError(f"{labels_path}: image {n} has label {label}, outside 1..{len(self.class_names)}")
+            path = root / "jpg" / f"image_{n:05d}.jpg"
+            self.records.append(Record(image_id=f"jpg/{path.name}", label=label - 1, path=path))
+
+
+def flower_names() -> list[str]:
+    """The 102 shipped standard names in label order, or ``class_001``... if the file is absent."""
+    if CLASS_NAMES_FILE.exists():
+        names = read_lines(CLASS_NAMES_FILE)
+        if len(names) == NUM_CLASSES:
+            return names
+    return [f"class_{i:03d}" for i in range(1, NUM_CLASSES + 1)]

@@ -1,0 +1,85 @@
+"""Decode + preprocess in DataLoader worker processes (PIL / numpy only, no torchvision).
+
+An image that cannot be read is not an exception that kills the worker, and never a
+silently zero-filled sample: the item comes back as an all-NaN array plus the reason,
+so the extract stage can record ``(image_id, reason)`` and mask the sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.datasets.base import DatasetReader
+from pipeline.datasets.preprocess import Preprocessing, preprocess
+from pipeline.errors import DatasetError, ImageReadError
+
+
+class PreprocessedImages(Dataset):
+    """``reader`` as a map-style Dataset of preprocessed arrays.
+
+    Item ``i`` is ``(i, array, error)``: ``i`` the position in ``reader.records``,
+    ``array`` a ``(channels, size, size) float32`` array in ``prep.value_range``
+    (all NaN when the image failed), ``error`` ``""`` or the reason it failed.
+    With ``use_bbox`` the annotated box is cropped first; records without a box use
+    the whole image. Picklable (the reader travels to each worker).
+    """
+
+    def __init__(self, reader: DatasetReader, prep: Preprocessing, use_bbox: bool = False):
+        if use_bbox and not any(r.bbox is not None for r in reader.records):
+            raise DatasetError(
+                f"crop: bbox needs bounding boxes, but dataset {reader.name!r} (split {reader.split!r}) provides none; "
+                "use crop: center"
+            )
+        self.reader = reader
+        self.prep = prep
+        self.use_bbox = use_bbox
+
+    def __len__(self) -> int:
+        return len(self.reader.records)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray, str]:
+        record = self.reader.records[index]
+        try:
+            img = self.reader.load_image(record)
+            array = preprocess(img, self.prep, record.bbox if self.use_bbox else None)
+        except ImageReadError as exc:
+            return index, self.failed(), exc.reason
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            # Decoding is lazy for some formats: a damaged file can fail here, after open().
+            return index, self.failed(), f"{type(exc).__name__}: {exc}"
+        return index, array, ""
+
+    def failed(self) -> np.ndarray:
+        return np.full((self.prep.channels, self.prep.size, self.prep.size), np.nan, dtype=np.float32)
+
+
+def make_loader(
+    reader: DatasetReader,
+    prep: Preprocessing,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    use_bbox: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``indices`` (default: all records), in that order.
+
+    Batches are ``(indices (B,) int64 tensor, images (B, C, S, S) float32 tensor,
+    errors list[str])``; failed images are NaN rows with a non-empty error.
+    """
+    dataset = PreprocessedImages(reader, prep, use_bbox)
+    order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    bad = [i for i in order if not 0 <= i < len(dataset)]
+    if bad:
+        raise DatasetError(f"sample indices {bad[:5]} are outside 0..{len(dataset) - 1}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        num_workers=num_workers,
+        persistent_workers=False,
+        drop_last=False,
+    )

@@ -1,0 +1,72 @@
+"""``diffprobe inspect``: a human-readable summary of a store, from its metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import store
+from pipeline.errors import StoreError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def describe_store(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"store {str(path)!r} does not exist")
+    attrs = store.read_attrs(path)
+    if attrs is None:
+        raise StoreError(f"{str(path)!r} is not a diffprobe store (no diffprobe attrs in zarr.json)")
+    root = store.open_root(path)
+    lines = [f"store     {path}", f"stage     {attrs.get('stage')} '{attrs.get('stage_name')}'  hash {attrs.get('stage_hash', '')[:16]}"]
+    if "blocks" not in root:
+        lines.append(json.dumps({k: v for k, v in attrs.items() if k != "config"}, indent=1, default=str)[:2000])
+        return "\n".join(lines)
+    layout = attrs["layout"]
+    done = root["done"][:]
+    n = len(done)
+    written, failed = int((done == store.WRITTEN).sum()), int((done == store.FAILED).sum())
+    units = store.unit_status(path)
+    lines.append(f"complete  {'yes' if attrs.get('complete') else 'NO'}  ({units.sum()}/{len(units)} units, "
+                 f"{100 * (written + failed) / max(1, n):.1f}% of {n} samples; {failed} failed images)")
+    lines.append(f"timesteps {', '.join(map(str, root['timestep'][:].tolist()))}")
+    lines.append(f"classes   {root['class_name'].shape[0]}; dtype {layout['dtype']} (stored {layout['storage_dtype']})")
+    comp = attrs.get("compression", {})
+    codec = f"blosc {comp.get('cname')} L{comp.get('clevel')} {comp.get('shuffle')}" + \
+        (" + crc32c" if comp.get("checksum") else "") + \
+        (f" + BitRound(keepbits={comp['bitround_keepbits']})" if comp.get("bitround_keepbits") is not None else "")
+    lines.append(f"codecs    {codec}")
+    total_raw = total_disk = 0
+    lines.append(f"{'block':<36} {'shape (n, T, C, H, W)':<28} {'chunks':<22} {'stored':>10} {'raw':>10} {'ratio':>6}")
+    for name in store.block_names(root):
+        arr = root[f"blocks/{name}/activations"]
+        raw = int(np.prod(arr.shape)) * arr.dtype.itemsize * (written / max(1, n))
+        disk = store.stored_bytes(path / "blocks" / name)
+        total_raw += raw
+        total_disk += disk
+        lines.append(f"{name:<36} {str(arr.shape):<28} {str(arr.chunks):<22} {_human(disk):>10} {_human(raw):>10} "
+                     f"{raw / max(1, disk):>6.2f}")
+    lines.append(f"{'total':<36} {'':<28} {'':<22} {_human(total_disk):>10} {_human(total_raw):>10} "
+                 f"{total_raw / max(1, total_disk):>6.2f}")
+    prov = attrs.get("provenance", {})
+    model = prov.get("model", {})
+    lines.append(f"model     {model.get('kind')} {json.dumps(model.get('source'), default=str)}")
+    lines.append(f"weights   sha256 {str(model.get('weights_sha256'))[:16]}...; scheduler {json.dumps(model.get('scheduler'))}")
+    lines.append(f"noise     {json.dumps(prov.get('noise'))}")
+    lines.append(f"prep      {json.dumps(prov.get('preprocessing'))}")
+    lines.append(f"dataset   {json.dumps(prov.get('dataset'))}")
+    lines.append(f"cond      {prov.get('conditioning')}; views {prov.get('views')} flip {prov.get('flip')}; "
+                 f"pool {prov.get('pool')}; device {prov.get('device')}")
+    lines.append(f"version   diffprobe {attrs.get('diffprobe_version')} format {attrs.get('format_version')}")
+    for item in attrs.get("failed_images", [])[:5]:
+        lines.append(f"failed    {item['image_id']}: {item['reason']}")
+    return "\n".join(lines)

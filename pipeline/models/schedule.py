@@ -1,0 +1,31 @@
+"""Noise schedules through diffusers' DDPMScheduler (one place that computes abar_t)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+
+def load_scheduler_config(folder: Path | None, overrides: dict) -> dict:
+    """The folder's ``scheduler/scheduler_config.json`` if present, else DDPM linear; then overrides."""
+    cfg = dict(DEFAULT_SCHEDULER)
+    if folder is not None:
+        path = Path(folder) / "scheduler" / "scheduler_config.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            cfg.update({k: v for k, v in saved.items() if not k.startswith("_")})
+    cfg.update(overrides)
+    return cfg
+
+
+def alphas_cumprod(cfg: dict) -> torch.Tensor:
+    """abar_t for t = 0..T-1 as float64, via diffusers' DDPMScheduler."""
+    from diffusers import DDPMScheduler
+
+    known = DDPMScheduler.__init__.__code__.co_varnames
+    sched = DDPMScheduler(**{k: v for k, v in cfg.items() if k in known})
+    return sched.alphas_cumprod.to(torch.float64)

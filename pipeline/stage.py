@@ -1,0 +1,69 @@
+"""The stage contract: a frozen config dataclass + compute + declared inputs and output.
+
+A stage class names its ``Config`` dataclass (fields with ``metadata={"input": True}``
+name earlier stages it reads), its output suffix, and implements ``run``. The
+runner (``pipeline/runner.py``) resolves paths, checks inputs, hashes, skips and
+refuses; stages only compute and write through ``pipeline/store.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipeline.config import StageEntry, Workflow, config_dict
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs from the runner for one run."""
+
+    workflow: Workflow
+    entry: StageEntry
+    output: Path
+    inputs: dict[str, Any]  # config field -> Path (or tuple of Paths) of the input outputs
+    stage_hash: str
+    shard: tuple[int, int] = (0, 1)
+    strict: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def base_attrs(self) -> dict:
+        """Attrs every output carries: stage kind, name, hash, config, input hashes."""
+        return {
+            "stage": self.entry.kind,
+            "stage_name": self.entry.name,
+            "stage_hash": self.stage_hash,
+            "config": config_dict(self.entry.config, self.workflow.base_dir),
+            "inputs": {k: str(v) if not isinstance(v, tuple) else [str(p) for p in v] for k, v in self.inputs.items()},
+            "workflow": str(self.workflow.file),
+        }
+
+    def log(self, message: str) -> None:
+        print(f"[{self.entry.name}] {message}", file=sys.stderr, flush=True)
+
+
+def input_field(**kwargs):
+    """A config field that names an earlier stage (its output becomes an input)."""
+    return field(metadata={"input": True}, **kwargs)
+
+
+class Stage:
+    """Base class for stages; one instance per run."""
+
+    kind: ClassVar[str] = "base"
+    Config: ClassVar[type]
+    output_suffix: ClassVar[str] = ".zarr"
+
+    def fingerprint(self, cfg: Any, base_dir: Path) -> dict:
+        """Extra content for the hash that the config alone does not capture (e.g. weights)."""
+        return {}
+
+    def run(self, cfg: Any, ctx: RunContext) -> None:
+        raise NotImplementedError
+
+    def plan(self, cfg: Any, ctx: RunContext) -> list[tuple[str, str]]:
+        """Rows (label, value) for ``diffprobe plan``."""
+        return []

@@ -1,0 +1,398 @@
+"""The store schema and the one write protocol (Zarr v3).
+
+Layout of an activation store (one per model x dataset x split)::
+
+    /                      attrs: diffprobe={...provenance, stage hash...}, coordinates
+    sample      (sample)   int64 position 0..n-1
+    image_id    (sample)   str   the dataset's own id
+    view        (sample)   int   augmented view index (0..k-1)
+    flipped     (sample)   bool  horizontally flipped view
+    label       (sample)   int   class index
+    class_name  (class)    str   class names;  class (class) int
+    timestep    (timestep) int
+    done        (sample)   int8  0 pending, 1 written, 2 failed (unreadable image)
+    failure     (sample)   str   why a sample failed ('' otherwise)
+    blocks/<module path>/activations (sample, timestep, channel, y, x)
+                           + copies of the 1-D sample/timestep coordinates, so a
+                           single group opened with xr.open_zarr carries them too.
+
+Chunks are (n, 1, C, H, W): one timestep, whole maps, n samples so a chunk is a
+few MiB. Shards are (unit, 1, C, H, W): a *unit* is a shard-aligned range of
+samples, the unit of work, resume and ``--shard i/N``.
+
+The write protocol (why: zarr-python has never supported two writers in one
+shard; concurrent partial shard writes silently lose data, zarr-python #3682,
+#2729, dask #12583):
+
+1. ``create_store`` writes the whole schema once, atomically (built in a temp
+   folder, then renamed into place; a losing racer opens the winner's store).
+2. Workers write whole units only (``write_unit``): every shard of a unit is
+   written by one writer, in full.
+3. After a unit's data is durable its ``done`` cells are set; ``done`` is chunked
+   per unit, so no two writers touch the same chunk.
+4. ``finalize`` (one process, behind a lock file) consolidates metadata and
+   stamps ``complete`` once every unit is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import pipeline
+from pipeline.errors import StoreError
+
+ATTR_KEY = "diffprobe"
+DIMS = ("sample", "timestep", "channel", "y", "x")
+SAMPLE_COORDS = ("image_id", "view", "flipped", "label")
+PENDING, WRITTEN, FAILED = 0, 1, 2
+STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "float32"}
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Codec settings for activations.
+
+    Defaults use only codecs of the Zarr v3 spec (Blosc zstd + bitshuffle, crc32c),
+    so TensorStore and zarrs read the stores too. ``bitround_keepbits`` adds the
+    numcodecs BitRound filter (lossy, opt-in, not a v3 spec codec: other
+    implementations may not read it and zarr-python warns when reading).
+    """
+
+    cname: str = "zstd"
+    clevel: int = 3
+    shuffle: str = "bitshuffle"
+    bitround_keepbits: int | None = None
+    checksum: bool = True
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes, chunking and units of a store; everything the writers need to agree on."""
+
+    n_samples: int
+    unit_samples: int
+    timesteps: tuple[int, ...]
+    blocks: dict[str, tuple[int, int, int]]
+    dtype: str = "float16"
+    chunk_samples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_units(self) -> int:
+        return math.ceil(self.n_samples / self.unit_samples)
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        start = unit * self.unit_samples
+        return start, min(start + self.unit_samples, self.n_samples)
+
+    def bytes_per_sample(self) -> int:
+        item = np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
+        return sum(int(np.prod(s)) for s in self.blocks.values()) * len(self.timesteps) * item
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
+
+
+def plan_layout(
+    n_samples: int,
+    blocks: Mapping[str, tuple[int, int, int]],
+    timesteps: Sequence[int],
+    dtype: str = "float16",
+    unit_samples: int | None = None,
+    chunk_bytes: int = 2 << 20,
+    unit_bytes: int = 256 << 20,
+    max_unit_samples: int = 1024,
+) -> Layout:
+    """Choose chunk and unit sizes.
+
+    Per block, chunk n = the power of two giving ~``chunk_bytes`` per (n, 1, C, H, W)
+    chunk. The unit is a power of two, at least every block's chunk n, and at most
+    what keeps one unit's buffer (all blocks, all timesteps) under ``unit_bytes``
+    (capped at ``max_unit_samples`` so resume and ``--shard`` stay fine-grained).
+    An explicit ``unit_samples`` must be a multiple of every chunk n it implies
+    (chunks are shrunk to divide it).
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise StoreError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
+    item = np.dtype(STORAGE_DTYPES[dtype]).itemsize
+    per_block = {name: int(np.prod(shape)) * item for name, shape in blocks.items()}
+    chunk_n = {name: _pow2_floor(chunk_bytes / b) for name, b in per_block.items()}
+    if unit_samples is None:
+        per_sample_all = sum(per_block.values()) * len(timesteps)
+        unit = min(_pow2_floor(unit_bytes / max(1, per_sample_all)), max_unit_samples)
+        unit = min(unit, 1 << math.ceil(math.log2(max(1, n_samples))))
+        chunk_n = {k: min(v, unit) for k, v in chunk_n.items()}
+    else:
+        if unit_samples < 1:
+            raise StoreError(f"unit_samples must be >= 1, got {unit_samples}")
+        unit = unit_samples
+        chunk_n = {k: math.gcd(min(v, unit), unit) for k, v in chunk_n.items()}
+    return Layout(n_samples, unit, tuple(int(t) for t in timesteps), dict(blocks), dtype, chunk_n)
+
+
+def _codecs(comp: Compression):
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    compressors = [BloscCodec(cname=comp.cname, clevel=comp.clevel, shuffle=comp.shuffle)]
+    if comp.checksum:
+        compressors.append(Crc32cCodec())
+    filters = None
+    if comp.bitround_keepbits is not None:
+        from zarr.codecs.numcodecs import BitRound
+
+        filters = [BitRound(keepbits=comp.bitround_keepbits)]
+    return compressors, filters
+
+
+@contextlib.contextmanager
+def quiet_zarr():
+    """Suppress zarr's notes on consolidated metadata / numcodecs codecs we chose knowingly."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+        yield
+
+
+def _write_1d(group, name: str, values, dim: str, dtype=None, chunks=None):
+    values = np.asarray(values) if dtype is not str else np.asarray(values, dtype=object)
+    arr = group.create_array(
+        name,
+        shape=values.shape,
+        dtype=dtype or values.dtype,
+        chunks=chunks or (max(1, len(values)),),
+        dimension_names=(dim,),
+        fill_value="" if dtype is str else 0,
+    )
+    if len(values):
+        arr[:] = values
+    return arr
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    """Per-sample coordinates, in store order."""
+
+    image_id: list[str]
+    view: list[int]
+    flipped: list[bool]
+    label: list[int]
+
+
+def create_store(
+    path: str | Path,
+    layout: Layout,
+    samples: SampleTable,
+    class_names: Sequence[str],
+    attrs: dict,
+    compression: Compression = Compression(),
+) -> None:
+    """Write the whole schema (arrays, coords, attrs) atomically; data arrays stay empty (NaN)."""
+    import zarr
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compressors, filters = _codecs(compression)
+    storage_dtype = STORAGE_DTYPES[layout.dtype]
+    with quiet_zarr():
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        n = layout.n_samples
+        _write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
+        _write_1d(root, "image_id", samples.image_id, "sample", dtype=str)
+        _write_1d(root, "view", np.asarray(samples.view, dtype=np.int32), "sample")
+        _write_1d(root, "flipped", np.asarray(samples.flipped, dtype=bool), "sample")
+        _write_1d(root, "label", np.asarray(samples.label, dtype=np.int64), "sample")
+        _write_1d(root, "class", np.arange(len(class_names), dtype=np.int64), "class")
+        _write_1d(root, "class_name", list(class_names), "class", dtype=str)
+        _write_1d(root, "timestep", np.asarray(layout.timesteps, dtype=np.int64), "timestep")
+        root.create_array("done", shape=(n,), dtype="int8", chunks=(layout.unit_samples,),
+                          dimension_names=("sample",), fill_value=PENDING,
+                          attributes={"flag_values": [PENDING, WRITTEN, FAILED],
+                                      "flag_meanings": "pending written failed"})
+        root.create_array("failure", shape=(n,), dtype=str, chunks=(layout.unit_samples,),
+                          dimension_names=("sample",), fill_value="")
+        blocks = root.create_group("blocks")
+        for name, (c, h, w) in layout.blocks.items():
+            g = blocks.create_group(name)
+            cn = layout.chunk_samples.get(name, layout.unit_samples)
+            g.create_array(
+                "activations",
+                shape=(n, len(layout.timesteps), c, h, w),
+                dtype=storage_dtype,
+                chunks=(cn, 1, c, h, w),
+                shards=(layout.unit_samples, 1, c, h, w),
+                compressors=compressors,
+                filters=filters,
+                fill_value=float("nan"),
+                dimension_names=DIMS,
+                attributes={"coordinates": "image_id view flipped label", "block": name},
+            )
+            _write_1d(g, "sample", np.arange(n, dtype=np.int64), "sample")
+            _write_1d(g, "timestep", np.asarray(layout.timesteps, dtype=np.int64), "timestep")
+            _write_1d(g, "image_id", samples.image_id, "sample", dtype=str)
+            for coord in ("view", "flipped", "label"):
+                _write_1d(g, coord, root[coord][:], "sample")
+        meta = dict(attrs)
+        meta.update({
+            "format_version": pipeline.FORMAT_VERSION,
+            "diffprobe_version": pipeline.__version__,
+            "layout": {"n_samples": n, "unit_samples": layout.unit_samples, "n_units": layout.n_units,
+                       "dtype": layout.dtype, "storage_dtype": storage_dtype,
+                       "chunk_samples": layout.chunk_samples},
+            "compression": asdict(compression),
+            "complete": False,
+        })
+        meta["blocks"] = list(layout.blocks)
+        root.attrs.update({ATTR_KEY: _jsonable(meta), "coordinates": "image_id view flipped label class_name"})
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "zarr.json").exists():
+            raise
+        # Another process created it first: use theirs (the caller checks the hash).
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def read_attrs(path: str | Path) -> dict | None:
+    """The diffprobe attrs of a store or results folder, or None when it is not ours."""
+    meta = Path(path) / "zarr.json"
+    if not meta.exists():
+        return None
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"store {str(path)!r} has unreadable metadata ({exc}); delete it and re-run") from None
+    return doc.get("attributes", {}).get(ATTR_KEY)
+
+
+def open_root(path: str | Path, mode: str = "r"):
+    import zarr
+
+    if read_attrs(path) is None:
+        raise StoreError(f"{str(path)!r} is not a diffprobe store (no zarr.json with diffprobe attrs)")
+    with quiet_zarr():
+        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+
+
+def load_layout(path: str | Path) -> Layout:
+    root = open_root(path)
+    meta = root.attrs[ATTR_KEY]["layout"]
+    blocks = {name: tuple(root[f"blocks/{name}/activations"].shape[2:]) for name in block_names(root)}
+    return Layout(meta["n_samples"], meta["unit_samples"], tuple(int(t) for t in root["timestep"][:]),
+                  blocks, meta["dtype"], meta["chunk_samples"])
+
+
+def block_names(root) -> list[str]:
+    """Block groups in the order they were written (forward order)."""
+    order = root.attrs.get(ATTR_KEY, {}).get("blocks")
+    if order:
+        return list(order)
+    return sorted(name for name, _ in root["blocks"].groups())
+
+
+def unit_status(path: str | Path) -> np.ndarray:
+    """(n_units,) bool: which units are complete (every sample written or failed)."""
+    root = open_root(path)
+    layout = root.attrs[ATTR_KEY]["layout"]
+    done = root["done"][:]
+    unit = layout["unit_samples"]
+    return np.array([bool(np.all(done[s : s + unit] != PENDING)) for s in range(0, len(done), unit)])
+
+
+def write_unit(
+    root,
+    layout: Layout,
+    unit: int,
+    data: Mapping[str, np.ndarray],
+    failed: Mapping[int, str] | None = None,
+) -> None:
+    """Write one unit: every block's ``(U, T, C, H, W)`` data as whole shards, then ``done``.
+
+    ``failed`` maps positions within the unit to a reason; those samples keep NaN
+    data and are marked FAILED.
+    """
+    start, stop = layout.unit_range(unit)
+    for name, arr in data.items():
+        expected = (stop - start, len(layout.timesteps), *layout.blocks[name])
+        if arr.shape != expected:
+            raise StoreError(f"unit {unit} block {name!r}: data shape {arr.shape} != {expected}")
+        root[f"blocks/{name}/activations"][start:stop] = arr
+    status = np.full(stop - start, WRITTEN, dtype=np.int8)
+    if failed:
+        reasons = np.full(stop - start, "", dtype=object)
+        for pos, reason in failed.items():
+            status[pos] = FAILED
+            reasons[pos] = reason
+        root["failure"][start:stop] = reasons
+    root["done"][start:stop] = status
+
+
+def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
+    """If every unit is done: consolidate metadata and stamp ``complete``. One process wins.
+
+    Returns True if this call (or an earlier one) completed the store.
+    """
+    import zarr
+
+    path = Path(path)
+    attrs = read_attrs(path) or {}
+    if attrs.get("complete"):
+        return True
+    if not unit_status(path).all():
+        return False
+    lock = path.parent / f".{path.name}.finalize.lock"  # outside the hierarchy
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return True  # another process is finalizing
+    try:
+        os.close(fd)
+        root = open_root(path, mode="r+")
+        meta = dict(root.attrs[ATTR_KEY])
+        failure = root["failure"][:]
+        failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
+        meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
+        meta.update(extra_attrs or {})
+        meta["complete"] = True
+        root.attrs[ATTR_KEY] = _jsonable(meta)
+        with quiet_zarr():
+            zarr.consolidate_metadata(str(path))
+    finally:
+        lock.unlink(missing_ok=True)
+    return True
+
+
+def stored_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def estimate_compressed_bytes(layout: Layout, sample: np.ndarray | None = None,
+                              compression: Compression = Compression()) -> int:
+    """Bytes on disk for ``layout``: raw size times the codec ratio measured on ``sample``
+    (a representative (n, C, H, W) activation array), or raw size if none is given."""
+    raw = layout.bytes_per_sample() * layout.n_samples
+    if sample is None:
+        return raw
+    import numcodecs
+
+    buf = np.ascontiguousarray(sample.astype(STORAGE_DTYPES[layout.dtype]))
+    codec = numcodecs.Blosc(cname=compression.cname, clevel=compression.clevel,
+                            shuffle=numcodecs.Blosc.BITSHUFFLE if compression.shuffle == "bitshuffle"
+                            else numcodecs.Blosc.SHUFFLE)
+    ratio = len(codec.encode(buf)) / max(1, buf.nbytes)
+    return int(raw * ratio)

@@ -1,0 +1,483 @@
+"""extract: run a dataset through a diffusion model once and store block activations.
+
+For every (image, view) sample and every requested timestep: x_0 = preprocess(image)
+(flipped for odd views when ``flip``), eps = ``pipeline.noise.sample_noise(seed,
+image_id, view, t)``, x_t = q(x_t | x_0), one forward with hooks on the requested
+blocks that stops after the last of them, optional pooling on the device, cast to
+the storage dtype with an inf/NaN check, copy to (pinned) host memory, and a
+background thread writes each finished unit while the device computes the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pipeline import store
+from pipeline.datasets import DatasetConfig, open_dataset
+from pipeline.datasets.preprocess import preprocess
+from pipeline.errors import ConfigError, DatasetError, DiffprobeError, ImageReadError
+from pipeline.hooks import capture, run_truncated
+from pipeline.models import Condition, ModelAdapter, ModelConfig, load_model
+from pipeline.noise import NOISE_SCHEME, batch_noise
+from pipeline.stage import RunContext, Stage
+
+
+class NonFiniteError(DiffprobeError):
+    """A block produced inf/NaN in the storage dtype."""
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """On-device adaptive pooling of each block's map to size x size."""
+
+    size: int
+    mode: Literal["avg", "max"] = "avg"
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError(f"pool.size must be >= 1, got {self.size}")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Parameters of the extract stage (see README, "extract")."""
+
+    model: ModelConfig
+    dataset: DatasetConfig
+    blocks: tuple[str | int, ...] | str = "all"
+    timesteps: tuple[int, ...] = (100,)
+    seed: int = 0
+    batch_size: int = 32
+    device: str = "cpu"
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    compute_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    pool: PoolSpec | None = None
+    conditioning: Literal["none", "class", "null"] = "none"
+    views: int = 1
+    flip: bool = False
+    unit_samples: int | None = None
+    num_workers: int = 0
+    compression: store.Compression = field(default_factory=store.Compression)
+
+    def __post_init__(self):
+        if isinstance(self.blocks, str) and self.blocks != "all":
+            object.__setattr__(self, "blocks", (self.blocks,))
+        for name in ("batch_size", "views"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        if not self.timesteps:
+            raise ValueError("'timesteps' must list at least one timestep")
+
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------- samples & units
+
+
+def sample_table(reader, views: int, flip: bool) -> store.SampleTable:
+    ids, vs, flips, labels = [], [], [], []
+    for rec in reader.records:
+        for v in range(views):
+            ids.append(rec.image_id)
+            vs.append(v)
+            flips.append(bool(flip and v % 2 == 1))
+            labels.append(rec.label)
+    return store.SampleTable(ids, vs, flips, labels)
+
+
+def assigned_units(n_units: int, shard: tuple[int, int]) -> list[int]:
+    """Units this process owns under ``--shard i/N``: u % N == i (disjoint, covering)."""
+    i, n = shard
+    return [u for u in range(n_units) if u % n == i]
+
+
+# ----------------------------------------------------------------- compute
+
+
+class Extractor:
+    """Holds the model, dataset and settings; computes one unit at a time."""
+
+    def __init__(self, cfg: ExtractConfig):
+        self.cfg = cfg
+        self.adapter: ModelAdapter = load_model(cfg.model, cfg.device, cfg.compute_dtype)
+        self.device = self.adapter.device
+        self.blocks = self.adapter.resolve_blocks(cfg.blocks)
+        self.timesteps = self.adapter.check_timesteps(list(cfg.timesteps))
+        self.timestep_free = getattr(self.adapter, "timestep_free", False)
+        if cfg.conditioning == "none" and self.adapter.num_classes and not self.timestep_free \
+                and getattr(self.adapter, "_takes_y", True):
+            raise ConfigError(
+                "the model is class-conditional: set conditioning: class (image labels) or null (null class)"
+            )
+        self.reader = open_dataset(cfg.dataset)
+        self.prep = self.adapter.preprocessing
+        self.samples = sample_table(self.reader, cfg.views, cfg.flip)
+        self.block_shapes = {b.name: self._stored_shape(b.shape) for b in self.blocks}
+        self.layout = store.plan_layout(len(self.samples.image_id), self.block_shapes, self.timesteps,
+                                        cfg.dtype, cfg.unit_samples)
+        self.storage_dtype = TORCH_DTYPES[cfg.dtype]
+        self.pinned = self.device.type == "cuda"
+        self.strict = False
+
+    def _stored_shape(self, shape):
+        c, h, w = shape
+        return (c, self.cfg.pool.size, self.cfg.pool.size) if self.cfg.pool else (c, h, w)
+
+    def _transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        fmap = self.adapter.feature_map(name, tensor)
+        if self.cfg.pool:
+            pool = torch.nn.functional.adaptive_avg_pool2d if self.cfg.pool.mode == "avg" \
+                else torch.nn.functional.adaptive_max_pool2d
+            fmap = pool(fmap.float(), self.cfg.pool.size)
+        return fmap.to(self.storage_dtype)
+
+    def load_images(self, image_indices: list[int]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        """Decode + preprocess; returns arrays and failures (index -> reason)."""
+        from torch.utils.data import DataLoader
+
+        arrays, failures = {}, {}
+        use_bbox = self.cfg.dataset.crop == "bbox"
+        loader_ds = _Decode(self.reader, self.prep, image_indices, use_bbox)
+        workers = self.cfg.num_workers if len(image_indices) > 1 else 0
+        loader = DataLoader(loader_ds, batch_size=None, num_workers=workers)
+        for index, arr, reason in loader:
+            if reason:
+                failures[int(index)] = reason
+            else:
+                arrays[int(index)] = np.asarray(arr)
+        return arrays, failures
+
+    def condition(self, labels: list[int]) -> Condition:
+        kind = self.cfg.conditioning
+        if kind == "class":
+            return Condition("class", labels=torch.tensor(labels, dtype=torch.long, device=self.device))
+        if kind == "null":
+            return Condition("null", labels=torch.full((len(labels),), self.adapter.null_class or 0,
+                                                       dtype=torch.long, device=self.device))
+        return Condition("none")
+
+    @torch.no_grad()
+    def compute_unit(self, unit: int) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """All blocks x timesteps for one unit: {block: (U, T, C, H, W)}, failures {pos: reason}."""
+        cfg, lay = self.cfg, self.layout
+        start, stop = lay.unit_range(unit)
+        views = cfg.views
+        image_idx = sorted({s // views for s in range(start, stop)})
+        arrays, read_failures = self.load_images(image_idx)
+        if read_failures and self.strict:
+            index, reason = next(iter(read_failures.items()))
+            raise DatasetError(f"cannot read image {self.reader.records[index].image_id!r}: {reason} (--strict)")
+        n_t = len(self.timesteps)
+        np_dtype = store.STORAGE_DTYPES[cfg.dtype]
+        out = {b.name: np.full((stop - start, n_t, *self.block_shapes[b.name]), np.nan, dtype=np_dtype)
+               for b in self.blocks}
+        failed = {s - start: read_failures[s // views] for s in range(start, stop) if s // views in read_failures}
+        pairs = [(s, ti) for s in range(start, stop) if (s - start) not in failed for ti in range(n_t)]
+        names = [b.name for b in self.blocks]
+        last = names[-1]
+        x0_cache: dict[int, torch.Tensor] = {}
+        for b0 in range(0, len(pairs), cfg.batch_size):
+            batch = pairs[b0 : b0 + cfg.batch_size]
+            x0 = torch.stack([self._x0(s, arrays, x0_cache) for s, _ in batch]).to(self.device)
+            ts = [self.timesteps[ti] for _, ti in batch]
+            t = torch.tensor(ts, dtype=torch.long, device=self.device)
+            if self.timestep_free:
+                x_t = x0
+            else:
+                eps = batch_noise(cfg.seed, [self.samples.image_id[s] for s, _ in batch],
+                                  [self.samples.view[s] for s, _ in batch], ts, x0.shape[1:])
+                x_t = self.adapter.add_noise(x0, eps.to(self.device), t)
+            x_t = x_t.to(TORCH_DTYPES[cfg.compute_dtype])
+            cond = self.condition([self.samples.label[s] for s, _ in batch])
+            with capture(self.adapter.module, names, stop_after=last, transform=self._transform) as got:
+                run_truncated(lambda: self.adapter.forward(x_t, t, cond))
+            self._check_finite(got, batch)
+            host = {name: self._to_host(got[name]) for name in names}
+            if self.pinned:
+                torch.cuda.current_stream(self.device).synchronize()
+            for name in names:
+                values = host[name].float().numpy() if host[name].dtype == torch.bfloat16 else host[name].numpy()
+                for row, (s, ti) in enumerate(batch):
+                    out[name][s - start, ti] = values[row]
+        return out, failed
+
+    def _x0(self, s: int, arrays, cache) -> torch.Tensor:
+        if s not in cache:
+            x = torch.from_numpy(arrays[s // self.cfg.views])
+            if self.samples.flipped[s]:
+                x = torch.flip(x, dims=[-1])
+            cache[s] = self.adapter.encode(x[None].to(self.device))[0].float()
+        return cache[s]
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.pinned:
+            return tensor.cpu()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return host
+
+    def _check_finite(self, got: dict[str, torch.Tensor], batch) -> None:
+        for name, tensor in got.items():
+            bad = ~torch.isfinite(tensor.float()).flatten(1).all(dim=1)
+            if bool(bad.any()):
+                rows = bad.nonzero().flatten().tolist()
+                ids = sorted({self.samples.image_id[batch[r][0]] for r in rows})
+                ts = sorted({self.timesteps[batch[r][1]] for r in rows})
+                raise NonFiniteError(
+                    f"block {name!r} produced inf/NaN in {self.cfg.dtype} at timestep(s) {ts} for sample(s) "
+                    f"{', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} ({len(ids)} in all); "
+                    f"store with dtype: float32 (or bfloat16), nothing was written for this unit"
+                )
+
+    def provenance(self) -> dict:
+        a = self.adapter
+        return {
+            "model": a.provenance(),
+            "alphas_cumprod": a.alphas_cumprod.tolist(),
+            "noise": {"scheme": NOISE_SCHEME, "seed": self.cfg.seed,
+                      "function": "pipeline.noise.sample_noise(seed, image_id, view, timestep, shape)",
+                      "applied": not self.timestep_free},
+            "preprocessing": self.prep.to_attrs() | {"crop": self.cfg.dataset.crop},
+            "conditioning": self.cfg.conditioning,
+            "dtype": self.cfg.dtype,
+            "compute_dtype": self.cfg.compute_dtype,
+            "device": _device_name(self.device),
+            "pool": None if self.cfg.pool is None else {"size": self.cfg.pool.size, "mode": self.cfg.pool.mode},
+            "views": self.cfg.views,
+            "flip": self.cfg.flip,
+            "dataset": {"reader": self.cfg.dataset.reader, "root": self.cfg.dataset.root,
+                        "split": self.cfg.dataset.split, "n_images": len(self.reader.records)},
+            "block_info": [{"name": b.name, "position": b.position, "shape": list(b.shape),
+                            "paper_number": b.paper_number} for b in self.blocks],
+        }
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decode + preprocess in DataLoader workers; failures are returned, not zero-filled."""
+
+    def __init__(self, reader, prep, indices, use_bbox):
+        self.reader, self.prep, self.indices, self.use_bbox = reader, prep, indices, use_bbox
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        index = self.indices[i]
+        rec = self.reader.records[index]
+        try:
+            img = self.reader.load_image(rec)
+            arr = preprocess(img, self.prep, rec.bbox if self.use_bbox else None)
+            return index, arr, ""
+        except ImageReadError as exc:
+            return index, np.zeros(0, dtype=np.float32), exc.reason
+        except (OSError, ValueError) as exc:
+            return index, np.zeros(0, dtype=np.float32), f"{type(exc).__name__}: {exc}"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+# ----------------------------------------------------------------- writing
+
+
+class BackgroundWriter:
+    """One thread that writes finished units while the device computes the next.
+
+    The queue holds at most one pending unit, so memory stays at ~2 units. An error
+    in the writer is re-raised in the caller at the next ``put`` or at ``close``.
+    """
+
+    def __init__(self, root, layout: store.Layout, on_written=None):
+        self.root, self.layout, self.on_written = root, layout, on_written
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="diffprobe-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            unit, data, failed = item
+            try:
+                store.write_unit(self.root, self.layout, unit, data, failed)
+                if self.on_written:
+                    self.on_written(unit)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the main thread
+                self.error = exc
+
+    def put(self, unit, data, failed):
+        if self.error:
+            raise self.error
+        self.queue.put((unit, data, failed))
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def _fault_injector():
+    """Test hook: DIFFPROBE_FAULT_KILL_AFTER_UNITS=N SIGKILLs this process after N written units."""
+    limit = os.environ.get("DIFFPROBE_FAULT_KILL_AFTER_UNITS")
+    if not limit:
+        return None
+    count = {"n": 0}
+
+    def on_written(_unit):
+        count["n"] += 1
+        if count["n"] >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_written
+
+
+# ----------------------------------------------------------------- stage
+
+
+def model_fingerprint(cfg: ModelConfig) -> dict:
+    """What identifies the weights: file names, sizes and content hashes (mtime for huge files)."""
+    files = []
+    targets = []
+    if cfg.path and not cfg.random_init:
+        targets.append(Path(cfg.path))
+    if cfg.config:
+        targets.append(Path(cfg.config))
+    if cfg.path and cfg.random_init:
+        targets.extend(Path(cfg.path).glob("**/config.json"))
+    if cfg.factory and ":" in cfg.factory and cfg.factory.rsplit(":", 1)[0].endswith(".py"):
+        targets.append(Path(cfg.factory.rsplit(":", 1)[0]))
+    for target in targets:
+        paths = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+        for p in paths:
+            if not p.exists():
+                continue
+            size = p.stat().st_size
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if size < (64 << 20) else f"mtime:{p.stat().st_mtime_ns}"
+            files.append([p.name, size, digest])
+    return {"model_files": files}
+
+
+class ExtractStage(Stage):
+    kind = "extract"
+    Config = ExtractConfig
+    output_suffix = ".zarr"
+
+    def fingerprint(self, cfg: ExtractConfig, base_dir: Path) -> dict:
+        return model_fingerprint(cfg.model)
+
+    def run(self, cfg: ExtractConfig, ctx: RunContext) -> None:
+        from tqdm.auto import tqdm
+
+        ex = Extractor(cfg)
+        ex.strict = ctx.strict
+        lay = ex.layout
+        if not ctx.output.exists():
+            attrs = ctx.base_attrs() | {"provenance": ex.provenance()}
+            store.create_store(ctx.output, lay, ex.samples, ex.reader.class_names, attrs, cfg.compression)
+        existing = store.read_attrs(ctx.output)
+        if existing is None or existing.get("stage_hash") != ctx.stage_hash:
+            raise store.StoreError(f"{ctx.output} was created by another config; re-run with --force")
+        done = store.unit_status(ctx.output)
+        todo = [u for u in assigned_units(lay.n_units, ctx.shard) if not done[u]]
+        ctx.log(
+            f"{lay.n_samples} samples x {len(ex.timesteps)} timesteps x {len(ex.blocks)} blocks; "
+            f"{lay.n_units} units of {lay.unit_samples}; {len(todo)} to do"
+            + (f" in shard {ctx.shard[0]}/{ctx.shard[1]}" if ctx.shard[1] > 1 else "")
+        )
+        root = store.open_root(ctx.output, mode="r+")
+        writer = BackgroundWriter(root, lay, _fault_injector())
+        total = sum(lay.unit_range(u)[1] - lay.unit_range(u)[0] for u in todo)
+        try:
+            with tqdm(total=total, unit="sample", desc=ctx.entry.name, disable=not ctx.progress) as bar:
+                for unit in todo:
+                    data, failed = ex.compute_unit(unit)
+                    writer.put(unit, data, failed)
+                    start, stop = lay.unit_range(unit)
+                    bar.update(stop - start)
+        finally:
+            writer.close()
+        if store.finalize(ctx.output):
+            attrs = store.read_attrs(ctx.output)
+            failures = attrs.get("failed_images", [])
+            if failures:
+                ctx.log(f"{len(failures)} image(s) could not be read and are masked (done=2); "
+                        f"first: {failures[0]['image_id']}: {failures[0]['reason']}")
+        elif ctx.shard[1] > 1:
+            ctx.log("this shard is done; the store completes when every shard has finished")
+
+    def plan(self, cfg: ExtractConfig, ctx: RunContext) -> list[tuple[str, str]]:
+        ex = Extractor(cfg)
+        lay = ex.layout
+        n_t = len(ex.timesteps)
+        pairs = lay.n_samples * n_t
+        passes = sum(math.ceil((lay.unit_range(u)[1] - lay.unit_range(u)[0]) * n_t / cfg.batch_size)
+                     for u in range(lay.n_units))
+        # Measure one real batch: codec ratio and throughput at this batch size.
+        probe_unit_samples = min(lay.n_samples, max(1, cfg.batch_size // n_t))
+        probe_layout = store.plan_layout(probe_unit_samples, ex.block_shapes, ex.timesteps, cfg.dtype,
+                                         unit_samples=probe_unit_samples)
+        ex.layout = probe_layout
+        start = time.perf_counter()
+        data, _ = ex.compute_unit(0)
+        elapsed = time.perf_counter() - start
+        per_pair = elapsed / max(1, probe_unit_samples * n_t)
+        compressed = 0
+        for name, arr in data.items():
+            one = store.Layout(lay.n_samples, lay.unit_samples, lay.timesteps, {name: lay.blocks[name]}, lay.dtype)
+            compressed += store.estimate_compressed_bytes(one, arr.reshape(-1, *arr.shape[2:]), cfg.compression)
+        raw = lay.bytes_per_sample() * lay.n_samples
+        out_parent = ctx.output.parent
+        while not out_parent.exists():
+            out_parent = out_parent.parent
+        free = shutil.disk_usage(out_parent).free
+        rows = [
+            ("images", f"{len(ex.reader.records)} ({cfg.dataset.reader}/{cfg.dataset.split})"),
+            ("samples", f"{lay.n_samples} (views={cfg.views})"),
+            ("timesteps", ", ".join(map(str, ex.timesteps))),
+            ("blocks", "; ".join(f"{n} {tuple(s)}" for n, s in ex.block_shapes.items())),
+            ("units", f"{lay.n_units} x {lay.unit_samples} samples"),
+            ("forward passes", f"{passes} (batch {cfg.batch_size}; {pairs} sample-timesteps)"),
+            ("bytes raw", _human(raw)),
+            ("bytes on disk (est.)", f"{_human(compressed)} (ratio {raw / max(1, compressed):.2f} measured on one batch)"),
+            ("free space", f"{_human(free)} at {out_parent}" + ("  ** NOT ENOUGH **" if compressed > free else "")),
+            ("time (est.)", f"{_duration(per_pair * pairs)} at {1 / per_pair:.1f} sample-timesteps/s on {cfg.device}"),
+        ]
+        return rows
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
