@@ -24,7 +24,7 @@ def load_scheduler_config(folder: Path | None, overrides: dict) -> dict:
 
 def alphas_cumprod(cfg: dict) -> torch.Tensor:
     """abar_t for t = 0..T-1 as float64, via diffusers' DDPMScheduler."""
-    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
     known = DDPMScheduler.__init__.__code__.co_varnames
     sched = DDPMScheduler(**{k: v for k, v in cfg.items() if k in known})

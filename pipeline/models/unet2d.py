@@ -29,7 +29,7 @@ class UNet2DAdapter(ModelAdapter):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from diffusers import UNet2DModel
+        from diffusers.models.unets.unet_2d import UNet2DModel  # not `from diffusers import`: 2x faster start
 
         folder = None
         if cfg.path:
