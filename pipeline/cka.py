@@ -398,7 +398,7 @@ def center_gram(K: Any, unbiased: bool = False) -> np.ndarray:
             raise ConfigError(f"the unbiased HSIC needs at least 4 samples; got {n}")
         np.fill_diagonal(K, 0.0)
         means = K.sum(axis=0) / (n - 2)
-        pass
+        means -= means.sum() / (2 * (n - 1))
     else:
         means = K.mean(axis=0)
         means -= means.mean() / 2
