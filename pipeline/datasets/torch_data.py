@@ -61,7 +61,7 @@ def make_loader(
     reader: DatasetReader,
     prep: Preprocessing,
     indices: Sequence[int] | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     num_workers: int = 0,
     use_bbox: bool = False,
 ) -> DataLoader:
@@ -69,6 +69,7 @@ def make_loader(
 
     Batches are ``(indices (B,) int64 tensor, images (B, C, S, S) float32 tensor,
     errors list[str])``; failed images are NaN rows with a non-empty error.
+    ``batch_size=None`` yields single ``(index, (C, S, S) array, error)`` items.
     """
     dataset = PreprocessedImages(reader, prep, use_bbox)
     order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
