@@ -19,18 +19,18 @@ How trials are keyed
 --------------------
 A trial is one timestep; a plan's timesteps are distinct and ascending, and trial ``i``
 is ``plan.timesteps[i]``. Its eps is a function of ``(plan.seed, sample_key, t)`` only
-(see ``EPS_SCHEME``): not of the trial's position, the schedule, the batch or the
-device. So an exhaustive run, an adaptive run, and a run over a subset of the
-timesteps all use the same eps at the same ``t``, and re-scoring a trial subset from a
-cached error tensor equals running with that subset. (The reference code instead
+(``pipeline.noise.sample_noise`` with view 0, see ``EPS_SCHEME``): not of the trial's
+position, the schedule, the batch or the device -- and it is the noise extract uses
+for view 0 of the same image at the same seed and t. So an exhaustive run, an
+adaptive run, and a run over a subset of the timesteps all use the same eps at the
+same ``t``, and re-scoring a trial subset from a cached error tensor equals running
+with that subset. (The reference code instead
 indexes one shared noise tensor by evaluation order, so its eps at a given ``t``
 depends on the schedule; the timesteps it evaluates are reproduced exactly here.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,16 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, ModelError, did_you_mean
+from pipeline.noise import NOISE_SCHEME, q_sample, sample_noise
 
 LOSSES = ("l2", "l1", "huber")
 PLAN_MODES = ("even", "random")
 
 #: Recorded in store attributes so that anyone can recompute a trial's eps.
-EPS_SCHEME = (
-    "sha256 of the UTF-8 JSON [\"diffprobe.dc.eps\", seed, sample_key, timestep] (no spaces, "
-    "separators ',' ':'); first 8 bytes big-endian, top bit cleared, seed a CPU "
-    "torch.Generator; eps = torch.randn(shape, generator, dtype=float32)"
-)
+EPS_SCHEME = f"pipeline.noise.sample_noise(seed, str(sample_key), view=0, timestep, shape) [{NOISE_SCHEME}]"
 
 
 def sample_eps(seed: int, sample_key: int | str, timestep: int, shape: Sequence[int]) -> torch.Tensor:
@@ -57,8 +54,7 @@ def sample_eps(seed: int, sample_key: int | str, timestep: int, shape: Sequence[
     Parameters
     ----------
     seed : the plan's noise seed.
-    sample_key : the sample's stable identity (its ``image_id``, or its position);
-        ``3`` and ``"3"`` are different keys.
+    sample_key : the sample's stable identity: its ``image_id`` (or its position).
     timestep : the trial's timestep.
     shape : shape of one sample's input to the denoiser, e.g. ``(4, 64, 64)``.
 
@@ -66,10 +62,7 @@ def sample_eps(seed: int, sample_key: int | str, timestep: int, shape: Sequence[
     -------
     (*shape) float32 CPU tensor, a deterministic function of the inputs (``EPS_SCHEME``).
     """
-    key = json.dumps(["diffprobe.dc.eps", int(seed), sample_key, int(timestep)], separators=(",", ":"))
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    return sample_noise(int(seed), str(sample_key), 0, int(timestep), shape)
 
 
 @dataclass(frozen=True)
@@ -410,17 +403,15 @@ def evaluate_grid(
     """
     device, dtype = x0.device, x0.dtype
     alphas = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float64)
-    x0_32 = x0.float()
     pairs = [(ti, ci) for ti in range(len(trial_ids)) for ci in range(len(class_ids))]
     out = {name: np.empty((len(class_ids), len(trial_ids))) for name in LOSSES}
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
         noisy, eps = {}, {}
         for ti in dict.fromkeys(ti for ti, _ in batch):
-            t = plan.timesteps[trial_ids[ti]]
+            t = torch.tensor([plan.timesteps[trial_ids[ti]]])
             eps[ti] = plan.eps(sample_key, trial_ids[ti], x0.shape).to(device)
-            a = alphas[t]
-            noisy[ti] = (a.sqrt().item() * x0_32 + (1 - a).sqrt().item() * eps[ti]).to(dtype)
+            noisy[ti] = q_sample(x0[None], eps[ti][None], alphas, t)[0].to(dtype)
         x_t = torch.stack([noisy[ti] for ti, _ in batch])
         t_in = torch.tensor([plan.timesteps[trial_ids[ti]] for ti, _ in batch], device=device)
         c_in = torch.tensor([class_ids[ci] for _, ci in batch], device=device)

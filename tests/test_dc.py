@@ -24,6 +24,7 @@ from pipeline.dc import (
     stage_trials,
 )
 from pipeline.errors import ConfigError, ModelError
+from pipeline.noise import sample_noise
 from pipeline.scoring import score
 
 T = 1000
@@ -79,18 +80,20 @@ def test_explicit_plan_rejects_unsorted_or_out_of_range_timesteps():
 
 # --- eps keying ------------------------------------------------------------------------------
 
-def test_eps_follows_the_recorded_scheme():
-    key = json.dumps(["diffprobe.dc.eps", 7, "img/001.png", 499], separators=(",", ":"))
-    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+def test_eps_is_the_shared_per_sample_noise_of_view_0():
+    key = "diffprobe-noise-v1|7|img/001.png|0|499"
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
     expected = torch.randn((2, 3, 3), generator=torch.Generator().manual_seed(seed))
     assert torch.equal(sample_eps(7, "img/001.png", 499, (2, 3, 3)), expected)
+    assert torch.equal(sample_eps(7, "img/001.png", 499, (2, 3, 3)),
+                       sample_noise(7, "img/001.png", 0, 499, (2, 3, 3)))
 
 
 def test_eps_depends_on_seed_sample_and_timestep_only():
     base = sample_eps(0, 3, 10, (4, 8, 8))
     assert torch.equal(base, sample_eps(0, 3, 10, (4, 8, 8)))
     for other in (sample_eps(1, 3, 10, (4, 8, 8)), sample_eps(0, 4, 10, (4, 8, 8)),
-                  sample_eps(0, "3", 10, (4, 8, 8)), sample_eps(0, 3, 11, (4, 8, 8))):
+                  sample_eps(0, 3, 11, (4, 8, 8))):
         assert not torch.equal(base, other)
     # keyed by timestep, not by position: a 50-trial and a 500-trial plan agree where they share t
     small, big = make_plan(50, T), make_plan(500, T)
