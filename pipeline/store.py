@@ -17,8 +17,11 @@ Layout of an activation store (one per model x dataset x split)::
                            single group opened with xr.open_zarr carries them too.
 
 Chunks are (n, 1, C, H, W): one timestep, whole maps, n samples so a chunk is a
-few MiB. Shards are (unit, 1, C, H, W): a *unit* is a shard-aligned range of
-samples, the unit of work, resume and ``--shard i/N``.
+few MiB. Shards are (unit, T, C, H, W): a *unit* is a shard-aligned range of
+samples (all timesteps), the unit of work, resume and ``--shard i/N``; one shard
+file per (unit, block), so an ImageNet-size store stays well under 1e5 files.
+Reading one (block, timestep) slice still reads only that slice's inner chunks
+(the shard index gives their byte ranges).
 
 The write protocol (why: zarr-python has never supported two writers in one
 shard; concurrent partial shard writes silently lose data, zarr-python #3682,
@@ -111,7 +114,7 @@ def plan_layout(
     dtype: str = "float16",
     unit_samples: int | None = None,
     chunk_bytes: int = 2 << 20,
-    unit_bytes: int = 256 << 20,
+    unit_bytes: int = 1 << 30,
     max_unit_samples: int = 1024,
 ) -> Layout:
     """Choose chunk and unit sizes.
@@ -203,9 +206,9 @@ def create_store(
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    compressors, filters = _codecs(compression)
     storage_dtype = STORAGE_DTYPES[layout.dtype]
     with quiet_zarr():
+        compressors, filters = _codecs(compression)
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         n = layout.n_samples
         _write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
@@ -231,7 +234,7 @@ def create_store(
                 shape=(n, len(layout.timesteps), c, h, w),
                 dtype=storage_dtype,
                 chunks=(cn, 1, c, h, w),
-                shards=(layout.unit_samples, 1, c, h, w),
+                shards=(layout.unit_samples, len(layout.timesteps), c, h, w),
                 compressors=compressors,
                 filters=filters,
                 fill_value=float("nan"),

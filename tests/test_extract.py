@@ -1,0 +1,145 @@
+"""The extract stage: exact activations, batch/shard invariance, resume, skip/refuse."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline import store
+from pipeline.config import load_workflow
+from pipeline.datasets import DatasetConfig, open_dataset, preprocess
+from pipeline.errors import StoreError
+from pipeline.models import ModelConfig, load_model
+from pipeline.noise import sample_noise
+from pipeline.runner import Runner
+
+DIFFPROBE = [sys.executable, "-m", "pipeline.cli"]
+
+
+def run_wf(path: Path, **kw):
+    return Runner(load_workflow(path), progress=False, **kw).run()
+
+
+def read_block(store_path: Path, block: str) -> np.ndarray:
+    return zarr.open_group(str(store_path), mode="r")[f"blocks/{block}/activations"][:]
+
+
+def test_stored_activations_equal_direct_forward(extract_workflow):
+    wf = extract_workflow(dataset="{reader: digits, split: test, limit: 6}", timesteps="[0, 250, 999]")
+    run_wf(wf)
+    out = wf.parent / "out" / "ex.zarr"
+    adapter = load_model(ModelConfig(config=str(wf.parent / "tiny_unet.json"), null_class=10))
+    reader = open_dataset(DatasetConfig(reader="digits", split="test", limit=6))
+    captured = {}
+    names = ["down_blocks.1", "mid_block", "up_blocks.0"]
+    modules = dict(adapter.module.named_modules())
+    handles = [modules[n].register_forward_hook(
+        lambda m, i, o, n=n: captured.__setitem__(n, (o[0] if isinstance(o, tuple) else o).detach()))
+        for n in names]
+    try:
+        for s, rec in enumerate(reader.records):
+            x0 = torch.from_numpy(preprocess(reader.load_image(rec), adapter.preprocessing))[None]
+            for ti, t in enumerate([0, 250, 999]):
+                eps = sample_noise(0, rec.image_id, 0, t, x0.shape[1:])[None]
+                abar = adapter.alphas_cumprod[t]
+                x_t = (abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double()).float()
+                with torch.no_grad():
+                    adapter.module(x_t, torch.tensor([t]), class_labels=torch.tensor([rec.label]))
+                for n in names:
+                    stored = read_block(out, n)[s, ti].astype(np.float32)
+                    direct = captured[n][0].numpy()
+                    np.testing.assert_allclose(stored, direct, rtol=2e-3, atol=2e-3)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_batch_size_does_not_change_the_store(extract_workflow):
+    """Same numbers from batch 4 and batch 7, up to the backend's batch-dependent kernels.
+
+    Noise and inputs are per sample, so the only difference left is that oneDNN/BLAS
+    pick different GEMM blockings for different batch sizes (a 1x1 conv already
+    differs in the last fp32 bit between batch 4 and 28 here). After rounding to
+    float16 that is a rounding-level difference on a tiny fraction of values; everything else is
+    bit-identical.
+    """
+    a, b = extract_workflow("a", batch_size=4), extract_workflow("b", batch_size=7)
+    run_wf(a)
+    run_wf(b)
+    for block in ("down_blocks.1", "mid_block", "up_blocks.0"):
+        x = read_block(a.parent / "out/ex.zarr", block)
+        y = read_block(b.parent / "out/ex.zarr", block)
+        assert np.isfinite(x).all()
+        # float16 rounding: relative 2^-10, plus a tiny absolute floor for values near 0.
+        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=2e-3, atol=1e-4)
+        assert np.mean(x != y) < 1e-3
+
+
+def test_two_shard_processes_fill_one_identical_store(extract_workflow):
+    single, sharded = extract_workflow("single"), extract_workflow("sharded")
+    run_wf(single)
+    procs = [subprocess.Popen([*DIFFPROBE, "run", str(sharded), "--shard", f"{i}/2", "--no-progress"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    done = sharded.parent / "out/ex.zarr"
+    assert store.read_attrs(done)["complete"] is True
+    for block in ("down_blocks.1", "mid_block", "up_blocks.0"):
+        np.testing.assert_array_equal(read_block(single.parent / "out/ex.zarr", block), read_block(done, block))
+
+
+def test_killed_run_resumes_and_writes_each_unit_once(extract_workflow):
+    ref, wf = extract_workflow("ref"), extract_workflow("killed")
+    run_wf(ref)
+    env = dict(os.environ, DIFFPROBE_FAULT_KILL_AFTER_UNITS="2")
+    proc = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], env=env, capture_output=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL
+    out = wf.parent / "out/ex.zarr"
+    status = store.unit_status(out)
+    assert 2 <= status.sum() < len(status), status
+    assert store.read_attrs(out)["complete"] is False
+    first_units = {p: p.stat().st_mtime_ns for p in (out / "blocks").glob("*/activations/c/**/*") if p.is_file()}
+    assert len(first_units) == 3 * status.sum()  # one shard file per (written unit, block)
+    report = run_wf(wf)
+    assert report == [("ex", "resume")]
+    assert store.read_attrs(out)["complete"] is True
+    # Shards written before the kill were not rewritten.
+    for p, mtime in first_units.items():
+        assert p.stat().st_mtime_ns == mtime, p
+    for block in ("down_blocks.1", "mid_block", "up_blocks.0"):
+        np.testing.assert_array_equal(read_block(ref.parent / "out/ex.zarr", block), read_block(out, block))
+
+
+def test_rerun_is_skipped_and_changed_config_is_refused(extract_workflow, tmp_path):
+    wf = extract_workflow()
+    assert run_wf(wf) == [("ex", "run")]
+    assert run_wf(wf) == [("ex", "skip (up to date)")]
+    text = wf.read_text().replace("timesteps: [10, 100, 400]", "timesteps: [10, 100, 401]")
+    wf.write_text(text)
+    with pytest.raises(StoreError, match="--force"):
+        run_wf(wf)
+    assert run_wf(wf, force=True) == [("ex", "replace (--force)")]
+    assert zarr.open_group(str(wf.parent / "out/ex.zarr"), mode="r")["timestep"][:].tolist() == [10, 100, 401]
+
+
+def test_views_flip_and_pooling(extract_workflow):
+    wf = extract_workflow(views=2, flip="true", pool="{size: 2, mode: max}",
+                          dataset="{reader: digits, split: test, limit: 5}")
+    run_wf(wf)
+    root = zarr.open_group(str(wf.parent / "out/ex.zarr"), mode="r")
+    ids = root["image_id"][:].tolist()
+    assert ids[0::2] == ids[1::2] and len(set(ids)) == 5  # each image twice, views adjacent
+    assert root["view"][:].tolist()[:4] == [0, 1, 0, 1]
+    assert root["flipped"][:].tolist()[:4] == [False, True, False, True]
+    assert root["blocks/mid_block/activations"].shape == (10, 3, 16, 2, 2)
+    acts = root["blocks/mid_block/activations"][:]
+    assert np.isfinite(acts).all()
+    assert not np.array_equal(acts[0], acts[1])  # views differ (noise + flip)

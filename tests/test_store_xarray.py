@@ -1,0 +1,83 @@
+"""The store opens with plain xarray / zarr (no diffprobe import needed), without warnings."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from pipeline import store
+from pipeline.config import load_workflow
+from pipeline.runner import Runner
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from conftest import write_extract_workflow
+
+    wf = write_extract_workflow(tmp_path_factory.mktemp("xr"), dataset="{reader: digits, split: test, limit: 12}")
+    Runner(load_workflow(wf), progress=False).run()
+    return wf.parent / "out" / "ex.zarr"
+
+
+def test_open_datatree_and_group_give_dims_and_coords(small_store):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = xr.open_datatree(small_store, engine="zarr")
+        ds = xr.open_zarr(small_store, group="blocks/mid_block")
+    root = tree.to_dataset()
+    for coord in ("sample", "image_id", "label", "view", "flipped", "class_name", "timestep"):
+        assert coord in root.coords, coord
+    assert tree["blocks/mid_block"].dataset["activations"].dims == ("sample", "timestep", "channel", "y", "x")
+    assert "image_id" in tree["blocks/mid_block"].coords  # inherited / duplicated for single-group reads
+    assert ds["activations"].dims == ("sample", "timestep", "channel", "y", "x")
+    assert ds["activations"].dtype == np.float16
+    for coord in ("sample", "image_id", "label", "timestep"):
+        assert coord in ds.coords, coord
+    assert ds["timestep"].values.tolist() == [10, 100, 400]
+    assert ds.sizes["sample"] == 12
+    # the same numbers through plain zarr
+    raw = zarr.open_group(str(small_store), mode="r")["blocks/mid_block/activations"][:]
+    np.testing.assert_array_equal(ds["activations"].values, raw)
+    # one (block, timestep) slice is lazily selectable by label
+    one = ds["activations"].sel(timestep=100).isel(sample=slice(0, 4)).values
+    np.testing.assert_array_equal(one, raw[:4, 1])
+
+
+def test_chunks_shards_and_codecs(small_store):
+    arr = zarr.open_group(str(small_store), mode="r")["blocks/mid_block/activations"]
+    assert arr.shards == (8, 3, 16, 8, 8)
+    assert arr.chunks[1:] == (1, 16, 8, 8)
+    names = [type(c).__name__ for c in arr.compressors]
+    assert names == ["BloscCodec", "Crc32cCodec"]
+    attrs = store.read_attrs(small_store)
+    assert attrs["complete"] is True and len(attrs["stage_hash"]) == 64
+    assert attrs["provenance"]["noise"]["scheme"] == "diffprobe-noise-v1"
+    assert (zarr.open_group(str(small_store), mode="r")["done"][:] == store.WRITTEN).all()
+
+
+def test_plan_layout_chunks_divide_units():
+    lay = store.plan_layout(1_281_167, {"a": (1024, 16, 16), "b": (256, 64, 64)}, [90, 150, 300])
+    for name, n in lay.chunk_samples.items():
+        assert lay.unit_samples % n == 0
+        c, h, w = lay.blocks[name]
+        assert 0.5 * (2 << 20) <= n * c * h * w * 2 <= 2 * (2 << 20)  # a few MiB per chunk
+    assert lay.n_units * len(lay.blocks) < 100_000  # one shard file per (unit, block)
+
+
+def test_bitround_is_opt_in_and_recorded(tmp_path):
+    from conftest import write_extract_workflow
+
+    wf = write_extract_workflow(tmp_path, dataset="{reader: digits, split: test, limit: 8}",
+                                compression="{bitround_keepbits: 4}")
+    Runner(load_workflow(wf), progress=False).run()
+    out = wf.parent / "out" / "ex.zarr"
+    assert store.read_attrs(out)["compression"]["bitround_keepbits"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        values = zarr.open_group(str(out), mode="r")["blocks/mid_block/activations"][:]
+    mantissa = values.view(np.uint16) & 0x3FF
+    assert np.all(mantissa & ((1 << (10 - 4)) - 1) == 0)  # only 4 mantissa bits kept
