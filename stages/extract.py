@@ -27,8 +27,8 @@ import torch
 
 from pipeline import store
 from pipeline.datasets import DatasetConfig, open_dataset
-from pipeline.datasets.preprocess import preprocess
-from pipeline.errors import ConfigError, DatasetError, DiffprobeError, ImageReadError
+from pipeline.datasets.torch_data import make_loader
+from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
 from pipeline.models import Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import NOISE_SCHEME, batch_noise
@@ -146,14 +146,11 @@ class Extractor:
         return fmap.to(self.storage_dtype)
 
     def load_images(self, image_indices: list[int]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-        """Decode + preprocess; returns arrays and failures (index -> reason)."""
-        from torch.utils.data import DataLoader
-
+        """Decode + preprocess in DataLoader workers; returns arrays and failures (index -> reason)."""
         arrays, failures = {}, {}
-        use_bbox = self.cfg.dataset.crop == "bbox"
-        loader_ds = _Decode(self.reader, self.prep, image_indices, use_bbox)
         workers = self.cfg.num_workers if len(image_indices) > 1 else 0
-        loader = DataLoader(loader_ds, batch_size=None, num_workers=workers)
+        loader = make_loader(self.reader, self.prep, image_indices, batch_size=None, num_workers=workers,
+                             use_bbox=self.cfg.dataset.crop == "bbox")
         for index, arr, reason in loader:
             if reason:
                 failures[int(index)] = reason
@@ -264,28 +261,6 @@ class Extractor:
             "block_info": [{"name": b.name, "position": b.position, "shape": list(b.shape),
                             "paper_number": b.paper_number} for b in self.blocks],
         }
-
-
-class _Decode(torch.utils.data.Dataset):
-    """Decode + preprocess in DataLoader workers; failures are returned, not zero-filled."""
-
-    def __init__(self, reader, prep, indices, use_bbox):
-        self.reader, self.prep, self.indices, self.use_bbox = reader, prep, indices, use_bbox
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        index = self.indices[i]
-        rec = self.reader.records[index]
-        try:
-            img = self.reader.load_image(rec)
-            arr = preprocess(img, self.prep, rec.bbox if self.use_bbox else None)
-            return index, arr, ""
-        except ImageReadError as exc:
-            return index, np.zeros(0, dtype=np.float32), exc.reason
-        except (OSError, ValueError) as exc:
-            return index, np.zeros(0, dtype=np.float32), f"{type(exc).__name__}: {exc}"
 
 
 def _device_name(device: torch.device) -> str:

@@ -143,3 +143,44 @@ def test_views_flip_and_pooling(extract_workflow):
     acts = root["blocks/mid_block/activations"][:]
     assert np.isfinite(acts).all()
     assert not np.array_equal(acts[0], acts[1])  # views differ (noise + flip)
+
+
+def _image_folder(root: Path, corrupt: bool = True) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(root / c / f"{i}.png")
+    if corrupt:
+        (root / "b" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def test_corrupt_image_is_recorded_and_masked_never_zero_filled(extract_workflow, tmp_path):
+    data = _image_folder(tmp_path / "imgs")
+    wf = extract_workflow(dataset=f"{{reader: imagefolder, root: {data}, split: all}}", num_workers=2)
+    run_wf(wf)
+    out = wf.parent / "out/ex.zarr"
+    root = zarr.open_group(str(out), mode="r")
+    ids = root["image_id"][:].tolist()
+    bad = ids.index("b/9.png")
+    assert root["done"][bad] == store.FAILED
+    assert np.isnan(root["blocks/mid_block/activations"][bad]).all()
+    good = [i for i in range(len(ids)) if i != bad]
+    assert (root["done"][:][good] == store.WRITTEN).all()
+    assert np.isfinite(root["blocks/mid_block/activations"][good]).all()
+    failed = store.read_attrs(out)["failed_images"]
+    assert [f["image_id"] for f in failed] == ["b/9.png"] and failed[0]["reason"]
+    assert store.read_attrs(out)["complete"] is True
+
+
+def test_strict_makes_unreadable_images_fatal(extract_workflow, tmp_path):
+    from pipeline.errors import DatasetError
+
+    data = _image_folder(tmp_path / "imgs")
+    wf = extract_workflow(dataset=f"{{reader: imagefolder, root: {data}, split: all}}")
+    with pytest.raises(DatasetError, match="b/9.png.*--strict"):
+        run_wf(wf, strict=True)
+    assert store.unit_status(wf.parent / "out/ex.zarr").sum() == 0  # nothing marked done
