@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from stages.extract import ExtractStage
+from stages.report import ReportStage
+from stages.pool import PoolStage
+from stages.probe import ProbeStage
 
 #: stage kind -> stage class.
 STAGES = {
     "extract": ExtractStage,
+    "report": ReportStage,
+    "pool": PoolStage,
+    "probe": ProbeStage,
 }
