@@ -328,6 +328,25 @@ def _fault_injector():
     return on_written
 
 
+def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "extract", progress: bool = True) -> None:
+    """Compute ``units`` on the device while a background thread writes the previous one."""
+    from tqdm.auto import tqdm
+
+    lay = ex.layout
+    root = store.open_root(output, mode="r+")
+    writer = BackgroundWriter(root, lay, _fault_injector())
+    total = sum(lay.unit_range(u)[1] - lay.unit_range(u)[0] for u in units)
+    try:
+        with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
+            for unit in units:
+                data, failed = ex.compute_unit(unit)
+                writer.put(unit, data, failed)
+                start, stop = lay.unit_range(unit)
+                bar.update(stop - start)
+    finally:
+        writer.close()
+
+
 # ----------------------------------------------------------------- stage
 
 
@@ -363,8 +382,6 @@ class ExtractStage(Stage):
         return model_fingerprint(cfg.model)
 
     def run(self, cfg: ExtractConfig, ctx: RunContext) -> None:
-        from tqdm.auto import tqdm
-
         ex = Extractor(cfg)
         ex.strict = ctx.strict
         lay = ex.layout
@@ -381,18 +398,7 @@ class ExtractStage(Stage):
             f"{lay.n_units} units of {lay.unit_samples}; {len(todo)} to do"
             + (f" in shard {ctx.shard[0]}/{ctx.shard[1]}" if ctx.shard[1] > 1 else "")
         )
-        root = store.open_root(ctx.output, mode="r+")
-        writer = BackgroundWriter(root, lay, _fault_injector())
-        total = sum(lay.unit_range(u)[1] - lay.unit_range(u)[0] for u in todo)
-        try:
-            with tqdm(total=total, unit="sample", desc=ctx.entry.name, disable=not ctx.progress) as bar:
-                for unit in todo:
-                    data, failed = ex.compute_unit(unit)
-                    writer.put(unit, data, failed)
-                    start, stop = lay.unit_range(unit)
-                    bar.update(stop - start)
-        finally:
-            writer.close()
+        extract_units(ex, ctx.output, todo, desc=ctx.entry.name, progress=ctx.progress)
         if store.finalize(ctx.output):
             attrs = store.read_attrs(ctx.output)
             failures = attrs.get("failed_images", [])
