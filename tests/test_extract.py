@@ -184,3 +184,55 @@ def test_strict_makes_unreadable_images_fatal(extract_workflow, tmp_path):
     with pytest.raises(DatasetError, match="b/9.png.*--strict"):
         run_wf(wf, strict=True)
     assert store.unit_status(wf.parent / "out/ex.zarr").sum() == 0  # nothing marked done
+
+
+def test_float16_overflow_is_an_error_naming_block_timestep_samples(tmp_path):
+    from pipeline.runner import Runner
+    from stages.extract import NonFiniteError
+
+    factory = Path(__file__).resolve().parent / "factories" / "overflow.py"
+    wf = tmp_path / "wf.yaml"
+    body = (f"name: o\noutput_dir: out\nstages:\n  - name: ex\n    stage: extract\n"
+            f"    model: {{kind: factory, factory: '{factory}:overflow'}}\n"
+            f"    dataset: {{reader: digits, split: test, limit: 4}}\n    blocks: [blow_up]\n    timesteps: [5]\n")
+    wf.write_text(body)
+    with pytest.raises(NonFiniteError, match=r"block 'blow_up' produced inf/NaN in float16 at timestep\(s\) \[5\] "
+                                             r"for sample\(s\) digits/"):
+        Runner(load_workflow(wf), progress=False).run()
+    assert store.unit_status(tmp_path / "out/ex.zarr").sum() == 0  # nothing marked done
+    wf.write_text(body + "    dtype: float32\n")
+    Runner(load_workflow(wf), progress=False, force=True).run()
+    values = read_block(tmp_path / "out/ex.zarr", "blow_up")
+    assert values.dtype == np.float32 and np.isfinite(values).all() and np.abs(values).max() > 65504
+
+
+def test_bfloat16_is_rounded_in_bf16_and_stored_as_float32(extract_workflow):
+    a, b = extract_workflow("bf", dtype="bfloat16"), extract_workflow("f32", dtype="float32")
+    run_wf(a)
+    run_wf(b)
+    bf = read_block(a.parent / "out/ex.zarr", "mid_block")
+    f32 = read_block(b.parent / "out/ex.zarr", "mid_block")
+    assert bf.dtype == np.float32
+    assert np.all(bf.view(np.uint32) & 0xFFFF == 0)  # exactly representable in bfloat16
+    np.testing.assert_allclose(bf, f32, rtol=1 / 128, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_extraction_matches_cpu(extract_workflow):
+    """CUDA path (pinned host copies, fp16 compute): same store as CPU within fp16 tolerance."""
+    cpu, gpu = extract_workflow("cpu"), extract_workflow("gpu", device="cuda", compute_dtype="float16")
+    run_wf(cpu)
+    run_wf(gpu)
+    for block in ("down_blocks.1", "mid_block", "up_blocks.0"):
+        np.testing.assert_allclose(read_block(cpu.parent / "out/ex.zarr", block).astype(np.float32),
+                                   read_block(gpu.parent / "out/ex.zarr", block).astype(np.float32),
+                                   rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_index_out_of_range_is_an_error(extract_workflow):
+    from pipeline.errors import ModelError
+
+    wf = extract_workflow(device=f"cuda:{torch.cuda.device_count()}")
+    with pytest.raises(ModelError, match="does not exist"):
+        run_wf(wf)
