@@ -11,7 +11,8 @@ from pipeline import store
 from pipeline.errors import StoreError
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
@@ -53,9 +54,9 @@ def describe_store(path: str | Path) -> str:
         disk = store.stored_bytes(path / "blocks" / name)
         total_raw += raw
         total_disk += disk
-        lines.append(f"{name:<36} {str(arr.shape):<28} {str(arr.chunks):<22} {_human(disk):>10} {_human(raw):>10} "
+        lines.append(f"{name:<36} {str(arr.shape):<28} {str(arr.chunks):<22} {human_bytes(disk):>10} {human_bytes(raw):>10} "
                      f"{raw / max(1, disk):>6.2f}")
-    lines.append(f"{'total':<36} {'':<28} {'':<22} {_human(total_disk):>10} {_human(total_raw):>10} "
+    lines.append(f"{'total':<36} {'':<28} {'':<22} {human_bytes(total_disk):>10} {human_bytes(total_raw):>10} "
                  f"{total_raw / max(1, total_disk):>6.2f}")
     prov = attrs.get("provenance", {})
     model = prov.get("model", {})

@@ -30,6 +30,7 @@ from pipeline.datasets import DatasetConfig, open_dataset
 from pipeline.datasets.torch_data import make_loader
 from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
+from pipeline.inspect import human_bytes
 from pipeline.models import Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import NOISE_SCHEME, batch_noise
 from pipeline.stage import RunContext, Stage
@@ -440,20 +441,12 @@ class ExtractStage(Stage):
             ("blocks", "; ".join(f"{n} {tuple(s)}" for n, s in ex.block_shapes.items())),
             ("units", f"{lay.n_units} x {lay.unit_samples} samples"),
             ("forward passes", f"{passes} (batch {cfg.batch_size}; {pairs} sample-timesteps)"),
-            ("bytes raw", _human(raw)),
-            ("bytes on disk (est.)", f"{_human(compressed)} (ratio {raw / max(1, compressed):.2f} measured on one batch)"),
-            ("free space", f"{_human(free)} at {out_parent}" + ("  ** NOT ENOUGH **" if compressed > free else "")),
+            ("bytes raw", human_bytes(raw)),
+            ("bytes on disk (est.)", f"{human_bytes(compressed)} (ratio {raw / max(1, compressed):.2f} measured on one batch)"),
+            ("free space", f"{human_bytes(free)} at {out_parent}" + ("  ** NOT ENOUGH **" if compressed > free else "")),
             ("time (est.)", f"{_duration(per_pair * pairs)} at {1 / per_pair:.1f} sample-timesteps/s on {cfg.device}"),
         ]
         return rows
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _duration(seconds: float) -> str:
