@@ -22,10 +22,10 @@ def model_config_from_cli(model: str, size: int | None, kind: str | None, option
     if kind is None:
         if ":" in model and not path.exists():
             kind = "factory"
+        elif path.is_dir() and (path / "transformer").exists():  # before sd: a DiT folder has vae/ too
+            kind = "dit"
         elif (path / "model_index.json").exists() and (path / "vae").exists():
             kind = "sd"
-        elif path.is_dir() and (path / "transformer").exists():
-            kind = "dit"
         else:
             kind = "unet2d"
     if kind == "factory":

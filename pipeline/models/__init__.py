@@ -23,10 +23,24 @@ def _factory(cfg: ModelConfig) -> ModelAdapter:
     return build_factory_adapter(cfg)
 
 
+def _sd(cfg: ModelConfig) -> ModelAdapter:
+    from pipeline.models.sd import StableDiffusionAdapter
+
+    return StableDiffusionAdapter(cfg)
+
+
+def _dit(cfg: ModelConfig) -> ModelAdapter:
+    from pipeline.models.dit import DiTAdapter
+
+    return DiTAdapter(cfg)
+
+
 #: model kind -> loader. The one registry; add new adapters here.
 MODEL_KINDS: dict[str, Callable[[ModelConfig], ModelAdapter]] = {
     "unet2d": _unet2d,
     "factory": _factory,
+    "sd": _sd,
+    "dit": _dit,
 }
 
 

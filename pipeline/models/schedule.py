@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def alphas_cumprod(cfg: dict) -> torch.Tensor:
     """abar_t for t = 0..T-1 as float64, via diffusers' DDPMScheduler."""
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
-    known = DDPMScheduler.__init__.__code__.co_varnames
+    # inspect.signature, not __code__.co_varnames: register_to_config wraps __init__ in (*args, **kwargs)
+    known = inspect.signature(DDPMScheduler.__init__).parameters
     sched = DDPMScheduler(**{k: v for k, v in cfg.items() if k in known})
     return sched.alphas_cumprod.to(torch.float64)

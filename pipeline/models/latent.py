@@ -1,0 +1,81 @@
+"""What the latent-space adapters (Stable Diffusion, DiT) share: loading a component
+from a local diffusers folder, the VAE encoder, and the epsilon-prediction check.
+
+Images are encoded once with the deterministic posterior mean, as the Diffusion
+Classifier does (Li et al. 2023): ``z = (mean - shift_factor) * scaling_factor``,
+with ``scaling_factor`` read from ``vae/config.json`` (0.18215 for SD 1.x and DiT).
+The VAE stays in float32 whatever the compute dtype, and follows the denoiser to its
+device on first use (``load_model`` only moves ``adapter.module``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import ModelError
+
+
+def local_folder(cfg_path: str | None, kind: str) -> Path:
+    """``model.path`` as an existing folder, or a ModelError that says what is expected."""
+    if not cfg_path:
+        raise ModelError(f"model kind {kind!r} needs 'path:' (a local diffusers pipeline folder)")
+    folder = Path(cfg_path).expanduser()
+    if not folder.is_dir():
+        raise ModelError(
+            f"model path {str(folder)!r} is not a folder; point 'model.path' at a local diffusers folder"
+        )
+    return folder
+
+
+def load_component(cls, folder: Path, what: str, variant: str | None = None) -> nn.Module:
+    """``cls.from_pretrained(folder)`` offline; a ModelError naming the folder on failure."""
+    kwargs = {"local_files_only": True}
+    if variant:
+        kwargs["variant"] = variant
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the {what} ({cls.__name__}) from {str(folder)!r}: {first}") from None
+
+
+def check_epsilon(scheduler_config: dict, where: str) -> None:
+    """The extract and classify stages assume the network predicts eps."""
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ModelError(
+            f"{where}: scheduler prediction_type is {prediction!r}; only 'epsilon' models are supported "
+            f"(v-prediction checkpoints such as SD 2.x 768-v are not yet)"
+        )
+
+
+class VaeEncoder:
+    """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents (B, C_lat, H / f, W / f), f = ``scale_factor``."""
+
+    def __init__(self, vae_dir: Path, variant: str | None = None):
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+        self.vae = load_component(AutoencoderKL, vae_dir, "VAE", variant).float().eval().requires_grad_(False)
+        conf = self.vae.config
+        self.scale_factor = 2 ** (len(conf.block_out_channels) - 1)
+        self.scaling_factor = float(conf.scaling_factor)
+        self.shift_factor = float(getattr(conf, "shift_factor", None) or 0.0)
+        self.in_channels = int(conf.in_channels)
+        self.latent_channels = int(conf.latent_channels)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic latents (posterior mean), float32 on ``x``'s device."""
+        if next(self.vae.parameters()).device != x.device:
+            self.vae.to(x.device)
+        mean = self.vae.encode(x.float()).latent_dist.mean
+        return (mean - self.shift_factor) * self.scaling_factor
+
+    def provenance(self) -> dict:
+        from pipeline.models.base import weights_hash
+
+        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+                "scale_factor": self.scale_factor, "weights_sha256": weights_hash(self.vae)}
