@@ -66,7 +66,8 @@ class ExtractConfig:
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     compute_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     pool: PoolSpec | None = None
-    conditioning: Literal["none", "class", "null"] = "none"
+    # YAML's bare `null` means the null class too (it is what people type).
+    conditioning: Literal["none", "class", "null", "null_class"] | None = "none"
     views: int = 1
     flip: bool = False
     unit_samples: int | None = None
@@ -74,6 +75,8 @@ class ExtractConfig:
     compression: store.Compression = field(default_factory=store.Compression)
 
     def __post_init__(self):
+        if self.conditioning in (None, "null_class"):
+            object.__setattr__(self, "conditioning", "null")
         if isinstance(self.blocks, str) and self.blocks != "all":
             object.__setattr__(self, "blocks", (self.blocks,))
         for name in ("batch_size", "views"):
