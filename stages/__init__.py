@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stages.cka import CKAStage
 from stages.extract import ExtractStage
 from stages.report import ReportStage
 from stages.pool import PoolStage
@@ -13,4 +14,5 @@ STAGES = {
     "report": ReportStage,
     "pool": PoolStage,
     "probe": ProbeStage,
+    "cka": CKAStage,
 }

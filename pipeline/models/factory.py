@@ -7,6 +7,7 @@ either a ready ``ModelAdapter`` or an ``nn.Module`` called as ``module(x_t, t)``
 ``module(x_t, t, y=labels)`` (guided-diffusion's signature). A learned-sigma output
 (2x the input channels) is split and the eps half kept. A network without a timestep
 (a reference CNN for CKA) sets ``timestep_free: true``; it is called as ``module(x)``.
+The adapter-only options :data:`ADAPTER_OPTIONS` are not passed to the function.
 
 For models in guided-diffusion's layout (``input_blocks`` / ``middle_block`` /
 ``output_blocks``) the paper's 1-based block numbers are accepted: 1..len(input_blocks)
@@ -30,6 +31,9 @@ from pipeline.errors import ModelError
 from pipeline.models.base import Condition, ModelAdapter
 from pipeline.models.config import ModelConfig
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
+
+#: Options the adapter reads and the factory function does not receive.
+ADAPTER_OPTIONS = ("timestep_free", "value_range")
 
 
 def resolve_callable(spec: str):
@@ -130,10 +134,11 @@ def build_factory_adapter(cfg: ModelConfig) -> ModelAdapter:
         raise ModelError("model kind 'factory' needs 'factory: package.module:function'")
     fn = resolve_callable(cfg.factory)
     torch.manual_seed(cfg.seed)
+    kwargs = {k: v for k, v in cfg.options.items() if k not in ADAPTER_OPTIONS}
     try:
-        obj = fn(**dict(cfg.options))
+        obj = fn(**kwargs)
     except TypeError as exc:
-        raise ModelError(f"factory {cfg.factory!r} rejected options {sorted(cfg.options)}: {exc}") from None
+        raise ModelError(f"factory {cfg.factory!r} rejected options {sorted(kwargs)}: {exc}") from None
     if isinstance(obj, ModelAdapter):
         return obj
     if not isinstance(obj, nn.Module):
