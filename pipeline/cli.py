@@ -116,5 +116,32 @@ def inspect(store_path):
     click.echo(describe_store(store_path))
 
 
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path())
+@click.option("--trials", metavar="SEL", help="Trial indices: 0:10, 0:20:2, 1,3,5 or a mix (default all).")
+@click.option("--timesteps", metavar="T,...", help="Select trials by timestep instead, e.g. 25,75,125.")
+@click.option("--loss", type=click.Choice(["l2", "l1", "huber"]),
+              help="Error array that ranks classes (default: the loss the run eliminated with).")
+@click.option("--weighting", type=click.Choice(["uniform", "snr", "x0", "elbo"]), default="uniform",
+              show_default=True, help="Per-trial weights of the class score.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for confusion.png, score.json, per_class.csv (default: <STORE stem>-score).")
+@_friendly
+def score(store_path, trials, timesteps, loss, weighting, out_dir):
+    """Score a classify store from its cached errors: no model, no GPU."""
+    from pathlib import Path
+
+    from pipeline import errorstore
+
+    n_trials = errorstore.open_error_store(store_path)["trial"].shape[0]
+    result = errorstore.score_store(
+        store_path, loss, errorstore.parse_trials(trials, n_trials) if trials else None,
+        errorstore.parse_ints(timesteps) if timesteps else None, weighting)
+    click.echo(errorstore.format_score(result))
+    path = Path(store_path)
+    paths = errorstore.write_score(result, out_dir or path.parent / f"{path.stem}-score")
+    click.echo(f"wrote {paths['png']}, {paths['json'].name}, {paths['csv'].name}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stages.cka import CKAStage
+from stages.classify import ClassifyStage
 from stages.extract import ExtractStage
 from stages.report import ReportStage
 from stages.pool import PoolStage
@@ -15,4 +16,5 @@ STAGES = {
     "pool": PoolStage,
     "probe": ProbeStage,
     "cka": CKAStage,
+    "classify": ClassifyStage,
 }

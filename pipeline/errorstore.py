@@ -1,0 +1,423 @@
+"""The Diffusion Classifier's error store: schema, unit writes, and scoring from it.
+
+A classify store holds, per loss, the denoising error of every (sample, class, trial)
+cell, NaN where adaptive elimination never evaluated the class at that trial::
+
+    error_l2, error_l1, error_huber   (sample, class, trial) float32
+    prediction                        (sample,) int64, the run's predicted class (-1: failed image)
+    forward_passes                    (sample,) int64, denoiser forwards spent on the sample
+    done, failure                     (sample,) as in every diffprobe store (one chunk per unit)
+    coords: sample, image_id, label (sample); class, class_name (class); trial, timestep (trial)
+
+The trial plan (``TrialPlan.to_dict()``: timesteps, seed, eps scheme), the schedule
+and the provenance are in the root attrs under ``diffprobe``. It is written by the
+one write protocol of ``pipeline/store.py`` (whose ``unit_status`` and ``finalize``
+it reuses): schema created once, atomically; each unit's cells written whole, by one
+writer, into its own shards; then its ``done`` cells; ``finalize`` once at the end.
+
+Everything below the writing part is numpy + zarr only: ``diffprobe score`` re-scores
+a store (other trials, losses, weightings) without importing torch or loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import pipeline
+from pipeline import scoring, store
+from pipeline.errors import ConfigError, StoreError, did_you_mean
+
+LOSSES = ("l2", "l1", "huber")
+DIMS = ("sample", "class", "trial")
+COORDINATES = "image_id label class_name timestep"
+
+
+def error_array(loss: str) -> str:
+    """Name of the array holding ``loss`` errors."""
+    return f"error_{loss}"
+
+
+@dataclass(frozen=True)
+class ErrorLayout:
+    """Shapes and units of a classify store; what its writers agree on.
+
+    A unit is ``unit_samples`` consecutive samples: one shard of every error array,
+    one chunk of ``done``; inner chunks hold ``chunk_samples`` samples.
+    """
+
+    n_samples: int
+    n_classes: int
+    n_trials: int
+    unit_samples: int
+    chunk_samples: int
+
+    @property
+    def n_units(self) -> int:
+        return math.ceil(self.n_samples / self.unit_samples)
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        start = unit * self.unit_samples
+        return start, min(start + self.unit_samples, self.n_samples)
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
+
+
+def plan_error_layout(n_samples: int, n_classes: int, n_trials: int, unit_samples: int | None = None,
+                      unit_bytes: int = 64 << 20, chunk_bytes: int = 4 << 20, max_unit_samples: int = 64
+                      ) -> ErrorLayout:
+    """Units of a power of two samples, at most ``max_unit_samples`` and ~``unit_bytes``
+    of float64 host buffers (3 losses); chunks of ~``chunk_bytes`` float32 that divide the unit.
+
+    The unit is also the batch over which a stage's requests are pooled to fill the
+    device, so it stays large for small (class x trial) grids and shrinks for ImageNet-size ones.
+    """
+    if n_samples < 1:
+        raise StoreError("the dataset selection has no samples to classify")
+    cell = n_classes * n_trials
+    if unit_samples is None:
+        unit = min(_pow2_floor(unit_bytes / (cell * 8 * len(LOSSES))), max_unit_samples,
+                   1 << math.ceil(math.log2(n_samples)))
+    elif unit_samples < 1:
+        raise ConfigError(f"unit_samples must be >= 1, got {unit_samples}")
+    else:
+        unit = unit_samples
+    chunk = math.gcd(min(_pow2_floor(chunk_bytes / (cell * 4)), unit), unit)
+    return ErrorLayout(n_samples, n_classes, n_trials, unit, chunk)
+
+
+# ----------------------------------------------------------------- writing
+
+
+def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequence[str], labels: Sequence[int],
+                       class_names: Sequence[str], timesteps: Sequence[int], attrs: Mapping,
+                       compression: store.Compression = store.Compression()) -> None:
+    """Write the whole schema (arrays, coords, attrs) atomically; error arrays stay NaN.
+
+    Built in a temporary folder and renamed into place; a losing racer keeps the
+    winner's store (the caller compares the stage hash).
+    """
+    import zarr
+
+    path = Path(path)
+    n, k, t = layout.n_samples, layout.n_classes, layout.n_trials
+    if not (len(image_ids) == len(labels) == n and len(class_names) == k and len(timesteps) == t):
+        raise ValueError("image_ids/labels, class_names and timesteps must match the layout")
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with store.quiet_zarr():
+        compressors, _ = store._codecs(compression)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        store._write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
+        store._write_1d(root, "image_id", list(image_ids), "sample", dtype=str)
+        store._write_1d(root, "label", np.asarray(labels, dtype=np.int64), "sample")
+        store._write_1d(root, "class", np.arange(k, dtype=np.int64), "class")
+        store._write_1d(root, "class_name", list(class_names), "class", dtype=str)
+        store._write_1d(root, "trial", np.arange(t, dtype=np.int64), "trial")
+        store._write_1d(root, "timestep", np.asarray(timesteps, dtype=np.int64), "trial")
+        for loss in LOSSES:
+            root.create_array(
+                error_array(loss), shape=(n, k, t), dtype="float32",
+                chunks=(layout.chunk_samples, k, t), shards=(layout.unit_samples, k, t),
+                compressors=compressors, fill_value=float("nan"), dimension_names=DIMS,
+                attributes={"coordinates": COORDINATES, "loss": loss,
+                            "long_name": f"{loss} denoising error, NaN where not evaluated"},
+            )
+        per_unit = {"chunks": (layout.unit_samples,), "dimension_names": ("sample",)}
+        root.create_array("prediction", shape=(n,), dtype="int64", fill_value=-1, **per_unit,
+                          attributes={"coordinates": "image_id label"})
+        root.create_array("forward_passes", shape=(n,), dtype="int64", fill_value=0, **per_unit,
+                          attributes={"coordinates": "image_id label"})
+        root.create_array("done", shape=(n,), dtype="int8", fill_value=store.PENDING, **per_unit,
+                          attributes={"flag_values": [store.PENDING, store.WRITTEN, store.FAILED],
+                                      "flag_meanings": "pending written failed"})
+        root.create_array("failure", shape=(n,), dtype=str, fill_value="", **per_unit)
+        meta = dict(attrs)
+        meta.update({
+            "format_version": pipeline.FORMAT_VERSION,
+            "diffprobe_version": pipeline.__version__,
+            "layout": {"n_samples": n, "n_classes": k, "n_trials": t, "unit_samples": layout.unit_samples,
+                       "n_units": layout.n_units, "chunk_samples": layout.chunk_samples},
+            "complete": False,
+        })
+        root.attrs.update({store.ATTR_KEY: store._jsonable(meta), "coordinates": COORDINATES})
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "zarr.json").exists():
+            raise
+
+
+@dataclass
+class UnitResult:
+    """One unit's cells, in unit order.
+
+    errors : loss -> (U, K, T) float32, NaN where not evaluated.
+    prediction, forward_passes : (U,) int64.
+    failed : position within the unit -> why its image could not be read.
+    """
+
+    errors: dict[str, np.ndarray]
+    prediction: np.ndarray
+    forward_passes: np.ndarray
+    failed: dict[int, str]
+
+
+def write_error_unit(root, layout: ErrorLayout, unit: int, result: UnitResult) -> None:
+    """Write one unit as whole shards, then its ``done`` cells (the one write protocol)."""
+    start, stop = layout.unit_range(unit)
+    expected = (stop - start, layout.n_classes, layout.n_trials)
+    for loss in LOSSES:
+        values = result.errors[loss]
+        if values.shape != expected:
+            raise StoreError(f"unit {unit} {error_array(loss)}: shape {values.shape} != {expected}")
+        root[error_array(loss)][start:stop] = values.astype(np.float32)
+    root["prediction"][start:stop] = result.prediction
+    root["forward_passes"][start:stop] = result.forward_passes
+    status = np.full(stop - start, store.WRITTEN, dtype=np.int8)
+    if result.failed:
+        reasons = np.full(stop - start, "", dtype=object)
+        for pos, reason in result.failed.items():
+            status[pos], reasons[pos] = store.FAILED, reason
+        root["failure"][start:stop] = reasons
+    root["done"][start:stop] = status
+
+
+class UnitWriter:
+    """A thread that writes finished units while the device computes the next one.
+
+    At most one unit waits in the queue. A writer error is re-raised in the caller
+    at the next ``put`` or at ``close``. ``close`` always drains the queue, so every
+    unit handed over before an interruption is durable and marked done.
+    """
+
+    def __init__(self, path: str | Path, layout: ErrorLayout,
+                 on_written: Callable[[int], None] | None = None):
+        self.root = store.open_root(path, mode="r+")
+        self.layout, self.on_written = layout, on_written
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="diffprobe-classify-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            unit, result = item
+            try:
+                write_error_unit(self.root, self.layout, unit, result)
+                if self.on_written:
+                    self.on_written(unit)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the main thread
+                self.error = exc
+
+    def put(self, unit: int, result: UnitResult) -> None:
+        if self.error:
+            raise self.error
+        self.queue.put((unit, result))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def fault_injector() -> Callable[[int], None] | None:
+    """Test hook shared with extract: DIFFPROBE_FAULT_KILL_AFTER_UNITS=N SIGKILLs after N units."""
+    limit = os.environ.get("DIFFPROBE_FAULT_KILL_AFTER_UNITS")
+    if not limit:
+        return None
+    count = [0]
+
+    def on_written(_unit: int) -> None:
+        count[0] += 1
+        if count[0] >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_written
+
+
+# ----------------------------------------------------------------- reading and scoring
+
+
+def open_error_store(path: str | Path):
+    """The zarr root of a classify store; StoreError if it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"store {str(path)!r} does not exist")
+    attrs = store.read_attrs(path)
+    if attrs is None or attrs.get("stage") != "classify" or "plan" not in attrs:
+        what = "not a diffprobe store" if attrs is None else f"a {attrs.get('stage')!r} store"
+        raise StoreError(f"{str(path)!r} is {what}, not a classify store; "
+                         "give the output of a classify stage")
+    return store.open_root(path)
+
+
+def parse_trials(text: str, n_trials: int) -> list[int]:
+    """``"0:10"``, ``"0:20:2"``, ``"3,7,9"`` or a mix (``"0:5,12"``) -> sorted distinct trial indices."""
+    picked: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if not re.fullmatch(r"-?\d*(:-?\d*){0,2}", part):
+            raise ConfigError(f"--trials {text!r}: {part!r} is neither an index nor a slice like 0:10")
+        if ":" in part:
+            bounds = [int(b) if b else None for b in part.split(":")]
+            picked.extend(range(n_trials)[slice(*bounds)])
+        else:
+            index = int(part)
+            if not -n_trials <= index < n_trials:
+                raise ConfigError(f"--trials: trial {index} is outside 0..{n_trials - 1}")
+            picked.append(index % n_trials)
+    if not picked:
+        raise ConfigError(f"--trials {text!r} selects no trial of the {n_trials}")
+    return sorted(set(picked))
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"25,75,125"`` -> [25, 75, 125], ConfigError naming a bad entry."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{text!r} must be comma-separated integers, e.g. 25,75,125") from None
+
+
+def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int] | None = None,
+                timesteps: Sequence[int] | None = None, weighting: str = "uniform") -> dict:
+    """Score a complete classify store from its cached errors (no model, no torch).
+
+    Parameters
+    ----------
+    loss : which error array ranks the classes; default the loss the run eliminated with.
+    trials : trial indices to use; ``timesteps`` selects them by timestep instead; all if neither.
+    weighting : ``uniform``, ``snr``, ``x0`` or ``elbo`` (``pipeline.scoring.timestep_weights``).
+
+    Returns
+    -------
+    ``pipeline.scoring.score``'s dict over the samples whose image was read, plus
+    ``forward_passes_spent`` (what the run spent on them, all trials), ``n_samples``,
+    ``n_failed``, ``class_names``, ``trials``, ``timesteps``, ``loss``, ``weighting``.
+    Samples are scored one unit-aligned block at a time, so memory stays bounded.
+    """
+    root = open_error_store(path)
+    attrs = root.attrs[store.ATTR_KEY]
+    if not attrs.get("complete"):
+        done = store.unit_status(path)
+        raise StoreError(f"classify store {str(path)!r} is incomplete ({int(done.sum())}/{len(done)} units); "
+                         "finish it first (re-run its workflow: it resumes)")
+    loss = loss or attrs.get("schedule", {}).get("loss", "l2")
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown loss {loss!r}{did_you_mean(loss, LOSSES)}; valid: {', '.join(LOSSES)}")
+    plan_timesteps = [int(t) for t in root["timestep"][:]]
+    if trials is not None and timesteps is not None:
+        raise ConfigError("give --trials or --timesteps, not both")
+    if timesteps is not None:
+        trials = scoring.trials_at_timesteps(plan_timesteps, timesteps).tolist()
+    selected = list(range(len(plan_timesteps))) if trials is None else sorted({int(i) for i in trials})
+    if any(not 0 <= i < len(plan_timesteps) for i in selected):
+        raise ConfigError(f"trial indices must lie in [0, {len(plan_timesteps)}); got {selected}")
+    if weighting == "uniform":
+        weights: str | np.ndarray = "uniform"
+    else:
+        alphas = attrs.get("provenance", {}).get("alphas_cumprod")
+        weights = scoring.timestep_weights(plan_timesteps, weighting, alphas)
+
+    done, labels = root["done"][:], root["label"][:]
+    class_names = [str(c) for c in root["class_name"][:]]
+    n_classes = len(class_names)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    predictions = np.full(len(done), -1, dtype=np.int64)
+    passes = 0
+    unit = attrs["layout"]["unit_samples"]
+    # whole units per read, ~256 MiB of float64 cells at most
+    block = unit * max(1, (256 << 20) // (unit * n_classes * len(plan_timesteps) * 8))
+    errors = root[error_array(loss)]
+    for start in range(0, len(done), block):
+        stop = min(start + block, len(done))
+        ok = np.flatnonzero(done[start:stop] == store.WRITTEN)
+        if not len(ok):
+            continue
+        cells = errors[start:stop][ok]
+        part = scoring.score(cells, labels[start:stop][ok], selected, weights)
+        confusion += part["confusion"]
+        predictions[start + ok] = part["predictions"]
+        passes += part["forward_passes"]
+    scored = done == store.WRITTEN
+    n_scored = int(scored.sum())
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+    return {
+        "accuracy": float(np.trace(confusion) / n_scored) if n_scored else float("nan"),
+        "per_class_accuracy": per_class,
+        "confusion": confusion,
+        "predictions": predictions,
+        "forward_passes": passes,
+        "forward_passes_per_sample": passes / n_scored if n_scored else float("nan"),
+        "forward_passes_spent": int(root["forward_passes"][:][scored].sum()),
+        "n_samples": n_scored,
+        "n_failed": int((done == store.FAILED).sum()),
+        "class_names": class_names,
+        "trials": selected,
+        "timesteps": [plan_timesteps[i] for i in selected],
+        "loss": loss,
+        "weighting": weighting,
+    }
+
+
+def format_score(result: Mapping) -> str:
+    """A short human-readable report of ``score_store``'s result."""
+    ts = result["timesteps"]
+    shown = ", ".join(map(str, ts[:8])) + (f" ... ({len(ts)} in all)" if len(ts) > 8 else "")
+    lines = [
+        f"accuracy        {result['accuracy']:.4f}  ({result['n_samples']} samples"
+        + (f"; {result['n_failed']} unreadable images excluded" if result["n_failed"] else "") + ")",
+        f"loss/weighting  {result['loss']} / {result['weighting']}",
+        f"trials          {len(ts)} (timesteps {shown})",
+        f"forward passes  {result['forward_passes']} on these trials "
+        f"({result['forward_passes_per_sample']:.1f} per sample); "
+        f"the run spent {result['forward_passes_spent']}",
+        "per class       " + "  ".join(f"{name}:{acc:.2f}" for name, acc in
+                                       zip(result["class_names"][:20], result["per_class_accuracy"][:20]))
+        + (" ..." if len(result["class_names"]) > 20 else ""),
+    ]
+    return "\n".join(lines)
+
+
+def write_score(result: Mapping, out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
+    """Write ``score.json``, ``per_class.csv`` and ``confusion.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: result[k] for k in ("accuracy", "forward_passes", "forward_passes_per_sample",
+                                      "forward_passes_spent", "n_samples", "n_failed", "trials", "timesteps",
+                                      "loss", "weighting")}
+    summary["per_class_accuracy"] = {name: None if np.isnan(a) else float(a)
+                                     for name, a in zip(result["class_names"], result["per_class_accuracy"])}
+    summary["confusion"] = np.asarray(result["confusion"]).tolist()
+    paths = {"json": out / "score.json", "csv": out / "per_class.csv", "png": out / "confusion.png"}
+    paths["json"].write_text(json.dumps(summary, indent=1) + "\n")
+    support = np.asarray(result["confusion"]).sum(axis=1)
+    rows = ["class,class_name,support,accuracy"] + [
+        f"{i},{json.dumps(name)},{int(n)},{'' if np.isnan(a) else f'{a:.6f}'}"
+        for i, (name, n, a) in enumerate(zip(result["class_names"], support, result["per_class_accuracy"]))]
+    paths["csv"].write_text("\n".join(rows) + "\n")
+    title = title or f"accuracy {result['accuracy']:.3f} ({result['loss']}, {len(result['trials'])} trials)"
+    scoring.confusion_png(result["confusion"], result["class_names"], paths["png"], title)
+    return paths

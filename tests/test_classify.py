@@ -1,0 +1,379 @@
+"""The classify stage: stored errors against a direct recomputation, shared (t, eps) across
+classes, adaptive savings, re-scoring from the cache, resume, scoring without torch,
+SD / DiT end to end, and the shipped digits model above chance."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+from pipeline import errorstore, store
+from pipeline.config import load_workflow
+from pipeline.datasets import DatasetConfig, open_dataset, preprocess
+from pipeline.dc import TrialPlan, even_timesteps
+from pipeline.errors import ConfigError, ModelError, StoreError
+from pipeline.models import ModelConfig, load_model
+from pipeline.models.unet2d import UNet2DAdapter
+from pipeline.noise import sample_noise
+from pipeline.runner import Runner
+from stages.classify import Classifier
+from conftest import TINY_UNET
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_MODEL = ROOT / "data" / "models" / "digits-ddpm"
+N_IMAGES, N_TRIALS = 6, 6
+
+
+def classify_workflow(folder: Path, **params) -> Path:
+    """A one-stage classify workflow on held-out digits with the tiny UNet; params override."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny_unet.json").write_text(json.dumps(TINY_UNET))
+    values = {"model": "{config: tiny_unet.json, null_class: 10}",
+              "dataset": f"{{reader: digits, split: test, limit: {N_IMAGES}}}",
+              "n_trials": N_TRIALS, "batch_size": 16}
+    values.update(params)
+    body = "\n".join(f"    {k}: {v}" for k, v in values.items() if v is not None)
+    (folder / "wf.yaml").write_text("name: t\noutput_dir: out\nstages:\n  - name: c\n    stage: classify\n"
+                                    + body + "\n")
+    return folder / "wf.yaml"
+
+
+def run_classify(folder: Path, **params) -> Path:
+    Runner(load_workflow(classify_workflow(folder, **params)), progress=False).run()
+    return folder / "out" / "c.zarr"
+
+
+def read(path: Path, name: str) -> np.ndarray:
+    return zarr.open_group(str(path), mode="r")[name][:]
+
+
+@pytest.fixture(scope="module")
+def exhaustive(tmp_path_factory):
+    """An exhaustive run (6 images x 10 classes x 6 trials) and every denoiser call it made."""
+    calls = []
+    original = UNet2DAdapter.forward
+
+    def recording(self, x_t, t, cond):
+        calls.append((x_t.detach().clone(), t.detach().clone(), cond.labels.detach().clone()))
+        return original(self, x_t, t, cond)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(UNet2DAdapter, "forward", recording)
+        path = run_classify(tmp_path_factory.mktemp("exhaustive"))
+    return path, calls
+
+
+def test_store_opens_with_xarray_and_carries_the_plan(exhaustive):
+    path, _ = exhaustive
+    ds = xr.open_zarr(path)
+    for loss in ("l2", "l1", "huber"):
+        assert ds[f"error_{loss}"].dims == ("sample", "class", "trial")
+        assert ds[f"error_{loss}"].shape == (N_IMAGES, 10, N_TRIALS)
+    assert ds["timestep"].dims == ("trial",) and ds["timestep"].values.tolist() == even_timesteps(N_TRIALS)
+    assert ds["class_name"].values.tolist() == [str(d) for d in range(10)]
+    assert {"image_id", "label", "class_name", "timestep"} <= set(ds.coords)
+    attrs = store.read_attrs(path)
+    assert TrialPlan.from_dict(attrs["plan"]).timesteps == tuple(even_timesteps(N_TRIALS))
+    assert "sample_noise" in attrs["plan"]["eps_scheme"] and attrs["provenance"]["noise"]["seed"] == 0
+    assert attrs["schedule"]["kind"] == "exhaustive" and attrs["complete"] is True
+    assert (ds["forward_passes"].values == 10 * N_TRIALS).all()
+    assert np.isfinite(ds["error_l2"].values).all()
+
+
+def test_stored_errors_equal_an_independent_recomputation(exhaustive, tmp_path):
+    path, _ = exhaustive
+    attrs = store.read_attrs(path)
+    plan = TrialPlan.from_dict(attrs["plan"])
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_UNET))
+    adapter = load_model(ModelConfig(config=str(tmp_path / "tiny.json"), null_class=10))
+    unet = adapter.module
+    abar = torch.tensor(attrs["provenance"]["alphas_cumprod"], dtype=torch.float64)
+    reader = open_dataset(DatasetConfig(reader="digits", split="test", limit=N_IMAGES))
+    ids = read(path, "image_id").tolist()
+    for s, c, trial in [(0, 0, 0), (2, 7, 3), (5, 9, 5), (3, 3, 1), (1, 5, 2)]:
+        record = reader.records[s]
+        assert ids[s] == record.image_id
+        x0 = torch.from_numpy(preprocess(reader.load_image(record), adapter.preprocessing))
+        t = plan.timesteps[trial]
+        eps = sample_noise(plan.seed, record.image_id, 0, t, x0.shape).double()
+        x_t = (abar[t].sqrt() * x0.double() + (1 - abar[t]).sqrt() * eps).float()
+        with torch.no_grad():
+            pred = unet(x_t[None], torch.tensor([t]), class_labels=torch.tensor([c])).sample[0].double()
+        d = (pred - eps).abs()
+        expected = {"l2": (d**2).mean(), "l1": d.mean(), "huber": torch.where(d < 1, 0.5 * d**2, d - 0.5).mean()}
+        for loss, value in expected.items():
+            stored = read(path, f"error_{loss}")[s, c, trial]
+            np.testing.assert_allclose(stored, value.item(), rtol=1e-4, err_msg=f"{loss} {s, c, trial}")
+
+
+def test_every_class_of_a_sample_gets_the_same_t_and_eps(exhaustive):
+    """The method's variance reduction: class errors are compared on identical (x_t, t)."""
+    _, calls = exhaustive
+    groups: dict[tuple[int, bytes], list[int]] = {}
+    for x_t, t, labels in calls:
+        for row in range(x_t.shape[0]):
+            groups.setdefault((int(t[row]), x_t[row].numpy().tobytes()), []).append(int(labels[row]))
+    # one input per (sample, trial), and each is shown to every class exactly once
+    assert len(groups) == N_IMAGES * N_TRIALS
+    assert all(sorted(labels) == list(range(10)) for labels in groups.values())
+    assert sum(x.shape[0] for x, _, _ in calls) == N_IMAGES * N_TRIALS * 10
+    assert max(x.shape[0] for x, _, _ in calls) == 16  # batches mix samples, trials and classes
+
+
+def test_adaptive_spends_fewer_passes_on_the_same_cells(exhaustive, tmp_path):
+    full, _ = exhaustive
+    path = run_classify(tmp_path, schedule="{n_samples: [3, 6], to_keep: [3, 1]}")
+    passes = read(path, "forward_passes")
+    # stage 1: trials 1, 3, 5 for all 10 classes; stage 2: trials 0, 2, 4 for the 3 survivors
+    assert passes.tolist() == [10 * 3 + 3 * 3] * N_IMAGES
+    assert passes.sum() < read(full, "forward_passes").sum()
+    errors, reference = read(path, "error_l2"), read(full, "error_l2")
+    evaluated = np.isfinite(errors)
+    assert evaluated[:, :, [1, 3, 5]].all()
+    assert (evaluated[:, :, [0, 2, 4]].sum(axis=1) == 3).all()
+    # same (t, eps) per timestep whatever the schedule: evaluated cells equal the exhaustive ones
+    np.testing.assert_allclose(errors[evaluated], reference[evaluated], rtol=1e-5)
+    # elimination recomputed from the exhaustive cache: top 3 on stage 1's trials, then argmin on all
+    for s in range(N_IMAGES):
+        survivors = np.argsort(reference[s][:, [1, 3, 5]].mean(axis=1), kind="stable")[:3]
+        assert set(np.flatnonzero(evaluated[s, :, 0])) == set(survivors)
+        expected = survivors[np.argmin(reference[s][survivors].mean(axis=1))]
+        assert read(path, "prediction")[s] == expected
+    assert errorstore.score_store(path)["predictions"].tolist() == read(path, "prediction").tolist()
+
+
+def test_plan_counts_the_forward_passes_a_run_spends(tmp_path):
+    runner = Runner(load_workflow(classify_workflow(tmp_path, schedule="{n_samples: [3, 6], to_keep: [3, 1]}")),
+                    progress=False)
+    entry = runner.wf.stage("c")
+    rows = dict(runner.stages["c"].plan(entry.config, runner.context(entry)))
+    assert rows["forward passes"].startswith(f"{N_IMAGES * 39} (39 per sample; exhaustive would be 60)")
+    assert "forwards/s" in rows["time (est.)"]
+
+
+def test_rescoring_a_trial_subset_equals_running_with_it(exhaustive, tmp_path):
+    full, _ = exhaustive
+    subset = [0, 2, 5]
+    timesteps = [even_timesteps(N_TRIALS)[i] for i in subset]
+    path = run_classify(tmp_path, n_trials=None, timesteps=json.dumps(timesteps))
+    np.testing.assert_allclose(read(path, "error_l1"), read(full, "error_l1")[:, :, subset], rtol=1e-5)
+    ran, rescored = errorstore.score_store(path), errorstore.score_store(full, trials=subset)
+    assert rescored["predictions"].tolist() == ran["predictions"].tolist() == read(path, "prediction").tolist()
+    assert rescored["accuracy"] == ran["accuracy"]
+    np.testing.assert_array_equal(rescored["confusion"], ran["confusion"])
+    by_time = errorstore.score_store(full, timesteps=timesteps)
+    assert by_time["predictions"].tolist() == ran["predictions"].tolist()
+    assert rescored["forward_passes"] == ran["forward_passes_spent"] == N_IMAGES * 10 * len(subset)
+
+
+def test_interrupted_run_resumes_and_skips_units_already_done(exhaustive, tmp_path, monkeypatch):
+    full, _ = exhaustive
+    computed = []
+    original = Classifier.compute_unit
+
+    def crash_on_second_unit(self, unit, strict=False):
+        if computed:
+            raise RuntimeError("simulated crash")
+        computed.append(unit)
+        return original(self, unit, strict)
+
+    monkeypatch.setattr(Classifier, "compute_unit", crash_on_second_unit)
+    wf = classify_workflow(tmp_path, unit_samples=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Runner(load_workflow(wf), progress=False).run()
+    path = tmp_path / "out" / "c.zarr"
+    assert store.unit_status(path).tolist() == [True, False, False]
+    with pytest.raises(StoreError, match="incomplete"):
+        errorstore.score_store(path)
+    written = {p: p.stat().st_mtime_ns for p in (path / "error_l2" / "c").rglob("*") if p.is_file()}
+    assert len(written) == 1  # unit 0 is one shard
+
+    def counting(self, unit, strict=False):
+        computed.append(unit)
+        return original(self, unit, strict)
+
+    computed.clear()
+    monkeypatch.setattr(Classifier, "compute_unit", counting)
+    assert Runner(load_workflow(wf), progress=False).run() == [("c", "resume")]
+    assert computed == [1, 2]
+    assert all(p.stat().st_mtime_ns == m for p, m in written.items())
+    assert store.read_attrs(path)["complete"] is True
+    for loss in ("l2", "l1", "huber"):
+        np.testing.assert_allclose(read(path, f"error_{loss}"), read(full, f"error_{loss}"), rtol=1e-5)
+
+
+def test_score_command_needs_no_torch(exhaustive, tmp_path):
+    path, _ = exhaustive
+    code = textwrap.dedent(f"""\
+        import sys
+        from pipeline.cli import main
+        try:
+            main(["score", {str(path)!r}, "--trials", "0:6:2", "--loss", "l1", "--out", {str(tmp_path)!r}])
+        except SystemExit as exc:
+            assert exc.code in (0, None), exc.code
+        assert "torch" not in sys.modules, "diffprobe score imported torch"
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy" in proc.stdout
+    summary = json.loads((tmp_path / "score.json").read_text())
+    expected = errorstore.score_store(path, loss="l1", trials=[0, 2, 4])
+    assert summary["accuracy"] == expected["accuracy"] and summary["trials"] == [0, 2, 4]
+    assert summary["confusion"] == expected["confusion"].tolist()
+    assert (tmp_path / "confusion.png").stat().st_size > 0 and (tmp_path / "per_class.csv").exists()
+
+
+def test_trial_selection_parsing_and_bad_inputs(exhaustive, tmp_path):
+    path, _ = exhaustive
+    assert errorstore.parse_trials("0:4,7,-1", 10) == [0, 1, 2, 3, 7, 9]
+    assert errorstore.parse_trials("::3", 10) == [0, 3, 6, 9]
+    with pytest.raises(ConfigError, match="outside 0..9"):
+        errorstore.parse_trials("12", 10)
+    with pytest.raises(ConfigError, match="not trials of the plan"):
+        errorstore.score_store(path, timesteps=[999])
+    with pytest.raises(ConfigError, match="unknown loss"):
+        errorstore.score_store(path, loss="l3")
+    weighted = errorstore.score_store(path, weighting="x0")
+    assert 0.0 <= weighted["accuracy"] <= 1.0
+    with pytest.raises(ConfigError, match="to_keep"):
+        Runner(load_workflow(classify_workflow(tmp_path / "a", n_trials=None,
+                                               schedule="{n_samples: [3, 6]}")), progress=False)
+    with pytest.raises(ConfigError, match="n_trials"):
+        load_workflow(classify_workflow(tmp_path / "b", n_trials=None))
+    with pytest.raises(ConfigError, match="did you mean 'cifar10'"):
+        load_workflow(classify_workflow(tmp_path / "c", schedule="{preset: cifar}"))
+    with pytest.raises(ConfigError, match="'prompt' is for text-conditional"):
+        run_classify(tmp_path / "d", prompt="digits")
+    with pytest.raises(StoreError, match="not a classify store"):
+        errorstore.score_store(tmp_path / "d")
+
+
+def test_unconditional_model_is_refused(tmp_path):
+    (tmp_path / "u.json").write_text(json.dumps({k: v for k, v in TINY_UNET.items() if k != "num_class_embeds"}))
+    with pytest.raises(ModelError, match="unconditional"):
+        run_classify(tmp_path, model="{config: u.json}")
+
+
+# ----------------------------------------------------------------- SD and DiT, tiny random
+
+
+def _tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer with no merges (one token per byte), loadable offline."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+
+
+def _tiny_vae():
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, sample_size=16)
+
+
+def test_tiny_stable_diffusion_classifies_with_one_prompt_per_class(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("pipeline.models.sd")
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = tmp_path / "sd"
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4).save_pretrained(folder / "unet")
+    _tiny_vae().save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                 vocab_size=1000, max_position_embeddings=77, projection_dim=16, bos_token_id=512,
+                                 eos_token_id=513, pad_token_id=513)).save_pretrained(folder / "text_encoder")
+    _tokenizer(folder / "tokenizer")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
+        folder / "scheduler")
+    path = run_classify(tmp_path / "run", model=f"{{kind: sd, path: {folder}}}", prompt="digits",
+                        dataset="{reader: digits, split: test, limit: 2}", n_trials=2)
+    attrs = store.read_attrs(path)
+    prompts = attrs["provenance"]["conditioning"]["prompts"]
+    assert prompts[3] == 'a photo of the number: "3".' and len(prompts) == 10
+    errors = read(path, "error_l2")
+    assert errors.shape == (2, 10, 2) and np.isfinite(errors).all()
+    assert len(np.unique(errors[0, :, 0])) == 10  # each class has its own prompt
+    # one cell recomputed: VAE latents, the class's prompt embedding, the UNet
+    sd = load_model(ModelConfig(kind="sd", path=str(folder)))
+    reader = open_dataset(DatasetConfig(reader="digits", split="test", limit=2))
+    plan = TrialPlan.from_dict(attrs["plan"])
+    s, c, trial = 1, 7, 1
+    pixels = torch.from_numpy(preprocess(reader.load_image(reader.records[s]), sd.preprocessing))[None]
+    x0 = sd.encode(pixels)[0]
+    t = plan.timesteps[trial]
+    eps = sample_noise(plan.seed, reader.records[s].image_id, 0, t, x0.shape)
+    abar = sd.alphas_cumprod[t]
+    x_t = (abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double()).float()
+    with torch.no_grad():
+        pred = sd.module(x_t[None], torch.tensor([t]), encoder_hidden_states=sd.encode_prompts([prompts[c]])).sample
+    np.testing.assert_allclose(errors[s, c, trial], ((pred[0] - eps) ** 2).mean().item(), rtol=1e-4)
+
+
+def test_tiny_dit_classifies_adaptively(tmp_path):
+    pytest.importorskip("pipeline.models.dit")
+    from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+
+    folder = tmp_path / "dit"
+    torch.manual_seed(1)
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                          sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(folder / "transformer")
+    _tiny_vae().save_pretrained(folder / "vae")
+    DDPMScheduler().save_pretrained(folder / "scheduler")
+    path = run_classify(tmp_path / "run", model=f"{{kind: dit, path: {folder}}}", n_trials=None,
+                        dataset="{reader: digits, split: test, limit: 3}",
+                        schedule="{n_samples: [2, 4], to_keep: [2, 1]}")
+    errors = read(path, "error_l2")
+    assert read(path, "forward_passes").tolist() == [10 * 2 + 2 * 2] * 3
+    # stage 1: trials 1, 3 for all classes; stage 2: trials 0, 2 for the 2 survivors
+    assert np.isfinite(errors[:, :, [1, 3]]).all()
+    assert (np.isfinite(errors[:, :, [0, 2]]).sum(axis=1) == 2).all()
+    # one cell recomputed with the DiT called directly (label = class index)
+    dit = load_model(ModelConfig(kind="dit", path=str(folder)))
+    reader = open_dataset(DatasetConfig(reader="digits", split="test", limit=3))
+    plan = TrialPlan.from_dict(store.read_attrs(path)["plan"])
+    s, c, trial = 2, 4, 1
+    x0 = dit.encode(torch.from_numpy(preprocess(reader.load_image(reader.records[s]), dit.preprocessing))[None])[0]
+    t = plan.timesteps[trial]
+    eps = sample_noise(plan.seed, reader.records[s].image_id, 0, t, x0.shape)
+    x_t = dit.add_noise(x0[None], eps[None], torch.tensor([t]))
+    with torch.no_grad():
+        pred = dit.module(x_t, torch.tensor([t]), class_labels=torch.tensor([c])).sample[:, :4]
+    np.testing.assert_allclose(errors[s, c, trial], ((pred[0] - eps) ** 2).mean().item(), rtol=1e-4)
+
+
+# ----------------------------------------------------------------- the shipped digits model
+
+
+@pytest.mark.skipif(not (DIGITS_MODEL / "unet" / "config.json").exists(), reason="digits-ddpm not shipped yet")
+def test_shipped_digits_model_classifies_well_above_chance(tmp_path):
+    """40 held-out digits, 10 trials: exhaustive and adaptive [5, 10] / [3, 1] (chance is 0.1)."""
+    common = {"model": f"{{path: {DIGITS_MODEL}, null_class: 10}}", "batch_size": 100,
+              "dataset": "{reader: digits, split: test, limit: 40}"}
+    full = run_classify(tmp_path / "full", n_trials=10, **common)
+    adaptive = run_classify(tmp_path / "adaptive", n_trials=None, schedule="{n_samples: [5, 10], to_keep: [3, 1]}",
+                            **common)
+    a, b = errorstore.score_store(full), errorstore.score_store(adaptive)
+    assert a["accuracy"] >= 0.6 and b["accuracy"] >= 0.6, (a["accuracy"], b["accuracy"])
+    assert b["forward_passes_spent"] < a["forward_passes_spent"]
