@@ -117,6 +117,17 @@ def inspect(store_path):
 
 
 @main.command()
+@click.argument("path", type=click.Path())
+@click.option("--top", type=int, default=None, metavar="N", help="Show only the N best cells.")
+@_friendly
+def results(path, top):
+    """Print a probe stage's results (PATH: its <name>.probe folder), best cells first."""
+    from pipeline.results import format_results
+
+    click.echo(format_results(path, top=top))
+
+
+@main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path())
 @click.option("--trials", metavar="SEL", help="Trial indices: 0:10, 0:20:2, 1,3,5 or a mix (default all).")
 @click.option("--timesteps", metavar="T,...", help="Select trials by timestep instead, e.g. 25,75,125.")

@@ -1,0 +1,250 @@
+"""Dask clients from a workflow's ``cluster:`` section, and running stage tasks on them.
+
+``get_client(cfg)`` is a context manager that yields a ``distributed.Client`` and
+always tears down what it started::
+
+    with get_client(workflow.cluster, log=ctx.log) as client:
+        outcomes = run_tasks(client, pool_unit, tasks, log=ctx.log)
+
+Kinds (``pipeline.config.ClusterConfig``):
+
+- ``local``: a ``LocalCluster`` of ``n_workers`` processes with ``threads_per_worker``
+  threads and ``memory_limit`` each;
+- ``address``: connect to a running ``dask scheduler`` (``tcp://host:8786``, or an
+  in-process cluster's address in tests); nothing is started or stopped;
+- ``slurm``: ``dask_jobqueue.SLURMCluster(**cfg.slurm)`` scaled to ``n_workers``
+  (needs the ``slurm`` extra: ``pip install diffprobe[slurm]``).
+
+Every worker gets zarr's ``async.concurrency`` set to :data:`ZARR_CONCURRENCY`: the
+default (10) per call, times several threads per worker, oversubscribes I/O.
+
+:func:`run_tasks` submits one task per payload and resubmits a failed one once
+(rather than dask's ``retries=1``, which would hide the first attempt's error): the
+outcome of every task, first error included, goes back to the stage, so a failed
+cell is reported and never silently dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from distributed import Client, LocalCluster, as_completed
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pipeline.config import ClusterConfig
+from pipeline.errors import ConfigError
+
+#: zarr ``async.concurrency`` on workers (SCIENCE.md: 4-8 with many dask threads).
+ZARR_CONCURRENCY = 4
+#: Attempts per task: the first and one retry.
+MAX_ATTEMPTS = 2
+#: Test hook: ``name[:n],...`` makes task ``name`` fail its first n attempts (default 1).
+FAULT_ENV = "DIFFPROBE_FAULT_FAIL_TASKS"
+
+
+class ZarrConcurrency(WorkerPlugin):
+    """Set zarr's per-call I/O concurrency on every worker, including ones that join later."""
+
+    def __init__(self, concurrency: int = ZARR_CONCURRENCY):
+        self.concurrency = concurrency
+
+    def setup(self, worker) -> None:
+        import zarr
+
+        zarr.config.set({"async.concurrency": self.concurrency})
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _start_cluster(cfg: ClusterConfig):
+    """The cluster object this process owns (None for ``address``)."""
+    if cfg.kind == "local":
+        if cfg.n_workers < 1 or cfg.threads_per_worker < 1:
+            raise ConfigError(
+                f"cluster.n_workers and cluster.threads_per_worker must be >= 1; "
+                f"got {cfg.n_workers}, {cfg.threads_per_worker}"
+            )
+        return LocalCluster(
+            n_workers=cfg.n_workers,
+            threads_per_worker=cfg.threads_per_worker,
+            memory_limit=cfg.memory_limit,
+            processes=True,
+            # A free port: the scheduler's HTTP server (health, metrics) starts even
+            # without a dashboard, and a fixed 8787 collides with other clusters.
+            dashboard_address=":0",
+            scheduler_kwargs={"dashboard": cfg.dashboard},
+            silence_logs=logging.ERROR,
+        )
+    if cfg.kind == "address":
+        if not cfg.address:
+            raise ConfigError(
+                "cluster kind 'address' needs cluster.address, e.g. tcp://10.0.0.5:8786 "
+                "(the address `dask scheduler` prints)"
+            )
+        return None
+    if cfg.kind == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise ConfigError(
+                "cluster kind 'slurm' needs dask-jobqueue: pip install diffprobe[slurm]"
+            ) from None
+        try:
+            cluster = SLURMCluster(**cfg.slurm)
+        except TypeError as exc:
+            raise ConfigError(f"cluster.slurm: {exc} (keys are SLURMCluster's arguments)") from None
+        cluster.scale(n=cfg.n_workers)
+        return cluster
+    raise ConfigError(f"unknown cluster kind {cfg.kind!r}; valid: local, address, slurm")
+
+
+@contextlib.contextmanager
+def get_client(cfg: ClusterConfig, log: Callable[[str], None] | None = None) -> Iterator[Client]:
+    """A dask client for ``cfg``; prints the dashboard link; closes what it started.
+
+    Parameters
+    ----------
+    cfg : ClusterConfig
+    log : callable, optional
+        Where to print the dashboard link and cluster notes (default: stderr).
+    """
+    log = log or _stderr
+    cluster = _start_cluster(cfg)
+    try:
+        try:
+            client = Client(cluster if cluster is not None else cfg.address, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(
+                f"cannot reach the dask scheduler at {cfg.address}: {exc}; start one with "
+                "`dask scheduler` (and workers with `dask worker ADDRESS`) or fix cluster.address"
+            ) from None
+        try:
+            client.register_plugin(ZarrConcurrency(), name="diffprobe-zarr-concurrency")
+            workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            where = cfg.address if cluster is None else cfg.kind
+            log(f"dask cluster ({where}): {workers} worker(s)")
+            if cfg.dashboard and client.dashboard_link:
+                if importlib.util.find_spec("bokeh") is None:
+                    log("dask dashboard: not served (pip install bokeh to get one)")
+                else:
+                    log(f"dask dashboard: {client.dashboard_link}")
+            yield client
+        finally:
+            client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+# ----------------------------------------------------------------- tasks
+
+
+@dataclass
+class TaskOutcome:
+    """What happened to one task: its result, or the error of its last attempt."""
+
+    name: str
+    result: Any = None
+    error: str | None = None
+    first_error: str | None = None  # set when the first attempt failed (retried)
+    attempts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def injected_failures(name: str) -> int:
+    """How many attempts of task ``name`` the test hook :data:`FAULT_ENV` makes fail."""
+    spec = os.environ.get(FAULT_ENV, "")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        task, sep, count = item.rpartition(":")
+        if not (sep and count.isdigit()):
+            task, count = item, "1"
+        if task == name:
+            return int(count)
+    return 0
+
+
+def raise_injected_fault(payload) -> None:
+    """Called first thing in a task: fail as :data:`FAULT_ENV` asked (tests only)."""
+    if payload.attempt <= payload.fail_attempts:
+        raise RuntimeError(f"injected fault in task {payload.name!r}, attempt {payload.attempt} ({FAULT_ENV})")
+
+
+def run_tasks(
+    client: Client,
+    fn: Callable[[Any], Any],
+    payloads: Sequence[Any],
+    *,
+    log: Callable[[str], None] | None = None,
+    on_result: Callable[[Any, Any], None] | None = None,
+) -> list[TaskOutcome]:
+    """Run ``fn(payload)`` on the cluster for each payload; retry a failed one once.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    fn : callable
+        A module-level function (workers import it by name).
+    payloads : sequence of frozen dataclasses with ``name``, ``attempt`` and ``fail_attempts``
+        Small: paths and selectors only, never arrays.
+    log : callable, optional
+        Receives one line per failure and retry.
+    on_result : callable(payload, result), optional
+        Called in this process as each task finishes (e.g. to save it for resume).
+
+    Returns
+    -------
+    One :class:`TaskOutcome` per payload, in input order.
+    """
+    log = log or _stderr
+    outcomes = {p.name: TaskOutcome(p.name) for p in payloads}
+    if len(outcomes) != len(payloads):
+        raise ValueError("task names must be unique")  # a diffprobe bug, not user input
+    pending: dict[str, Any] = {}
+    queue = as_completed()
+
+    def submit(payload):
+        key = f"{fn.__name__}-{payload.name}-a{payload.attempt}-{uuid.uuid4().hex[:8]}"
+        future = client.submit(fn, payload, key=key, pure=False)
+        pending[future.key] = payload
+        queue.add(future)
+
+    for payload in payloads:
+        submit(payload)
+    for future in queue:
+        payload = pending.pop(future.key)
+        outcome = outcomes[payload.name]
+        outcome.attempts = payload.attempt
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 -- any task error is reported, then retried once
+            message = f"{type(exc).__name__}: {exc}"
+            if payload.attempt < MAX_ATTEMPTS:
+                outcome.first_error = message
+                log(f"task {payload.name} failed ({message}); retrying once")
+                submit(dataclasses.replace(payload, attempt=payload.attempt + 1))
+            else:
+                outcome.error = message
+                log(f"task {payload.name} failed again ({message}); giving up on it")
+            continue
+        finally:
+            future.release()
+        outcome.result = result
+        if outcome.first_error:
+            log(f"task {payload.name} succeeded on retry")
+        if on_result is not None:
+            on_result(payload, result)
+    return [outcomes[p.name] for p in payloads]

@@ -1,0 +1,224 @@
+"""pool: adaptive average / max pooling of an extraction store's maps to p x p.
+
+Input: an ``extract`` stage's store. Output: a store of the same format family
+(``pipeline/store.py``: same root coordinates, ``done`` mask, write protocol),
+holding one array per (block, size)::
+
+    blocks/<block>/p<size>/activations   (sample, timestep, channel, p, p)
+
+(``pipeline.zarr_source.pooled_key`` spells the name). Root attrs add
+``pooled = {mode, sizes, blocks}`` and ``source = {path, stage, stage_hash}``
+linking to the extraction store; its model/noise provenance is copied.
+
+Chunks are ``(n, 1, C, p, p)`` with n large (a few MiB per chunk), so a training
+read of one (block, size, timestep) slice is a sequential scan of few objects;
+a unit is the source's unit, so each task reads whole source shards.
+
+Work: one dask task per unit. The task opens the source itself with xarray,
+selects its sample range and the requested timesteps (a dask array chunked like
+the source), pools chunk by chunk (``pipeline.pooling.pool_dask``) with the
+synchronous scheduler, and writes the unit (``store.write_unit``). Memory per task
+is one pooled unit plus a few source chunks, whatever the dataset size. Samples
+that failed in the source (``done`` = 2) stay failed, with the same reason;
+resume skips units already done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from pipeline import store
+from pipeline.errors import ConfigError, StoreError, did_you_mean, list_choices
+from pipeline.stage import RunContext, Stage, input_field
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Parameters of the pool stage.
+
+    input: an extract stage. sizes: output sides p (adaptive: any p >= 1, bins
+    as torch's ``adaptive_*_pool2d``). mode: avg or max. blocks / timesteps: subsets
+    of the source's (default all). dtype: storage dtype of the pooled maps.
+    unit_samples: samples per unit (default: the source's unit). compression: codecs
+    (``store.Compression``); pooled maps barely compress, and probes decode them every
+    epoch, so ``{cname: lz4, shuffle: shuffle, checksum: false}`` reads ~2x faster
+    (benchmarks/RESULTS.md, "Probe").
+    """
+
+    input: str = input_field()
+    sizes: tuple[int, ...] = (1, 2, 4)
+    mode: Literal["avg", "max"] = "avg"
+    blocks: tuple[str, ...] | str = "all"
+    timesteps: tuple[int, ...] | str = "all"
+    dtype: Literal["float16", "float32"] = "float16"
+    unit_samples: int | None = None
+    compression: store.Compression = field(default_factory=store.Compression)
+
+    def __post_init__(self):
+        if not self.sizes or any(s < 1 for s in self.sizes) or len(set(self.sizes)) != len(self.sizes):
+            raise ValueError(f"'sizes' must list distinct integers >= 1, got {list(self.sizes)}")
+        for name in ("blocks", "timesteps"):
+            if getattr(self, name) != "all" and isinstance(getattr(self, name), str):
+                raise ValueError(f"'{name}' must be a list or 'all', got {getattr(self, name)!r}")
+        if self.unit_samples is not None and self.unit_samples < 1:
+            raise ValueError(f"'unit_samples' must be >= 1, got {self.unit_samples}")
+
+
+@dataclass(frozen=True)
+class PoolTask:
+    """One unit of pooling; only paths and selectors travel to the worker."""
+
+    name: str
+    source: str
+    output: str
+    unit: int
+    blocks: tuple[str, ...]
+    timesteps: tuple[int, ...]
+    sizes: tuple[int, ...]
+    mode: str
+    attempt: int = 1
+    fail_attempts: int = 0
+
+
+def pool_unit(task: PoolTask) -> dict:
+    """Pool one unit of the source into the output store (runs on a worker).
+
+    Returns ``{"unit", "samples", "bytes_read"}`` (decoded source bytes).
+    """
+    import dask
+    import xarray as xr
+
+    from pipeline.cluster import raise_injected_fault
+    from pipeline.pooling import pool_dask
+    from pipeline.zarr_source import pooled_key
+
+    raise_injected_fault(task)
+    layout = store.load_layout(task.output)
+    start, stop = layout.unit_range(task.unit)
+    src_root = store.open_root(task.source)
+    done = src_root["done"][start:stop]
+    if (done == store.PENDING).any():
+        raise StoreError(f"source {task.source} has unwritten samples in {start}..{stop - 1}; finish its extract stage")
+    written = done == store.WRITTEN
+    failure = src_root["failure"][start:stop]
+    storage = store.STORAGE_DTYPES[layout.dtype]
+    data, bytes_read = {}, 0
+    for block in task.blocks:
+        with store.quiet_zarr():
+            ds = xr.open_zarr(task.source, group=f"blocks/{block}")
+        maps = ds["activations"].isel(sample=slice(start, stop)).sel(timestep=list(task.timesteps)).data
+        bytes_read += maps.nbytes
+        pooled = dask.compute(*[pool_dask(maps, s, task.mode) for s in task.sizes], scheduler="synchronous")
+        for size, values in zip(task.sizes, pooled):
+            values = values.astype(storage, copy=False)
+            if not np.isfinite(values[written]).all():
+                raise StoreError(
+                    f"pooling block {block!r} to {size}x{size} gave inf/NaN in {layout.dtype} for samples "
+                    f"{start}..{stop - 1}; use dtype: float32"
+                )
+            data[pooled_key(block, size)] = values
+    failed = {int(i): str(failure[i]) or "failed in the source store" for i in np.flatnonzero(done == store.FAILED)}
+    store.write_unit(store.open_root(task.output, mode="r+"), layout, task.unit, data, failed)
+    return {"unit": task.unit, "samples": stop - start, "bytes_read": int(bytes_read)}
+
+
+def _select(requested, available: list, what: str, source: Path) -> list:
+    if requested == "all":
+        return list(available)
+    missing = [r for r in requested if r not in available]
+    if missing:
+        raise ConfigError(
+            f"pool: {what} {missing[0]!r} is not in {source}{did_you_mean(str(missing[0]), map(str, available))}; "
+            f"valid: {list_choices(map(str, available))}"
+        )
+    return list(requested)
+
+
+class PoolStage(Stage):
+    kind = "pool"
+    Config = PoolConfig
+    output_suffix = ".zarr"
+
+    def _plan(self, cfg: PoolConfig, ctx: RunContext):
+        source = Path(ctx.inputs["input"])
+        attrs = store.read_attrs(source) or {}
+        if attrs.get("pooled"):
+            raise ConfigError(f"pool: input {source} is already pooled; pool an extract stage's store")
+        src_layout = store.load_layout(source)
+        blocks = _select(cfg.blocks, list(src_layout.blocks), "block", source)
+        timesteps = _select(cfg.timesteps, list(src_layout.timesteps), "timestep", source)
+        from pipeline.zarr_source import pooled_key
+
+        out_blocks = {pooled_key(b, s): (src_layout.blocks[b][0], s, s) for b in blocks for s in cfg.sizes}
+        layout = store.plan_layout(src_layout.n_samples, out_blocks, timesteps, cfg.dtype,
+                                   unit_samples=cfg.unit_samples or src_layout.unit_samples)
+        return source, attrs, src_layout, blocks, timesteps, layout
+
+    def prepare(self, cfg: PoolConfig, ctx: RunContext) -> list[PoolTask]:
+        """Create the output store (once) and return a task per unit not yet done."""
+        from pipeline.cluster import injected_failures
+
+        source, src_attrs, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
+        if not ctx.output.exists():
+            root = store.open_root(source)
+            samples = store.SampleTable(
+                [str(s) for s in root["image_id"][:]], root["view"][:].tolist(),
+                root["flipped"][:].tolist(), root["label"][:].tolist(),
+            )
+            attrs = ctx.base_attrs() | {
+                "source": {"path": str(source), "stage": src_attrs.get("stage_name"),
+                           "stage_hash": src_attrs.get("stage_hash")},
+                "pooled": {"mode": cfg.mode, "sizes": sorted(cfg.sizes), "blocks": blocks},
+                "provenance": src_attrs.get("provenance"),
+            }
+            store.create_store(ctx.output, layout, samples, [str(c) for c in root["class_name"][:]], attrs,
+                               cfg.compression)
+        if (store.read_attrs(ctx.output) or {}).get("stage_hash") != ctx.stage_hash:
+            raise StoreError(f"{ctx.output} was created by another config; re-run with --force")
+        done = store.unit_status(ctx.output)
+        return [
+            PoolTask(f"unit-{u}", str(source), str(ctx.output), u, tuple(blocks), tuple(timesteps),
+                     tuple(cfg.sizes), cfg.mode, fail_attempts=injected_failures(f"unit-{u}"))
+            for u in range(layout.n_units) if not done[u]
+        ]
+
+    def run(self, cfg: PoolConfig, ctx: RunContext) -> None:
+        from pipeline.cluster import get_client, run_tasks
+
+        _, _, _, blocks, timesteps, layout = self._plan(cfg, ctx)
+        tasks = self.prepare(cfg, ctx)
+        ctx.log(f"{len(blocks)} block(s) x {len(timesteps)} timestep(s) -> {cfg.mode} pool to "
+                f"{', '.join(f'{s}x{s}' for s in cfg.sizes)}; {layout.n_units} units of {layout.unit_samples}; "
+                f"{len(tasks)} to do")
+        if tasks:
+            with get_client(ctx.workflow.cluster, log=ctx.log) as client:
+                outcomes = run_tasks(client, pool_unit, tasks, log=ctx.log)
+            failed = [o for o in outcomes if not o.ok]
+            read = sum(o.result["bytes_read"] for o in outcomes if o.ok)
+            ctx.log(f"read {read / 2**20:.1f} MiB of maps in {len(outcomes) - len(failed)} unit(s)")
+            if failed:
+                raise StoreError(
+                    f"pool: {len(failed)} unit(s) failed twice ({failed[0].name}: {failed[0].error}); "
+                    f"finished units are kept: re-run to resume"
+                )
+        store.finalize(ctx.output)
+
+    def plan(self, cfg: PoolConfig, ctx: RunContext) -> list[tuple[str, str]]:
+        source = Path(ctx.inputs["input"])
+        if store.read_attrs(source) is None:
+            return [("input", f"{source} (not written yet: plan it after its stage has run)")]
+        source, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
+        item = np.dtype(store.STORAGE_DTYPES[src_layout.dtype]).itemsize
+        read = src_layout.n_samples * len(timesteps) * sum(int(np.prod(src_layout.blocks[b])) for b in blocks) * item
+        return [
+            ("input", str(source)),
+            ("samples", str(layout.n_samples)),
+            ("pooled", f"{len(blocks)} block(s) x {len(timesteps)} timestep(s), {cfg.mode} to sizes {list(cfg.sizes)}"),
+            ("units", f"{layout.n_units} x {layout.unit_samples} samples (one task each)"),
+            ("bytes read", f"{read / 2**20:.1f} MiB"),
+            ("bytes written (raw)", f"{layout.bytes_per_sample() * layout.n_samples / 2**20:.1f} MiB"),
+        ]

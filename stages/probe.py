@@ -1,0 +1,348 @@
+"""probe: train classifier heads over a (block, timestep, pool size, head) grid.
+
+Input: a pool stage's store (or an extract store with small maps: its pool size
+is the stored map side). Every cell trains one head (``pipeline.heads``: linear,
+MLP, CNN, attention) with one recipe (``pipeline.training.TrainSpec``) on frozen
+features of one (block, timestep, pool) and scores it on the test split.
+
+Splits are by image, never by view: the test split is either a second store
+(``test_input``, e.g. the dataset's official test split; sharing an image with the
+input is an error) or a seeded ``test_fraction`` of the input's images. The
+validation split (early stopping, best epoch) is carved from train by
+``image_id`` too; standardisation statistics come from the fitting part only.
+Failed samples (``done`` = 2) are never used.
+
+One read, many heads: the cells sharing a (block, pool) slice form one *group*,
+trained in one ``train_heads`` call on one ``ZarrSource`` whose keys are the
+timesteps; every minibatch read feeds all timesteps' heads, recipes included.
+A group is one dask task: only paths and selectors travel through the scheduler;
+the worker opens the store(s) itself and streams minibatches (shuffled chunk
+order + in-buffer shuffle), so the data need not fit in memory. A failed task is
+retried once and reported (``pipeline.cluster.run_tasks``); finished groups are
+saved in ``cells/`` so a re-run resumes.
+
+Output: ``<name>.probe/`` (see ``pipeline/results.py``): the Dataset
+``accuracy(block, timestep, pool, head)`` (+ top-5, validation, train time,
+epochs) as Zarr, ``results.csv``, one heatmap PNG per head; the best cell per head
+is printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import store
+from pipeline.config import Where, build_dataclass, config_dict
+from pipeline.errors import ConfigError, DiffprobeError, StoreError, did_you_mean, list_choices
+from pipeline.heads import HeadSpec
+from pipeline.stage import RunContext, Stage, input_field
+from pipeline.training import TrainSpec
+
+
+@dataclass(frozen=True)
+class ProbeHead:
+    """One head of the grid.
+
+    name: its coordinate in the results (unique). head: the architecture
+    (``HeadSpec``: kind, hidden, depth, heads, width, mlp_ratio, dropout). train:
+    overrides of the stage's ``train`` recipe for this head (e.g. ``{lr: 0.01}``);
+    two heads differing only in ``train`` make a learning-rate sweep in one read.
+    pools: pool sizes this head runs at (default: every pool of the grid).
+    """
+
+    name: str
+    head: HeadSpec = field(default_factory=HeadSpec)
+    train: dict = field(default_factory=dict)
+    pools: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Parameters of the probe stage (see the module docstring)."""
+
+    input: str = input_field()
+    test_input: str | None = input_field(default=None)
+    heads: tuple[ProbeHead, ...] = (ProbeHead("linear"),)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    blocks: tuple[str, ...] | str = "all"
+    timesteps: tuple[int, ...] | str = "all"
+    pools: tuple[int, ...] | str = "all"
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    batch_size: int = 32
+    eval_batch_size: int = 512
+    seed: int = 0
+    buffer_mib: int = 64
+    torch_threads: int = 1
+
+    def __post_init__(self):
+        names = [h.name for h in self.heads]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"'heads' must list heads with distinct names, got {names}")
+        for name in ("blocks", "timesteps", "pools"):
+            if isinstance(getattr(self, name), str) and getattr(self, name) != "all":
+                raise ValueError(f"'{name}' must be a list or 'all', got {getattr(self, name)!r}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"'test_fraction' must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"'val_fraction' must be in [0, 1), got {self.val_fraction}")
+        for name in ("batch_size", "eval_batch_size", "buffer_mib", "torch_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        for head in self.heads:
+            self.recipe(head)
+
+    def recipe(self, head: ProbeHead) -> TrainSpec:
+        """The stage's ``train`` with the head's overrides applied (validated)."""
+        if not head.train:
+            return self.train
+        return build_dataclass(TrainSpec, {**config_dict(self.train), **head.train},
+                               Where(None, None, f"heads.{head.name}.train"))
+
+
+@dataclass(frozen=True)
+class GroupTask:
+    """The cells sharing one (block, pool) read; only paths and selectors, no arrays."""
+
+    name: str
+    block: str
+    pool: int
+    parts: tuple[tuple[str, str], ...]  # (store, array path): the input [, the test input]
+    timesteps: tuple[int, ...]
+    heads: tuple[tuple[str, HeadSpec, TrainSpec], ...]
+    num_classes: int
+    test_fraction: float
+    val_fraction: float
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    buffer_bytes: int
+    torch_threads: int
+    attempt: int = 1
+    fail_attempts: int = 0
+
+
+def split_by_image(image_ids: np.ndarray, usable: np.ndarray, test_fraction: float,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test split of *images*: every view of an image lands on one side.
+
+    Parameters
+    ----------
+    image_ids : (n,) str
+    usable : (n,) bool
+        Samples that may be used (``done == 1``); the others are in neither split.
+    test_fraction : float in (0, 1)
+        Share of images in the test split (at least one image each side).
+
+    Returns
+    -------
+    train_idx, test_idx : sorted int64 sample positions.
+    """
+    ids = np.asarray(image_ids, dtype=object)
+    unique = np.unique(ids[usable])
+    if len(unique) < 2:
+        raise ConfigError(f"a train/test split needs >= 2 usable images; the store has {len(unique)}")
+    n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
+    rng = np.random.default_rng([seed, 0x7E57])
+    in_test = np.isin(ids, unique[rng.permutation(len(unique))[:n_test]])
+    return np.flatnonzero(usable & ~in_test), np.flatnonzero(usable & in_test)
+
+
+def group_splits(source, task: GroupTask) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test positions of a task's source: the second store, or a split by image."""
+    if len(task.parts) == 1:
+        return split_by_image(source.image_ids, source.usable, task.test_fraction, task.seed)
+    positions = np.arange(len(source))
+    (a, b), (c, d) = source.part_range(0), source.part_range(1)
+    return positions[a:b][source.usable[a:b]], positions[c:d][source.usable[c:d]]
+
+
+def train_group(task: GroupTask) -> list[dict]:
+    """Train every (timestep, head) cell of one group from one stream of reads (runs on a worker).
+
+    Returns one row per cell: block, timestep, pool, head and ``train_heads``' metrics,
+    plus the group's ``read_bytes`` and ``peak_buffer_bytes``.
+    """
+    import torch
+
+    from pipeline.cluster import raise_injected_fault
+    from pipeline.training import HeadJob, train_heads
+    from pipeline.zarr_source import ZarrSource, timestep_key
+
+    raise_injected_fault(task)
+    torch.set_num_threads(task.torch_threads)  # same arithmetic on every kind of worker
+    source = ZarrSource(task.parts, task.timesteps, buffer_bytes=task.buffer_bytes)
+    train_idx, test_idx = group_splits(source, task)
+    groups = np.unique(source.image_ids, return_inverse=True)[1]
+    cells = [(t, name, head, recipe) for t in task.timesteps for name, head, recipe in task.heads]
+    jobs = [HeadJob(head, recipe, timestep_key(t)) for t, _, head, recipe in cells]
+    results = train_heads(source, train_idx, test_idx, jobs, batch_size=task.batch_size,
+                          eval_batch_size=task.eval_batch_size, val_fraction=task.val_fraction,
+                          groups=groups, num_classes=task.num_classes, seed=task.seed)
+    rows = []
+    for (t, name, _, _), result in zip(cells, results):
+        rows.append({"block": task.block, "timestep": int(t), "pool": task.pool, "head": name, **result,
+                     "read_bytes": source.bytes_read, "peak_buffer_bytes": source.peak_buffer_bytes,
+                     "attempts": task.attempt})
+    return rows
+
+
+def _select(requested, available: list, what: str, where: str) -> list:
+    if requested == "all":
+        return list(available)
+    missing = [r for r in requested if r not in available]
+    if missing:
+        raise ConfigError(
+            f"probe: {what} {missing[0]!r} is not in {where}{did_you_mean(str(missing[0]), map(str, available))}; "
+            f"valid: {list_choices(map(str, available))}"
+        )
+    return list(requested)
+
+
+@dataclass(frozen=True)
+class Grid:
+    tasks: list[GroupTask]
+    blocks: list[str]
+    timesteps: list[int]
+    pools: list[int]
+    head_kinds: dict[str, str]
+
+
+def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
+    """Validate the grid against the store(s) and group its cells by (block, pool) read."""
+    from pipeline.cluster import injected_failures
+    from pipeline.zarr_source import feature_slices, store_timesteps
+
+    slices = feature_slices(source)
+    blocks = _select(cfg.blocks, list(dict.fromkeys(b for b, _ in slices)), "block", str(source))
+    pools = sorted(_select(cfg.pools, sorted({p for _, p in slices}), "pool size", str(source)))
+    timesteps = _select(cfg.timesteps, store_timesteps(source), "timestep", str(source))
+    for head in cfg.heads:
+        for p in head.pools or ():
+            if p not in pools:
+                raise ConfigError(f"probe: head {head.name!r} asks for pool {p}, not in the grid's pools {pools}")
+    root = store.open_root(source)
+    classes = [str(c) for c in root["class_name"][:]]
+    if test_source is not None:
+        test_slices = feature_slices(test_source)
+        test_root = store.open_root(test_source)
+        if [str(c) for c in test_root["class_name"][:]] != classes:
+            raise ConfigError(f"probe: {test_source} and {source} have different class lists")
+        shared = np.intersect1d(np.asarray(root["image_id"][:], dtype=object),
+                                np.asarray(test_root["image_id"][:], dtype=object))
+        if len(shared):
+            raise ConfigError(
+                f"probe: test_input shares {len(shared)} image(s) with input (e.g. {shared[0]!r}); views of "
+                "one image must not straddle train and test: use another split, or drop test_input"
+            )
+        _select(timesteps, store_timesteps(test_source), "timestep", str(test_source))
+    tasks = []
+    for block in blocks:
+        for pool in pools:
+            if (block, pool) not in slices:
+                continue  # an extract store: this block's maps have another side
+            heads = tuple((h.name, h.head, cfg.recipe(h)) for h in cfg.heads if not h.pools or pool in h.pools)
+            if not heads:
+                continue
+            parts = [(str(source), slices[(block, pool)].array_path)]
+            if test_source is not None:
+                if (block, pool) not in test_slices:
+                    raise ConfigError(f"probe: test_input {test_source} has no block {block!r} at pool {pool}")
+                parts.append((str(test_source), test_slices[(block, pool)].array_path))
+            name = f"{block}/p{pool}"
+            tasks.append(GroupTask(
+                name, block, pool, tuple(parts), tuple(timesteps), heads, len(classes), cfg.test_fraction,
+                cfg.val_fraction, cfg.batch_size, cfg.eval_batch_size, cfg.seed, cfg.buffer_mib << 20,
+                cfg.torch_threads, fail_attempts=injected_failures(name),
+            ))
+    if not tasks:
+        raise ConfigError("probe: the grid is empty (no head runs at any of the selected pools)")
+    return Grid(tasks, blocks, timesteps, pools, {h.name: h.head.kind for h in cfg.heads})
+
+
+def _cell_file(output: Path, group: str) -> Path:
+    return output / "cells" / (group.replace("/", "__") + ".json")
+
+
+def _save_cells(output: Path, group: str, rows: list[dict]) -> None:
+    path = _cell_file(output, group)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, default=float))
+    os.replace(tmp, path)
+
+
+class ProbeStage(Stage):
+    kind = "probe"
+    Config = ProbeConfig
+    output_suffix = ".probe"
+
+    def run(self, cfg: ProbeConfig, ctx: RunContext) -> None:
+        import zarr
+
+        from pipeline.cluster import get_client, run_tasks
+        from pipeline.results import best_cells, describe_best, results_dataset, write_results
+
+        test_source = ctx.inputs.get("test_input")
+        grid = plan_grid(cfg, Path(ctx.inputs["input"]), Path(test_source) if test_source else None)
+        out = ctx.output
+        if not out.exists():
+            group = zarr.open_group(str(out), mode="w-", zarr_format=3)
+            group.attrs[store.ATTR_KEY] = ctx.base_attrs() | {"complete": False}
+        elif (store.read_attrs(out) or {}).get("stage_hash") != ctx.stage_hash:
+            raise StoreError(f"{out} was written by another config; re-run with --force")
+        finished = {t.name: json.loads(_cell_file(out, t.name).read_text())
+                    for t in grid.tasks if _cell_file(out, t.name).exists()}
+        todo = [t for t in grid.tasks if t.name not in finished]
+        n_cells = sum(len(t.timesteps) * len(t.heads) for t in grid.tasks)
+        ctx.log(f"{n_cells} cells in {len(grid.tasks)} read group(s) (block x pool); {len(todo)} group(s) to do")
+
+        def keep(task, rows):
+            _save_cells(out, task.name, rows)
+            finished[task.name] = rows
+
+        outcomes = []
+        if todo:
+            with get_client(ctx.workflow.cluster, log=ctx.log) as client:
+                outcomes = run_tasks(client, train_group, todo, log=ctx.log, on_result=keep)
+        retried = [{"group": o.name, "error": o.first_error} for o in outcomes if o.ok and o.first_error]
+        failed = [{"group": o.name, "error": o.error} for o in outcomes if not o.ok]
+        rows = [dict(r, status="retried" if any(g["group"] == t.name for g in retried) else "ok", error="")
+                for t in grid.tasks for r in finished.get(t.name, [])]
+        for f in failed:
+            task = next(t for t in grid.tasks if t.name == f["group"])
+            rows += [{"block": task.block, "timestep": t, "pool": task.pool, "head": h, "status": "failed",
+                      "error": f["error"]} for t in task.timesteps for h, _, _ in task.heads]
+        attrs = {store.ATTR_KEY: ctx.base_attrs() | {"failed": failed, "retried": retried,
+                                                     "source": str(ctx.inputs["input"])}}
+        ds = results_dataset(rows, grid.blocks, grid.timesteps, grid.pools, grid.head_kinds, attrs)
+        write_results(out, ds, rows, complete=not failed)
+        read = sum(rows_[0]["read_bytes"] for rows_ in finished.values() if rows_)
+        ctx.log(f"read {read / 2**20:.1f} MiB of features for {n_cells} cells; results in {out}")
+        for cell in best_cells(ds):
+            ctx.log(f"best {describe_best(cell)}")
+        if failed:
+            raise DiffprobeError(
+                f"probe: {len(failed)} group(s) failed twice ({failed[0]['group']}: {failed[0]['error']}); "
+                f"their cells are NaN in {out}; re-run to retry just those"
+            )
+
+    def plan(self, cfg: ProbeConfig, ctx: RunContext) -> list[tuple[str, str]]:
+        source = Path(ctx.inputs["input"])
+        test_source = ctx.inputs.get("test_input")
+        if store.read_attrs(source) is None or (test_source and store.read_attrs(test_source) is None):
+            return [("input", f"{source} (not written yet: plan it after its stage has run)")]
+        grid = plan_grid(cfg, source, Path(test_source) if test_source else None)
+        n_cells = sum(len(t.timesteps) * len(t.heads) for t in grid.tasks)
+        return [
+            ("grid", f"{len(grid.blocks)} block(s) x {len(grid.timesteps)} timestep(s) x pools {grid.pools} "
+                     f"x {len(grid.head_kinds)} head(s)"),
+            ("cells", f"{n_cells} in {len(grid.tasks)} task(s), one store read stream each"),
+            ("split", f"test from {test_source}" if test_source else f"{cfg.test_fraction:.0%} of images (seed {cfg.seed})"),
+        ]
+

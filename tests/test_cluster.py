@@ -1,0 +1,131 @@
+"""Clusters from config: a real `dask scheduler` + 2 `dask worker` processes vs a LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import store
+from pipeline.cluster import ZARR_CONCURRENCY, get_client
+from pipeline.config import ClusterConfig, load_workflow
+from pipeline.errors import ConfigError
+from pipeline.runner import Runner
+
+TINY_UNET = {
+    "sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
+    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "num_class_embeds": 11,
+    "attention_head_dim": 8,
+}
+STAGES = """\
+stages:
+  - name: ex
+    stage: extract
+    model: {config: tiny.json, null_class: 10}
+    dataset: {reader: digits, split: train, limit: 160}
+    blocks: [down_blocks.1, mid_block]
+    timesteps: [10, 100]
+    conditioning: "null"
+    unit_samples: 32
+  - {name: pooled, stage: pool, input: ex, sizes: [2]}
+  - name: probe
+    stage: probe
+    input: pooled
+    output: %s
+    heads:
+      - {name: linear, head: {kind: linear}}
+      - {name: mlp, head: {kind: mlp, hidden: 32}, train: {lr: 0.003}}
+    train: {optimizer: adamw, lr: 0.01, epochs: 4}
+    test_fraction: 0.25
+"""
+
+
+@pytest.fixture(scope="module")
+def scheduler_address(tmp_path_factory):
+    """`dask scheduler` and two single-thread `dask worker` processes on 127.0.0.1; always stopped."""
+    folder = tmp_path_factory.mktemp("dask")
+    scheduler_file = folder / "scheduler.json"
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = open(folder / "dask.log", "wb")
+    procs = [subprocess.Popen(
+        [bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+         "--scheduler-file", scheduler_file], cwd=folder, env=env, stdout=log, stderr=log)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        procs += [subprocess.Popen(
+            [bin_dir / "dask", "worker", "--scheduler-file", scheduler_file, "--nthreads", "1",
+             "--host", "127.0.0.1", "--no-dashboard", "--no-nanny", "--memory-limit", "2GiB"],
+            cwd=folder, env=env, stdout=log, stderr=log) for _ in range(2)]
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=90)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def _workflow(folder: Path, cluster: str, output: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "tiny.json").write_text(json.dumps(TINY_UNET))
+    path = folder / f"wf-{output}.yaml"
+    path.write_text(f"name: clustertest\noutput_dir: out\ncluster: {cluster}\n" + STAGES % f"out/{output}.probe")
+    return path
+
+
+def test_probe_grid_on_dask_cli_workers_equals_local_cluster(tmp_path, scheduler_address, capsys):
+    import xarray as xr
+
+    remote = load_workflow(_workflow(tmp_path, f'{{kind: address, address: "{scheduler_address}"}}', "remote"))
+    Runner(remote, progress=False).run()
+    local = load_workflow(_workflow(tmp_path, "{kind: local, n_workers: 2, threads_per_worker: 1}", "local"))
+    report = Runner(local, progress=False).run()
+    assert report[:2] == [("ex", "skip (up to date)"), ("pooled", "skip (up to date)")]
+    log = capsys.readouterr().err
+    assert f"dask cluster ({scheduler_address}): 2 worker(s)" in log and "dask cluster (local): 2 worker(s)" in log
+    assert "dask dashboard:" in log
+    a, b = (xr.open_zarr(wf.stage("probe").output).load() for wf in (remote, local))
+    assert dict(a["accuracy"].sizes) == {"block": 2, "timestep": 2, "pool": 1, "head": 2}
+    assert np.isfinite(a["accuracy"]).all() and (a["accuracy"] > 0.3).all()
+    for name in ("accuracy", "top5", "val_accuracy", "epochs_run", "best_epoch"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    assert store.read_attrs(local.stage("probe").output)["complete"]
+
+
+def test_workers_get_the_zarr_concurrency_cap(scheduler_address):
+    with get_client(ClusterConfig(kind="address", address=scheduler_address), log=lambda _: None) as client:
+        def concurrency():
+            import zarr
+
+            return zarr.config.get("async.concurrency")
+
+        assert set(client.run(concurrency).values()) == {ZARR_CONCURRENCY}
+
+
+def test_cluster_config_errors_say_the_fix(monkeypatch):
+    with pytest.raises(ConfigError, match="needs cluster.address"):
+        with get_client(ClusterConfig(kind="address")):
+            pass
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install diffprobe\[slurm\]"):
+        with get_client(ClusterConfig(kind="slurm", slurm={"cores": 4})):
+            pass
