@@ -12,7 +12,7 @@ interleaved repeats. On CPU the classify run also reports the share of its wall 
 spent inside the model's forward: measured within one run, it does not suffer from the
 load changing between runs on a shared machine.
 
-    .venv/bin/python benchmarks/classify_throughput.py [--images 200] [--trials 20] [--threads 1]
+    .venv/bin/python benchmarks/classify_throughput.py [--images 360] [--trials 20] [--threads 1]
 
 Uses data/models/digits-ddpm when it exists, else a random-init model of the same
 architecture (accuracy is then chance, throughput still meaningful).
@@ -49,9 +49,9 @@ DIGITS_ARCH = {
 }
 
 
-def model_config(work: Path) -> tuple[ModelConfig, str]:
-    if (DIGITS / "unet" / "config.json").exists():
-        return ModelConfig(path=str(DIGITS), null_class=10), "data/models/digits-ddpm (trained)"
+def model_config(work: Path, folder: Path = DIGITS) -> tuple[ModelConfig, str]:
+    if (folder / "unet" / "config.json").exists():
+        return ModelConfig(path=str(folder), null_class=10), f"{folder} (trained)"
     (work / "digits_arch.json").write_text(json.dumps(DIGITS_ARCH))
     random_twin = ModelConfig(config=str(work / "digits_arch.json"), null_class=10)
     return random_twin, "random-init digits architecture"
@@ -113,17 +113,18 @@ def bare_rate(clf: Classifier, batch: int, n_forwards: int) -> float:
 def schedules_table(args, model: ModelConfig, work: Path) -> None:
     """Accuracy, forwards and wall time per image: exhaustive and adaptive schedules, one plan grid."""
     n = args.trials
-    schedules = {
-        "exhaustive": ScheduleConfig(),
-        f"[{n // 2}, {n}] / [3, 1]": ScheduleConfig((n // 2, n), (3, 1)),
-        f"[{n // 4}, {n}] / [2, 1]": ScheduleConfig((n // 4, n), (2, 1)),
-        f"[{n // 10}, {n // 4}, {n}] / [5, 2, 1]": ScheduleConfig((n // 10, n // 4, n), (5, 2, 1)),
+    schedules = {  # name -> (plan trials, schedule); adaptive ones share the n-trial grid
+        f"exhaustive, {n} trials": (n, ScheduleConfig()),
+        f"exhaustive, {n // 2} trials": (n // 2, ScheduleConfig()),
+        f"[{n // 2}, {n}] / [3, 1]": (n, ScheduleConfig((n // 2, n), (3, 1))),
+        f"[{n // 4}, {n}] / [2, 1]": (n, ScheduleConfig((n // 4, n), (2, 1))),
+        f"[{n // 10}, {n // 4}, {n}] / [5, 2, 1]": (n, ScheduleConfig((n // 10, n // 4, n), (5, 2, 1))),
     }
     heldout = DatasetConfig(reader="digits", split="test", limit=args.images, seed=0)
-    print(f"\n## exhaustive vs adaptive: {args.images} held-out digits, {n} even trials, batch {args.batch}")
+    print(f"\n## exhaustive vs adaptive: {args.images} held-out digits, even trials, batch {args.batch}")
     print("| schedule | accuracy | forwards / image | s / image | forwards/s |\n|---|---|---|---|---|")
-    for name, schedule in schedules.items():
-        cfg = ClassifyConfig(model=model, dataset=heldout, n_trials=n, schedule=schedule,
+    for name, (n_trials, schedule) in schedules.items():
+        cfg = ClassifyConfig(model=model, dataset=heldout, n_trials=n_trials, schedule=schedule,
                              batch_size=args.batch, device=args.device)
         r = run_classify(cfg, work / "store.zarr")
         print(f"| {name} | {r['accuracy']:.3f} | {r['forwards_per_image']:.0f} | "
@@ -154,7 +155,7 @@ def scaling_table(args, model: ModelConfig, work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=200, help="held-out digits for the schedules table")
+    ap.add_argument("--images", type=int, default=360, help="held-out digits for the schedules table")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64, help="batch size for the schedules table")
     ap.add_argument("--scaling-images", type=int, default=16, help="images per timing in the scaling table")
@@ -162,12 +163,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", type=Path, default=DIGITS, help="a digits-ddpm pipeline folder")
     ap.add_argument("--parts", default="schedules,scaling", help="comma-separated: schedules, scaling")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="dp-classify-bench-"))
     try:
-        model, model_name = model_config(work)
+        model, model_name = model_config(work, args.model)
         print(f"model: {model_name}; device {args.device}; torch threads {args.threads}", flush=True)
         parts = set(args.parts.split(","))
         if "schedules" in parts:
