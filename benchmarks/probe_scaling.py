@@ -92,8 +92,8 @@ def main() -> None:
         cells = sum(len(t.timesteps) * len(t.heads) for t in tasks)
         print(f"grid: {len(tasks)} tasks, {cells} cells, {args.epochs} epochs; cpus: {os.cpu_count()}, "
               f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
-        print("| workers | cluster start s | grid wall s | speed-up | busy workers | best top-1 |")
-        print("|---|---|---|---|---|---|")
+        print("| workers | cluster start s | grid wall s | speed-up | busy workers | best top-1 | load avg (1 min) |")
+        print("|---|---|---|---|---|---|---|")
         base = None
         for n in args.workers:
             start = time.perf_counter()
@@ -108,7 +108,8 @@ def main() -> None:
             busy = sum(o.result[0]["pass_time_s"] for o in outcomes) / wall
             best = max(r["top1"] for o in outcomes for r in o.result)
             base = base or wall
-            print(f"| {n} | {started:.1f} | {wall:.1f} | {base / wall:.2f} | {busy:.2f} | {best:.3f} |", flush=True)
+            print(f"| {n} | {started:.1f} | {wall:.1f} | {base / wall:.2f} | {busy:.2f} | {best:.3f} | "
+                  f"{os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
