@@ -92,7 +92,8 @@ def main() -> None:
         cells = sum(len(t.timesteps) * len(t.heads) for t in tasks)
         print(f"grid: {len(tasks)} tasks, {cells} cells, {args.epochs} epochs; cpus: {os.cpu_count()}, "
               f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
-        print("| workers | cluster start s | grid wall s | speed-up | busy workers | best top-1 | load avg (1 min) |")
+        print("| workers | cluster start s | grid wall s | speed-up | busy workers | best top-1 "
+              "| load avg (1 min) |")
         print("|---|---|---|---|---|---|---|")
         base = None
         for n in args.workers:

@@ -119,7 +119,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        print("| case | slice MiB | buffer MiB | streamed samples/s | in-memory samples/s | ratio | read MiB | top-1 (zarr / memory) |")
+        print("| case | slice MiB | buffer MiB | streamed samples/s | in-memory samples/s | ratio | read MiB "
+              "| top-1 (zarr / memory) |")
         print("|---|---|---|---|---|---|---|---|")
         for name, (channels, p, heads, buffer_mib, codecs) in CASES.items():
             r = run_case(folder, name, args.n, channels, p, heads, args.epochs, buffer_mib, codecs)

@@ -180,7 +180,9 @@ def injected_failures(name: str) -> int:
 def raise_injected_fault(payload) -> None:
     """Called first thing in a task: fail as :data:`FAULT_ENV` asked (tests only)."""
     if payload.attempt <= payload.fail_attempts:
-        raise RuntimeError(f"injected fault in task {payload.name!r}, attempt {payload.attempt} ({FAULT_ENV})")
+        raise RuntimeError(
+            f"injected fault in task {payload.name!r}, attempt {payload.attempt} ({FAULT_ENV})"
+        )
 
 
 def run_tasks(

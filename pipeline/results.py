@@ -195,14 +195,17 @@ def best_cells(ds) -> list[dict]:
             continue
         flat = int(np.nanargmax(acc.values))
         b, t, p = np.unravel_index(flat, acc.shape)
-        out.append({"head": str(head), "block": str(ds["block"].values[b]), "timestep": int(ds["timestep"].values[t]),
-                    "pool": int(ds["pool"].values[p]), "accuracy": float(acc.values[b, t, p]),
-                    "top5": float(ds["top5"].sel(head=head).values[b, t, p])})
+        out.append({
+            "head": str(head), "block": str(ds["block"].values[b]), "timestep": int(ds["timestep"].values[t]),
+            "pool": int(ds["pool"].values[p]), "accuracy": float(acc.values[b, t, p]),
+            "top5": float(ds["top5"].sel(head=head).values[b, t, p]),
+        })
     return sorted(out, key=lambda c: -c["accuracy"])
 
 
 def describe_best(cell: Mapping) -> str:
-    return (f"{cell['head']}: block {cell['block']}, t={cell['timestep']}, pool {cell['pool']}x{cell['pool']}: "
+    return (f"{cell['head']}: block {cell['block']}, t={cell['timestep']}, "
+            f"pool {cell['pool']}x{cell['pool']}: "
             f"top-1 {cell['accuracy'] * 100:.2f} %, top-5 {cell['top5'] * 100:.2f} %")
 
 

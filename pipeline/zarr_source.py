@@ -246,7 +246,8 @@ class ZarrSource:
             self._note_held(sum(a.nbytes for a in arrays.values()))
         return self._resident
 
-    def iter_batches(self, indices, batch_size, *, keys, shuffle, seed, epoch) -> Iterator[tuple[dict, np.ndarray]]:
+    def iter_batches(self, indices, batch_size, *, keys, shuffle, seed,
+                     epoch) -> Iterator[tuple[dict, np.ndarray]]:
         """Yield ``({key: (B, C, p, p)}, (B,) int64)`` covering ``indices`` once (BatchSource)."""
         keys = list(keys)
         indices = self._check(indices, keys)
@@ -331,7 +332,8 @@ class ZarrSource:
     def _ordered(self, indices, batch_size, keys, rng=None) -> Iterator[tuple[dict, np.ndarray]]:
         # Slabs are read ahead in order of first need and dropped after their last
         # batch: for sorted indices (train_heads' passes) that is ~2 slabs at a time.
-        batch_slabs = [self._slabs_of(indices[b0:b0 + batch_size]) for b0 in range(0, len(indices), batch_size)]
+        batch_slabs = [self._slabs_of(indices[b0:b0 + batch_size])
+                       for b0 in range(0, len(indices), batch_size)]
         first_need = list(dict.fromkeys(int(s) for slabs in batch_slabs for s in slabs))
         last_batch = {int(s): b for b, slabs in enumerate(batch_slabs) for s in slabs}
         reader = self._read_ahead(first_need, keys)

@@ -102,7 +102,9 @@ def pool_unit(task: PoolTask) -> dict:
     src_root = store.open_root(task.source)
     done = src_root["done"][start:stop]
     if (done == store.PENDING).any():
-        raise StoreError(f"source {task.source} has unwritten samples in {start}..{stop - 1}; finish its extract stage")
+        raise StoreError(
+            f"source {task.source} has unwritten samples in {start}..{stop - 1}; finish its extract stage"
+        )
     written = done == store.WRITTEN
     failure = src_root["failure"][start:stop]
     storage = store.STORAGE_DTYPES[layout.dtype]
@@ -121,7 +123,8 @@ def pool_unit(task: PoolTask) -> dict:
                     f"{start}..{stop - 1}; use dtype: float32"
                 )
             data[pooled_key(block, size)] = values
-    failed = {int(i): str(failure[i]) or "failed in the source store" for i in np.flatnonzero(done == store.FAILED)}
+    failed = {int(i): str(failure[i]) or "failed in the source store"
+              for i in np.flatnonzero(done == store.FAILED)}
     store.write_unit(store.open_root(task.output, mode="r+"), layout, task.unit, data, failed)
     return {"unit": task.unit, "samples": stop - start, "bytes_read": int(bytes_read)}
 
@@ -132,7 +135,8 @@ def _select(requested, available: list, what: str, source: Path) -> list:
     missing = [r for r in requested if r not in available]
     if missing:
         raise ConfigError(
-            f"pool: {what} {missing[0]!r} is not in {source}{did_you_mean(str(missing[0]), map(str, available))}; "
+            f"pool: {what} {missing[0]!r} is not in {source}"
+            f"{did_you_mean(str(missing[0]), map(str, available))}; "
             f"valid: {list_choices(map(str, available))}"
         )
     return list(requested)
@@ -192,7 +196,8 @@ class PoolStage(Stage):
         _, _, _, blocks, timesteps, layout = self._plan(cfg, ctx)
         tasks = self.prepare(cfg, ctx)
         ctx.log(f"{len(blocks)} block(s) x {len(timesteps)} timestep(s) -> {cfg.mode} pool to "
-                f"{', '.join(f'{s}x{s}' for s in cfg.sizes)}; {layout.n_units} units of {layout.unit_samples}; "
+                f"{', '.join(f'{s}x{s}' for s in cfg.sizes)}; "
+                f"{layout.n_units} units of {layout.unit_samples}; "
                 f"{len(tasks)} to do")
         if tasks:
             with get_client(ctx.workflow.cluster, log=ctx.log) as client:
@@ -213,11 +218,13 @@ class PoolStage(Stage):
             return [("input", f"{source} (not written yet: plan it after its stage has run)")]
         source, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
         item = np.dtype(store.STORAGE_DTYPES[src_layout.dtype]).itemsize
-        read = src_layout.n_samples * len(timesteps) * sum(int(np.prod(src_layout.blocks[b])) for b in blocks) * item
+        per_sample = len(timesteps) * sum(int(np.prod(src_layout.blocks[b])) for b in blocks) * item
+        read = src_layout.n_samples * per_sample
         return [
             ("input", str(source)),
             ("samples", str(layout.n_samples)),
-            ("pooled", f"{len(blocks)} block(s) x {len(timesteps)} timestep(s), {cfg.mode} to sizes {list(cfg.sizes)}"),
+            ("pooled", f"{len(blocks)} block(s) x {len(timesteps)} timestep(s), "
+                       f"{cfg.mode} to sizes {list(cfg.sizes)}"),
             ("units", f"{layout.n_units} x {layout.unit_samples} samples (one task each)"),
             ("bytes read", f"{read / 2**20:.1f} MiB"),
             ("bytes written (raw)", f"{layout.bytes_per_sample() * layout.n_samples / 2**20:.1f} MiB"),

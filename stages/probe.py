@@ -198,7 +198,8 @@ def _select(requested, available: list, what: str, where: str) -> list:
     missing = [r for r in requested if r not in available]
     if missing:
         raise ConfigError(
-            f"probe: {what} {missing[0]!r} is not in {where}{did_you_mean(str(missing[0]), map(str, available))}; "
+            f"probe: {what} {missing[0]!r} is not in {where}"
+            f"{did_you_mean(str(missing[0]), map(str, available))}; "
             f"valid: {list_choices(map(str, available))}"
         )
     return list(requested)
@@ -225,7 +226,9 @@ def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
     for head in cfg.heads:
         for p in head.pools or ():
             if p not in pools:
-                raise ConfigError(f"probe: head {head.name!r} asks for pool {p}, not in the grid's pools {pools}")
+                raise ConfigError(
+                    f"probe: head {head.name!r} asks for pool {p}, not in the grid's pools {pools}"
+                )
     root = store.open_root(source)
     classes = [str(c) for c in root["class_name"][:]]
     if test_source is not None:
@@ -246,13 +249,16 @@ def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
         for pool in pools:
             if (block, pool) not in slices:
                 continue  # an extract store: this block's maps have another side
-            heads = tuple((h.name, h.head, cfg.recipe(h)) for h in cfg.heads if not h.pools or pool in h.pools)
+            heads = tuple((h.name, h.head, cfg.recipe(h))
+                          for h in cfg.heads if not h.pools or pool in h.pools)
             if not heads:
                 continue
             parts = [(str(source), slices[(block, pool)].array_path)]
             if test_source is not None:
                 if (block, pool) not in test_slices:
-                    raise ConfigError(f"probe: test_input {test_source} has no block {block!r} at pool {pool}")
+                    raise ConfigError(
+                        f"probe: test_input {test_source} has no block {block!r} at pool {pool}"
+                    )
                 parts.append((str(test_source), test_slices[(block, pool)].array_path))
             name = f"{block}/p{pool}"
             tasks.append(GroupTask(
@@ -300,7 +306,8 @@ class ProbeStage(Stage):
                     for t in grid.tasks if _cell_file(out, t.name).exists()}
         todo = [t for t in grid.tasks if t.name not in finished]
         n_cells = sum(len(t.timesteps) * len(t.heads) for t in grid.tasks)
-        ctx.log(f"{n_cells} cells in {len(grid.tasks)} read group(s) (block x pool); {len(todo)} group(s) to do")
+        ctx.log(f"{n_cells} cells in {len(grid.tasks)} read group(s) (block x pool); "
+                f"{len(todo)} group(s) to do")
 
         def keep(task, rows):
             _save_cells(out, task.name, rows)
@@ -312,7 +319,9 @@ class ProbeStage(Stage):
                 outcomes = run_tasks(client, train_group, todo, log=ctx.log, on_result=keep)
         retried = [{"group": o.name, "error": o.first_error} for o in outcomes if o.ok and o.first_error]
         failed = [{"group": o.name, "error": o.error} for o in outcomes if not o.ok]
-        rows = [dict(r, status="retried" if any(g["group"] == t.name for g in retried) else "ok", error="")
+        first_errors = {g["group"]: g["error"] for g in retried}
+        rows = [dict(r, status="retried" if t.name in first_errors else "ok",
+                     error=first_errors.get(t.name, ""))
                 for t in grid.tasks for r in finished.get(t.name, [])]
         for f in failed:
             task = next(t for t in grid.tasks if t.name == f["group"])
@@ -343,6 +352,7 @@ class ProbeStage(Stage):
             ("grid", f"{len(grid.blocks)} block(s) x {len(grid.timesteps)} timestep(s) x pools {grid.pools} "
                      f"x {len(grid.head_kinds)} head(s)"),
             ("cells", f"{n_cells} in {len(grid.tasks)} task(s), one store read stream each"),
-            ("split", f"test from {test_source}" if test_source else f"{cfg.test_fraction:.0%} of images (seed {cfg.seed})"),
+            ("split", f"test from {test_source}" if test_source
+             else f"{cfg.test_fraction:.0%} of images (seed {cfg.seed})"),
         ]
 

@@ -88,20 +88,23 @@ def _workflow(folder: Path, cluster: str, output: str) -> Path:
     folder.mkdir(exist_ok=True)
     (folder / "tiny.json").write_text(json.dumps(TINY_UNET))
     path = folder / f"wf-{output}.yaml"
-    path.write_text(f"name: clustertest\noutput_dir: out\ncluster: {cluster}\n" + STAGES % f"out/{output}.probe")
+    header = f"name: clustertest\noutput_dir: out\ncluster: {cluster}\n"
+    path.write_text(header + STAGES % f"out/{output}.probe")
     return path
 
 
 def test_probe_grid_on_dask_cli_workers_equals_local_cluster(tmp_path, scheduler_address, capsys):
     import xarray as xr
 
-    remote = load_workflow(_workflow(tmp_path, f'{{kind: address, address: "{scheduler_address}"}}', "remote"))
+    address = f'{{kind: address, address: "{scheduler_address}"}}'
+    remote = load_workflow(_workflow(tmp_path, address, "remote"))
     Runner(remote, progress=False).run()
     local = load_workflow(_workflow(tmp_path, "{kind: local, n_workers: 2, threads_per_worker: 1}", "local"))
     report = Runner(local, progress=False).run()
     assert report[:2] == [("ex", "skip (up to date)"), ("pooled", "skip (up to date)")]
     log = capsys.readouterr().err
-    assert f"dask cluster ({scheduler_address}): 2 worker(s)" in log and "dask cluster (local): 2 worker(s)" in log
+    assert f"dask cluster ({scheduler_address}): 2 worker(s)" in log
+    assert "dask cluster (local): 2 worker(s)" in log
     assert "dask dashboard:" in log
     a, b = (xr.open_zarr(wf.stage("probe").output).load() for wf in (remote, local))
     assert dict(a["accuracy"].sizes) == {"block": 2, "timestep": 2, "pool": 1, "head": 2}

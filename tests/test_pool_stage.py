@@ -80,7 +80,9 @@ def naive_pool(x: np.ndarray, p: int, mode: str) -> np.ndarray:
     out = np.empty(x.shape[:-2] + (p, p))
     for i in range(p):
         for j in range(p):
-            win = x[..., (i * h) // p: -(-(i + 1) * h // p), (j * w) // p: -(-(j + 1) * w // p)].astype(np.float64)
+            rows = slice((i * h) // p, -(-(i + 1) * h // p))
+            cols = slice((j * w) // p, -(-(j + 1) * w // p))
+            win = x[..., rows, cols].astype(np.float64)
             out[..., i, j] = win.mean(axis=(-2, -1)) if mode == "avg" else win.max(axis=(-2, -1))
     return out
 
@@ -173,7 +175,8 @@ def test_pooling_memory_is_bounded_by_a_unit_and_failed_samples_stay_failed(tmp_
     assert list(np.flatnonzero(done == store.FAILED)) == sorted(failed)
     assert [out["failure"][i] for i in sorted(failed)] == [failed[i] for i in sorted(failed)]
     values = out["blocks/b/p7/activations"][:]
-    assert np.isnan(values[sorted(failed)]).all() and np.isfinite(np.delete(values, sorted(failed), axis=0)).all()
+    assert np.isnan(values[sorted(failed)]).all()
+    assert np.isfinite(np.delete(values, sorted(failed), axis=0)).all()
     assert store.read_attrs(output)["failed_images"][0]["image_id"] == "img1"
     assert stage.prepare(cfg, _context(tmp_path, cfg, source, output)) == []  # resume: nothing left
 
