@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cka import GramAccumulator, LinearCKAAccumulator, MinibatchCKA
-from pipeline.errors import ConfigError, StoreError, did_you_mean, list_choices
+from pipeline.errors import ConfigError, StoreError, select_or_error
 from pipeline.store import PENDING, WRITTEN, open_root, read_attrs
 from pipeline.zarr_source import feature_slices, store_timesteps
 
@@ -76,16 +76,7 @@ class Representation:
 
 
 def _choose(requested, available: list, what: str, stage: str) -> list:
-    if requested == "all":
-        return list(available)
-    missing = [r for r in requested if r not in available]
-    if missing:
-        raise ConfigError(
-            f"cka: {what} {missing[0]!r} is not in the store of stage {stage!r}"
-            f"{did_you_mean(str(missing[0]), map(str, available))}; "
-            f"valid: {list_choices(map(str, available))}"
-        )
-    return list(requested)
+    return select_or_error(requested, available, what, f"the store of stage {stage!r}", "cka")
 
 
 def expand_selections(selections: Sequence, paths: dict[str, Path | str]) -> list[Representation]:

@@ -55,3 +55,18 @@ def list_choices(choices: Iterable[str], limit: int = 12) -> str:
         return ", ".join(items)
     half = limit // 2
     return f"{', '.join(items[:half])} ... {', '.join(items[-half:])} ({len(items)} in all)"
+
+
+def select_or_error(requested, available: list, what: str, where: str, stage: str) -> list:
+    """``'all'`` -> every item of ``available``; else the requested items, or a ConfigError
+    naming the first missing one, the closest valid name and the valid choices."""
+    if requested == "all":
+        return list(available)
+    missing = [r for r in requested if r not in available]
+    if missing:
+        raise ConfigError(
+            f"{stage}: {what} {missing[0]!r} is not in {where}"
+            f"{did_you_mean(str(missing[0]), map(str, available))}; "
+            f"valid: {list_choices(map(str, available))}"
+        )
+    return list(requested)

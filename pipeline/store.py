@@ -308,6 +308,12 @@ def block_names(root) -> list[str]:
     return sorted(name for name, _ in root["blocks"].groups())
 
 
+def assigned_units(n_units: int, shard: tuple[int, int]) -> list[int]:
+    """Units this process owns under ``--shard i/N``: u % N == i (disjoint, covering)."""
+    i, n = shard
+    return [u for u in range(n_units) if u % n == i]
+
+
 def unit_status(path: str | Path) -> np.ndarray:
     """(n_units,) bool: which units are complete (every sample written or failed)."""
     root = open_root(path)

@@ -19,7 +19,6 @@ Diffusion one prompt per class from a template (``data/prompts``), encoded once.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from pipeline.dc import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, AdaptiveResult
                          TrialPlan, adaptive_classify_batch, denoising_losses, make_plan, sample_eps,
                          stage_trials)
 from pipeline.errors import ConfigError, DatasetError, ModelError, did_you_mean
+from pipeline.models.fingerprint import model_fingerprint
 from pipeline.models import Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import q_sample
 from pipeline.stage import RunContext, Stage
@@ -124,12 +124,6 @@ class ClassifyConfig:
             raise ValueError("give 'n_trials' (with 'plan') or explicit 'timesteps', not both")
         if self.n_trials is None and self.timesteps is None and not self.schedule.adaptive:
             raise ValueError("an exhaustive classify needs 'n_trials' (e.g. 20) or 'timesteps'")
-
-
-def assigned_units(n_units: int, shard: tuple[int, int]) -> list[int]:
-    """Units this process owns under ``--shard i/N``: u % N == i (disjoint, covering)."""
-    i, n = shard
-    return [u for u in range(n_units) if u % n == i]
 
 
 def passes_per_sample(schedule: Schedule, n_classes: int, n_trials: int) -> int:
@@ -355,23 +349,6 @@ def classify_units(clf: Classifier, output: Path, units: list[int], desc: str = 
 # ----------------------------------------------------------------- stage
 
 
-def model_fingerprint(cfg: ModelConfig) -> dict:
-    """Names, sizes and hashes of the model's files (mtime for huge ones): the weights in the hash."""
-    targets = [Path(p) for p in (cfg.path, cfg.config) if p]
-    if cfg.factory and cfg.factory.rsplit(":", 1)[0].endswith(".py"):
-        targets.append(Path(cfg.factory.rsplit(":", 1)[0]))
-    files = []
-    for target in targets:
-        paths = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
-        for p in paths:
-            if p.exists():
-                size = p.stat().st_size
-                digest = (hashlib.sha256(p.read_bytes()).hexdigest() if size < (64 << 20)
-                          else f"mtime:{p.stat().st_mtime_ns}")
-                files.append([str(p.relative_to(target)) if target.is_dir() else p.name, size, digest])
-    return {"model_files": files}
-
-
 class ClassifyStage(Stage):
     kind = "classify"
     Config = ClassifyConfig
@@ -394,7 +371,7 @@ class ClassifyStage(Stage):
         if existing is None or existing.get("stage_hash") != ctx.stage_hash:
             raise store.StoreError(f"{ctx.output} was created by another config; re-run with --force")
         done = store.unit_status(ctx.output)
-        todo = [u for u in assigned_units(lay.n_units, ctx.shard) if not done[u]]
+        todo = [u for u in store.assigned_units(lay.n_units, ctx.shard) if not done[u]]
         sched = clf.schedule_attrs()
         ctx.log(f"{lay.n_samples} samples x {clf.n_classes} classes x {clf.plan.n_trials} trials "
                 f"({sched['kind']}, {sched['forward_passes_per_sample']} forwards per sample); "

@@ -10,7 +10,6 @@ background thread writes each finished unit while the device computes the next.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import queue
@@ -31,6 +30,7 @@ from pipeline.datasets.torch_data import make_loader
 from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
 from pipeline.inspect import human_bytes
+from pipeline.models.fingerprint import model_fingerprint
 from pipeline.models import Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import NOISE_SCHEME, batch_noise
 from pipeline.stage import RunContext, Stage
@@ -101,12 +101,6 @@ def sample_table(reader, views: int, flip: bool) -> store.SampleTable:
             flips.append(bool(flip and v % 2 == 1))
             labels.append(rec.label)
     return store.SampleTable(ids, vs, flips, labels)
-
-
-def assigned_units(n_units: int, shard: tuple[int, int]) -> list[int]:
-    """Units this process owns under ``--shard i/N``: u % N == i (disjoint, covering)."""
-    i, n = shard
-    return [u for u in range(n_units) if u % n == i]
 
 
 # ----------------------------------------------------------------- compute
@@ -354,29 +348,6 @@ def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "ex
 # ----------------------------------------------------------------- stage
 
 
-def model_fingerprint(cfg: ModelConfig) -> dict:
-    """What identifies the weights: file names, sizes and content hashes (mtime for huge files)."""
-    files = []
-    targets = []
-    if cfg.path and not cfg.random_init:
-        targets.append(Path(cfg.path))
-    if cfg.config:
-        targets.append(Path(cfg.config))
-    if cfg.path and cfg.random_init:
-        targets.extend(Path(cfg.path).glob("**/config.json"))
-    if cfg.factory and ":" in cfg.factory and cfg.factory.rsplit(":", 1)[0].endswith(".py"):
-        targets.append(Path(cfg.factory.rsplit(":", 1)[0]))
-    for target in targets:
-        paths = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
-        for p in paths:
-            if not p.exists():
-                continue
-            size = p.stat().st_size
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if size < (64 << 20) else f"mtime:{p.stat().st_mtime_ns}"
-            files.append([p.name, size, digest])
-    return {"model_files": files}
-
-
 class ExtractStage(Stage):
     kind = "extract"
     Config = ExtractConfig
@@ -396,7 +367,7 @@ class ExtractStage(Stage):
         if existing is None or existing.get("stage_hash") != ctx.stage_hash:
             raise store.StoreError(f"{ctx.output} was created by another config; re-run with --force")
         done = store.unit_status(ctx.output)
-        todo = [u for u in assigned_units(lay.n_units, ctx.shard) if not done[u]]
+        todo = [u for u in store.assigned_units(lay.n_units, ctx.shard) if not done[u]]
         ctx.log(
             f"{lay.n_samples} samples x {len(ex.timesteps)} timesteps x {len(ex.blocks)} blocks; "
             f"{lay.n_units} units of {lay.unit_samples}; {len(todo)} to do"

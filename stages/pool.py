@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline import store
-from pipeline.errors import ConfigError, StoreError, did_you_mean, list_choices
+from pipeline.errors import ConfigError, StoreError, select_or_error
 from pipeline.stage import RunContext, Stage, input_field
 
 
@@ -130,16 +130,7 @@ def pool_unit(task: PoolTask) -> dict:
 
 
 def _select(requested, available: list, what: str, source: Path) -> list:
-    if requested == "all":
-        return list(available)
-    missing = [r for r in requested if r not in available]
-    if missing:
-        raise ConfigError(
-            f"pool: {what} {missing[0]!r} is not in {source}"
-            f"{did_you_mean(str(missing[0]), map(str, available))}; "
-            f"valid: {list_choices(map(str, available))}"
-        )
-    return list(requested)
+    return select_or_error(requested, available, what, str(source), "pool")
 
 
 class PoolStage(Stage):

@@ -38,7 +38,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.config import Where, build_dataclass, config_dict
-from pipeline.errors import ConfigError, DiffprobeError, StoreError, did_you_mean, list_choices
+from pipeline.errors import ConfigError, DiffprobeError, StoreError, select_or_error
 from pipeline.heads import HeadSpec
 from pipeline.stage import RunContext, Stage, input_field
 from pipeline.training import TrainSpec
@@ -193,16 +193,7 @@ def train_group(task: GroupTask) -> list[dict]:
 
 
 def _select(requested, available: list, what: str, where: str) -> list:
-    if requested == "all":
-        return list(available)
-    missing = [r for r in requested if r not in available]
-    if missing:
-        raise ConfigError(
-            f"probe: {what} {missing[0]!r} is not in {where}"
-            f"{did_you_mean(str(missing[0]), map(str, available))}; "
-            f"valid: {list_choices(map(str, available))}"
-        )
-    return list(requested)
+    return select_or_error(requested, available, what, where, "probe")
 
 
 @dataclass(frozen=True)

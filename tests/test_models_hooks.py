@@ -61,7 +61,6 @@ def test_truncated_forward_stops_after_last_block(tiny_unet_json):
     handle.remove()
     assert not called, "modules after the last requested block must not run"
     assert got["mid_block"].shape == (2, 16, 8, 8)
-    full = {}
     with capture(adapter.module, ["mid_block"]) as full:
         adapter.forward(x, t, cond)
     torch.testing.assert_close(full["mid_block"], got["mid_block"])

@@ -42,7 +42,7 @@ class UNet2DAdapter(ModelAdapter):
                 module = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
             else:
                 try:
-                    module = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+                    module = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
                 except (OSError, ValueError, RuntimeError) as exc:
                     raise ModelError(f"cannot load UNet2DModel weights from {str(unet_dir)!r}: {exc}") from None
             self.source = {"path": str(folder), "random_init": cfg.random_init, "seed": cfg.seed if cfg.random_init else None}

@@ -1,6 +1,5 @@
 """A toy denoiser whose middle activations overflow float16 (max 65504) for tests."""
 
-import torch
 from torch import nn
 
 
