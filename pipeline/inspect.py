@@ -30,7 +30,12 @@ def describe_store(path: str | Path) -> str:
     root = store.open_root(path)
     lines = [f"store     {path}", f"stage     {attrs.get('stage')} '{attrs.get('stage_name')}'  hash {attrs.get('stage_hash', '')[:16]}"]
     if "blocks" not in root:
-        lines.append(json.dumps({k: v for k, v in attrs.items() if k != "config"}, indent=1, default=str)[:2000])
+        hint = {"probe": "diffprobe results PATH", "classify": "diffprobe score PATH"}.get(attrs.get("stage"))
+        lines.append(f"complete  {'yes' if attrs.get('complete') else 'NO'}")
+        lines.append(f"arrays    {', '.join(sorted(name for name, _ in root.arrays()))}")
+        if hint:
+            lines.append(f"tables    {hint}")
+        lines.append(f"config    {json.dumps(attrs.get('config'), default=str)[:1500]}")
         return "\n".join(lines)
     layout = attrs["layout"]
     done = root["done"][:]
