@@ -41,11 +41,13 @@ from pipeline.training import ArraySource, HeadJob, TrainSpec, train_heads  # no
 from pipeline.zarr_source import ZarrSource  # noqa: E402
 
 FAST = store.Compression(cname="lz4", clevel=5, shuffle="shuffle", checksum=False)
+RAW = store.Compression(cname="none")  # crc32c only: the pool stage's default
 CASES = {
     # name: (channels, pool, heads, buffer MiB, codecs)
     "linear, C=256 p=2, slice fits the buffer": (256, 2, ("linear",), 64, store.Compression()),
     "linear, C=512 p=4, streamed": (512, 4, ("linear",), 32, store.Compression()),
     "linear, C=512 p=4, streamed, lz4 no crc": (512, 4, ("linear",), 32, FAST),
+    "linear, C=512 p=4, streamed, uncompressed + crc32c": (512, 4, ("linear",), 32, RAW),
     "linear+mlp+cnn, C=512 p=4, streamed": (512, 4, ("linear", "mlp", "cnn"), 32, store.Compression()),
     "linear+mlp+cnn, C=512 p=4, streamed, lz4 no crc": (512, 4, ("linear", "mlp", "cnn"), 32, FAST),
 }
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--folder", type=Path, default=None, help="keep stores here (default: a temp dir)")
+    parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp)
@@ -123,6 +126,8 @@ def main() -> None:
               "| top-1 (zarr / memory) |")
         print("|---|---|---|---|---|---|---|---|")
         for name, (channels, p, heads, buffer_mib, codecs) in CASES.items():
+            if args.only and args.only not in name:
+                continue
             r = run_case(folder, name, args.n, channels, p, heads, args.epochs, buffer_mib, codecs)
             top = " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(*r["top1"]))
             print(f"| {name} | {r['slice_mib']:.0f} | {buffer_mib} | {r['zarr_samples_per_s']:.0f} | "

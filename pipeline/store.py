@@ -49,6 +49,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class Compression:
     implementations may not read it and zarr-python warns when reading).
     """
 
-    cname: str = "zstd"
+    cname: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"] = "zstd"
     clevel: int = 3
     shuffle: str = "bitshuffle"
     bitround_keepbits: int | None = None
@@ -147,7 +148,10 @@ def plan_layout(
 def _codecs(comp: Compression):
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    compressors = [BloscCodec(cname=comp.cname, clevel=comp.clevel, shuffle=comp.shuffle)]
+    # cname "none": no compressor (pooled features barely compress; reading them raw is
+    # several times cheaper than zstd for probes that stream the store every epoch).
+    compressors = [] if comp.cname == "none" else [BloscCodec(cname=comp.cname, clevel=comp.clevel,
+                                                              shuffle=comp.shuffle)]
     if comp.checksum:
         compressors.append(Crc32cCodec())
     filters = None

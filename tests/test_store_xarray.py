@@ -81,3 +81,14 @@ def test_bitround_is_opt_in_and_recorded(tmp_path):
         values = zarr.open_group(str(out), mode="r")["blocks/mid_block/activations"][:]
     mantissa = values.view(np.uint16) & 0x3FF
     assert np.all(mantissa & ((1 << (10 - 4)) - 1) == 0)  # only 4 mantissa bits kept
+
+
+def test_uncompressed_option_keeps_crc32c_and_values(tmp_path):
+    from conftest import write_extract_workflow
+
+    wf = write_extract_workflow(tmp_path, dataset="{reader: digits, split: test, limit: 8}",
+                                compression="{cname: none}")
+    Runner(load_workflow(wf), progress=False).run()
+    arr = zarr.open_group(str(wf.parent / "out" / "ex.zarr"), mode="r")["blocks/mid_block/activations"]
+    assert [type(c).__name__ for c in arr.compressors] == ["Crc32cCodec"]
+    assert np.isfinite(arr[:]).all()
