@@ -51,7 +51,7 @@ def error_array(loss: str) -> str:
 
 
 @dataclass(frozen=True)
-class ErrorLayout:
+class ErrorLayout(store.UnitRanges):
     """Shapes and units of a classify store; what its writers agree on.
 
     A unit is ``unit_samples`` consecutive samples: one shard of every error array,
@@ -63,18 +63,6 @@ class ErrorLayout:
     n_trials: int
     unit_samples: int
     chunk_samples: int
-
-    @property
-    def n_units(self) -> int:
-        return math.ceil(self.n_samples / self.unit_samples)
-
-    def unit_range(self, unit: int) -> tuple[int, int]:
-        start = unit * self.unit_samples
-        return start, min(start + self.unit_samples, self.n_samples)
-
-
-def _pow2_floor(x: float) -> int:
-    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
 
 
 def plan_error_layout(n_samples: int, n_classes: int, n_trials: int, unit_samples: int | None = None,
@@ -90,13 +78,13 @@ def plan_error_layout(n_samples: int, n_classes: int, n_trials: int, unit_sample
         raise StoreError("the dataset selection has no samples to classify")
     cell = n_classes * n_trials
     if unit_samples is None:
-        unit = min(_pow2_floor(unit_bytes / (cell * 8 * len(LOSSES))), max_unit_samples,
+        unit = min(store.pow2_floor(unit_bytes / (cell * 8 * len(LOSSES))), max_unit_samples,
                    1 << math.ceil(math.log2(n_samples)))
     elif unit_samples < 1:
         raise ConfigError(f"unit_samples must be >= 1, got {unit_samples}")
     else:
         unit = unit_samples
-    chunk = math.gcd(min(_pow2_floor(chunk_bytes / (cell * 4)), unit), unit)
+    chunk = math.gcd(min(store.pow2_floor(chunk_bytes / (cell * 4)), unit), unit)
     return ErrorLayout(n_samples, n_classes, n_trials, unit, chunk)
 
 
@@ -120,15 +108,15 @@ def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequenc
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     with store.quiet_zarr():
-        compressors, _ = store._codecs(compression)
+        compressors, _ = store.codecs_for(compression)
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        store._write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
-        store._write_1d(root, "image_id", list(image_ids), "sample", dtype=str)
-        store._write_1d(root, "label", np.asarray(labels, dtype=np.int64), "sample")
-        store._write_1d(root, "class", np.arange(k, dtype=np.int64), "class")
-        store._write_1d(root, "class_name", list(class_names), "class", dtype=str)
-        store._write_1d(root, "trial", np.arange(t, dtype=np.int64), "trial")
-        store._write_1d(root, "timestep", np.asarray(timesteps, dtype=np.int64), "trial")
+        store.write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
+        store.write_1d(root, "image_id", list(image_ids), "sample", dtype=str)
+        store.write_1d(root, "label", np.asarray(labels, dtype=np.int64), "sample")
+        store.write_1d(root, "class", np.arange(k, dtype=np.int64), "class")
+        store.write_1d(root, "class_name", list(class_names), "class", dtype=str)
+        store.write_1d(root, "trial", np.arange(t, dtype=np.int64), "trial")
+        store.write_1d(root, "timestep", np.asarray(timesteps, dtype=np.int64), "trial")
         for loss in LOSSES:
             root.create_array(
                 error_array(loss), shape=(n, k, t), dtype="float32",
@@ -154,7 +142,7 @@ def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequenc
                        "n_units": layout.n_units, "chunk_samples": layout.chunk_samples},
             "complete": False,
         })
-        root.attrs.update({store.ATTR_KEY: store._jsonable(meta), "coordinates": COORDINATES})
+        root.attrs.update({store.ATTR_KEY: store.jsonable(meta), "coordinates": COORDINATES})
     try:
         os.rename(tmp, path)
     except OSError:

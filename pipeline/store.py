@@ -80,16 +80,11 @@ class Compression:
     checksum: bool = True
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Shapes, chunking and units of a store; everything the writers need to agree on."""
+class UnitRanges:
+    """Units of ``unit_samples`` consecutive samples (the last may be short)."""
 
     n_samples: int
     unit_samples: int
-    timesteps: tuple[int, ...]
-    blocks: dict[str, tuple[int, int, int]]
-    dtype: str = "float16"
-    chunk_samples: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_units(self) -> int:
@@ -99,12 +94,24 @@ class Layout:
         start = unit * self.unit_samples
         return start, min(start + self.unit_samples, self.n_samples)
 
+
+@dataclass(frozen=True)
+class Layout(UnitRanges):
+    """Shapes, chunking and units of a store; everything the writers need to agree on."""
+
+    n_samples: int
+    unit_samples: int
+    timesteps: tuple[int, ...]
+    blocks: dict[str, tuple[int, int, int]]
+    dtype: str = "float16"
+    chunk_samples: dict[str, int] = field(default_factory=dict)
+
     def bytes_per_sample(self) -> int:
         item = np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
         return sum(int(np.prod(s)) for s in self.blocks.values()) * len(self.timesteps) * item
 
 
-def _pow2_floor(x: float) -> int:
+def pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
 
 
@@ -131,10 +138,10 @@ def plan_layout(
         raise StoreError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
     item = np.dtype(STORAGE_DTYPES[dtype]).itemsize
     per_block = {name: int(np.prod(shape)) * item for name, shape in blocks.items()}
-    chunk_n = {name: _pow2_floor(chunk_bytes / b) for name, b in per_block.items()}
+    chunk_n = {name: pow2_floor(chunk_bytes / b) for name, b in per_block.items()}
     if unit_samples is None:
         per_sample_all = sum(per_block.values()) * len(timesteps)
-        unit = min(_pow2_floor(unit_bytes / max(1, per_sample_all)), max_unit_samples)
+        unit = min(pow2_floor(unit_bytes / max(1, per_sample_all)), max_unit_samples)
         unit = min(unit, 1 << math.ceil(math.log2(max(1, n_samples))))
         chunk_n = {k: min(v, unit) for k, v in chunk_n.items()}
     else:
@@ -145,7 +152,7 @@ def plan_layout(
     return Layout(n_samples, unit, tuple(int(t) for t in timesteps), dict(blocks), dtype, chunk_n)
 
 
-def _codecs(comp: Compression):
+def codecs_for(comp: Compression):
     from zarr.codecs import BloscCodec, Crc32cCodec
 
     # cname "none": no compressor (pooled features barely compress; reading them raw is
@@ -171,7 +178,7 @@ def quiet_zarr():
         yield
 
 
-def _write_1d(group, name: str, values, dim: str, dtype=None, chunks=None):
+def write_1d(group, name: str, values, dim: str, dtype=None, chunks=None):
     values = np.asarray(values) if dtype is not str else np.asarray(values, dtype=object)
     arr = group.create_array(
         name,
@@ -212,17 +219,17 @@ def create_store(
     path.parent.mkdir(parents=True, exist_ok=True)
     storage_dtype = STORAGE_DTYPES[layout.dtype]
     with quiet_zarr():
-        compressors, filters = _codecs(compression)
+        compressors, filters = codecs_for(compression)
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         n = layout.n_samples
-        _write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
-        _write_1d(root, "image_id", samples.image_id, "sample", dtype=str)
-        _write_1d(root, "view", np.asarray(samples.view, dtype=np.int32), "sample")
-        _write_1d(root, "flipped", np.asarray(samples.flipped, dtype=bool), "sample")
-        _write_1d(root, "label", np.asarray(samples.label, dtype=np.int64), "sample")
-        _write_1d(root, "class", np.arange(len(class_names), dtype=np.int64), "class")
-        _write_1d(root, "class_name", list(class_names), "class", dtype=str)
-        _write_1d(root, "timestep", np.asarray(layout.timesteps, dtype=np.int64), "timestep")
+        write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
+        write_1d(root, "image_id", samples.image_id, "sample", dtype=str)
+        write_1d(root, "view", np.asarray(samples.view, dtype=np.int32), "sample")
+        write_1d(root, "flipped", np.asarray(samples.flipped, dtype=bool), "sample")
+        write_1d(root, "label", np.asarray(samples.label, dtype=np.int64), "sample")
+        write_1d(root, "class", np.arange(len(class_names), dtype=np.int64), "class")
+        write_1d(root, "class_name", list(class_names), "class", dtype=str)
+        write_1d(root, "timestep", np.asarray(layout.timesteps, dtype=np.int64), "timestep")
         root.create_array("done", shape=(n,), dtype="int8", chunks=(layout.unit_samples,),
                           dimension_names=("sample",), fill_value=PENDING,
                           attributes={"flag_values": [PENDING, WRITTEN, FAILED],
@@ -245,11 +252,11 @@ def create_store(
                 dimension_names=DIMS,
                 attributes={"coordinates": "image_id view flipped label", "block": name},
             )
-            _write_1d(g, "sample", np.arange(n, dtype=np.int64), "sample")
-            _write_1d(g, "timestep", np.asarray(layout.timesteps, dtype=np.int64), "timestep")
-            _write_1d(g, "image_id", samples.image_id, "sample", dtype=str)
+            write_1d(g, "sample", np.arange(n, dtype=np.int64), "sample")
+            write_1d(g, "timestep", np.asarray(layout.timesteps, dtype=np.int64), "timestep")
+            write_1d(g, "image_id", samples.image_id, "sample", dtype=str)
             for coord in ("view", "flipped", "label"):
-                _write_1d(g, coord, root[coord][:], "sample")
+                write_1d(g, coord, root[coord][:], "sample")
         meta = dict(attrs)
         meta.update({
             "format_version": pipeline.FORMAT_VERSION,
@@ -261,7 +268,7 @@ def create_store(
             "complete": False,
         })
         meta["blocks"] = list(layout.blocks)
-        root.attrs.update({ATTR_KEY: _jsonable(meta), "coordinates": "image_id view flipped label class_name"})
+        root.attrs.update({ATTR_KEY: jsonable(meta), "coordinates": "image_id view flipped label class_name"})
     try:
         os.rename(tmp, path)
     except OSError:
@@ -271,7 +278,7 @@ def create_store(
         # Another process created it first: use theirs (the caller checks the hash).
 
 
-def _jsonable(obj):
+def jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
@@ -382,7 +389,7 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
         meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
         meta.update(extra_attrs or {})
         meta["complete"] = True
-        root.attrs[ATTR_KEY] = _jsonable(meta)
+        root.attrs[ATTR_KEY] = jsonable(meta)
         with quiet_zarr():
             zarr.consolidate_metadata(str(path))
     finally:
