@@ -44,6 +44,33 @@ class RunContext:
     def log(self, message: str) -> None:
         print(f"[{self.entry.name}] {message}", file=sys.stderr, flush=True)
 
+    # -- for stages that write a unit-based store (extract, classify) --------------
+    def pending_units(self, n_units: int) -> list[int]:
+        """Units of this process's ``--shard`` share that are not done yet, after checking
+        the existing store was created by this very config."""
+        from pipeline import store
+
+        existing = store.read_attrs(self.output)
+        if existing is None or existing.get("stage_hash") != self.stage_hash:
+            raise store.StoreError(f"{self.output} was created by another config; re-run with --force")
+        done = store.unit_status(self.output)
+        return [u for u in store.assigned_units(n_units, self.shard) if not done[u]]
+
+    def shard_note(self) -> str:
+        return f" in shard {self.shard[0]}/{self.shard[1]}" if self.shard[1] > 1 else ""
+
+    def finalize_store(self) -> None:
+        """Consolidate + stamp complete once every unit is done; report masked images."""
+        from pipeline import store
+
+        if store.finalize(self.output):
+            failures = store.read_attrs(self.output).get("failed_images", [])
+            if failures:
+                self.log(f"{len(failures)} image(s) could not be read and are masked (done=2); "
+                         f"first: {failures[0]['image_id']}: {failures[0]['reason']}")
+        elif self.shard[1] > 1:
+            self.log("this shard is done; the store completes when every shard has finished")
+
 
 def input_field(**kwargs):
     """A config field that names an earlier stage (its output becomes an input)."""

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline import errorstore, store
+from pipeline import errorstore
 from pipeline.datasets import DatasetConfig, open_dataset
 from pipeline.datasets.torch_data import make_loader
 from pipeline.dc import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, AdaptiveResult, Schedule, StageRequest,
@@ -367,30 +367,19 @@ class ClassifyStage(Stage):
             errorstore.create_error_store(ctx.output, lay, [r.image_id for r in records],
                                           [r.label for r in records], clf.class_names, clf.plan.timesteps,
                                           attrs)
-        existing = store.read_attrs(ctx.output)
-        if existing is None or existing.get("stage_hash") != ctx.stage_hash:
-            raise store.StoreError(f"{ctx.output} was created by another config; re-run with --force")
-        done = store.unit_status(ctx.output)
-        todo = [u for u in store.assigned_units(lay.n_units, ctx.shard) if not done[u]]
+        todo = ctx.pending_units(lay.n_units)
         sched = clf.schedule_attrs()
         ctx.log(f"{lay.n_samples} samples x {clf.n_classes} classes x {clf.plan.n_trials} trials "
                 f"({sched['kind']}, {sched['forward_passes_per_sample']} forwards per sample); "
                 f"{lay.n_units} units of {lay.unit_samples}; {len(todo)} to do"
-                + (f" in shard {ctx.shard[0]}/{ctx.shard[1]}" if ctx.shard[1] > 1 else ""))
+                + ctx.shard_note())
         start = time.perf_counter()
         classify_units(clf, ctx.output, todo, desc=ctx.entry.name, progress=ctx.progress, strict=ctx.strict)
         if todo:
             elapsed = time.perf_counter() - start
             ctx.log(f"{clf.forward_passes} forward passes in {elapsed:.1f} s "
                     f"({clf.forward_passes / max(elapsed, 1e-9):.0f}/s)")
-        if store.finalize(ctx.output):
-            attrs = store.read_attrs(ctx.output)
-            if attrs.get("failed_images"):
-                first = attrs["failed_images"][0]
-                ctx.log(f"{len(attrs['failed_images'])} image(s) could not be read and are masked (done=2); "
-                        f"first: {first['image_id']}: {first['reason']}")
-        elif ctx.shard[1] > 1:
-            ctx.log("this shard is done; the store completes when every shard has finished")
+        ctx.finalize_store()
 
     def plan(self, cfg: ClassifyConfig, ctx: RunContext) -> list[tuple[str, str]]:
         clf = Classifier(cfg)

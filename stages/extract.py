@@ -363,25 +363,14 @@ class ExtractStage(Stage):
         if not ctx.output.exists():
             attrs = ctx.base_attrs() | {"provenance": ex.provenance()}
             store.create_store(ctx.output, lay, ex.samples, ex.reader.class_names, attrs, cfg.compression)
-        existing = store.read_attrs(ctx.output)
-        if existing is None or existing.get("stage_hash") != ctx.stage_hash:
-            raise store.StoreError(f"{ctx.output} was created by another config; re-run with --force")
-        done = store.unit_status(ctx.output)
-        todo = [u for u in store.assigned_units(lay.n_units, ctx.shard) if not done[u]]
+        todo = ctx.pending_units(lay.n_units)
         ctx.log(
             f"{lay.n_samples} samples x {len(ex.timesteps)} timesteps x {len(ex.blocks)} blocks; "
             f"{lay.n_units} units of {lay.unit_samples}; {len(todo)} to do"
-            + (f" in shard {ctx.shard[0]}/{ctx.shard[1]}" if ctx.shard[1] > 1 else "")
+            + ctx.shard_note()
         )
         extract_units(ex, ctx.output, todo, desc=ctx.entry.name, progress=ctx.progress)
-        if store.finalize(ctx.output):
-            attrs = store.read_attrs(ctx.output)
-            failures = attrs.get("failed_images", [])
-            if failures:
-                ctx.log(f"{len(failures)} image(s) could not be read and are masked (done=2); "
-                        f"first: {failures[0]['image_id']}: {failures[0]['reason']}")
-        elif ctx.shard[1] > 1:
-            ctx.log("this shard is done; the store completes when every shard has finished")
+        ctx.finalize_store()
 
     def plan(self, cfg: ExtractConfig, ctx: RunContext) -> list[tuple[str, str]]:
         ex = Extractor(cfg)
