@@ -24,13 +24,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import re
 import shutil
-import signal
-import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,62 +181,6 @@ def write_error_unit(root, layout: ErrorLayout, unit: int, result: UnitResult) -
             status[pos], reasons[pos] = store.FAILED, reason
         root["failure"][start:stop] = reasons
     root["done"][start:stop] = status
-
-
-class UnitWriter:
-    """A thread that writes finished units while the device computes the next one.
-
-    At most one unit waits in the queue. A writer error is re-raised in the caller
-    at the next ``put`` or at ``close``. ``close`` always drains the queue, so every
-    unit handed over before an interruption is durable and marked done.
-    """
-
-    def __init__(self, path: str | Path, layout: ErrorLayout,
-                 on_written: Callable[[int], None] | None = None):
-        self.root = store.open_root(path, mode="r+")
-        self.layout, self.on_written = layout, on_written
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="diffprobe-classify-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue
-            unit, result = item
-            try:
-                write_error_unit(self.root, self.layout, unit, result)
-                if self.on_written:
-                    self.on_written(unit)
-            except BaseException as exc:  # noqa: BLE001 -- re-raised in the main thread
-                self.error = exc
-
-    def put(self, unit: int, result: UnitResult) -> None:
-        if self.error:
-            raise self.error
-        self.queue.put((unit, result))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error:
-            raise self.error
-
-
-def fault_injector() -> Callable[[int], None] | None:
-    """Test hook shared with extract: DIFFPROBE_FAULT_KILL_AFTER_UNITS=N SIGKILLs after N units."""
-    limit = os.environ.get("DIFFPROBE_FAULT_KILL_AFTER_UNITS")
-    if not limit:
-        return None
-    count = [0]
-
-    def on_written(_unit: int) -> None:
-        count[0] += 1
-        if count[0] >= int(limit):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return on_written
 
 
 # ----------------------------------------------------------------- reading and scoring

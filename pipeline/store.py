@@ -43,13 +43,16 @@ import contextlib
 import json
 import math
 import os
+import queue
+import signal
+import threading
 import shutil
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -416,3 +419,50 @@ def estimate_compressed_bytes(layout: Layout, sample: np.ndarray | None = None,
                             else numcodecs.Blosc.SHUFFLE)
     ratio = len(codec.encode(buf)) / max(1, buf.nbytes)
     return int(raw * ratio)
+
+
+class UnitWriter:
+    """One thread that writes finished units while the device computes the next.
+
+    ``write(unit, payload)`` does the writing (whole shards, then ``done``). At most
+    one unit waits in the queue, so memory stays at ~2 units. A writer error is
+    re-raised in the caller at the next ``put`` or at ``close``; ``close`` drains the
+    queue, so every unit handed over before an interruption is durable and marked done.
+
+    Test hook: ``DIFFPROBE_FAULT_KILL_AFTER_UNITS=N`` SIGKILLs the process after N
+    units are written (how the tests kill a run mid-way).
+    """
+
+    def __init__(self, write: Callable[[int, Any], None], name: str = "diffprobe-writer"):
+        self.write = write
+        limit = os.environ.get("DIFFPROBE_FAULT_KILL_AFTER_UNITS")
+        self.kill_after = int(limit) if limit else None
+        self.written = 0
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            unit, payload = item
+            try:
+                self.write(unit, payload)
+                self.written += 1
+                if self.kill_after is not None and self.written >= self.kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the main thread
+                self.error = exc
+
+    def put(self, unit: int, payload: Any) -> None:
+        if self.error:
+            raise self.error
+        self.queue.put((unit, payload))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error

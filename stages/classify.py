@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline import errorstore
+from pipeline import errorstore, store
 from pipeline.datasets import DatasetConfig, open_dataset
 from pipeline.datasets.torch_data import make_loader
 from pipeline.dc import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, AdaptiveResult, Schedule, StageRequest,
@@ -336,7 +336,9 @@ def classify_units(clf: Classifier, output: Path, units: list[int], desc: str = 
     """Compute ``units`` while a background thread writes the previous one (the write protocol)."""
     from tqdm.auto import tqdm
 
-    writer = errorstore.UnitWriter(output, clf.layout, errorstore.fault_injector())
+    root = store.open_root(output, mode="r+")
+    writer = store.UnitWriter(lambda unit, result: errorstore.write_error_unit(root, clf.layout, unit, result),
+                              name="diffprobe-classify-writer")
     try:
         with tqdm(total=len(units), unit="unit", desc=desc, disable=not progress) as bar:
             for unit in units:

@@ -11,11 +11,7 @@ background thread writes each finished unit while the device computes the next.
 from __future__ import annotations
 
 import math
-import os
-import queue
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,75 +266,19 @@ def _device_name(device: torch.device) -> str:
 # ----------------------------------------------------------------- writing
 
 
-class BackgroundWriter:
-    """One thread that writes finished units while the device computes the next.
-
-    The queue holds at most one pending unit, so memory stays at ~2 units. An error
-    in the writer is re-raised in the caller at the next ``put`` or at ``close``.
-    """
-
-    def __init__(self, root, layout: store.Layout, on_written=None):
-        self.root, self.layout, self.on_written = root, layout, on_written
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="diffprobe-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            unit, data, failed = item
-            try:
-                store.write_unit(self.root, self.layout, unit, data, failed)
-                if self.on_written:
-                    self.on_written(unit)
-            except BaseException as exc:  # noqa: BLE001 -- re-raised in the main thread
-                self.error = exc
-
-    def put(self, unit, data, failed):
-        if self.error:
-            raise self.error
-        self.queue.put((unit, data, failed))
-
-    def close(self):
-        self.queue.put(None)
-        self.thread.join()
-        if self.error:
-            raise self.error
-
-
-def _fault_injector():
-    """Test hook: DIFFPROBE_FAULT_KILL_AFTER_UNITS=N SIGKILLs this process after N written units."""
-    limit = os.environ.get("DIFFPROBE_FAULT_KILL_AFTER_UNITS")
-    if not limit:
-        return None
-    count = {"n": 0}
-
-    def on_written(_unit):
-        count["n"] += 1
-        if count["n"] >= int(limit):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return on_written
-
-
 def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "extract", progress: bool = True) -> None:
     """Compute ``units`` on the device while a background thread writes the previous one."""
     from tqdm.auto import tqdm
 
     lay = ex.layout
     root = store.open_root(output, mode="r+")
-    writer = BackgroundWriter(root, lay, _fault_injector())
+    writer = store.UnitWriter(lambda unit, payload: store.write_unit(root, lay, unit, *payload))
     total = sum(lay.unit_range(u)[1] - lay.unit_range(u)[0] for u in units)
     try:
         with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
             for unit in units:
                 data, failed = ex.compute_unit(unit)
-                writer.put(unit, data, failed)
+                writer.put(unit, (data, failed))
                 start, stop = lay.unit_range(unit)
                 bar.update(stop - start)
     finally:
