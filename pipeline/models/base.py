@@ -12,6 +12,7 @@ the adapter reshapes to a grid, for DiT).
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,18 @@ class Condition:
     kind: str = "none"
     labels: torch.Tensor | None = None
     text: torch.Tensor | None = field(default=None, repr=False)
+
+
+def component_folder(folder: Path, component: str, what: str) -> Path:
+    """``folder/<component>`` of a pipeline folder, or ``folder`` itself if it is a model folder."""
+    if (folder / component / "config.json").exists():
+        return folder / component
+    if (folder / "config.json").exists():
+        return folder
+    raise ModelError(
+        f"no {what} in {str(folder)!r}: expected {component}/config.json (pipeline folder) "
+        "or config.json (model folder)"
+    )
 
 
 def weights_hash(module: nn.Module) -> str:

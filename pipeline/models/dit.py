@@ -31,7 +31,7 @@ import torch
 
 from pipeline.datasets.preprocess import Preprocessing
 from pipeline.errors import ModelError
-from pipeline.models.base import Condition, ModelAdapter
+from pipeline.models.base import Condition, ModelAdapter, component_folder
 from pipeline.models.config import ModelConfig
 from pipeline.models.latent import VaeEncoder, check_epsilon, load_component, local_folder
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
@@ -50,16 +50,6 @@ def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, d, side, side)
 
 
-def _transformer_folder(folder: Path) -> Path:
-    if (folder / "transformer" / "config.json").exists():
-        return folder / "transformer"
-    if (folder / "config.json").exists():
-        return folder
-    raise ModelError(
-        f"no DiT model in {str(folder)!r}: expected transformer/config.json (pipeline folder) or config.json"
-    )
-
-
 class DiTAdapter(ModelAdapter):
     kind = "dit"
 
@@ -71,7 +61,7 @@ class DiTAdapter(ModelAdapter):
         folder = None
         if cfg.path:
             folder = local_folder(cfg.path, "dit")
-            model_dir = _transformer_folder(folder)
+            model_dir = component_folder(folder, "transformer", "DiT model")
             if cfg.random_init:
                 torch.manual_seed(cfg.seed)
                 module = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(model_dir))

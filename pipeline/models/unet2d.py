@@ -9,19 +9,9 @@ import torch
 
 from pipeline.datasets.preprocess import Preprocessing
 from pipeline.errors import ModelError
-from pipeline.models.base import Condition, ModelAdapter
+from pipeline.models.base import Condition, ModelAdapter, component_folder
 from pipeline.models.config import ModelConfig
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
-
-
-def _unet_folder(path: Path) -> Path:
-    if (path / "unet" / "config.json").exists():
-        return path / "unet"
-    if (path / "config.json").exists():
-        return path
-    raise ModelError(
-        f"no diffusers model in {str(path)!r}: expected unet/config.json (pipeline folder) or config.json (model folder)"
-    )
 
 
 class UNet2DAdapter(ModelAdapter):
@@ -36,7 +26,7 @@ class UNet2DAdapter(ModelAdapter):
             folder = Path(cfg.path).expanduser()
             if not folder.exists():
                 raise ModelError(f"model path {str(folder)!r} does not exist; point 'model.path' at a local diffusers folder")
-            unet_dir = _unet_folder(folder)
+            unet_dir = component_folder(folder, "unet", "diffusers model")
             if cfg.random_init:
                 torch.manual_seed(cfg.seed)
                 module = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
