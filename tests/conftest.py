@@ -95,3 +95,13 @@ def extract_workflow(tmp_path):
         return write_extract_workflow(tmp_path / sub, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def cluster_address():
+    """An in-process dask cluster; stages reach it through ``cluster: {kind: address}``."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0",
+                      scheduler_kwargs={"dashboard": False}) as cluster:
+        yield cluster.scheduler_address

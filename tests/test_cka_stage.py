@@ -29,25 +29,13 @@ from pipeline.errors import ConfigError, DiffprobeError
 from pipeline.runner import Runner
 from stages.cka import CKAConfig, CKATask, Selection, cka_tile, plan_cka
 
-TINY_UNET = {
-    "sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "num_class_embeds": 11,
-    "attention_head_dim": 8,
-}
+from conftest import TINY_UNET
 REFERENCE_CNN = Path(__file__).resolve().parents[1] / "data" / "factories" / "reference_cnn.py"
 #: float16 storage rounds each feature with relative error <= 2^-11 (~4.9e-4); CKA sums products
 #: over p >= 1,000 features and n^2 sample pairs, so the independent rounding errors largely cancel
 #: (observed: 4e-6 on this store). 1e-4 in absolute CKA is the stated bound.
 FLOAT16_TOLERANCE = 1e-4
 
-
-@pytest.fixture(scope="module")
-def cluster_address():
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
-        yield cluster.scheduler_address
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from pipeline.config import ClusterConfig, load_workflow
 from pipeline.errors import ConfigError
 from pipeline.runner import Runner
 
-TINY_UNET = {
-    "sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "num_class_embeds": 11,
-    "attention_head_dim": 8,
-}
+from conftest import TINY_UNET
 STAGES = """\
 stages:
   - name: ex

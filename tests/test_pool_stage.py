@@ -18,22 +18,8 @@ from pipeline.runner import Runner
 from pipeline.stage import RunContext
 from stages.pool import PoolConfig, PoolStage, pool_unit
 
-TINY_UNET = {
-    "sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "num_class_embeds": 11,
-    "attention_head_dim": 8,
-}
+from conftest import TINY_UNET
 
-
-@pytest.fixture(scope="module")
-def cluster_address():
-    """An in-process dask cluster: the stages reach it through ``cluster: {kind: address}``."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0",
-                      scheduler_kwargs={"dashboard": False}) as cluster:
-        yield cluster.scheduler_address
 
 
 @pytest.fixture(scope="module")

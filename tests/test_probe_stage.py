@@ -17,12 +17,7 @@ from pipeline.training import TrainSpec, split_validation
 from pipeline.zarr_source import ZarrSource
 from stages.probe import GroupTask, ProbeConfig, group_splits, plan_grid, split_by_image, train_group
 
-TINY_UNET = {
-    "sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "num_class_embeds": 11,
-    "attention_head_dim": 8,
-}
+from conftest import TINY_UNET
 #: The paper's linear-probe recipe (SGD, momentum, step schedule), shortened.
 SGD = TrainSpec("sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step", step_size=15, epochs=40)
 
@@ -41,14 +36,6 @@ def extract_stage(name: str, split: str, limit: int, views: int) -> str:
     flip: true
     unit_samples: 64"""
 
-
-@pytest.fixture(scope="module")
-def cluster_address():
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0",
-                      scheduler_kwargs={"dashboard": False}) as cluster:
-        yield cluster.scheduler_address
 
 
 @pytest.fixture(scope="module")
