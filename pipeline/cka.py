@@ -622,18 +622,26 @@ def gram_rbf(X: Any, sigma_fraction: float = 1.0) -> np.ndarray:
         raise ConfigError(f"sigma_fraction must be positive; got {sigma_fraction}")
     x = _float64_block(X, "X")
     x -= x.mean(axis=0)  # distances are unchanged; smaller norms, less cancellation
-    g = x @ x.T
-    sq = np.diag(g).copy()
-    g *= -2.0
-    g += sq[:, None]
-    g += sq[None, :]
-    np.maximum(g, 0.0, out=g)  # round-off can leave tiny negative squared distances
-    median = float(np.median(g))
+    return rbf_gram_from_linear(x @ x.T, sigma_fraction)
+
+
+def rbf_gram_from_linear(gram: np.ndarray, sigma_fraction: float) -> np.ndarray:
+    """RBF Gram from a (centred) linear Gram K = X X^T, in place.
+
+    ``||x_i - x_j||^2 = K_ii + K_jj - 2 K_ij``; sigma^2 = sigma_fraction^2 x the median
+    squared distance, zeros included. Lets a task that already holds K skip re-reading X.
+    """
+    sq = np.diag(gram).copy()
+    gram *= -2.0
+    gram += sq[:, None]
+    gram += sq[None, :]
+    np.maximum(gram, 0.0, out=gram)  # round-off can leave tiny negative squared distances
+    median = float(np.median(gram))
     if median <= 0:
         raise ConfigError("RBF bandwidth is 0: over half the pairwise distances are 0 "
-                          "(duplicate or constant samples); use linear CKA")
-    g /= -2.0 * sigma_fraction**2 * median
-    return np.exp(g, out=g)
+                          "(duplicate or constant samples); use linear CKA (estimator: linear)")
+    gram /= -2.0 * sigma_fraction**2 * median
+    return np.exp(gram, out=gram)
 
 
 def rbf_cka(X: Any, Y: Any, sigma_fraction: float = 1.0, unbiased: bool = False) -> float:

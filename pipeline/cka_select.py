@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cka import GramAccumulator, LinearCKAAccumulator, MinibatchCKA
+from pipeline.cka import GramAccumulator, LinearCKAAccumulator, MinibatchCKA, rbf_gram_from_linear
 from pipeline.errors import ConfigError, StoreError, select_or_error
 from pipeline.store import PENDING, WRITTEN, open_root, read_attrs
 from pipeline.zarr_source import feature_slices, store_timesteps
@@ -240,25 +240,6 @@ def representation_gram(rep: Representation, positions: np.ndarray, read_bytes: 
         for j in range(0, columns.shape[1], step):
             acc.add(columns[:, j:j + step])
     return acc.gram()
-
-
-def rbf_gram_from_linear(gram: np.ndarray, sigma_fraction: float) -> np.ndarray:
-    """RBF Gram from a centred linear Gram, in place: as ``pipeline.cka.gram_rbf`` on X.
-
-    ``||x_i - x_j||^2 = K_ii + K_jj - 2 K_ij`` (centring leaves distances unchanged);
-    sigma^2 = sigma_fraction^2 x the median squared distance, zeros included.
-    """
-    sq = np.diag(gram).copy()
-    gram *= -2.0
-    gram += sq[:, None]
-    gram += sq[None, :]
-    np.maximum(gram, 0.0, out=gram)
-    median = float(np.median(gram))
-    if median <= 0:
-        raise ConfigError("RBF bandwidth is 0: over half the pairwise distances are 0 "
-                          "(duplicate or constant samples); use estimator: linear")
-    gram /= -2.0 * sigma_fraction**2 * median
-    return np.exp(gram, out=gram)
 
 
 def stream_pair_cka(rx: Representation, ry: Representation, pos_x: np.ndarray, pos_y: np.ndarray,

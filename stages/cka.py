@@ -205,7 +205,7 @@ def cka_tile(task: CKATask) -> dict:
     def grams(reps):
         for rep in reps:
             g = cka_select.representation_gram(rep, pos[rep.path], task.read_bytes)
-            yield g if sigma is None else cka_select.rbf_gram_from_linear(g, sigma)
+            yield g if sigma is None else cka.rbf_gram_from_linear(g, sigma)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
