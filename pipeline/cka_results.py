@@ -14,15 +14,13 @@ dimension, ``_stage``, ``_block``, ``_timestep``, ``_pool`` (map side), ``_featu
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.cka_select import Representation
 from pipeline.errors import StoreError
-from pipeline.store import ATTR_KEY, read_attrs
+from pipeline.store import read_attrs, write_results_dataset
 
 
 def _coords(prefix: str, reps: list[Representation]) -> dict:
@@ -95,7 +93,6 @@ def write_cka_output(output: Path, ds, rows: list[Representation], cols: list[Re
                      complete: bool) -> None:
     """CSV, PNG and the Dataset into ``output`` (an existing group); stamp attrs and consolidate last."""
     import pandas as pd
-    import zarr
 
     values = ds["cka"].values
     table = [{"row": r.label, "col": c.label, "cka": values[i, j],
@@ -104,15 +101,7 @@ def write_cka_output(output: Path, ds, rows: list[Representation], cols: list[Re
              for i, r in enumerate(rows) for j, c in enumerate(cols)]
     pd.DataFrame(table).to_csv(output / "cka.csv", index=False)
     save_matrix_png(ds, rows, cols, output / "cka.png", title)
-    meta = dict(ds.attrs[ATTR_KEY])
-    ds = ds.copy()
-    ds.attrs[ATTR_KEY] = meta | {"complete": False}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the folder also holds cka.csv, cka.png, tiles/
-        ds.to_zarr(output, mode="a", consolidated=False)
-        group = zarr.open_group(str(output), mode="r+", zarr_format=3)
-        group.attrs[ATTR_KEY] = json.loads(json.dumps(meta | {"complete": complete}, default=str))
-        zarr.consolidate_metadata(str(output))
+    write_results_dataset(ds, output, complete)
 
 
 def open_cka(path: str | Path):

@@ -23,7 +23,6 @@ Readers use the consolidated metadata, so the plain files beside it are never li
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import StoreError
-from pipeline.store import ATTR_KEY, read_attrs
+from pipeline.store import ATTR_KEY, read_attrs, write_results_dataset
 
 #: Dataset variable -> key of ``pipeline.training.train_heads``' result dicts.
 METRICS = {
@@ -139,22 +138,11 @@ def write_results(output: str | Path, ds, rows: Sequence[Mapping], complete: boo
     so readers never list the plain files beside the Zarr arrays.
     """
     import pandas as pd
-    import zarr
 
     output = Path(output)
     pd.DataFrame(list(rows)).to_csv(output / "results.csv", index=False)
     save_heatmaps(ds, output / "figures")
-    ds = ds.copy()
-    meta = dict(ds.attrs.get(ATTR_KEY, {}))
-    meta["complete"] = False
-    ds.attrs[ATTR_KEY] = meta
-    with warnings.catch_warnings():
-        # The folder holds results.csv, figures/ and cells/ too: zarr notes them while listing.
-        warnings.simplefilter("ignore")
-        ds.to_zarr(output, mode="a", consolidated=False)
-        group = zarr.open_group(str(output), mode="r+", zarr_format=3)
-        group.attrs[ATTR_KEY] = json.loads(json.dumps(meta | {"complete": complete}, default=str))
-        zarr.consolidate_metadata(str(output))
+    write_results_dataset(ds, output, complete)
 
 
 def open_results(path: str | Path):

@@ -466,3 +466,23 @@ class UnitWriter:
         self.thread.join()
         if self.error:
             raise self.error
+
+
+def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
+    """Write a results Dataset (probe, cka) into the stage output folder ``output``.
+
+    The stamp in ``ds.attrs["diffprobe"]`` is written with ``complete=False`` first and
+    set to ``complete`` only after the data, then metadata is consolidated last, so
+    readers never list the plain files (CSV, PNG) kept beside the arrays.
+    """
+    import zarr
+
+    meta = dict(ds.attrs.get(ATTR_KEY, {}))
+    ds = ds.copy()
+    ds.attrs[ATTR_KEY] = meta | {"complete": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr notes the plain files while listing the folder
+        ds.to_zarr(output, mode="a", consolidated=False)
+        group = zarr.open_group(str(output), mode="r+", zarr_format=3)
+        group.attrs[ATTR_KEY] = jsonable(meta | {"complete": complete})
+        zarr.consolidate_metadata(str(output))
