@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -45,6 +46,8 @@ from pipeline.errors import ConfigError
 
 #: zarr ``async.concurrency`` on workers (SCIENCE.md: 4-8 with many dask threads).
 ZARR_CONCURRENCY = 4
+#: Set in SLURM job scripts: non-daemonic workers (see ``_start_cluster``).
+SLURM_WORKER_ENV = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
 #: Attempts per task: the first and one retry.
 MAX_ATTEMPTS = 2
 #: Test hook: ``name[:n],...`` makes task ``name`` fail its first n attempts (default 1).
@@ -75,17 +78,20 @@ def _start_cluster(cfg: ClusterConfig):
                 f"cluster.n_workers and cluster.threads_per_worker must be >= 1; "
                 f"got {cfg.n_workers}, {cfg.threads_per_worker}"
             )
-        return LocalCluster(
-            n_workers=cfg.n_workers,
-            threads_per_worker=cfg.threads_per_worker,
-            memory_limit=cfg.memory_limit,
-            processes=True,
-            # A free port: the scheduler's HTTP server (health, metrics) starts even
-            # without a dashboard, and a fixed 8787 collides with other clusters.
-            dashboard_address=":0",
-            scheduler_kwargs={"dashboard": cfg.dashboard},
-            silence_logs=logging.ERROR,
-        )
+        # Non-daemonic worker processes may fork the probe's block-reader helper
+        # (pipeline/block_reader.py); daemonic ones fall back to a reader thread.
+        with dask.config.set({"distributed.worker.daemon": False}):
+            return LocalCluster(
+                n_workers=cfg.n_workers,
+                threads_per_worker=cfg.threads_per_worker,
+                memory_limit=cfg.memory_limit,
+                processes=True,
+                # A free port: the scheduler's HTTP server (health, metrics) starts even
+                # without a dashboard, and a fixed 8787 collides with other clusters.
+                dashboard_address=":0",
+                scheduler_kwargs={"dashboard": cfg.dashboard},
+                silence_logs=logging.ERROR,
+            )
     if cfg.kind == "address":
         if not cfg.address:
             raise ConfigError(
@@ -100,8 +106,12 @@ def _start_cluster(cfg: ClusterConfig):
             raise ConfigError(
                 "cluster kind 'slurm' needs dask-jobqueue: pip install diffprobe[slurm]"
             ) from None
+        options = dict(cfg.slurm)
+        # Worker processes that may fork the probe's block-reader helper (the batch
+        # job's cgroup ends them with the job either way).
+        options["job_script_prologue"] = [*options.get("job_script_prologue", []), SLURM_WORKER_ENV]
         try:
-            cluster = SLURMCluster(**cfg.slurm)
+            cluster = SLURMCluster(**options)
         except TypeError as exc:
             raise ConfigError(f"cluster.slurm: {exc} (keys are SLURMCluster's arguments)") from None
         cluster.scale(n=cfg.n_workers)
@@ -133,7 +143,11 @@ def get_client(cfg: ClusterConfig, log: Callable[[str], None] | None = None) -> 
             client.register_plugin(ZarrConcurrency(), name="diffprobe-zarr-concurrency")
             workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
             where = cfg.address if cluster is None else cfg.kind
-            log(f"dask cluster ({where}): {workers} worker(s)")
+            if cfg.kind == "slurm":
+                log(f"dask cluster (slurm): {cfg.n_workers} worker job(s) submitted, {workers} connected so far; "
+                    f"tasks start as the jobs do (squeue shows them)")
+            else:
+                log(f"dask cluster ({where}): {workers} worker(s)")
             if cfg.dashboard and client.dashboard_link:
                 if importlib.util.find_spec("bokeh") is None:
                     log("dask dashboard: not served (pip install bokeh to get one)")

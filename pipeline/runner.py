@@ -117,7 +117,17 @@ class Runner:
     def run(self, only: str | None = None, until: str | None = None, dry_run: bool = False) -> list[tuple[str, str]]:
         """Run the selected stages in order; returns (stage, action) rows."""
         report = []
-        for entry in self.select(only, until):
+        selected = self.select(only, until)
+        if self.shard[1] > 1:
+            whole = [f"{e.name!r} ({e.kind})" for e in selected if not self.stages[e.name].shardable]
+            if whole:
+                shardable = [e.name for e in self.wf.stages if self.stages[e.name].shardable]
+                raise ConfigError(
+                    f"--shard splits only extract and classify stages; {', '.join(whole)} would run whole in "
+                    f"every shard. Shard the stages {shardable} (--only NAME or --until NAME), then run "
+                    f"the rest once without --shard"
+                )
+        for entry in selected:
             state = output_state(entry.output, self.hashes[entry.name])
             if state.status == "complete" and not self.force:
                 action = "skip (up to date)"

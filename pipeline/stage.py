@@ -83,6 +83,9 @@ class Stage:
     kind: ClassVar[str] = "base"
     Config: ClassVar[type]
     output_suffix: ClassVar[str] = ".zarr"
+    #: Whether ``--shard i/N`` splits this stage's units between processes.
+    #: Stages that run on a dask cluster (or write one small result) take no shard.
+    shardable: ClassVar[bool] = False
 
     def fingerprint(self, cfg: Any, base_dir: Path) -> dict:
         """Extra content for the hash that the config alone does not capture (e.g. weights)."""

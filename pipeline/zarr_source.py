@@ -32,19 +32,22 @@ store. Shuffles depend only on (indices, seed, epoch) for a given store and
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.block_reader import BlockPlan, ProcessBuilder, ThreadBuilder, in_background, process_allowed
 from pipeline.errors import StoreError
 from pipeline.store import ATTR_KEY, WRITTEN, block_names, open_root
 
 #: Default shuffle buffer / slab cache of a :class:`ZarrSource`.
 DEFAULT_BUFFER_BYTES = 64 << 20
+#: Most consecutive slabs of a streamed block read in one call.
+RUN_SLABS = 4
 
 
 def pooled_key(block: str, size: int) -> str:
@@ -173,6 +176,8 @@ class ZarrSource:
         self._resident: dict[str, np.ndarray] | None = None
         self._memo: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._memo_bytes = 0
+        self._block_builder: ProcessBuilder | ThreadBuilder | None = None
+        self._next_pass: tuple[tuple, list] | None = None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -183,16 +188,12 @@ class ZarrSource:
 
     # ------------------------------------------------------------- reading
 
-    def _read_slab(self, slab: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        part = self.parts[self.slab_part[slab]]
-        lo = int(self.slab_start[slab] - self.offsets[self.slab_part[slab]])
-        hi = int(self.slab_stop[slab] - self.offsets[self.slab_part[slab]])
-        out = {}
-        for key in keys:
-            values = part.array[lo:hi, part.t_index[int(key[1:])]]
-            self.bytes_read += values.nbytes
-            out[key] = values
-        return out
+    def _read_slabs(self, first: int, last: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Rows of slabs ``first..last`` (consecutive, one part) in one read per key; not counted."""
+        part = self.parts[self.slab_part[first]]
+        lo = int(self.slab_start[first] - self.offsets[self.slab_part[first]])
+        hi = int(self.slab_stop[last] - self.offsets[self.slab_part[first]])
+        return {key: part.array[lo:hi, part.t_index[int(key[1:])]] for key in keys}
 
     def _slabs_of(self, indices: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.slab_start, indices, side="right") - 1
@@ -216,19 +217,15 @@ class ZarrSource:
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, nbytes)
 
     def _read_ahead(self, slabs: Sequence[int], keys: Sequence[str]) -> Iterator[tuple[int, dict]]:
-        """Yield ``(slab, data)`` in order while the next slab is read and decoded in a thread.
+        """Yield ``(slab, data)`` in order, read and decoded in a thread up to a quarter buffer ahead.
 
-        Blosc and crc32c release the GIL, so decoding overlaps the training step.
+        Blosc, crc32c and numpy copies release the GIL, so decoding overlaps the training step.
         """
-        if not len(slabs):
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="zarr-source") as pool:
-            future = pool.submit(self._read_slab, slabs[0], keys)
-            for i, slab in enumerate(slabs):
-                data = future.result()
-                if i + 1 < len(slabs):
-                    future = pool.submit(self._read_slab, slabs[i + 1], keys)
-                yield slab, data
+        slab_bytes = max(1, self.parts[0].chunk * self.item_bytes * len(keys))
+        ahead = max(2, self.buffer_bytes // 4 // slab_bytes)
+        for slab, data in in_background(((int(s), self._read_slabs(int(s), int(s), keys)) for s in slabs), ahead):
+            self.bytes_read += sum(v.nbytes for v in data.values())
+            yield slab, data
 
     def _fits(self) -> bool:
         return len(self) * self.item_bytes * len(self.shapes) <= self.buffer_bytes
@@ -257,8 +254,10 @@ class ZarrSource:
         else:
             resident, rows_of = self._subset(indices, keys), np.arange(len(indices))
         if resident is None:
-            stream = self._shuffled if shuffle else self._ordered
-            yield from stream(indices, batch_size, keys, rng)
+            if shuffle:
+                yield from self._shuffled(indices, batch_size, keys, seed, epoch)
+            else:
+                yield from self._ordered(indices, batch_size, keys)
             return
         order = rng.permutation(len(indices)) if shuffle else np.arange(len(indices))
         for b0 in range(0, len(order), batch_size):
@@ -283,7 +282,7 @@ class ZarrSource:
             dtype = self.parts[0].array.dtype
             fresh = {k: np.empty((len(indices), *self.map_shape), dtype=dtype) for k in missing}
             filled = 0
-            for x, _ in self._ordered(indices, 4096, missing, None):
+            for x, _ in self._ordered(indices, 4096, missing):
                 for k in missing:
                     fresh[k][filled:filled + len(x[k])] = x[k]
                 filled += len(x[missing[0]])
@@ -295,64 +294,154 @@ class ZarrSource:
             self._memo.move_to_end((k, digest))
         return {k: self._memo[(k, digest)] for k in keys}
 
-    def _shuffled(self, indices, batch_size, keys, rng) -> Iterator[tuple[dict, np.ndarray]]:
-        indices = np.sort(indices)
-        slabs = self._slabs_of(indices)
-        used, first = np.unique(slabs, return_index=True)
-        bounds = np.append(first, len(indices))
-        rows_of = {s: indices[bounds[i]:bounds[i + 1]] for i, s in enumerate(used)}
-        row_bytes = self.item_bytes * len(keys)
-        held: list[tuple[dict, np.ndarray]] = []
-        held_rows = 0
-        carry: tuple[dict, np.ndarray] | None = None
-        order = rng.permutation(used)
-        for n_done, (slab, data) in enumerate(self._read_ahead(order, keys), start=1):
-            rows = rows_of[slab]
-            local = rows - self.slab_start[slab]
-            held.append(({k: v[local] for k, v in data.items()}, self.labels[rows]))
-            held_rows += len(rows)
-            del data
-            last = n_done == len(order)
-            if held_rows * row_bytes < self.buffer_bytes // 4 and not last:
-                continue
-            if carry is not None:
-                held.insert(0, carry)
-            x = {k: np.concatenate([h[0][k] for h in held]) for k in keys}
-            y = np.concatenate([h[1] for h in held])
-            self._note_held(2 * len(y) * row_bytes)
-            held, held_rows = [], 0
-            perm = rng.permutation(len(y))
-            x = {k: v[perm] for k, v in x.items()}
-            y = y[perm]
-            n_full = len(y) if last else len(y) - len(y) % batch_size
-            for b0 in range(0, n_full, batch_size):
-                yield {k: v[b0:b0 + batch_size] for k, v in x.items()}, y[b0:b0 + batch_size]
-            carry = None if last else ({k: v[n_full:] for k, v in x.items()}, y[n_full:])
+    # ------------------------------------------------------------ streaming
 
-    def _ordered(self, indices, batch_size, keys, rng=None) -> Iterator[tuple[dict, np.ndarray]]:
-        # Slabs are read ahead in order of first need and dropped after their last
-        # batch: for sorted indices (train_heads' passes) that is ~2 slabs at a time.
-        batch_slabs = [self._slabs_of(indices[b0:b0 + batch_size])
-                       for b0 in range(0, len(indices), batch_size)]
-        first_need = list(dict.fromkeys(int(s) for slabs in batch_slabs for s in slabs))
-        last_batch = {int(s): b for b, slabs in enumerate(batch_slabs) for s in slabs}
-        reader = self._read_ahead(first_need, keys)
-        cache: dict[int, dict] = {}
-        for b, slabs in enumerate(batch_slabs):
-            rows = indices[b * batch_size:(b + 1) * batch_size]
-            needed = np.unique(slabs)
-            while any(int(s) not in cache for s in needed):
-                slab, data = next(reader)
-                cache[slab] = data
-            self._note_held(sum(v.nbytes for d in cache.values() for v in d.values()))
-            x = {}
-            for k in keys:
-                out = np.empty((len(rows), *self.map_shape), dtype=self.parts[0].array.dtype)
-                for slab in needed:
-                    mask = slabs == slab
-                    out[mask] = cache[int(slab)][k][rows[mask] - self.slab_start[slab]]
-                x[k] = out
-            for slab in needed:
-                if last_batch[int(slab)] == b:
-                    del cache[int(slab)]
-            yield x, self.labels[rows]
+    def _builder(self):
+        """The block builder of streamed passes: a helper process where allowed, else a thread."""
+        if self._block_builder is None:
+            dtype = self.parts[0].array.dtype
+            if process_allowed():
+                max_rows = max(self.block_rows(len(self.shapes)), max(p.chunk for p in self.parts))
+                self._block_builder = ProcessBuilder(self._read_slabs, self.map_shape, dtype,
+                                                     max_rows * self.item_bytes * len(self.shapes))
+                weakref.finalize(self, self._block_builder.close)
+            else:
+                self._block_builder = ThreadBuilder(self._read_slabs, self.map_shape, dtype)
+        return self._block_builder
+
+    def close(self) -> None:
+        """Stop the helper process of streamed passes, if one was started (also done at exit)."""
+        if self._block_builder is not None:
+            self._block_builder.close()
+            self._block_builder = None
+
+    def __enter__(self) -> ZarrSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def block_rows(self, n_keys: int) -> int:
+        """Rows of a streamed block: a quarter of the buffer (at least one)."""
+        return max(1, self.buffer_bytes // 4 // (self.item_bytes * n_keys))
+
+    def _plan(self, groups: list[list[tuple[int, np.ndarray, np.ndarray]]]) -> list[tuple[BlockPlan, np.ndarray]]:
+        """Blocks from ``(slab, sample positions, block rows)`` pieces, with their labels.
+
+        A block's pieces are merged per slab, and runs of up to :data:`RUN_SLABS`
+        consecutive slabs of one store are read in one call (fewer, larger reads).
+        """
+        plans = []
+        for pieces in groups:
+            by_slab: dict[int, list] = {}
+            for slab, rows, dest in pieces:
+                by_slab.setdefault(int(slab), []).append((rows, dest))
+            y = np.empty(sum(len(rows) for _, rows, _ in pieces), dtype=np.int64)
+            runs: list[list[int]] = []
+            for slab in sorted(by_slab):
+                if (runs and slab == runs[-1][-1] + 1 and len(runs[-1]) < RUN_SLABS
+                        and self.slab_part[slab] == self.slab_part[runs[-1][0]]):
+                    runs[-1].append(slab)
+                else:
+                    runs.append([slab])
+            merged = []
+            for run in runs:
+                rows = np.concatenate([r for slab in run for r, _ in by_slab[slab]])
+                dest = np.concatenate([d for slab in run for _, d in by_slab[slab]])
+                merged.append((run[0], run[-1], rows - self.slab_start[run[0]], dest))
+                y[dest] = self.labels[rows]
+            plans.append((BlockPlan(tuple(merged), len(y)), y))
+        return plans
+
+    def _stream(self, plans, batch_size, keys, ahead: Sequence[BlockPlan] = ()) -> Iterator[tuple[dict, np.ndarray]]:
+        """Serve blocks in order as batches of ``batch_size`` (rows left at a block's end open the next).
+
+        ``ahead``: the next pass's likely first blocks, which the builder may start on
+        as soon as this pass is served.
+        """
+        builder = self._builder()
+        for plan, _ in plans:
+            rows = sum(int(self.slab_stop[last] - self.slab_start[first]) for first, last, _, _ in plan.pieces)
+            self.bytes_read += rows * self.item_bytes * len(keys)
+            self._note_held(2 * plan.n_rows * self.item_bytes * len(keys))
+        carry_x: dict[str, list] = {k: [] for k in keys}
+        carry_y: list[np.ndarray] = []
+        for i, x in enumerate(builder.blocks([p for p, _ in plans], keys, ahead)):
+            y = plans[i][1]
+            start = 0
+            if carry_y:
+                start = min(batch_size - sum(map(len, carry_y)), len(y))
+                for k in keys:
+                    carry_x[k].append(x[k][:start].copy())
+                carry_y.append(y[:start])
+                if sum(map(len, carry_y)) == batch_size:
+                    yield {k: np.concatenate(v) for k, v in carry_x.items()}, np.concatenate(carry_y)
+                    carry_x, carry_y = {k: [] for k in keys}, []
+            stop = start + (len(y) - start) // batch_size * batch_size
+            for b0 in range(start, stop, batch_size):  # copies: the builder reuses its memory
+                yield {k: v[b0:b0 + batch_size].copy() for k, v in x.items()}, y[b0:b0 + batch_size]
+            if stop < len(y):
+                for k in keys:
+                    carry_x[k].append(x[k][stop:].copy())
+                carry_y.append(y[stop:])
+        if carry_y:
+            yield {k: np.concatenate(v) for k, v in carry_x.items()}, np.concatenate(carry_y)
+
+    def _shuffled(self, indices, batch_size, keys, seed, epoch) -> Iterator[tuple[dict, np.ndarray]]:
+        indices = np.sort(indices)
+        digest = (hashlib.sha1(indices.tobytes()).hexdigest(), tuple(keys), seed)
+        if self._next_pass is not None and self._next_pass[0] == (*digest, epoch):
+            plans = self._next_pass[1]
+        else:
+            plans = self._shuffle_plans(indices, keys, np.random.default_rng([seed, epoch, 0xB0F]))
+        # The next epoch's plan, whose first block the helper builds while the caller
+        # does something else (say, a validation pass served from memory).
+        upcoming = self._shuffle_plans(indices, keys, np.random.default_rng([seed, epoch + 1, 0xB0F]))
+        self._next_pass = ((*digest, epoch + 1), upcoming)
+        yield from self._stream(plans, batch_size, keys, ahead=[plan for plan, _ in upcoming[:2]])
+
+    def _shuffle_plans(self, indices, keys, rng) -> list[tuple[BlockPlan, np.ndarray]]:
+        # Slabs in a seeded random order, gathered into blocks of whole slabs of about a
+        # quarter buffer, each block's rows scattered through its own seeded permutation.
+        used, first = np.unique(self._slabs_of(indices), return_index=True)
+        bounds = np.append(first, len(indices))
+        rows_of = {int(s): indices[bounds[i]:bounds[i + 1]] for i, s in enumerate(used)}
+        limit = self.block_rows(len(keys))
+        groups: list[list[int]] = [[]]
+        n_rows = 0
+        for slab in rng.permutation(used).tolist():
+            if n_rows and n_rows + len(rows_of[slab]) > limit:
+                groups.append([])
+                n_rows = 0
+            groups[-1].append(slab)
+            n_rows += len(rows_of[slab])
+        blocks = []
+        for group in groups:
+            perm = rng.permutation(sum(len(rows_of[s]) for s in group))
+            pieces, pos = [], 0
+            for slab in group:
+                rows = rows_of[slab]
+                pieces.append((slab, rows, perm[pos:pos + len(rows)]))
+                pos += len(rows)
+            blocks.append(pieces)
+        return self._plan(blocks)
+
+    def _ordered(self, indices, batch_size, keys) -> Iterator[tuple[dict, np.ndarray]]:
+        # Blocks of consecutive positions, cut where the slab changes once a block is
+        # full: sorted positions read every slab once; unsorted ones re-read a slab for
+        # each block that needs it.
+        if not len(indices):
+            return
+        slabs = self._slabs_of(indices)
+        change = np.flatnonzero(np.diff(slabs)) + 1
+        runs = np.split(np.arange(len(indices)), change)
+        limit = self.block_rows(len(keys))
+        blocks: list[list] = [[]]
+        n_rows = 0
+        for run in runs:
+            if n_rows and n_rows + len(run) > limit:
+                blocks.append([])
+                n_rows = 0
+            blocks[-1].append((int(slabs[run[0]]), indices[run], np.arange(n_rows, n_rows + len(run))))
+            n_rows += len(run)
+        yield from self._stream(self._plan(blocks), batch_size, keys)

@@ -353,6 +353,7 @@ def classify_units(clf: Classifier, output: Path, units: list[int], desc: str = 
 
 class ClassifyStage(Stage):
     kind = "classify"
+    shardable = True
     Config = ClassifyConfig
     output_suffix = ".zarr"
 

@@ -290,6 +290,7 @@ def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "ex
 
 class ExtractStage(Stage):
     kind = "extract"
+    shardable = True
     Config = ExtractConfig
     output_suffix = ".zarr"
 

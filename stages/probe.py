@@ -176,14 +176,14 @@ def train_group(task: GroupTask) -> list[dict]:
 
     raise_injected_fault(task)
     torch.set_num_threads(task.torch_threads)  # same arithmetic on every kind of worker
-    source = ZarrSource(task.parts, task.timesteps, buffer_bytes=task.buffer_bytes)
-    train_idx, test_idx = group_splits(source, task)
-    groups = np.unique(source.image_ids, return_inverse=True)[1]
-    cells = [(t, name, head, recipe) for t in task.timesteps for name, head, recipe in task.heads]
-    jobs = [HeadJob(head, recipe, timestep_key(t)) for t, _, head, recipe in cells]
-    results = train_heads(source, train_idx, test_idx, jobs, batch_size=task.batch_size,
-                          eval_batch_size=task.eval_batch_size, val_fraction=task.val_fraction,
-                          groups=groups, num_classes=task.num_classes, seed=task.seed)
+    with ZarrSource(task.parts, task.timesteps, buffer_bytes=task.buffer_bytes) as source:
+        train_idx, test_idx = group_splits(source, task)
+        groups = np.unique(source.image_ids, return_inverse=True)[1]
+        cells = [(t, name, head, recipe) for t in task.timesteps for name, head, recipe in task.heads]
+        jobs = [HeadJob(head, recipe, timestep_key(t)) for t, _, head, recipe in cells]
+        results = train_heads(source, train_idx, test_idx, jobs, batch_size=task.batch_size,
+                              eval_batch_size=task.eval_batch_size, val_fraction=task.val_fraction,
+                              groups=groups, num_classes=task.num_classes, seed=task.seed)
     rows = []
     for (t, name, _, _), result in zip(cells, results):
         rows.append({"block": task.block, "timestep": int(t), "pool": task.pool, "head": name, **result,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
 
 from pipeline import store
 from pipeline.config import load_workflow
-from pipeline.errors import ConfigError, DiffprobeError, StoreError
+from pipeline.errors import ConfigError, DiffprobeError
 from pipeline.heads import HeadSpec
 from pipeline.runner import Runner
 from pipeline.training import TrainSpec, split_validation
@@ -147,73 +146,6 @@ def test_one_read_feeds_many_heads(wf):
         assert [a[f] for f in fields] == [b[f] for f in fields]
 
 
-def _synthetic(path, n=512, channels=16, p=4, failed=()):
-    layout = store.plan_layout(n, {"b": (channels, p, p)}, [1, 2], unit_samples=64)
-    samples = store.SampleTable([f"im{i}" for i in range(n)], [0] * n, [False] * n, [i % 4 for i in range(n)])
-    store.create_store(path, layout, samples, list("abcd"), {"stage": "extract", "stage_hash": "x"})
-    root = store.open_root(path, mode="r+")
-    values = np.arange(n, dtype=np.float32)[:, None, None, None, None] * np.ones((1, 2, channels, p, p))
-    values[:, 1] *= -1
-    for u in range(layout.n_units):
-        a, b = layout.unit_range(u)
-        store.write_unit(root, layout, u, {"b": values[a:b].astype(np.float32)},
-                         {i - a: "bad" for i in failed if a <= i < b})
-    return str(path), "blocks/b/activations"
-
-
-def test_zarr_source_streams_every_sample_once_within_its_buffer(tmp_path):
-    part = _synthetic(tmp_path / "s.zarr", n=1024, failed=(5,))
-    small = 16 << 10
-    source = ZarrSource([part], [1, 2], buffer_bytes=small)
-    assert source.shapes == {"t1": (16, 4, 4), "t2": (16, 4, 4)} and not source.usable[5]
-    idx = np.flatnonzero(source.usable)[::2]
-    orders = []
-    for epoch in (0, 0, 1):
-        seen = []
-        for x, y in source.iter_batches(idx, 32, keys=["t1", "t2"], shuffle=True, seed=3, epoch=epoch):
-            rows = x["t1"][:, 0, 0, 0].astype(int)
-            assert len(rows) <= 32 and (x["t2"][:, 0, 0, 0] == -rows).all() and (y == rows % 4).all()
-            seen += rows.tolist()
-        assert sorted(seen) == idx.tolist()
-        orders.append(seen)
-    assert orders[0] == orders[1] != orders[2] and orders[0] != idx.tolist()
-    ordered = [x["t1"][:, 0, 0, 0] for x, _ in source.iter_batches(idx[::-1], 100, keys=["t1"], shuffle=False,
-                                                                     seed=0, epoch=0)]
-    assert np.concatenate(ordered).astype(int).tolist() == idx[::-1].tolist()
-    slab = 64 * 16 * 16 * 2 * 2  # one 64-sample chunk of both keys, float16
-    assert source.peak_buffer_bytes <= 2 * small + 2 * slab
-    with pytest.raises(StoreError, match="not written"):
-        next(source.iter_batches([4, 5], 2, keys=["t1"], shuffle=False, seed=0, epoch=0))
-    val = idx[:8]  # 8 KiB of both keys: kept after one read, though the slice is 64x the buffer
-    before = source.bytes_read
-    for epoch in range(3):
-        got = [int(v) for x, _ in source.iter_batches(val, 8, keys=["t1", "t2"], shuffle=epoch > 0, seed=0,
-                                                      epoch=epoch) for v in x["t1"][:, 0, 0, 0]]
-        assert sorted(got) == val.tolist()
-    assert source.bytes_read - before == slab  # the one slab holding them, read once
-    resident = ZarrSource([part], [1, 2])  # 2 MiB slice < the default buffer: decoded once
-    for epoch in range(3):
-        got = sorted(int(v) for x, _ in resident.iter_batches(idx, 32, keys=["t2"], shuffle=True, seed=0,
-                                                              epoch=epoch) for v in -x["t2"][:, 0, 0, 0])
-        assert got == idx.tolist()
-    assert resident.bytes_read == 1024 * 2 * 16 * 4 * 4 * 2  # float16, every key once
-
-
-def test_training_from_a_store_larger_than_the_buffer_stays_within_it(tmp_path):
-    part = _synthetic(tmp_path / "big.zarr", n=4096)  # 4 MiB per timestep
-    source = ZarrSource([part], [1], buffer_bytes=128 << 10)
-    idx = np.arange(4096)
-    list(source.iter_batches(idx[:64], 32, keys=["t1"], shuffle=True, seed=0, epoch=0))  # warm imports
-    tracemalloc.start()
-    try:
-        for _ in source.iter_batches(idx, 32, keys=["t1"], shuffle=True, seed=0, epoch=1):
-            pass
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < (4 << 20) / 4, f"peak {peak / 2**20:.2f} MiB while streaming a 4 MiB slice"
-
-
 def test_probe_grid_trains_all_four_heads_and_writes_results(wf, capsys):
     import xarray as xr
     from click.testing import CliRunner
@@ -270,3 +202,10 @@ def test_failed_group_is_retried_once_and_reported(wf, monkeypatch, capsys):
     assert "1 group(s) to do" in capsys.readouterr().err
     assert store.read_attrs(out)["complete"]
     assert np.isfinite(xr.open_zarr(out)["accuracy"].sel(head="linear", block="mid_block")).all()
+
+
+def test_shard_is_refused_for_stages_that_would_run_whole_in_every_shard(wf):
+    with pytest.raises(ConfigError, match=r"--shard splits only extract and classify stages; 'grid' \(probe\)"):
+        Runner(wf, shard=(1, 2), progress=False).run(only="grid")
+    report = Runner(wf, shard=(1, 2), progress=False).run(until="te", dry_run=True)  # extracts only: fine
+    assert [name for name, _ in report] == ["tr", "te"]
