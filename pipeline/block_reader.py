@@ -9,8 +9,9 @@ block, the next is read and decoded by a *builder*:
 - :class:`ProcessBuilder`: a forked helper process that reads the slabs and fills
   the block into one of two shared-memory segments. zarr-python's read path is
   mostly Python (asyncio, the sharding index, crc32c under the GIL): in a thread
-  it holds the GIL for ~60 % of its time and slows the training step that runs
-  beside it by a quarter (benchmarks/RESULTS.md); in its own process it does not.
+  it holds the GIL for ~60 % of its time, and training beside it took 1.39x as
+  long; beside the same reads in a process, 1.17x (benchmarks/reader_contention.py,
+  results in benchmarks/RESULTS.md).
 - :class:`ThreadBuilder`: the same work in a thread, for processes that may not
   fork children (dask's nanny starts workers as daemonic processes) and for
   platforms without ``fork``.
@@ -188,6 +189,9 @@ class ProcessBuilder:
         )
         self.process.start()
         child_conn.close()
+        # The child has its copy; the parent's Process object (which multiprocessing
+        # keeps until reaped) must not keep the source alive through read_slabs.
+        self.process._target, self.process._args = None, ()
         self._finalizer = weakref.finalize(self, _shutdown, self.conn, self.process, self.segments)
         self._ahead: tuple[list[BlockPlan], int, list[str]] | None = None
 

@@ -8,25 +8,27 @@ A *feature slice* is what one probe-grid read needs: one block at one pooling si
 
 :class:`ZarrSource` implements ``pipeline.training.BatchSource`` over one slice of
 one or more stores, its timesteps served as keys ``"t<t>"``. It reads *slabs*
-(one inner chunk along ``sample``: a contiguous, chunk-aligned range of samples),
-decoding the next slab in a background thread while the current one is used, and
-holds at most about ``buffer_bytes`` of features:
+(one inner chunk along ``sample``: a contiguous, chunk-aligned range of samples)
+and holds at most about ``buffer_bytes`` of features:
 
 - a slice (all its timesteps) that fits in ``buffer_bytes`` is decoded once and
   served from memory afterwards (a global shuffle per epoch): no pass re-reads;
 - in a larger slice, a sample subset that fits in half the buffer (typically
   the validation and test splits) is decoded once and kept, so later passes
   over it cost no reads;
-- other passes stream: shuffled passes visit slabs in a seeded random order and
-  shuffle the rows of a buffer of ``buffer_bytes / 4`` of slabs (the usual
-  shuffle buffer of streaming loaders: chunk-level + in-buffer randomness);
-  ordered passes (statistics) read each slab once and drop it after its last
-  batch.
+- other passes stream, cut into *blocks* of about ``buffer_bytes / 4``: a
+  shuffled pass visits slabs in a seeded random order, and each block (whole
+  slabs) is scattered through its own seeded permutation (the usual shuffle
+  buffer of streaming loaders: chunk-level + in-buffer randomness); an ordered
+  pass keeps the order asked. While one block is served, the next is read by a
+  helper process (:mod:`pipeline.block_reader`; a thread where a process may not
+  fork), and when a shuffled pass ends, the helper starts on the next epoch's
+  first blocks.
 
-Memory: at most ``buffer_bytes`` of kept subsets and shuffle buffer (a filled
-quarter-buffer and its shuffled copy) plus two slabs, whatever the size of the
-store. Shuffles depend only on (indices, seed, epoch) for a given store and
-``buffer_bytes``.
+Memory: kept subsets up to half the buffer, streamed blocks up to the other half
+(two blocks: one served, one being built), plus a few slabs being decoded,
+whatever the size of the store. Shuffles depend only on (indices, seed, epoch) for
+a given store and ``buffer_bytes``, not on the builder.
 """
 
 from __future__ import annotations
@@ -301,9 +303,10 @@ class ZarrSource:
         if self._block_builder is None:
             dtype = self.parts[0].array.dtype
             if process_allowed():
-                max_rows = max(self.block_rows(len(self.shapes)), max(p.chunk for p in self.parts))
+                # A block holds block_rows(k) rows of k keys, or one slab's rows if more.
+                slab = max(p.chunk for p in self.parts) * self.item_bytes * len(self.shapes)
                 self._block_builder = ProcessBuilder(self._read_slabs, self.map_shape, dtype,
-                                                     max_rows * self.item_bytes * len(self.shapes))
+                                                     max(self.buffer_bytes // 4, slab))
                 weakref.finalize(self, self._block_builder.close)
             else:
                 self._block_builder = ThreadBuilder(self._read_slabs, self.map_shape, dtype)
