@@ -174,3 +174,10 @@ def test_slurm_cluster_runs_the_grid_through_sbatch(tmp_path, monkeypatch, capsy
     assert np.isfinite(a["accuracy"]).all()
     for name in ("accuracy", "top5", "val_accuracy", "epochs_run"):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+def test_local_cluster_workers_may_fork_the_block_reader():
+    from pipeline.block_reader import process_allowed
+
+    with get_client(ClusterConfig(kind="local", n_workers=1, threads_per_worker=1), log=lambda _: None) as client:
+        assert list(client.run(process_allowed).values()) == [True]
