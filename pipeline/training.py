@@ -34,6 +34,7 @@ over the validation set, and finally one pass over the test set.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.heads import HeadSpec, build_head, count_parameters
+
+#: torch's default generator is one per process. Heads trained in several threads of
+#: one process (a dask worker with threads_per_worker > 1) take turns where they
+#: use it (initial weights, dropout masks), so results do not depend on timing.
+_TORCH_RNG = threading.Lock()
 
 #: Slice key of a source built from a single array.
 DEFAULT_KEY = "x"
@@ -269,18 +275,25 @@ class _HeadRun:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         start = time.perf_counter()
-        # Each head draws dropout masks from its own stream, so its result does not
-        # depend on which other heads share the pass.
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self.rng_state)
-            loss = F.cross_entropy(self.model(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.rng_state = torch.get_rng_state()
+        if self.job.head.dropout > 0:
+            # Each head draws dropout masks from its own stream, so its result does not
+            # depend on which other heads share the pass (or run in other threads).
+            with _TORCH_RNG, torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(self.rng_state)
+                loss = self._step(x, y)
+                self.rng_state = torch.get_rng_state()
+        else:  # draws no random numbers: no need to take a turn
+            loss = self._step(x, y)
         if not torch.isfinite(loss):
             self.active, self.diverged = False, True
         self.compute_s += time.perf_counter() - start
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
 
     def end_epoch(self, epoch: int, val_top1: float | None) -> None:
         self.epochs_run = epoch + 1
@@ -363,7 +376,7 @@ def train_heads(
 
     runs = []
     for job in jobs:
-        with torch.random.fork_rng(devices=[]):
+        with _TORCH_RNG, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = build_head(job.head, source.shapes[job.key], num_classes)
             model = Standardized(head, moments[job.key].mean, moments[job.key].std())

@@ -77,7 +77,7 @@ class ProbeConfig:
     batch_size: int = 32
     eval_batch_size: int = 512
     seed: int = 0
-    buffer_mib: int = 64
+    buffer_mib: float = 64
     torch_threads: int = 1
 
     def __post_init__(self):
@@ -91,9 +91,11 @@ class ProbeConfig:
             raise ValueError(f"'test_fraction' must be in (0, 1), got {self.test_fraction}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"'val_fraction' must be in [0, 1), got {self.val_fraction}")
-        for name in ("batch_size", "eval_batch_size", "buffer_mib", "torch_threads"):
+        for name in ("batch_size", "eval_batch_size", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        if not self.buffer_mib > 0:
+            raise ValueError(f"'buffer_mib' must be > 0 (MiB of features a task may hold), got {self.buffer_mib}")
         for head in self.heads:
             self.recipe(head)
 
@@ -254,7 +256,7 @@ def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
             name = f"{block}/p{pool}"
             tasks.append(GroupTask(
                 name, block, pool, tuple(parts), tuple(timesteps), heads, len(classes), cfg.test_fraction,
-                cfg.val_fraction, cfg.batch_size, cfg.eval_batch_size, cfg.seed, cfg.buffer_mib << 20,
+                cfg.val_fraction, cfg.batch_size, cfg.eval_batch_size, cfg.seed, int(cfg.buffer_mib * 2**20),
                 cfg.torch_threads, fail_attempts=injected_failures(name),
             ))
     if not tasks:

@@ -181,3 +181,33 @@ def test_local_cluster_workers_may_fork_the_block_reader():
 
     with get_client(ClusterConfig(kind="local", n_workers=1, threads_per_worker=1), log=lambda _: None) as client:
         assert list(client.run(process_allowed).values()) == [True]
+
+
+def test_streamed_probe_in_two_thread_workers_is_the_same_with_either_block_reader(tmp_path, monkeypatch):
+    """A buffer far smaller than the slices: every pass streams through forked helpers (or threads)."""
+    import pandas as pd
+    import xarray as xr
+
+    from pipeline.block_reader import BUILDER_ENV
+
+    cluster = "{kind: local, n_workers: 1, threads_per_worker: 2}"
+    results = {}
+    for kind in ("process", "thread"):
+        monkeypatch.setenv(BUILDER_ENV, kind)  # inherited by the worker processes
+        path = _workflow(tmp_path, cluster, f"streamed-{kind}")
+        path.write_text(path.read_text().replace("    test_fraction: 0.25\n",
+                                                 "    test_fraction: 0.25\n    buffer_mib: 0.01\n"))
+        wf = load_workflow(path)
+        Runner(wf, progress=False).run()
+        out = wf.stage("probe").output
+        results[kind] = xr.open_zarr(out).load()
+        cells = pd.read_csv(out / "results.csv")
+        slice_bytes = 160 * 2 * 16 * 2 * 2 * 2  # samples x timesteps x 16 channels x 2x2 x float16
+        assert (cells["peak_buffer_bytes"] < slice_bytes / 2).all()  # the slices never sat in memory
+        assert (cells["read_bytes"] > 5 * slice_bytes).all()  # streamed: read again on every pass
+        results[kind + " reads"] = cells["read_bytes"].to_numpy()
+    a, b = results["process"], results["thread"]
+    assert np.isfinite(a["accuracy"]).all() and float(a["accuracy"].mean()) > 0.3  # chance: 0.1
+    np.testing.assert_array_equal(results["process reads"], results["thread reads"])
+    for name in ("accuracy", "top5", "val_accuracy", "epochs_run", "best_epoch"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)

@@ -197,6 +197,26 @@ def test_same_seed_is_bit_reproducible_and_seed_matters(digits):
         assert not state_dicts_equal(a["model"], c["model"])
 
 
+def test_heads_trained_in_parallel_threads_match_a_lone_run(digits):
+    """Two tasks in one process (a dask worker with 2 threads) share torch's generator."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, y, train, test = digits
+    source = ArraySource(x.reshape(-1, 4, 4, 4), y)
+    jobs = [HeadJob(HeadSpec("mlp", hidden=32, dropout=0.3), TrainSpec(epochs=3)),
+            HeadJob(HeadSpec("linear"), TrainSpec(epochs=3))]
+
+    def run(seed):
+        return train_heads(source, train[:500], test, jobs, batch_size=32, seed=seed, return_models=True)
+
+    alone = {seed: run(seed) for seed in (0, 1)}
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, [0, 1, 0, 1]))
+    for seed, results in zip([0, 1, 0, 1], together):
+        for a, b in zip(alone[seed], results):
+            assert state_dicts_equal(a["model"], b["model"]) and a["top1"] == b["top1"]
+
+
 def test_heads_read_their_own_feature_slice_in_one_pass(digits):
     x, y, train, test = digits
     noise = np.random.default_rng(0).standard_normal((len(y), 64, 1, 1)).astype(np.float32)
