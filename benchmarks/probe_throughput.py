@@ -150,7 +150,8 @@ def main() -> None:
         folder = args.folder or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         print("| case | slice MiB | buffer MiB | train: streamed / in-memory samples/s | train ratio "
-              "| whole call: streamed / in-memory samples/s | whole-call ratio | read MiB | top-1 (zarr / memory) |")
+              "| whole call: streamed / in-memory samples/s | whole-call ratio | read MiB "
+              "| top-1 (zarr / memory) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name, (channels, p, heads, buffer_mib, codecs) in CASES.items():
             if args.only and args.only not in name:

@@ -42,8 +42,8 @@ def keep_reading(path: str, stop) -> None:
 
 def main() -> None:
     import torch
-
     from probe_throughput import RAW, write_store
+
     from pipeline.heads import HeadSpec
     from pipeline.training import ArraySource, HeadJob, TrainSpec, train_heads
 

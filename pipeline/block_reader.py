@@ -53,7 +53,8 @@ class BlockPlan:
     n_rows: int
 
 
-def fill_block(read_slabs: ReadSlabss, plan: BlockPlan, keys: Sequence[str], out: dict[str, np.ndarray]) -> None:
+def fill_block(read_slabs: ReadSlabs, plan: BlockPlan, keys: Sequence[str],
+               out: dict[str, np.ndarray]) -> None:
     """Read each run of slabs of ``plan`` once and scatter its rows into ``out[key][:plan.n_rows]``."""
     for first, last, local, dest in plan.pieces:
         data = read_slabs(first, last, keys)
@@ -123,7 +124,7 @@ def in_background(items: Iterator, alive: int) -> Iterator:
 class ThreadBuilder:
     """Builds blocks in one background thread; each block is a fresh array."""
 
-    def __init__(self, read_slabs: ReadSlabss, row_shape: tuple[int, ...], dtype):
+    def __init__(self, read_slabs: ReadSlabs, row_shape: tuple[int, ...], dtype):
         self.read_slabs, self.row_shape, self.dtype = read_slabs, row_shape, np.dtype(dtype)
 
     def blocks(self, plans: Sequence[BlockPlan], keys: Sequence[str],
@@ -141,7 +142,7 @@ class ThreadBuilder:
         pass
 
 
-def _child(conn, read_slabs: ReadSlabss, segments: list[mmap.mmap], row_shape, dtype) -> None:
+def _child(conn, read_slabs: ReadSlabs, segments: list[mmap.mmap], row_shape, dtype) -> None:
     """The helper's loop: ``(slot, plan, keys)`` in, ``None`` or an error text out; ``None`` in ends it."""
     while True:
         try:
@@ -162,8 +163,8 @@ def _views(segment: mmap.mmap, keys, row_shape, dtype) -> dict[str, np.ndarray]:
     """Per-key ``(capacity, *row_shape)`` arrays laid end to end in ``segment``."""
     row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
     capacity = len(segment) // (row_bytes * len(keys))
-    return {k: np.ndarray((capacity, *row_shape), dtype=dtype, buffer=segment, offset=i * capacity * row_bytes)
-            for i, k in enumerate(keys)}
+    return {k: np.ndarray((capacity, *row_shape), dtype=dtype, buffer=segment,
+                          offset=i * capacity * row_bytes) for i, k in enumerate(keys)}
 
 
 class ProcessBuilder:
@@ -177,7 +178,7 @@ class ProcessBuilder:
     may overwrite it: consumers copy what they keep (``ZarrSource`` yields copies).
     """
 
-    def __init__(self, read_slabs: ReadSlabss, row_shape: tuple[int, ...], dtype, nbytes: int):
+    def __init__(self, read_slabs: ReadSlabs, row_shape: tuple[int, ...], dtype, nbytes: int):
         self.row_shape, self.dtype = row_shape, np.dtype(dtype)
         nbytes = max(int(nbytes), int(np.prod(row_shape)) * self.dtype.itemsize)
         self.segments = [mmap.mmap(-1, nbytes) for _ in range(2)]  # MAP_SHARED | MAP_ANONYMOUS

@@ -40,7 +40,7 @@ import numpy as np
 from pipeline.cka import GramAccumulator, LinearCKAAccumulator, MinibatchCKA, rbf_gram_from_linear
 from pipeline.errors import ConfigError, StoreError, select_or_error
 from pipeline.store import PENDING, WRITTEN, open_root, read_attrs
-from pipeline.zarr_source import feature_slices, store_timesteps
+from pipeline.slices import feature_slices, store_timesteps
 
 #: Stage kinds whose outputs hold representations.
 STORE_STAGES = ("extract", "pool")

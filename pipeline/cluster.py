@@ -144,8 +144,8 @@ def get_client(cfg: ClusterConfig, log: Callable[[str], None] | None = None) -> 
             workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
             where = cfg.address if cluster is None else cfg.kind
             if cfg.kind == "slurm":
-                log(f"dask cluster (slurm): {cfg.n_workers} worker job(s) submitted, {workers} connected so far; "
-                    f"tasks start as the jobs do (squeue shows them)")
+                log(f"dask cluster (slurm): {cfg.n_workers} worker job(s) submitted, {workers} connected "
+                    f"so far; tasks start as the jobs do (squeue shows them)")
             else:
                 log(f"dask cluster ({where}): {workers} worker(s)")
             if cfg.dashboard and client.dashboard_link:

@@ -1,10 +1,4 @@
-"""Feature slices of diffprobe stores, and a BatchSource that streams them from Zarr.
-
-A *feature slice* is what one probe-grid read needs: one block at one pooling size,
-``(sample, timestep, C, p, p)``. An extraction store offers one slice per block
-(``blocks/<block>/activations``, pool = the stored map side); a pooled store (the
-``pool`` stage) offers one per (block, size), at ``blocks/<block>/p<size>/activations``
-(:func:`pooled_key` is the one place that spells the name).
+"""A BatchSource that streams one feature slice (:mod:`pipeline.slices`) of stores from Zarr.
 
 :class:`ZarrSource` implements ``pipeline.training.BatchSource`` over one slice of
 one or more stores, its timesteps served as keys ``"t<t>"``. It reads *slabs*
@@ -37,64 +31,19 @@ import hashlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.block_reader import BlockPlan, ProcessBuilder, ThreadBuilder, in_background, process_allowed
 from pipeline.errors import StoreError
-from pipeline.store import ATTR_KEY, WRITTEN, block_names, open_root
+from pipeline.slices import timestep_key
+from pipeline.store import WRITTEN, open_root
 
 #: Default shuffle buffer / slab cache of a :class:`ZarrSource`.
 DEFAULT_BUFFER_BYTES = 64 << 20
 #: Most consecutive slabs of a streamed block read in one call.
 RUN_SLABS = 4
-
-
-def pooled_key(block: str, size: int) -> str:
-    """Name of a pooled slice inside a pooled store's ``blocks/`` group: ``"<block>/p<size>"``."""
-    return f"{block}/p{int(size)}"
-
-
-def timestep_key(t: int) -> str:
-    """BatchSource key of one timestep: ``"t<t>"``."""
-    return f"t{int(t)}"
-
-
-@dataclass(frozen=True)
-class FeatureSlice:
-    """One (block, pool) slice of a store: ``array_path`` holds (sample, timestep, C, p, p)."""
-
-    block: str
-    pool: int
-    array_path: str
-    shape: tuple[int, int, int]
-
-
-def feature_slices(path: str | Path) -> dict[tuple[str, int], FeatureSlice]:
-    """Every (block, pool) slice a store offers, in forward block order.
-
-    A pooled store lists its attrs' ``pooled.blocks`` x ``pooled.sizes``; an
-    extraction store offers each block at its stored map side (``pool`` = H).
-    """
-    root = open_root(path)
-    attrs = root.attrs[ATTR_KEY]
-    out: dict[tuple[str, int], FeatureSlice] = {}
-    pooled = attrs.get("pooled")
-    if pooled:
-        pairs = [(b, int(s), f"blocks/{pooled_key(b, s)}/activations") for b in pooled["blocks"]
-                 for s in sorted(pooled["sizes"])]
-    else:
-        pairs = [(b, None, f"blocks/{b}/activations") for b in block_names(root)]
-    for block, size, array_path in pairs:
-        c, h, w = (int(v) for v in root[array_path].shape[2:])
-        out[(block, size or h)] = FeatureSlice(block, size or h, array_path, (c, h, w))
-    return out
-
-
-def store_timesteps(path: str | Path) -> list[int]:
-    return [int(t) for t in open_root(path)["timestep"][:]]
 
 
 class _Part:
@@ -225,7 +174,8 @@ class ZarrSource:
         """
         slab_bytes = max(1, self.parts[0].chunk * self.item_bytes * len(keys))
         ahead = max(2, self.buffer_bytes // 4 // slab_bytes)
-        for slab, data in in_background(((int(s), self._read_slabs(int(s), int(s), keys)) for s in slabs), ahead):
+        reads = ((int(s), self._read_slabs(int(s), int(s), keys)) for s in slabs)
+        for slab, data in in_background(reads, ahead):
             self.bytes_read += sum(v.nbytes for v in data.values())
             yield slab, data
 
@@ -328,7 +278,8 @@ class ZarrSource:
         """Rows of a streamed block: a quarter of the buffer (at least one)."""
         return max(1, self.buffer_bytes // 4 // (self.item_bytes * n_keys))
 
-    def _plan(self, groups: list[list[tuple[int, np.ndarray, np.ndarray]]]) -> list[tuple[BlockPlan, np.ndarray]]:
+    def _plan(self, groups: list[list[tuple[int, np.ndarray, np.ndarray]]]
+              ) -> list[tuple[BlockPlan, np.ndarray]]:
         """Blocks from ``(slab, sample positions, block rows)`` pieces, with their labels.
 
         A block's pieces are merged per slab, and runs of up to :data:`RUN_SLABS`
@@ -356,7 +307,8 @@ class ZarrSource:
             plans.append((BlockPlan(tuple(merged), len(y)), y))
         return plans
 
-    def _stream(self, plans, batch_size, keys, ahead: Sequence[BlockPlan] = ()) -> Iterator[tuple[dict, np.ndarray]]:
+    def _stream(self, plans, batch_size, keys,
+                ahead: Sequence[BlockPlan] = ()) -> Iterator[tuple[dict, np.ndarray]]:
         """Serve blocks in order as batches of ``batch_size`` (rows left at a block's end open the next).
 
         ``ahead``: the next pass's likely first blocks, which the builder may start on
@@ -364,7 +316,7 @@ class ZarrSource:
         """
         builder = self._builder()
         for plan, _ in plans:
-            rows = sum(int(self.slab_stop[last] - self.slab_start[first]) for first, last, _, _ in plan.pieces)
+            rows = sum(int(self.slab_stop[b] - self.slab_start[a]) for a, b, _, _ in plan.pieces)
             self.bytes_read += rows * self.item_bytes * len(keys)
             self._note_held(2 * plan.n_rows * self.item_bytes * len(keys))
         carry_x: dict[str, list] = {k: [] for k in keys}

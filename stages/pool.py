@@ -6,7 +6,7 @@ holding one array per (block, size)::
 
     blocks/<block>/p<size>/activations   (sample, timestep, channel, p, p)
 
-(``pipeline.zarr_source.pooled_key`` spells the name). Root attrs add
+(``pipeline.slices.pooled_key`` spells the name). Root attrs add
 ``pooled = {mode, sizes, blocks}`` and ``source = {path, stage, stage_hash}``
 linking to the extraction store; its model/noise provenance is copied.
 
@@ -94,7 +94,7 @@ def pool_unit(task: PoolTask) -> dict:
 
     from pipeline.cluster import raise_injected_fault
     from pipeline.pooling import pool_dask
-    from pipeline.zarr_source import pooled_key
+    from pipeline.slices import pooled_key
 
     raise_injected_fault(task)
     layout = store.load_layout(task.output)
@@ -146,7 +146,7 @@ class PoolStage(Stage):
         src_layout = store.load_layout(source)
         blocks = _select(cfg.blocks, list(src_layout.blocks), "block", source)
         timesteps = _select(cfg.timesteps, list(src_layout.timesteps), "timestep", source)
-        from pipeline.zarr_source import pooled_key
+        from pipeline.slices import pooled_key
 
         out_blocks = {pooled_key(b, s): (src_layout.blocks[b][0], s, s) for b in blocks for s in cfg.sizes}
         layout = store.plan_layout(src_layout.n_samples, out_blocks, timesteps, cfg.dtype,

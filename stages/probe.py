@@ -173,8 +173,9 @@ def train_group(task: GroupTask) -> list[dict]:
     import torch
 
     from pipeline.cluster import raise_injected_fault
+    from pipeline.slices import timestep_key
     from pipeline.training import HeadJob, train_heads
-    from pipeline.zarr_source import ZarrSource, timestep_key
+    from pipeline.zarr_source import ZarrSource
 
     raise_injected_fault(task)
     torch.set_num_threads(task.torch_threads)  # same arithmetic on every kind of worker
@@ -210,7 +211,7 @@ class Grid:
 def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
     """Validate the grid against the store(s) and group its cells by (block, pool) read."""
     from pipeline.cluster import injected_failures
-    from pipeline.zarr_source import feature_slices, store_timesteps
+    from pipeline.slices import feature_slices, store_timesteps
 
     slices = feature_slices(source)
     blocks = _select(cfg.blocks, list(dict.fromkeys(b for b, _ in slices)), "block", str(source))

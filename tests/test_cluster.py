@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_UNET
 
 from pipeline import store
 from pipeline.cluster import ZARR_CONCURRENCY, get_client
@@ -18,7 +19,6 @@ from pipeline.config import ClusterConfig, load_workflow
 from pipeline.errors import ConfigError
 from pipeline.runner import Runner
 
-from conftest import TINY_UNET
 STAGES = """\
 stages:
   - name: ex
