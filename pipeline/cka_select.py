@@ -25,7 +25,7 @@ is chunked), so a pass over a representation decodes each chunk once:
   ``pipeline.cka.LinearCKAAccumulator`` (row blocks on the feature route, column
   groups on the Gram route) when n is too large to hold even one Gram;
 - :func:`minibatch_accumulate` -- minibatch CKA over several representations, the
-  same batches as ``pipeline.cka.minibatch_cka``, read a group of batches at a time.
+  same batches as ``pipeline.cka_estimators.minibatch_cka``, read a group of batches at a time.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cka import GramAccumulator, LinearCKAAccumulator, MinibatchCKA, rbf_gram_from_linear
+from pipeline.cka import GramAccumulator, LinearCKAAccumulator
+from pipeline.cka_estimators import MinibatchCKA, rbf_gram_from_linear
 from pipeline.errors import ConfigError, StoreError, select_or_error
-from pipeline.store import PENDING, WRITTEN, open_root, read_attrs
 from pipeline.slices import feature_slices, store_timesteps
+from pipeline.store import PENDING, WRITTEN, open_root, read_attrs
 
 #: Stage kinds whose outputs hold representations.
 STORE_STAGES = ("extract", "pool")
@@ -270,7 +271,7 @@ def stream_pair_cka(rx: Representation, ry: Representation, pos_x: np.ndarray, p
 
 def minibatch_accumulate(reps: Sequence[Representation], positions: Sequence[np.ndarray], batch_size: int,
                          seed: int, epochs: int, read_bytes: int) -> MinibatchCKA:
-    """Minibatch CKA over ``reps`` with exactly the batches of ``pipeline.cka.minibatch_cka``.
+    """Minibatch CKA over ``reps`` with exactly the batches of ``pipeline.cka_estimators.minibatch_cka``.
 
     Each epoch draws ``np.random.default_rng(seed)``'s next permutation of the n
     aligned rows and cuts it into ``n // batch_size`` batches. Consecutive batches

@@ -32,7 +32,7 @@ slices itself; ``memory_limit`` bounds what one task holds):
   when the features are few, never holding a slice. Each pair then reads both
   slices, so this is for pooled / low-dimensional features.
 - ``minibatch``: unbiased HSIC_1 averaged over batches (Nguyen et al. 2021), the
-  batches of ``pipeline.cka.minibatch_cka``; tiles of as many representations as
+  batches of ``pipeline.cka_estimators.minibatch_cka``; tiles of as many representations as
   fit; ``batch_size``, ``seed``, ``epochs`` and the number of batches are recorded.
 - ``rbf``: Gaussian kernel, bandwidth ``sigma_fraction`` x the median distance, via
   the Gram methods; refused above ``rbf_max_samples``.
@@ -170,7 +170,7 @@ class CKATask:
 
 def cka_tile(task: CKATask) -> dict:
     """Run one task (on a worker): ``{"rows", "cols", "values"}`` with labels, plus method details."""
-    from pipeline import cka, cka_select
+    from pipeline import cka, cka_estimators, cka_select
     from pipeline.cluster import raise_injected_fault
 
     raise_injected_fault(task)
@@ -205,7 +205,7 @@ def cka_tile(task: CKATask) -> dict:
     def grams(reps):
         for rep in reps:
             g = cka_select.representation_gram(rep, pos[rep.path], task.read_bytes)
-            yield g if sigma is None else cka.rbf_gram_from_linear(g, sigma)
+            yield g if sigma is None else cka_estimators.rbf_gram_from_linear(g, sigma)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

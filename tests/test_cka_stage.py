@@ -19,9 +19,11 @@ import pandas as pd
 import pytest
 import xarray as xr
 import zarr
+from conftest import TINY_UNET
 
 from pipeline import store
-from pipeline.cka import linear_cka, minibatch_cka, rbf_cka
+from pipeline.cka import linear_cka
+from pipeline.cka_estimators import minibatch_cka, rbf_cka
 from pipeline.cka_results import open_cka
 from pipeline.cka_select import align_samples, expand_selections
 from pipeline.config import ClusterConfig, load_workflow
@@ -29,7 +31,6 @@ from pipeline.errors import ConfigError, DiffprobeError
 from pipeline.runner import Runner
 from stages.cka import CKAConfig, CKATask, Selection, cka_tile, plan_cka
 
-from conftest import TINY_UNET
 REFERENCE_CNN = Path(__file__).resolve().parents[1] / "data" / "factories" / "reference_cnn.py"
 #: float16 storage rounds each feature with relative error <= 2^-11 (~4.9e-4); CKA sums products
 #: over p >= 1,000 features and n^2 sample pairs, so the independent rounding errors largely cancel
