@@ -122,10 +122,11 @@ class Runner:
             whole = [f"{e.name!r} ({e.kind})" for e in selected if not self.stages[e.name].shardable]
             if whole:
                 shardable = [e.name for e in self.wf.stages if self.stages[e.name].shardable]
+                more = f" and {len(whole) - 2} more" if len(whole) > 2 else ""
                 raise ConfigError(
-                    f"--shard splits only extract and classify stages; {', '.join(whole)} would run whole in "
-                    f"every shard. Shard the stages {shardable} (--only NAME or --until NAME), then run "
-                    f"the rest once without --shard"
+                    f"--shard splits only extract and classify stages; {', '.join(whole[:2])}{more} would run "
+                    f"whole in every shard. Shard {', '.join(shardable) or 'none of them'} (--only NAME or "
+                    f"--until NAME), then run the rest once without --shard"
                 )
         for entry in selected:
             state = output_state(entry.output, self.hashes[entry.name])
