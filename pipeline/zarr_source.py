@@ -315,14 +315,14 @@ class ZarrSource:
         as soon as this pass is served.
         """
         builder = self._builder()
-        for plan, _ in plans:
-            rows = sum(int(self.slab_stop[b] - self.slab_start[a]) for a, b, _, _ in plan.pieces)
-            self.bytes_read += rows * self.item_bytes * len(keys)
-            self._note_held(2 * plan.n_rows * self.item_bytes * len(keys))
+        row_bytes = self.item_bytes * len(keys)
         carry_x: dict[str, list] = {k: [] for k in keys}
         carry_y: list[np.ndarray] = []
         for i, x in enumerate(builder.blocks([p for p, _ in plans], keys, ahead)):
-            y = plans[i][1]
+            plan, y = plans[i]
+            self.bytes_read += row_bytes * sum(int(self.slab_stop[b] - self.slab_start[a])
+                                               for a, b, _, _ in plan.pieces)
+            self._note_held(2 * plan.n_rows * row_bytes)  # this block and the one being built
             start = 0
             if carry_y:
                 start = min(batch_size - sum(map(len, carry_y)), len(y))
