@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline import block_reader, store
 from pipeline.errors import StoreError
@@ -177,3 +179,32 @@ def test_daemonic_processes_and_a_bad_setting_fall_back_or_fail_clearly(monkeypa
     monkeypatch.setenv(block_reader.BUILDER_ENV, "fork")
     with pytest.raises(StoreError, match="must be 'thread' or 'process'"):
         block_reader.process_allowed()
+
+
+@pytest.fixture(scope="module")
+def store_512(tmp_path_factory):
+    return _synthetic(tmp_path_factory.mktemp("prop") / "s.zarr", n=512)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(buffer_kib=st.integers(1, 160), batch=st.integers(1, 97), keep=st.floats(0.05, 1.0),
+       shuffle=st.booleans(), seed=st.integers(0, 3), reverse=st.booleans())
+def test_any_buffer_and_batch_serve_each_position_once_in_full_batches(
+        store_512, monkeypatch, buffer_kib, batch, keep, shuffle, seed, reverse):
+    monkeypatch.setenv(block_reader.BUILDER_ENV, "thread")  # same plans as the process; no fork per example
+    rng = np.random.default_rng(seed)
+    idx = np.flatnonzero(rng.random(512) < keep)
+    if not len(idx):
+        return
+    idx = idx[::-1] if reverse else idx
+    source = ZarrSource([store_512], [1, 2], buffer_bytes=buffer_kib << 10)
+    got, sizes = [], []
+    for x, y in source.iter_batches(idx, batch, keys=["t1", "t2"], shuffle=shuffle, seed=seed, epoch=0):
+        rows = x["t1"][:, 0, 0, 0].astype(int)
+        assert (x["t2"][:, 0, 0, 0] == -rows).all() and (y == rows % 4).all()
+        got += rows.tolist()
+        sizes.append(len(rows))
+    assert sorted(got) == sorted(idx.tolist())
+    assert all(s == batch for s in sizes[:-1]) and 0 < sizes[-1] <= batch
+    if not shuffle:
+        assert got == idx.tolist()
