@@ -30,6 +30,7 @@ is printed at the end.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,8 @@ class ProbeConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
         if not self.buffer_mib > 0:
-            raise ValueError(f"'buffer_mib' must be > 0 (MiB of features a task may hold), got {self.buffer_mib}")
+            raise ValueError(
+                f"'buffer_mib' must be > 0 (MiB of features a task may hold), got {self.buffer_mib}")
         for head in self.heads:
             self.recipe(head)
 
@@ -348,5 +350,26 @@ class ProbeStage(Stage):
             ("cells", f"{n_cells} in {len(grid.tasks)} task(s), one store read stream each"),
             ("split", f"test from {test_source}" if test_source
              else f"{cfg.test_fraction:.0%} of images (seed {cfg.seed})"),
+            ("memory", _memory_plan(grid.tasks, cfg.buffer_mib)),
         ]
+
+
+def _memory_plan(tasks, buffer_mib: float) -> str:
+    """How each task's slice compares with ``buffer_mib``: decoded once, or streamed every pass."""
+    from pipeline.inspect import human_bytes
+
+    sizes = []
+    for task in tasks:
+        nbytes = 0
+        for path, array_path in task.parts:
+            array = store.open_root(path)[array_path]
+            nbytes += int(np.prod(array.shape[:1] + array.shape[2:])) * array.dtype.itemsize
+        sizes.append(nbytes * len(task.timesteps))
+    streamed = sum(size > buffer_mib * 2**20 for size in sizes)
+    largest = f"largest slice {human_bytes(max(sizes))} vs buffer_mib {buffer_mib:g}"
+    if not streamed:
+        return f"{largest}: every task decodes its slice once and trains from memory"
+    need = math.ceil(max(sizes) / 2**20 * 100) / 100
+    return (f"{largest}: {streamed} of {len(sizes)} task(s) stream, re-reading the slice on every pass "
+            f"(buffer_mib: {need:g} or more decodes every slice once, if the workers have the memory)")
 

@@ -209,3 +209,17 @@ def test_shard_is_refused_for_stages_that_would_run_whole_in_every_shard(wf):
         Runner(wf, shard=(1, 2), progress=False).run(only="grid")
     report = Runner(wf, shard=(1, 2), progress=False).run(until="te", dry_run=True)  # extracts only: fine
     assert [name for name, _ in report] == ["tr", "te"]
+
+
+def test_plan_says_whether_each_slice_fits_the_buffer(wf):
+    from dataclasses import replace
+
+    from stages.probe import ProbeStage
+
+    runner = Runner(wf, progress=False)
+    entry = wf.stage("small")
+    rows = dict(ProbeStage().plan(entry.config, runner.context(entry)))
+    assert "every task decodes its slice once" in rows["memory"]
+    tight = replace(entry.config, buffer_mib=0.001)
+    rows = dict(ProbeStage().plan(tight, runner.context(entry)))
+    assert "2 of 2 task(s) stream" in rows["memory"] and "buffer_mib: 0.08 or more" in rows["memory"]
