@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,17 +93,11 @@ def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequenc
     Built in a temporary folder and renamed into place; a losing racer keeps the
     winner's store (the caller compares the stage hash).
     """
-    import zarr
-
-    path = Path(path)
     n, k, t = layout.n_samples, layout.n_classes, layout.n_trials
     if not (len(image_ids) == len(labels) == n and len(class_names) == k and len(timesteps) == t):
         raise ValueError("image_ids/labels, class_names and timesteps must match the layout")
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with store.quiet_zarr():
+    with store.new_group(path) as root:
         compressors, _ = store.codecs_for(compression)
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         store.write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
         store.write_1d(root, "image_id", list(image_ids), "sample", dtype=str)
         store.write_1d(root, "label", np.asarray(labels, dtype=np.int64), "sample")
@@ -127,10 +118,7 @@ def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequenc
                           attributes={"coordinates": "image_id label"})
         root.create_array("forward_passes", shape=(n,), dtype="int64", fill_value=0, **per_unit,
                           attributes={"coordinates": "image_id label"})
-        root.create_array("done", shape=(n,), dtype="int8", fill_value=store.PENDING, **per_unit,
-                          attributes={"flag_values": [store.PENDING, store.WRITTEN, store.FAILED],
-                                      "flag_meanings": "pending written failed"})
-        root.create_array("failure", shape=(n,), dtype=str, fill_value="", **per_unit)
+        store.create_status_arrays(root, n, layout.unit_samples)
         meta = dict(attrs)
         meta.update({
             "format_version": pipeline.FORMAT_VERSION,
@@ -140,12 +128,6 @@ def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequenc
             "complete": False,
         })
         root.attrs.update({store.ATTR_KEY: store.jsonable(meta), "coordinates": COORDINATES})
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "zarr.json").exists():
-            raise
 
 
 @dataclass

@@ -215,15 +215,9 @@ def create_store(
     compression: Compression = Compression(),
 ) -> None:
     """Write the whole schema (arrays, coords, attrs) atomically; data arrays stay empty (NaN)."""
-    import zarr
-
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
     storage_dtype = STORAGE_DTYPES[layout.dtype]
-    with quiet_zarr():
+    with new_group(path) as root:
         compressors, filters = codecs_for(compression)
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         n = layout.n_samples
         write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
         write_1d(root, "image_id", samples.image_id, "sample", dtype=str)
@@ -233,12 +227,7 @@ def create_store(
         write_1d(root, "class", np.arange(len(class_names), dtype=np.int64), "class")
         write_1d(root, "class_name", list(class_names), "class", dtype=str)
         write_1d(root, "timestep", np.asarray(layout.timesteps, dtype=np.int64), "timestep")
-        root.create_array("done", shape=(n,), dtype="int8", chunks=(layout.unit_samples,),
-                          dimension_names=("sample",), fill_value=PENDING,
-                          attributes={"flag_values": [PENDING, WRITTEN, FAILED],
-                                      "flag_meanings": "pending written failed"})
-        root.create_array("failure", shape=(n,), dtype=str, chunks=(layout.unit_samples,),
-                          dimension_names=("sample",), fill_value="")
+        create_status_arrays(root, n, layout.unit_samples)
         blocks = root.create_group("blocks")
         for name, (c, h, w) in layout.blocks.items():
             g = blocks.create_group(name)
@@ -272,13 +261,42 @@ def create_store(
         })
         meta["blocks"] = list(layout.blocks)
         root.attrs.update({ATTR_KEY: jsonable(meta), "coordinates": "image_id view flipped label class_name"})
+
+
+@contextlib.contextmanager
+def new_group(path: str | Path):
+    """Yield a new Zarr v3 group built in a temporary folder, then renamed to ``path``.
+
+    The write protocol's atomic schema step, for every store kind: readers never see
+    a half-built schema. If another process renamed its group into place first, its
+    group is kept (the caller compares the stage hash); a failed build leaves nothing.
+    """
+    import zarr
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with quiet_zarr():
+            yield zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, path)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (path / "zarr.json").exists():
             raise
-        # Another process created it first: use theirs (the caller checks the hash).
+
+
+def create_status_arrays(root, n: int, unit_samples: int) -> None:
+    """The per-sample ``done`` flag (pending / written / failed) and ``failure`` reason, one chunk per unit."""
+    per_unit = {"chunks": (unit_samples,), "dimension_names": ("sample",)}
+    root.create_array("done", shape=(n,), dtype="int8", fill_value=PENDING, **per_unit,
+                      attributes={"flag_values": [PENDING, WRITTEN, FAILED],
+                                  "flag_meanings": "pending written failed"})
+    root.create_array("failure", shape=(n,), dtype=str, fill_value="", **per_unit)
 
 
 def jsonable(obj):
