@@ -28,7 +28,6 @@ a given store and ``buffer_bytes``, not on the builder.
 from __future__ import annotations
 
 import hashlib
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -257,13 +256,13 @@ class ZarrSource:
                 slab = max(p.chunk for p in self.parts) * self.item_bytes * len(self.shapes)
                 self._block_builder = ProcessBuilder(self._read_slabs, self.map_shape, dtype,
                                                      max(self.buffer_bytes // 4, slab))
-                weakref.finalize(self, self._block_builder.close)
             else:
                 self._block_builder = ThreadBuilder(self._read_slabs, self.map_shape, dtype)
         return self._block_builder
 
     def close(self) -> None:
-        """Stop the helper process of streamed passes, if one was started (also done at exit)."""
+        """Stop the helper process of streamed passes, if one was started (also done when the source
+        is collected, and at exit)."""
         if self._block_builder is not None:
             self._block_builder.close()
             self._block_builder = None
@@ -361,25 +360,8 @@ class ZarrSource:
         used, first = np.unique(self._slabs_of(indices), return_index=True)
         bounds = np.append(first, len(indices))
         rows_of = {int(s): indices[bounds[i]:bounds[i + 1]] for i, s in enumerate(used)}
-        limit = self.block_rows(len(keys))
-        groups: list[list[int]] = [[]]
-        n_rows = 0
-        for slab in rng.permutation(used).tolist():
-            if n_rows and n_rows + len(rows_of[slab]) > limit:
-                groups.append([])
-                n_rows = 0
-            groups[-1].append(slab)
-            n_rows += len(rows_of[slab])
-        blocks = []
-        for group in groups:
-            perm = rng.permutation(sum(len(rows_of[s]) for s in group))
-            pieces, pos = [], 0
-            for slab in group:
-                rows = rows_of[slab]
-                pieces.append((slab, rows, perm[pos:pos + len(rows)]))
-                pos += len(rows)
-            blocks.append(pieces)
-        return self._plan(blocks)
+        items = [(slab, rows_of[slab]) for slab in rng.permutation(used).tolist()]
+        return self._blocks(items, self.block_rows(len(keys)), rng.permutation)
 
     def _ordered(self, indices, batch_size, keys) -> Iterator[tuple[dict, np.ndarray]]:
         # Blocks of consecutive positions, cut where the slab changes once a block is
@@ -388,15 +370,30 @@ class ZarrSource:
         if not len(indices):
             return
         slabs = self._slabs_of(indices)
-        change = np.flatnonzero(np.diff(slabs)) + 1
-        runs = np.split(np.arange(len(indices)), change)
-        limit = self.block_rows(len(keys))
-        blocks: list[list] = [[]]
+        runs = np.split(np.arange(len(indices)), np.flatnonzero(np.diff(slabs)) + 1)
+        items = [(int(slabs[run[0]]), indices[run]) for run in runs]
+        plans = self._blocks(items, self.block_rows(len(keys)), np.arange)
+        yield from self._stream(plans, batch_size, keys)
+
+    def _blocks(self, items: list[tuple[int, np.ndarray]], limit: int,
+                order_of) -> list[tuple[BlockPlan, np.ndarray]]:
+        """Cut ``(slab, sample positions)`` items, in order, into blocks of at most ``limit`` rows
+        (an item larger than that alone); a block of n rows places them at ``order_of(n)``."""
+        groups: list[list[int]] = [[]]
         n_rows = 0
-        for run in runs:
-            if n_rows and n_rows + len(run) > limit:
-                blocks.append([])
+        for i, (_, rows) in enumerate(items):
+            if n_rows and n_rows + len(rows) > limit:
+                groups.append([])
                 n_rows = 0
-            blocks[-1].append((int(slabs[run[0]]), indices[run], np.arange(n_rows, n_rows + len(run))))
-            n_rows += len(run)
-        yield from self._stream(self._plan(blocks), batch_size, keys)
+            groups[-1].append(i)
+            n_rows += len(rows)
+        blocks = []
+        for group in groups:
+            dest = order_of(sum(len(items[i][1]) for i in group))
+            pieces, pos = [], 0
+            for i in group:
+                slab, rows = items[i]
+                pieces.append((slab, rows, dest[pos:pos + len(rows)]))
+                pos += len(rows)
+            blocks.append(pieces)
+        return self._plan(blocks)
