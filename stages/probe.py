@@ -358,11 +358,12 @@ def _memory_plan(tasks, buffer_mib: float) -> str:
     """How each task's slice compares with ``buffer_mib``: decoded once, or streamed every pass."""
     from pipeline.inspect import human_bytes
 
+    roots = {path: store.open_root(path) for task in tasks for path, _ in task.parts}  # each store once
     sizes = []
     for task in tasks:
         nbytes = 0
         for path, array_path in task.parts:
-            array = store.open_root(path)[array_path]
+            array = roots[path][array_path]
             nbytes += int(np.prod(array.shape[:1] + array.shape[2:])) * array.dtype.itemsize
         sizes.append(nbytes * len(task.timesteps))
     streamed = sum(size > buffer_mib * 2**20 for size in sizes)
