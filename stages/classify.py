@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline import store
+from pipeline import faults, store
 
 from pipeline.store import error_tensor as errorstore
 from pipeline.datasets import DatasetConfig, open_dataset
@@ -345,6 +345,7 @@ def classify_units(clf: Classifier, output: Path, units: list[int], desc: str = 
     try:
         with tqdm(total=len(units), unit="unit", desc=desc, disable=not progress) as bar:
             for unit in taken:
+                faults.unit_delay()
                 writer.put(unit, clf.compute_unit(unit, strict))
                 computed += 1
                 bar.update(1)

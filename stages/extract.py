@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline import store
+from pipeline import faults, store
 from pipeline.datasets import DatasetConfig, open_dataset
 from pipeline.datasets.torch_data import load_images
 from pipeline.errors import ConfigError, DatasetError, DiffprobeError
@@ -285,6 +285,7 @@ def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "ex
     try:
         with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
             for unit in taken:
+                faults.unit_delay()
                 data, failed = ex.compute_unit(unit)
                 writer.put(unit, (data, failed))
                 computed += 1

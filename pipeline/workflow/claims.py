@@ -24,8 +24,9 @@ A lease is live while ``now - heartbeat < timeout`` (``DIFFPROBE_LEASE_TIMEOUT``
 seconds, default 600; hosts must agree on the time to well within it). On the same
 host a holder whose pid no longer exists is dead at once. An expired or dead
 generation ``g`` is taken over by creating generation ``g + 1`` exclusively, so two
-processes taking over the same lease cannot both win; the old generation is then
-deleted. A holder learns it lost a lease (it stalled past the timeout) when a
+processes taking over the same lease cannot both win; a creator that then lists a
+higher generation than its own backs off (it lost a race), and the winner deletes
+the older generations. A holder learns it lost a lease (it stalled past the timeout) when a
 higher generation exists; it checks before writing a unit (``confirm``) and stops.
 
 Nothing here touches the store: the runner and the stages decide what a lease
@@ -170,7 +171,7 @@ class Claims:
                     return current
                 gen = gens[-1] + 1
             else:
-                gen = gens[-1]  # released between listing and reading: take the free slot
+                gen = gens[-1] + 1  # released (or superseded) between listing and reading
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self._path(name, gen), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -182,6 +183,11 @@ class Claims:
             os.fsync(fd)
         finally:
             os.close(fd)
+        newest = self._generations(name)[-1]
+        if newest != gen:
+            # A racer created a higher generation meanwhile: it supersedes ours.
+            self._path(name, gen).unlink(missing_ok=True)
+            return self._read(name, newest) or Holder("?", -1, "?", label, time.time(), time.time())
         with self._lock:
             self._held[name] = (gen, label)
         for old in gens:
@@ -331,3 +337,44 @@ class UnitClaims:
 
     def finish(self, unit: int) -> None:
         self.claims.release(unit_lease(unit))
+
+
+def _ranges(units: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts, start = [], None
+    for i, u in enumerate(units):
+        if start is None:
+            start = u
+        if i + 1 == len(units) or units[i + 1] != u + 1:
+            parts.append(str(start) if start == u else f"{start}-{u}")
+            start = None
+    return ", ".join(parts)
+
+
+def lease_report(output: Path, pending: list[int]) -> list[str]:
+    """Lines for ``diffprobe inspect``: which units are missing, and who held them.
+
+    A shard that died leaves its ``shard-i-of-N`` lease behind (expired), so the units
+    of its share are attributed to it; a unit lease left behind names the unit that
+    was being computed.
+    """
+    claims = Claims(output)
+    holders = claims.holders()
+    if not pending and not holders:
+        return []
+    lines = []
+    if pending:
+        lines.append(f"missing   {len(pending)} unit(s) not done: {_ranges(pending)}")
+    for name, holder in holders.items():
+        if name.startswith("shard-"):
+            i, n = (int(x) for x in name[len("shard-"):].split("-of-"))
+            mine = [u for u in pending if u % n == i]
+            lines.append(f"          shard {i}/{n} ({len(mine)} of them: {_ranges(mine) or 'none'}) "
+                         f"held by {holder.describe(claims.timeout)}")
+        elif name.startswith("unit-"):
+            lines.append(f"          unit {int(name[len('unit-'):])} claimed by {holder.describe(claims.timeout)}")
+        else:
+            lines.append(f"          {name} held by {holder.describe(claims.timeout)}")
+    if pending and not any(h.alive(claims.timeout) for h in holders.values()):
+        lines.append("          no live process holds them: run the stage again (with the same --shard) to finish")
+    return lines

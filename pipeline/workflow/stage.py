@@ -112,6 +112,7 @@ class RunContext:
     def report_skipped(self, computed: int, units) -> None:
         """After a run: refuse if every pending unit was held by another live process,
         else say which units another process is still computing."""
+        self.log(f"{computed} unit(s) computed by this process{self.shard_note()}")
         if not units.skipped:
             return
         unit, holder = next(iter(units.skipped.items()))
