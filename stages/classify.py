@@ -147,6 +147,7 @@ class Classifier:
         self.device = self.adapter.device
         self.dtype = TORCH_DTYPES[cfg.compute_dtype]
         self.reader = open_dataset(cfg.dataset)
+        self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.class_names = [str(c) for c in self.reader.class_names]
         self.n_classes = len(self.class_names)
         self.plan = self._make_plan()
@@ -208,7 +209,7 @@ class Classifier:
         """Decode + preprocess in DataLoader workers: arrays and failures (index -> reason)."""
         arrays, failures = {}, {}
         workers = self.cfg.num_workers if len(indices) > 1 else 0
-        loader = make_loader(self.reader, self.adapter.preprocessing, indices, batch_size=None,
+        loader = make_loader(self.reader, self.prep, indices, batch_size=None,
                              num_workers=workers, use_bbox=self.cfg.dataset.crop == "bbox")
         for index, arr, reason in loader:
             if reason:
@@ -313,7 +314,7 @@ class Classifier:
             "noise": {"seed": self.plan.seed, "eps_scheme": EPS_SCHEME,
                       "sample_key": "image_id", "x_t": "pipeline.noise.q_sample(x0, eps, alphas_cumprod, t)"},
             "conditioning": self.conditioning,
-            "preprocessing": a.preprocessing.to_attrs() | {"crop": cfg.dataset.crop},
+            "preprocessing": self.prep.to_attrs() | {"crop": cfg.dataset.crop},
             "dataset": {"reader": cfg.dataset.reader, "root": cfg.dataset.root, "split": cfg.dataset.split,
                         "n_images": len(self.reader.records)},
             "compute_dtype": cfg.compute_dtype,
