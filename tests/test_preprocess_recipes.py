@@ -28,11 +28,12 @@ import zarr
 from PIL import Image
 
 from pipeline import store
-from pipeline.config import load_workflow
 from pipeline.datasets import DatasetConfig, Preprocessing, preprocess
 from pipeline.datasets.recipes import RESIZE_STYLES
 from pipeline.errors import ConfigError, DatasetError, StoreError
-from pipeline.runner import Runner
+from pipeline.workflow.config import load_workflow
+from pipeline.workflow.runner import Runner
+from stages import STAGES
 from conftest import TINY_UNET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,24 +268,37 @@ def test_yaml_typo_is_one_line_naming_the_choices(tmp_path):
     wf = _workflow(tmp_path / "w", "extract", "{reader: digits, split: test, resize: admm}",
                    "    blocks: [mid_block]\n    timesteps: [10]\n    conditioning: class\n")
     with pytest.raises(ConfigError, match=r"resize' is 'admm' \(did you mean 'adm'\?\); valid: direct, adm, torchvision"):
-        load_workflow(wf)
+        load_workflow(wf, STAGES)
 
 
-def test_extract_reads_pixels_by_the_recipe_records_it_and_hashes_it(tmp_path):
-    from stages.extract import Extractor
+def _recording(monkeypatch, module) -> list[dict[int, np.ndarray]]:
+    """Wrap the stage module's ``load_images``: the arrays the stage actually fed the model."""
+    seen = []
+    original = module.load_images
+
+    def load_images(*args, **kwargs):
+        arrays, failures = original(*args, **kwargs)
+        seen.append(arrays)
+        return arrays, failures
+
+    monkeypatch.setattr(module, "load_images", load_images)
+    return seen
+
+
+def test_extract_reads_pixels_by_the_recipe_records_it_and_hashes_it(tmp_path, monkeypatch):
+    import stages.extract
 
     data = _folder(tmp_path / "imgs")
     extra = "    blocks: [mid_block]\n    timesteps: [10]\n    conditioning: class\n    batch_size: 4\n"
     wf = _workflow(tmp_path / "w", "extract", f"{{reader: imagefolder, root: {data}, split: all, resize: adm}}", extra)
-    entry = load_workflow(wf).stages[0]
-    ex = Extractor(entry.config)
-    arrays, failures = ex.load_images([0, 3])
-    assert not failures
-    for index, image_id in ((0, "a/0.png"), (3, "b/1.png")):
+    seen = _recording(monkeypatch, stages.extract)
+    Runner(load_workflow(wf, STAGES), progress=False).run()
+    arrays = {k: v for unit in seen for k, v in unit.items()}
+    assert sorted(arrays) == [0, 1, 2, 3]
+    for index, image_id in enumerate(["a/0.png", "a/1.png", "b/0.png", "b/1.png"]):
         with Image.open(data / image_id) as img:
             np.testing.assert_array_equal(arrays[index], adm_scaling(reference_adm(img, 16, mode="L")))
 
-    Runner(load_workflow(wf), progress=False).run()
     out = wf.parent / "out" / "s.zarr"
     recorded = store.read_attrs(out)["provenance"]["preprocessing"]
     assert recorded["resize"] == "adm" and recorded["size"] == 16 and recorded["channels"] == 1
@@ -293,21 +307,22 @@ def test_extract_reads_pixels_by_the_recipe_records_it_and_hashes_it(tmp_path):
     # the recipe is part of the stage's identity: another one is a different output
     wf.write_text(wf.read_text().replace("resize: adm", "resize: direct"))
     with pytest.raises(StoreError, match="--force"):
-        Runner(load_workflow(wf), progress=False).run()
+        Runner(load_workflow(wf, STAGES), progress=False).run()
 
 
-def test_classify_reads_pixels_by_the_recipe(tmp_path):
-    from stages.classify import Classifier
+def test_classify_reads_pixels_by_the_recipe(tmp_path, monkeypatch):
+    import stages.classify
 
     data = _folder(tmp_path / "imgs")
     wf = _workflow(tmp_path / "w", "classify", f"{{reader: imagefolder, root: {data}, split: all, resize: torchvision}}",
                    "    n_trials: 2\n    class_labels: [0, 1]\n")
-    clf = Classifier(load_workflow(wf).stages[0].config)
-    arrays, failures = clf.load_images([1])
-    assert not failures
+    seen = _recording(monkeypatch, stages.classify)
+    Runner(load_workflow(wf, STAGES), progress=False).run()
+    arrays = {k: v for unit in seen for k, v in unit.items()}
     with Image.open(data / "a/1.png") as img:
         np.testing.assert_array_equal(arrays[1], torchvision_scaling(reference_torchvision(img, 16, mode="L")))
-    assert clf.provenance()["preprocessing"]["resize"] == "torchvision"
+    recorded = store.read_attrs(wf.parent / "out" / "s.zarr")["provenance"]["preprocessing"]
+    assert recorded["resize"] == "torchvision" and "int(size * long / short)" in recorded["recipe"]["resize"]
 
 
 # -- the shipped templates use the paper's recipe -----------------------------------------
