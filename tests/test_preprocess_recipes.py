@@ -25,6 +25,8 @@ import pytest
 import torch
 import yaml
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline import store
@@ -218,19 +220,13 @@ def test_torchvision_truncates_the_long_side_where_adm_rounds():
 # -- property: random sizes --------------------------------------------------------------
 
 
-def test_random_sizes_match_the_references():
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
-
-    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
-    @hypothesis.given(w=st.integers(1, 600), h=st.integers(1, 600), target=st.integers(1, 300),
-                      style=st.sampled_from(["adm", "torchvision"]))
-    def check(w, h, target, style):
-        img = Image.fromarray(photo(w, h, w * 7 + h))
-        recipe, scaling = REFERENCES[style]
-        np.testing.assert_array_equal(preprocess(img, prep(target, style)), scaling(recipe(img, target)))
-
-    check()
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(w=st.integers(1, 600), h=st.integers(1, 600), target=st.integers(1, 300),
+       style=st.sampled_from(["adm", "torchvision"]))
+def test_random_sizes_match_the_references(w, h, target, style):
+    img = Image.fromarray(photo(w, h, w * 7 + h))
+    recipe, scaling = REFERENCES[style]
+    np.testing.assert_array_equal(preprocess(img, prep(target, style)), scaling(recipe(img, target)))
 
 
 # -- configuration, provenance, stages ---------------------------------------------------
