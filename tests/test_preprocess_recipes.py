@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 import zarr
+from conftest import TINY_UNET
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -36,7 +37,6 @@ from pipeline.errors import ConfigError, DatasetError, StoreError
 from pipeline.workflow.config import load_workflow
 from pipeline.workflow.runner import Runner
 from stages import STAGES
-from conftest import TINY_UNET
 
 ROOT = Path(__file__).resolve().parents[1]
 AWKWARD = [(64, 99), (203, 150), (640, 480), (1024, 768)]
@@ -68,8 +68,8 @@ def reference_torchvision(img: Image.Image, target: int, mode: str = "RGB") -> n
     out = (target, int(target * h / w)) if w <= h else (int(target * w / h), target)
     pil = pil.resize(out, resample=Image.BICUBIC)  # PIL returns a copy when the size is unchanged
     arr = np.array(pil)
-    top = int(round((arr.shape[0] - target) / 2.0))
-    left = int(round((arr.shape[1] - target) / 2.0))
+    top = round((arr.shape[0] - target) / 2.0)  # Python 3 round: halves to even
+    left = round((arr.shape[1] - target) / 2.0)
     return arr[top:top + target, left:left + target]
 
 

@@ -106,7 +106,7 @@ def torchvision_resize_crop(img: Image.Image, size: int, resample: str) -> Image
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _filter(resample))
     # new_long >= size always, so torchvision's padding branch never applies here.
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
     return _crop_square(img, left, top, size)
 
 
