@@ -123,7 +123,7 @@ class Extractor:
             raise ConfigError("conditioning 'null' needs model.null_class (the null class embedding index), "
                               "e.g. model: {..., null_class: 10}")
         self.reader = open_dataset(cfg.dataset)
-        self.prep = self.adapter.preprocessing
+        self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.samples = sample_table(self.reader, cfg.views, cfg.flip)
         self.block_shapes = {b.name: self._stored_shape(b.shape) for b in self.blocks}
         self.layout = store.plan_layout(len(self.samples.image_id), self.block_shapes, self.timesteps,
