@@ -136,7 +136,7 @@ class Runner:
         Where the dataset cannot be opened (analysis on a machine without it), the
         identity stamped in the existing output stands in, so later stages still hash.
         """
-        from pipeline.datasets.identity import dataset_identity
+        from pipeline.workflow.identity import dataset_identity
 
         try:
             records = self.stages[entry.name].dataset_records(entry.config)
@@ -162,7 +162,7 @@ class Runner:
 
     def explain_change(self, entry: StageEntry) -> str:
         """What differs between the config that wrote ``entry.output`` and this one, in words."""
-        from pipeline.datasets.identity import first_difference, stored_image_ids
+        from pipeline.workflow.identity import first_difference, stored_image_ids
 
         stamped = (read_attrs(entry.output) or {}).get("identity")
         if not stamped:

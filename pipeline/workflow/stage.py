@@ -93,7 +93,7 @@ class RunContext:
         """
         import zarr
 
-        from pipeline.datasets.identity import first_difference
+        from pipeline.workflow.identity import first_difference
 
         stored = [str(i) for i in zarr.open_group(str(self.output), mode="r")["image_id"][:]]
         if stored != list(image_ids):
@@ -193,7 +193,7 @@ class Stage:
     def dataset_records(self, cfg: Any) -> list | None:
         """The ordered dataset records a stage computes rows for (extract, classify), or None.
 
-        Their identity (``pipeline.datasets.identity``) joins the stage hash: a store's
+        Their identity (``pipeline.workflow.identity``) joins the stage hash: a store's
         rows are positions in this list."""
         return None
 

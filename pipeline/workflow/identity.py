@@ -14,11 +14,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from pipeline.datasets.base import Record
-
-
-def dataset_identity(records: Sequence[Record]) -> dict:
-    """``{"n_images": n, "ids_sha256": hex}`` over the ordered ``(image_id, label)`` pairs."""
+def dataset_identity(records: Sequence) -> dict:
+    """``{"n_images": n, "ids_sha256": hex}`` over the ordered ``(image_id, label)`` pairs
+    of ``records`` (``pipeline.datasets.Record``: anything with ``image_id`` and ``label``)."""
     digest = hashlib.sha256()
     for rec in records:
         digest.update(f"{rec.image_id}\x1f{int(rec.label)}\x1e".encode())
