@@ -111,6 +111,19 @@ def _tree_size(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
+class _LazyHashes(dict):
+    """stage name -> stage hash, computed (with its inputs') when first asked for."""
+
+    def __init__(self, runner: "Runner"):
+        super().__init__()
+        self.runner = runner
+
+    def __missing__(self, name: str) -> str:
+        value = self.runner._hash(self.runner.wf.stage(name))
+        self[name] = value
+        return value
+
+
 class Runner:
     def __init__(self, workflow: Workflow, force: bool = False, shard: tuple[int, int] = (0, 1),
                  strict: bool = False, progress: bool = True, echo=None):
@@ -121,11 +134,11 @@ class Runner:
         self.progress = progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.stages = {e.name: e.stage_class() for e in workflow.stages}
-        self.hashes: dict[str, str] = {}
+        # Hashed on first use: a stage's hash opens its dataset (for the image ids), so
+        # only the stages a command touches, and their inputs, need their data here.
+        self.hashes: dict[str, str] = _LazyHashes(self)
         self.identities: dict[str, dict] = {}
         self.records: dict[str, list] = {}
-        for entry in workflow.stages:
-            self.hashes[entry.name] = self._hash(entry)
         if force and shard[1] > 1:
             raise ConfigError("--force with --shard would let every shard delete the output; "
                               "delete it once, then launch the shards without --force")
