@@ -5,6 +5,7 @@ behind (temp folders, lock files, leases)."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -17,9 +18,6 @@ import pytest
 import zarr
 
 from pipeline import store
-from pipeline.workflow.config import load_workflow
-from pipeline.workflow.runner import Runner
-from stages import STAGES
 
 from helpers import write_extract_workflow
 
@@ -34,10 +32,17 @@ PARAMS = dict(dataset="{reader: digits, split: test, limit: 20}", blocks="[mid_b
               timesteps="[10, 300]", unit_samples=4, batch_size=4)
 
 
-def diffprobe(wf: Path, script: str | None = None) -> subprocess.Popen:
+def diffprobe(wf: Path, script: str | None = None, env: dict | None = None) -> subprocess.Popen:
     head = [sys.executable, "-c", script, "run"] if script else [sys.executable, "-m", "pipeline.cli.commands", "run"]
     return subprocess.Popen([*head, str(wf), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, bufsize=1)
+                            text=True, bufsize=1, env=dict(os.environ, **(env or {})))
+
+
+def wait_for_units(proc: subprocess.Popen) -> None:
+    """Return when the stage starts its units (model loaded, the clock for a kill starts)."""
+    for line in proc.stderr:
+        if "to do" in line:
+            return
 
 
 def shard_mtimes(out: Path) -> dict[Path, int]:
@@ -61,37 +66,53 @@ def arrays(out: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # eight process starts: ~40 s on a quiet machine, far more on a loaded one
+@pytest.mark.timeout(900)  # eight process starts: under a minute on a quiet machine, far more on a loaded one
 def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(extract_workflow):
     ref_wf, wf = extract_workflow("ref", **PARAMS), extract_workflow("crashy", **PARAMS)
+    ref = diffprobe(ref_wf)
+    wait_for_units(ref)
     begin = time.monotonic()
-    Runner(load_workflow(ref_wf, STAGES), progress=False, echo=lambda m: None).run()
-    full = time.monotonic() - begin  # the work of one uninterrupted run, after start-up
+    assert ref.wait(timeout=240) == 0, ref.stderr.read()
+    full = time.monotonic() - begin  # one uninterrupted run's units + finalize, after start-up
     out = wf.parent / "out/ex.zarr"
+    unit_time = full / 5  # 20 samples in units of 4
     rng = random.Random(13)
-    outcomes = []
-    # Every interrupted run also dies when it reaches finalize, so the store never
-    # completes before the last, clean run: six seeded kills, each at a random moment.
-    for attempt in range(6):
+    kills = []  # (how, units done before, units done after)
+    # Every interrupted run also dies when it reaches finalize (KILL_IN_FINALIZE), so the
+    # store completes only in the last, clean run. Six seeded kills: at a random moment
+    # within about one unit's work, half of them after a random number of written units.
+    for attempt in range(7):
+        if attempt == 6 and any(how == "in finalize" for how, _, _ in kills):
+            break  # a kill already landed in finalize
+        done_before = int(store.unit_status(out).sum()) if (out / "zarr.json").exists() else 0
         before = shard_mtimes(out)
-        proc = diffprobe(wf, KILL_IN_FINALIZE)
-        for line in proc.stderr:  # the clock starts when the stage starts its units
-            if "to do" in line:
-                break
+        env = {"DIFFPROBE_FAULT_KILL_AFTER_UNITS": str(rng.randint(1, 2))} if attempt % 2 else {}
+        proc = diffprobe(wf, KILL_IN_FINALIZE, env)
+        wait_for_units(proc)
         try:
-            proc.wait(timeout=rng.uniform(0.0, 1.0) * full)
-            outcomes.append("finalize" if proc.returncode == -signal.SIGKILL else proc.returncode)
+            proc.wait(timeout=rng.uniform(0.2, 1.5) * unit_time if attempt < 6 else 240)
+            killed_here = False
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            outcomes.append("random")
+            killed_here = True
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
         after = shard_mtimes(out)
         assert {p: after[p] for p in before} == before, f"kill {attempt}: a done unit was rewritten"
+        done_after = int(store.unit_status(out).sum()) if (out / "zarr.json").exists() else 0
+        if killed_here:
+            how = "random moment"
+        elif env and done_after - done_before == int(env["DIFFPROBE_FAULT_KILL_AFTER_UNITS"]):
+            how = "after units"
+        else:
+            how = "in finalize"  # the only other way it dies
+        kills.append((how, done_before, done_after))
+    print("kills:", kills)
     before = shard_mtimes(out)
     last = diffprobe(wf)
     assert last.wait(timeout=240) == 0, last.stderr.read()
     assert {p: shard_mtimes(out)[p] for p in before} == before
-    assert store.read_attrs(out)["complete"] is True, outcomes
+    assert store.read_attrs(out)["complete"] is True, kills
     got, want = arrays(out), arrays(ref_wf.parent / "out/ex.zarr")
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -99,4 +120,5 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(extrac
     leftovers = [p.name for p in out.parent.iterdir() if p.name != "ex.zarr"]
     leftovers += [str(p) for p in out.rglob("*") if p.name.endswith((".tmp", ".lock")) or ".tmp-" in p.name]
     assert leftovers == [], leftovers
-    assert "random" in outcomes and "finalize" in outcomes, outcomes
+    hows = {how for how, _, _ in kills}
+    assert "random moment" in hows and "in finalize" in hows, kills
