@@ -19,8 +19,6 @@ import zarr
 
 from pipeline import store
 
-from helpers import write_extract_workflow
-
 #: A `diffprobe run` that SIGKILLs itself when metadata consolidation starts (finalize).
 KILL_IN_FINALIZE = (
     "import os, signal, sys, zarr\n"
@@ -28,8 +26,8 @@ KILL_IN_FINALIZE = (
     "from pipeline.cli.commands import main\n"
     "sys.exit(main())\n"
 )
-PARAMS = dict(dataset="{reader: digits, split: test, limit: 20}", blocks="[mid_block, up_blocks.0]",
-              timesteps="[10, 300]", unit_samples=4, batch_size=4)
+PARAMS = {"dataset": "{reader: digits, split: test, limit: 20}", "blocks": "[mid_block, up_blocks.0]",
+          "timesteps": "[10, 300]", "unit_samples": 4, "batch_size": 4}
 
 
 def diffprobe(wf: Path, script: str | None = None, env: dict | None = None) -> subprocess.Popen:

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from helpers import TINY_UNET
 
 from pipeline.workflow.config import load_workflow
 from pipeline.workflow.runner import Runner
 from stages import STAGES
-
-from helpers import TINY_UNET
 
 
 def run(wf: Path) -> Path:

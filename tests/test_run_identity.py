@@ -17,7 +17,7 @@ import zarr
 
 from pipeline import store
 from pipeline.errors import ConfigError, DatasetError, StoreError
-from pipeline.workflow.config import build_dataclass, config_dict, load_workflow, Where
+from pipeline.workflow.config import Where, build_dataclass, config_dict, load_workflow
 from pipeline.workflow.runner import Runner
 from stages import STAGES
 from stages.extract import ExtractConfig
@@ -131,7 +131,7 @@ def test_settings_that_cannot_change_stored_values_stay_out_of_the_hash():
         base = {"model": {"config": "m.json"}, "dataset": {"reader": "digits"}}
         return build_dataclass(ExtractConfig, base | kw, Where(None, None, "ex"))
 
-    hashed = lambda c: config_dict(c, hashed=True)  # noqa: E731
+    hashed = lambda c: config_dict(c, hashed=True)
     assert hashed(cfg(batch_size=4, num_workers=0, device="cuda:0")) == \
         hashed(cfg(batch_size=64, num_workers=8, device="cuda:3"))
     assert hashed(cfg(device="cpu")) != hashed(cfg(device="cuda:0"))
@@ -143,7 +143,7 @@ def test_killed_extract_resumes_with_another_batch_size(extract_workflow):
     ref, wf = extract_workflow("ref"), extract_workflow("killed")
     runner(ref).run()
     env = dict(os.environ, DIFFPROBE_FAULT_KILL_AFTER_UNITS="2")
-    proc = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], env=env, capture_output=True, timeout=240)
+    proc = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], env=env, check=False, capture_output=True, timeout=240)
     assert proc.returncode == -signal.SIGKILL
     wf.write_text(wf.read_text().replace("batch_size: 4", "batch_size: 7\n    num_workers: 1"))
     assert runner(wf).run() == [("ex", "resume")]
@@ -200,7 +200,7 @@ def test_a_users_file_or_folder_at_an_output_path_is_never_offered_for_deletion(
 def test_output_dir_that_is_a_file_is_one_line(extract_workflow):
     wf = extract_workflow()
     (wf.parent / "out").write_text("not a folder")
-    proc = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: stage 'ex': ")
     assert "is a file, not a folder; set output_dir" in proc.stderr and "Traceback" not in proc.stderr

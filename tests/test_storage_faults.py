@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from helpers import write_extract_workflow
 
 from pipeline import store
 from pipeline.workflow.config import load_workflow
 from pipeline.workflow.runner import Runner
 from stages import STAGES
-
-from helpers import write_extract_workflow
 
 DIFFPROBE = [sys.executable, "-m", "pipeline.cli.commands"]
 
@@ -34,7 +33,7 @@ def tmpfs(tmp_path):
         where = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
         where.mkdir()
         proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                              capture_output=True, text=True)
+                              check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
         mounted.append(where)
@@ -42,7 +41,7 @@ def tmpfs(tmp_path):
 
     yield mount
     for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
 
 
 def remount(where: Path, options: str) -> None:
@@ -50,7 +49,7 @@ def remount(where: Path, options: str) -> None:
 
 
 def cli_run(wf: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress", *args], capture_output=True, text=True,
+    return subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress", *args], check=False, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -103,7 +102,7 @@ def test_a_read_only_output_is_one_line_fresh_partial_or_holding_inputs(tmp_path
     wf = workflow_in(fs, tmp_path / "wf")
     # partial: killed after 2 units, then the file system goes read-only
     env = dict(os.environ, DIFFPROBE_FAULT_KILL_AFTER_UNITS="2")
-    killed = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], env=env, capture_output=True, timeout=300)
+    killed = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], env=env, check=False, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     remount(fs, "ro")
     line = one_error_line(cli_run(wf))

@@ -69,7 +69,6 @@ def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
     install_handlers()
     from pipeline.workflow.config import load_workflow
     from pipeline.workflow.runner import Runner, parse_shard
-
     from stages import STAGES
 
     wf = load_workflow(workflow, STAGES)
@@ -85,7 +84,6 @@ def plan(workflow, only):
     """Before spending GPU time: samples, shapes, forward passes, bytes, time."""
     from pipeline.workflow.config import load_workflow
     from pipeline.workflow.runner import Runner
-
     from stages import STAGES
 
     wf = load_workflow(workflow, STAGES)

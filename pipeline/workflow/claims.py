@@ -45,6 +45,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 TIMEOUT_ENV = "DIFFPROBE_LEASE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
@@ -257,7 +258,7 @@ class Claims:
         with contextlib.suppress(OSError):
             self.folder.rmdir()  # only when empty
 
-    def __enter__(self) -> Claims:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+
 def dataset_identity(records: Sequence) -> dict:
     """``{"n_images": n, "ids_sha256": hex}`` over the ordered ``(image_id, label)`` pairs
     of ``records`` (``pipeline.datasets.Record``: anything with ``image_id`` and ``label``)."""

@@ -28,10 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.workflow.config import StageEntry, Workflow, hash_document, stage_hash
 from pipeline.errors import ConfigError, DatasetError, StoreError
-from pipeline.workflow.stage import RunContext
 from pipeline.store.layout import read_attrs
+from pipeline.workflow.config import StageEntry, Workflow, hash_document, stage_hash
+from pipeline.workflow.stage import RunContext
 
 #: Errors of the output's file system that a user fixes outside diffprobe.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -101,7 +101,7 @@ def _differences(old, new, prefix: str = "") -> list[str]:
             out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
         return out
     if old != new:
-        short = lambda v: (repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "...")  # noqa: E731
+        short = lambda v: (repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "...")
         return [f"{prefix}: {short(old)} -> {short(new)}"]
     return []
 
@@ -114,7 +114,7 @@ def _tree_size(path: Path) -> tuple[int, int]:
 class _LazyHashes(dict):
     """stage name -> stage hash, computed (with its inputs') when first asked for."""
 
-    def __init__(self, runner: "Runner"):
+    def __init__(self, runner: Runner):
         super().__init__()
         self.runner = runner
 
@@ -323,7 +323,7 @@ class Runner:
             if replace:
                 others = claims.live_others()
                 if others:
-                    name, holder = next(iter(others.items()))
+                    holder = next(iter(others.values()))
                     raise StoreError(f"stage {entry.name!r}: not replacing {entry.output}: another process "
                                      f"is writing it ({holder.describe(claims.timeout)})")
                 shutil.rmtree(entry.output) if entry.output.is_dir() else entry.output.unlink()

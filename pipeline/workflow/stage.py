@@ -62,7 +62,7 @@ class RunContext:
                              "re-run with --force to replace it, or set another 'output:'")
 
     # -- for stages that write a results folder of finished tasks (probe, cka) ------
-    def open_results_output(self) -> "TaskResults":
+    def open_results_output(self) -> TaskResults:
         """Create the results group (``complete: False``) or check an existing one is ours;
         the returned cache holds the tasks an interrupted run already finished."""
         import zarr
