@@ -40,8 +40,8 @@ def slurm():
         start = time.monotonic()
         cluster, output = start_slurm()
         if cluster is None:
-            pytest.skip(f"SLURM not available (start-slurm.sh failed: {output.splitlines()[-1:]}): "
-                        f"{SLURM_HINT}")
+            last = output.splitlines()[-1] if output else "no output"
+            pytest.skip(f"SLURM not available (start-slurm.sh: {last}): {SLURM_HINT}")
         _report(f"started SLURM in {time.monotonic() - start:.1f}s: {output.splitlines()[-1]}")
     cluster._known_jobs = set(cluster.jobs())
     yield cluster

@@ -160,7 +160,7 @@ fi
 state=""
 deadline=$(( SECONDS + TIMEOUT ))
 while [ "$SECONDS" -lt "$deadline" ]; do
-  state=$(sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1)
+  state=$(timeout 5 sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1)
   case "$state" in
     idle|mixed|allocated|completing)
       echo "start-slurm: node $NODE $state, partition cpu, $cpus CPUs, $real_mem MiB (DefMemPerCPU=$def_mem)"
@@ -171,8 +171,8 @@ while [ "$SECONDS" -lt "$deadline" ]; do
   esac
   sleep 0.5
 done
-echo "start-slurm: node $NODE not idle after ${TIMEOUT}s (state: '${state:-no answer from sinfo}')" >&2
 for log in $LOGS/slurmctld.log $LOGS/slurmd.log; do
   [ -f "$log" ] && { echo "--- last lines of $log" >&2; tail -n 8 "$log" >&2; }
 done
-exit 1
+# The summary last, where a caller showing one line looks.
+fail "node $NODE not idle after ${TIMEOUT}s (state: '${state:-no answer from sinfo}'; logs in $LOGS)"
