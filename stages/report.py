@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pipeline
 from pipeline import store
-from pipeline.stage import RunContext, Stage, input_field
+from pipeline.workflow.stage import RunContext, Stage, input_field
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -54,7 +54,7 @@ def _table(csv_path: Path, max_rows: int) -> str:
 
 def build_report(inputs: dict[str, Path], output: Path, title: str, max_rows: int, attrs: dict) -> Path:
     """Write ``output/index.html`` (+ copied PNGs) for the given stage outputs; returns the page path."""
-    from pipeline.inspect import describe_store
+    from pipeline.store.describe import describe_store
 
     output.mkdir(parents=True, exist_ok=True)
     parts = [f"<h1>{html.escape(title)}</h1>",

@@ -9,10 +9,10 @@ settings can be recorded in the store.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -49,6 +49,11 @@ class DatasetConfig:
     seed: seed for the subset choice; the kept images stay in dataset order.
     crop: ``center`` (resize shorter side, centre crop) or ``bbox`` (crop to the
         annotated box first, for CUB / Cars / Aircraft).
+    resize: the resize recipe (``pipeline.datasets.recipes``): ``direct``
+        (diffprobe's original: one bicubic resize, alpha on white), ``adm``
+        (guided-diffusion's ``center_crop_arr``, arXiv 2307.08702) or
+        ``torchvision`` (``Resize`` + ``CenterCrop``, the Stable Diffusion runs of
+        arXiv 2303.16203).
     options: reader-specific extras (e.g. ``variant: family`` for Aircraft).
     """
 
@@ -60,6 +65,7 @@ class DatasetConfig:
     per_class: int | None = None
     seed: int = 0
     crop: str = "center"
+    resize: Literal["direct", "adm", "torchvision"] = "direct"
     options: dict = field(default_factory=dict)
 
 
@@ -142,13 +148,3 @@ def select_subset(records: Sequence[Record], class_names: Sequence[str], cfg: Da
         chosen = set(rng.choice(len(keep), size=cfg.limit, replace=False).tolist())
         keep = [r for i, r in enumerate(keep) if i in chosen]
     return keep
-
-
-def with_records(reader: DatasetReader, records: list[Record]) -> DatasetReader:
-    """Return the reader with its records replaced (used after subsetting)."""
-    reader.records = records
-    return reader
-
-
-def config_from_dict(d: dict) -> DatasetConfig:
-    return DatasetConfig(**{f.name: d[f.name] for f in dataclasses.fields(DatasetConfig) if f.name in d})
