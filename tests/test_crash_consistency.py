@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ KILL_IN_FINALIZE = (
     "from pipeline.cli.commands import main\n"
     "sys.exit(main())\n"
 )
+UNIT_DELAY = 0.4  # seconds before each unit in the runs killed at a random moment
 PARAMS = {"dataset": "{reader: digits, split: test, limit: 20}", "blocks": "[mid_block, up_blocks.0]",
           "timesteps": "[10, 300]", "unit_samples": 4, "batch_size": 4}
 
@@ -68,27 +68,28 @@ def arrays(out: Path) -> dict[str, np.ndarray]:
 def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(extract_workflow):
     ref_wf, wf = extract_workflow("ref", **PARAMS), extract_workflow("crashy", **PARAMS)
     ref = diffprobe(ref_wf)
-    wait_for_units(ref)
-    begin = time.monotonic()
     assert ref.wait(timeout=240) == 0, ref.stderr.read()
-    full = time.monotonic() - begin  # one uninterrupted run's units + finalize, after start-up
     out = wf.parent / "out/ex.zarr"
-    unit_time = full / 5  # 20 samples in units of 4
     rng = random.Random(13)
     kills = []  # (how, units done before, units done after)
     # Every interrupted run also dies when it reaches finalize (KILL_IN_FINALIZE), so the
-    # store completes only in the last, clean run. Six seeded kills: at a random moment
-    # within about one unit's work, half of them after a random number of written units.
+    # store completes only in the last, clean run. Six seeded kills: half at a random
+    # moment of a run slowed to ~UNIT_DELAY per unit (so the moment falls in a unit's
+    # compute or in the writer thread's write of the one before), half after a random
+    # number of written units; a seventh run dies in finalize if none did yet.
     for attempt in range(7):
         if attempt == 6 and any(how == "in finalize" for how, _, _ in kills):
             break  # a kill already landed in finalize
         done_before = int(store.unit_status(out).sum()) if (out / "zarr.json").exists() else 0
         before = shard_mtimes(out)
-        env = {"DIFFPROBE_FAULT_KILL_AFTER_UNITS": str(rng.randint(1, 2))} if attempt % 2 else {}
+        if attempt % 2:
+            env = {"DIFFPROBE_FAULT_KILL_AFTER_UNITS": str(rng.randint(1, 2))}
+        else:
+            env = {"DIFFPROBE_FAULT_UNIT_DELAY": str(UNIT_DELAY)} if attempt < 6 else {}
         proc = diffprobe(wf, KILL_IN_FINALIZE, env)
         wait_for_units(proc)
         try:
-            proc.wait(timeout=rng.uniform(0.2, 1.5) * unit_time if attempt < 6 else 240)
+            proc.wait(timeout=rng.uniform(0.1, 2.5) * UNIT_DELAY if attempt < 6 else 240)
             killed_here = False
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
@@ -100,7 +101,8 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(extrac
         done_after = int(store.unit_status(out).sum()) if (out / "zarr.json").exists() else 0
         if killed_here:
             how = "random moment"
-        elif env and done_after - done_before == int(env["DIFFPROBE_FAULT_KILL_AFTER_UNITS"]):
+        elif "DIFFPROBE_FAULT_KILL_AFTER_UNITS" in env and \
+                done_after - done_before == int(env["DIFFPROBE_FAULT_KILL_AFTER_UNITS"]):
             how = "after units"
         else:
             how = "in finalize"  # the only other way it dies
