@@ -87,7 +87,8 @@ def test_no_run_writes_rows_under_another_images_id(extract_workflow, tmp_path):
     out = wf.parent / "out/ex.zarr"
     with pytest.raises(DatasetError):
         runner(wf, strict=True).run()
-    stale = runner(wf)  # hashes the dataset as it is now, with b/bad.png
+    stale = runner(wf)
+    stale.hashes["ex"]  # hashed now, with b/bad.png still in the folder
     (data / "b/bad.png").unlink()
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     with pytest.raises(StoreError, match="dataset changed since this store was written: image 5 is 'b/bad.png'"):
