@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,28 @@ def diffprobe(wf: Path, script: str | None = None, env: dict | None = None) -> s
     head = [sys.executable, "-c", script, "run"] if script else [sys.executable, "-m", "pipeline.cli.commands", "run"]
     return subprocess.Popen([*head, str(wf), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, bufsize=1, env=dict(os.environ, **(env or {})))
+
+
+def done_units(out: Path) -> int:
+    return int(store.unit_status(out).sum()) if (out / "zarr.json").exists() else 0
+
+
+def kill_at_random_moment(proc: subprocess.Popen, out: Path, done_before: int, rng: random.Random) -> bool:
+    """SIGKILL ``proc`` a random time after a random number of further units are done
+    (progress, not a clock: start-up and machine load vary). False if it died first."""
+    target = done_before + rng.randint(0, max(0, 5 - done_before - 1))
+    while proc.poll() is None:
+        try:
+            if done_units(out) >= target:
+                break
+        except Exception:  # noqa: BLE001 -- read while the store is being created or written
+            pass
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 1.2 * UNIT_DELAY))
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    return True
 
 
 def wait_for_units(proc: subprocess.Popen) -> None:
@@ -80,7 +103,7 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(extrac
     for attempt in range(7):
         if attempt == 6 and any(how == "in finalize" for how, _, _ in kills):
             break  # a kill already landed in finalize
-        done_before = int(store.unit_status(out).sum()) if (out / "zarr.json").exists() else 0
+        done_before = done_units(out)
         before = shard_mtimes(out)
         if attempt % 2:
             env = {"DIFFPROBE_FAULT_KILL_AFTER_UNITS": str(rng.randint(1, 2))}
@@ -88,17 +111,12 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(extrac
             env = {"DIFFPROBE_FAULT_UNIT_DELAY": str(UNIT_DELAY)} if attempt < 6 else {}
         proc = diffprobe(wf, KILL_IN_FINALIZE, env)
         wait_for_units(proc)
-        try:
-            proc.wait(timeout=rng.uniform(0.1, 2.5) * UNIT_DELAY if attempt < 6 else 240)
-            killed_here = False
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            killed_here = True
+        killed_here = "DIFFPROBE_FAULT_UNIT_DELAY" in env and kill_at_random_moment(proc, out, done_before, rng)
+        proc.wait(timeout=240)
         assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
         after = shard_mtimes(out)
         assert {p: after[p] for p in before} == before, f"kill {attempt}: a done unit was rewritten"
-        done_after = int(store.unit_status(out).sum()) if (out / "zarr.json").exists() else 0
+        done_after = done_units(out)
         if killed_here:
             how = "random moment"
         elif "DIFFPROBE_FAULT_KILL_AFTER_UNITS" in env and \
