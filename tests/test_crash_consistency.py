@@ -49,7 +49,7 @@ def kill_at_random_moment(proc: subprocess.Popen, out: Path, done_before: int, r
         try:
             if done_units(out) >= target:
                 break
-        except Exception:  # noqa: BLE001 -- read while the store is being created or written
+        except Exception:  # noqa: BLE001, S110 -- read while the store is being created or written
             pass
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 1.2 * UNIT_DELAY))
