@@ -345,3 +345,113 @@ def test_shipped_digits_model_classifies_well_above_chance(tmp_path):
     a, b = errorstore.score_store(full), errorstore.score_store(adaptive)
     assert a["accuracy"] >= 0.6 and b["accuracy"] >= 0.6, (a["accuracy"], b["accuracy"])
     assert b["forward_passes_spent"] < a["forward_passes_spent"]
+
+
+# ----------------------------------------------------------------- grid, noise draws, prompts
+
+
+def test_a_preset_runs_on_the_published_grid(tmp_path):
+    """cifar10: [50, 500] / [5, 1] on the reference's grid of 500 (t = 1, 3, ..., 999)."""
+    wf = load_workflow(classify_workflow(tmp_path, n_timesteps=None, schedule="{preset: cifar10}"), STAGES)
+    clf = Classifier(wf.stage("c").config)
+    assert clf.plan.timesteps == tuple(range(1, 1000, 2))
+    rounds = clf.schedule_attrs()["round_trials"]
+    assert [clf.plan.trial_timesteps[i] for i in rounds[0]] == list(range(11, 1000, 20))
+    assert clf.schedule_attrs()["forward_passes_per_sample"] == 10 * 50 + 5 * 450
+    # the same grid given explicitly is accepted
+    same = load_workflow(classify_workflow(tmp_path / "same", n_timesteps=500, schedule="{preset: cifar10}"), STAGES)
+    assert Classifier(same.stage("c").config).plan == clf.plan
+
+
+@pytest.mark.parametrize("params, message", [
+    # 1000 would evaluate t = 10, 30, ... in round 1 and 3000 forwards instead of 2750
+    ({"n_timesteps": 1000, "schedule": "{preset: cifar10}"}, "n_timesteps: 1000 changes the grid of schedule"),
+    ({"n_timesteps": 40, "schedule": "{timesteps_per_round: [10, 20], keep_per_round: [3, 1]}"},
+     r"rounds choose from 20 timesteps"),
+    ({"n_timesteps": None, "timesteps": "[1, 3, 5]", "schedule": "{preset: cifar10}"}, "published grid of 500"),
+    ({"n_timesteps": None, "spacing": "random", "schedule": "{preset: pets}"}, "published grid of 250"),
+    ({"n_timesteps": None, "timesteps": "[1, 3, 5]", "schedule": "{timesteps_per_round: [2, 4], keep_per_round: [2, 1]}"},
+     "needs a grid of 4"),
+    ({"noise_draws": 0}, "'noise_draws' must be >= 1"),
+])
+def test_grids_that_differ_from_the_reference_are_refused_in_one_line(tmp_path, params, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_workflow(classify_workflow(tmp_path, **params), STAGES)
+    assert "\n" not in str(err.value) and "wf.yaml" in str(err.value)
+
+
+def test_several_noise_draws_per_timestep(exhaustive, tmp_path):
+    full, _ = exhaustive
+    path = run_classify(tmp_path, noise_draws=2)
+    ds = xr.open_zarr(path)
+    grid = even_timesteps(N_TRIALS)
+    assert ds["error_l2"].shape == (N_IMAGES, 10, 2 * N_TRIALS)
+    assert ds["timestep"].values.tolist() == [t for t in grid for _ in range(2)]
+    assert ds["draw"].values.tolist() == [0, 1] * N_TRIALS
+    assert (ds["forward_passes"].values == 10 * 2 * N_TRIALS).all()
+    errors, reference = read(path, "error_l2"), read(full, "error_l2")
+    # draw 0 is the one-draw run's eps: the same cells
+    np.testing.assert_allclose(errors[:, :, 0::2], reference, rtol=1e-5)
+    assert not np.allclose(errors[:, :, 1::2], reference)
+    one_draw = errorstore.score_store(path, draws=[0])
+    assert one_draw["predictions"].tolist() == errorstore.score_store(full)["predictions"].tolist()
+    assert one_draw["trials"] == list(range(0, 2 * N_TRIALS, 2))
+    # a draw-1 cell recomputed with its own eps, sample_noise(seed, image_id, view=1, t)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_UNET))
+    unet = load_model(ModelConfig(config=str(tmp_path / "tiny.json"), null_class=10)).module
+    abar = torch.tensor(store.read_attrs(path)["provenance"]["alphas_cumprod"], dtype=torch.float64)
+    reader = open_dataset(DatasetConfig(reader="digits", split="test", limit=N_IMAGES))
+    s, c, trial = 4, 6, 7  # grid timestep 3, draw 1
+    record = reader.records[s]
+    x0 = torch.from_numpy(preprocess(reader.load_image(record), load_model(
+        ModelConfig(config=str(tmp_path / "tiny.json"), null_class=10)).preprocessing))
+    t = grid[3]
+    eps = sample_noise(0, record.image_id, 1, t, x0.shape).double()
+    x_t = (abar[t].sqrt() * x0.double() + (1 - abar[t]).sqrt() * eps).float()
+    with torch.no_grad():
+        pred = unet(x_t[None], torch.tensor([t]), class_labels=torch.tensor([c])).sample[0].double()
+    np.testing.assert_allclose(errors[s, c, trial], ((pred - eps) ** 2).mean().item(), rtol=1e-4)
+    # the score command selects by draw
+    assert errorstore.score_store(path, timesteps=[grid[3]], draws=[1])["trials"] == [7]
+
+
+def test_stable_diffusion_with_several_prompts_per_class(tmp_path):
+    """A class is its best prompt: predictions equal a numpy min-over-prompts recomputation."""
+    pytest.importorskip("transformers")
+    folder = write_tiny_sd(tmp_path / "sd")
+    rows = ["prompt,classname,classidx"]
+    for d in range(10):
+        rows.append(f"a photo of the number: '{d}'.,{d},{d}")
+        if d in (3, 7):
+            rows += [f"a handwritten {d}.,{d},{d}", f"the digit {d} on paper.,{d},{d}"]
+    for run in ("run", "adaptive"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "digits.csv").write_text("\n".join(rows) + "\n")
+    common = {"model": f"{{kind: sd, path: {folder}}}", "prompt_file": "digits.csv",
+              "dataset": "{reader: digits, split: test, limit: 3}", "n_timesteps": 4}
+    path = run_classify(tmp_path / "run", **common)
+    ds = xr.open_zarr(path)
+    candidate_class = ds["candidate_class"].values
+    assert ds["error_l2"].dims == ("sample", "candidate", "trial") and ds["error_l2"].shape == (3, 14, 4)
+    assert candidate_class.tolist() == [0, 1, 2, 3, 3, 3, 4, 5, 6, 7, 7, 7, 8, 9]
+    assert ds["candidate_prompt"].values[4] == "a handwritten 3."
+    conditioning = store.read_attrs(path)["provenance"]["conditioning"]
+    assert conditioning["class_prompts"][7] == ["a photo of the number: '7'.", "a handwritten 7.",
+                                                "the digit 7 on paper."]
+    assert conditioning["class_prompts"][0] == ["a photo of the number: '0'."]
+    assert conditioning["prompt_source"].endswith("digits.csv")
+    errors = ds["error_l2"].values
+    means = errors.mean(axis=2)
+    per_class = np.stack([means[:, candidate_class == k].min(axis=1) for k in range(10)], axis=1)
+    assert ds["prediction"].values.tolist() == per_class.argmin(axis=1).tolist()
+    assert errorstore.score_store(path)["predictions"].tolist() == per_class.argmin(axis=1).tolist()
+    # adaptive over prompts: round 1 keeps the 4 best prompts (as the reference keeps prompt rows)
+    adaptive = run_classify(tmp_path / "adaptive", **(common | {
+        "n_timesteps": None, "schedule": "{timesteps_per_round: [2, 4], keep_per_round: [4, 1]}"}))
+    cells = read(adaptive, "error_l2")
+    assert (np.isfinite(cells[:, :, [1, 3]]).all() and (np.isfinite(cells[:, :, 0]).sum(axis=1) == 4).all())
+    np.testing.assert_allclose(cells[np.isfinite(cells)], errors[np.isfinite(cells)], rtol=1e-5)
+    for s in range(3):
+        first = np.argsort(errors[s][:, [1, 3]].mean(axis=1), kind="stable")[:4]
+        winner = first[np.argmin(errors[s][first].mean(axis=1))]
+        assert read(adaptive, "prediction")[s] == candidate_class[winner]
