@@ -67,14 +67,15 @@ class ScheduleConfig:
     def __post_init__(self):
         if self.preset is not None:
             if self.timesteps_per_round is not None or self.keep_per_round is not None:
-                raise ValueError("give schedule.preset or schedule.timesteps_per_round/keep_per_round, not both")
+                raise ValueError("give schedule.preset or schedule.timesteps_per_round/keep_per_round, "
+                                 "not both")
             if self.preset not in PUBLISHED_SCHEDULES:
                 raise ValueError(f"unknown schedule preset {self.preset!r}"
                                  f"{did_you_mean(self.preset, PUBLISHED_SCHEDULES)}; "
                                  f"valid: {', '.join(PUBLISHED_SCHEDULES)}")
         elif (self.timesteps_per_round is None) != (self.keep_per_round is None):
-            raise ValueError("schedule.timesteps_per_round and schedule.keep_per_round go together (one entry "
-                             "per round), e.g. timesteps_per_round: [50, 500], keep_per_round: [5, 1]")
+            raise ValueError("schedule.timesteps_per_round and schedule.keep_per_round go together (one "
+                             "entry per round), e.g. timesteps_per_round: [50, 500], keep_per_round: [5, 1]")
 
     @property
     def adaptive(self) -> bool:
@@ -151,14 +152,16 @@ class ClassifyConfig:
         what = (f"preset {sched.preset!r}" if sched.preset
                 else f"timesteps_per_round {list(resolved.timesteps_per_round)}")
         if self.n_timesteps is not None and self.n_timesteps != grid:
-            raise ValueError(f"n_timesteps: {self.n_timesteps} changes the grid of schedule {what}, whose rounds "
-                             f"choose from {grid} timesteps (the reference's max(n_samples)); drop n_timesteps")
+            raise ValueError(f"n_timesteps: {self.n_timesteps} changes the grid of schedule {what}, whose "
+                             f"rounds choose from {grid} timesteps (the reference's max(n_samples)); "
+                             "drop n_timesteps")
         if sched.preset is not None and (self.timesteps is not None or self.spacing != "even"):
             raise ValueError(f"schedule preset {sched.preset!r} runs on the published grid of {grid} even "
-                             "timesteps; drop 'timesteps'/'spacing', or give timesteps_per_round/keep_per_round")
+                             "timesteps; drop 'timesteps'/'spacing', or give timesteps_per_round and "
+                             "keep_per_round")
         if self.timesteps is not None and len(self.timesteps) != grid:
-            raise ValueError(f"'timesteps' lists {len(self.timesteps)} timesteps but schedule {what} needs a grid "
-                             f"of {grid}, its last round")
+            raise ValueError(f"'timesteps' lists {len(self.timesteps)} timesteps but schedule {what} needs "
+                             f"a grid of {grid}, its last round")
 
     @property
     def grid_size(self) -> int:
@@ -199,7 +202,7 @@ class Classifier:
         return make_plan(cfg.grid_size, big_t, cfg.spacing, cfg.seed, cfg.noise_draws)
 
     def _conditioning(self) -> dict:
-        """The candidates and how each conditions the model (label tensor or prompt embeddings, built once)."""
+        """The candidates and how each conditions the model (labels or prompt embeddings, built once)."""
         a, cfg = self.adapter, self.cfg
         if a.text_conditional:
             if cfg.class_labels is not None:
@@ -215,8 +218,8 @@ class Classifier:
                     "classname_mismatches": self.name_mismatches[:20],
                     "n_classname_mismatches": len(self.name_mismatches)}
         if cfg.prompt is not None or cfg.prompt_file is not None:
-            raise ConfigError(f"'prompt' is for text-conditional models (kind: sd); this {a.kind} model takes "
-                              "class labels: drop 'prompt'/'prompt_file'")
+            raise ConfigError(f"'prompt' is for text-conditional models (kind: sd); this {a.kind} model "
+                              "takes class labels: drop 'prompt'/'prompt_file'")
         if not a.num_classes:
             raise ModelError(f"classify needs a class- or text-conditional model; this {a.kind} model is "
                              "unconditional")
@@ -403,8 +406,8 @@ class ClassifyStage(Stage):
             records = clf.reader.records
             errorstore.create_error_store(ctx.output, lay, [r.image_id for r in records],
                                           [r.label for r in records], clf.class_names, clf.candidate_class,
-                                          clf.candidate_prompt, clf.plan.trial_timesteps, clf.plan.trial_draws,
-                                          attrs)
+                                          clf.candidate_prompt, clf.plan.trial_timesteps,
+                                          clf.plan.trial_draws, attrs)
         todo = ctx.pending_units(lay.n_units)
         sched = clf.schedule_attrs()
         ctx.log(f"{lay.n_samples} samples x {clf.n_candidates} candidates x {clf.plan.n_trials} trials "
@@ -433,9 +436,10 @@ class ClassifyStage(Stage):
         rows = [
             ("images", f"{n} ({cfg.dataset.reader}/{cfg.dataset.split})"),
             ("classes", f"{clf.n_classes} ({clf.conditioning['kind']} conditioning)"),
-            ("candidates", f"{clf.n_candidates} ({'prompts' if clf.conditioning['kind'] == 'text' else 'labels'})"),
-            ("trials", f"{plan.n_trials} = {plan.n_timesteps} timesteps ({plan.spacing}; {plan.timesteps[0]} .. "
-                       f"{plan.timesteps[-1]}) x {plan.noise_draws} noise draws"),
+            ("candidates", f"{clf.n_candidates} "
+                           f"({'prompts' if clf.conditioning['kind'] == 'text' else 'labels'})"),
+            ("trials", f"{plan.n_trials} = {plan.n_timesteps} timesteps ({plan.spacing}; "
+                       f"{plan.timesteps[0]} .. {plan.timesteps[-1]}) x {plan.noise_draws} noise draws"),
             ("schedule", f"{sched['kind']}: timesteps_per_round {sched['timesteps_per_round']}, "
                          f"keep_per_round {sched['keep_per_round']}"),
             ("forward passes", f"{per_sample * n} ({per_sample} per sample; exhaustive would be "

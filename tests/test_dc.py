@@ -173,7 +173,8 @@ def reference_rounds(big_t, timesteps_per_round):
 def test_published_schedules_evaluate_the_reference_timesteps(name):
     schedule = PUBLISHED_SCHEDULES[name]
     plan = make_plan(schedule.grid_size, T)
-    ours = [[plan.timesteps[i] for i in r] for r in round_timesteps(plan.n_timesteps, schedule.timesteps_per_round)]
+    rounds = round_timesteps(plan.n_timesteps, schedule.timesteps_per_round)
+    ours = [[plan.timesteps[i] for i in r] for r in rounds]
     assert ours == reference_rounds(T, schedule.timesteps_per_round)
 
 
@@ -209,7 +210,8 @@ def test_published_schedules_are_valid_as_published(name, n_classes):
 ])
 def test_bad_schedules_say_the_fix(per_round, keep, message):
     with pytest.raises(ConfigError, match=message):
-        adaptive_classify(lambda c, t: np.zeros((len(c), len(t))), 10, make_plan(500, T), Schedule(per_round, keep))
+        adaptive_classify(lambda c, t: np.zeros((len(c), len(t))), 10, make_plan(500, T),
+                          Schedule(per_round, keep))
 
 
 # --- adaptive elimination --------------------------------------------------------------------
@@ -312,7 +314,8 @@ def test_non_finite_errors_are_refused():
 
 
 def test_ties_go_to_the_lowest_candidate_index():
-    result = adaptive_classify(lambda c, t: np.ones((len(c), len(t))), 4, make_plan(10, T), Schedule((5, 10), (2, 1)))
+    result = adaptive_classify(lambda c, t: np.ones((len(c), len(t))), 4, make_plan(10, T),
+                               Schedule((5, 10), (2, 1)))
     assert result.winner == 0
 
 

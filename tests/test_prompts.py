@@ -27,7 +27,8 @@ PETS = [("Abyssinian", True), ("American Bulldog", False), ("American Pit Bull T
         ("Leonberger", False), ("Maine Coon", True), ("Miniature Pinscher", False), ("Newfoundland", False),
         ("Persian", True), ("Pomeranian", False), ("Pug", False), ("Ragdoll", True), ("Russian Blue", True),
         ("Saint Bernard", False), ("Samoyed", False), ("Scottish Terrier", False), ("Shiba Inu", False),
-        ("Siamese", True), ("Sphynx", True), ("Staffordshire Bull Terrier", False), ("Wheaten Terrier", False),
+        ("Siamese", True), ("Sphynx", True), ("Staffordshire Bull Terrier", False),
+        ("Wheaten Terrier", False),
         ("Yorkshire Terrier", False)]
 
 
@@ -71,10 +72,12 @@ def test_flowers_prompts_use_the_reader_class_names():
 
 def test_food_and_aircraft_templates():
     food = rows("food")
-    assert food[0]["prompt"] == "a photo of apple pie, a type of food." and food[0]["classname"] == "apple_pie"
+    assert food[0]["prompt"] == "a photo of apple pie, a type of food."
+    assert food[0]["classname"] == "apple_pie"
     assert all(r["prompt"] == f"a photo of {r['classname'].replace('_', ' ')}, a type of food." for r in food)
     aircraft = rows("aircraft")
-    assert aircraft[73]["prompt"] == "a photo of a F/A-18, a type of aircraft." and aircraft[73]["classname"] == "F_A-18"
+    assert aircraft[73]["prompt"] == "a photo of a F/A-18, a type of aircraft."
+    assert aircraft[73]["classname"] == "F_A-18"
 
 
 def test_a_shipped_set_checked_against_dataset_names():

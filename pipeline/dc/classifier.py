@@ -226,17 +226,20 @@ class Schedule:
     def validate(self, n_candidates: int, n_timesteps: int) -> None:
         """Raise ``ConfigError`` naming the fix if the schedule cannot run on this grid."""
         ns, keep = self.timesteps_per_round, self.keep_per_round
+        both = f"timesteps_per_round {list(ns)} and keep_per_round {list(keep)}"
         if not ns or len(ns) != len(keep):
-            raise ConfigError(f"timesteps_per_round {list(ns)} and keep_per_round {list(keep)} must be non-empty "
-                              "lists of the same length (one entry per round)")
+            raise ConfigError(f"{both} must be non-empty lists of the same length (one entry per round)")
         if min(ns) < 1 or min(keep) < 1:
-            raise ConfigError(f"timesteps_per_round {list(ns)} and keep_per_round {list(keep)} must be positive")
+            raise ConfigError(f"{both} must be positive")
         if any(b <= a for a, b in zip(ns, ns[1:])):
-            raise ConfigError(f"timesteps_per_round {list(ns)} must increase from round to round, e.g. [50, 500]")
+            raise ConfigError(f"timesteps_per_round {list(ns)} must increase from round to round, "
+                              "e.g. [50, 500]")
         if any(b > a for a, b in zip(keep, keep[1:])):
-            raise ConfigError(f"keep_per_round {list(keep)} must not increase from round to round, e.g. [5, 1]")
+            raise ConfigError(f"keep_per_round {list(keep)} must not increase from round to round, "
+                              "e.g. [5, 1]")
         if keep[-1] != 1:
-            raise ConfigError(f"keep_per_round {list(keep)} must end with 1 so the last round leaves one candidate")
+            raise ConfigError(f"keep_per_round {list(keep)} must end with 1 so the last round leaves "
+                              "one candidate")
         if keep[0] > n_candidates:
             raise ConfigError(f"keep_per_round[0]={keep[0]} exceeds the {n_candidates} candidates; "
                               f"lower it to at most {n_candidates}")
@@ -408,8 +411,9 @@ def _record(store: dict[str, np.ndarray], grid: ErrorGrid, request: RoundRequest
         if not np.isfinite(values).all():
             c, t = np.argwhere(~np.isfinite(values))[0]
             raise ModelError(
-                f"{name} error is not finite for sample {request.item}, candidate {request.candidate_ids[c]}, "
-                f"trial {request.trial_ids[t]}; run the denoiser in float32"
+                f"{name} error is not finite for sample {request.item}, "
+                f"candidate {request.candidate_ids[c]}, trial {request.trial_ids[t]}; "
+                "run the denoiser in float32"
             )
         if name not in store:
             store[name] = np.full((n_candidates, n_trials), np.nan)

@@ -122,7 +122,8 @@ def read_prompt_csv(text: str, source: str) -> PromptSet:
         try:
             index.append(int(idx))
         except ValueError:
-            raise ConfigError(f"prompt file {source}, line {line}: classidx {idx!r} is not an integer") from None
+            raise ConfigError(f"prompt file {source}, line {line}: classidx {idx!r} is not "
+                              "an integer") from None
         prompts.append(prompt)
         names.append(row.get("classname") or "")
     if not prompts:
@@ -130,8 +131,8 @@ def read_prompt_csv(text: str, source: str) -> PromptSet:
     seen: dict[str, int] = {}
     for line, prompt in enumerate(prompts, start=2):
         if prompt in seen:
-            raise ConfigError(f"prompt file {source}, line {line}: prompt {prompt!r} repeats line {seen[prompt]}; "
-                              "each prompt may appear once")
+            raise ConfigError(f"prompt file {source}, line {line}: prompt {prompt!r} repeats line "
+                              f"{seen[prompt]}; each prompt may appear once")
         seen[prompt] = line
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return PromptSet(tuple(prompts), tuple(index), source, digest,
@@ -186,7 +187,8 @@ def _read(kind: str, value: str) -> str:
         return (_package_dir() / f"{value}.csv").read_text(encoding="utf-8")
     path = Path(value)
     if not path.is_file():
-        raise ConfigError(f"prompt_file {value!r} does not exist; give a CSV with columns {','.join(COLUMNS)}")
+        raise ConfigError(f"prompt_file {value!r} does not exist; give a CSV with columns "
+                          f"{','.join(COLUMNS)}")
     return path.read_text(encoding="utf-8")
 
 

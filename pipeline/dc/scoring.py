@@ -79,13 +79,14 @@ def _weights(weighting: str | Sequence[float] | np.ndarray, n_trials: int,
 
 
 def candidate_scores(errors: np.ndarray, trials: Sequence[int] | None = None,
-                     weighting: str | Sequence[float] | np.ndarray = "uniform") -> tuple[np.ndarray, np.ndarray]:
+                     weighting: str | Sequence[float] | np.ndarray = "uniform"
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Per-candidate score and coverage over the selected trials.
 
     Parameters
     ----------
     errors : (n_samples, n_candidates, n_trials) float, NaN where not evaluated.
-    trials : trial indices to use (``trials_at_timesteps`` maps timesteps to them); all if None.
+    trials : trial indices to use (``select_trials`` maps timesteps and draws to them); all if None.
     weighting : ``"uniform"`` or (n_trials,) non-negative weights over *all* trials of
         the tensor (``timestep_weights`` builds them).
 
