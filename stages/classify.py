@@ -58,6 +58,8 @@ class ScheduleConfig:
     ``--n_samples 50 500 --to_keep 5 1``); or ``preset``, a published schedule
     (``cifar10``, ``pets``, ``stl10``, ``food``, ``aircraft``, ``flowers``, ``imagenet``).
     An adaptive schedule sets the grid: ``max(timesteps_per_round)`` evenly spaced timesteps.
+    A preset is the schedule only; the published commands also used ``loss: l1`` for
+    cifar10, pets, flowers and stl10.
     """
 
     timesteps_per_round: tuple[int, ...] | None = None
