@@ -25,6 +25,14 @@ the third is diffprobe's original behaviour, kept so older stores stay reproduci
     resize with the ``resample`` filter (PIL always antialiases), centre crop at
     offsets ``int(round((dim - size) / 2.0))`` (Python's round: halves go to even).
 
+The training augmentation of 2307.08702 (guided-diffusion's ``random_crop_arr``) lives
+here too, with its random choices passed in (``adm_random_crop``; the draws are
+``pipeline.datasets.augment``'s): the short side is rescaled to ``side`` exactly as
+``adm`` rescales it to ``size`` (box halvings while the short side is at least
+``2 * side``, one bicubic resize by ``round``), then a ``size x size`` window is cut
+at the chosen offsets; ``side`` ranges over ``adm_crop_sides`` (``ceil(size / 1.0) ..
+ceil(size / 0.8)`` by default). ``adm`` is this with ``side = size``, centred.
+
 Both reference recipes take 16-bit grey (PIL modes ``I;16*`` and ``I``) to 8 bits by
 ``round(v / 257)`` before converting: PIL's own conversion clips such images at 255
 (all white), which no reference dataset exercises. Every other mode (P, L, LA, RGBA,
