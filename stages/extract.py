@@ -4,10 +4,10 @@ For every (image, view) sample and every requested timestep: x_0 = preprocess(im
 (flipped for odd views when ``flip``; with ``augment``, views 1..k-1 are random crops
 and flips drawn from (seed, image_id, view), ``pipeline.datasets.augment``), eps =
 ``pipeline.noise.sample_noise(seed, image_id, view, t)``, x_t = q(x_t | x_0), one
-forward with hooks on the requested
-blocks that stops after the last of them, optional pooling on the device, cast to
-the storage dtype with an inf/NaN check, copy to (pinned) host memory, and a
-background thread writes each finished unit while the device computes the next.
+forward with hooks on the requested blocks that stops after the last of them,
+optional pooling on the device, cast to the storage dtype with an inf/NaN check,
+copy to (pinned) host memory, and a background thread writes each finished unit
+(with the crops its views drew) while the device computes the next.
 """
 
 from __future__ import annotations

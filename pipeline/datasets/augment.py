@@ -109,17 +109,17 @@ def preprocess_views(img: Image.Image, prep: Preprocessing, spec: AugmentSpec, s
     arrays : (n_views, channels, size, size) float32 in ``prep.value_range``.
     boxes : (n_views, 3) int64 (side, x0, y0) of each view's crop; view 0's is ``NO_CROP``.
     """
-    arrays = [preprocess(img, prep, bbox)]
-    boxes = [NO_CROP]
-    for view in range(1, n_views):
-        drawn = {}
+    arrays, boxes = [preprocess(img, prep, bbox)], [NO_CROP]
 
-        def crop(converted: Image.Image, view=view) -> Image.Image:
-            out, drawn["box"] = random_view(converted, prep.size, spec, seed, image_id, view)
-            return out
+    def crop(converted: Image.Image) -> Image.Image:
+        # preprocess() calls this between its mode conversion / bbox and its scaling;
+        # the view being built is the next one, len(boxes)
+        out, box = random_view(converted, prep.size, spec, seed, image_id, len(boxes))
+        boxes.append(box)
+        return out
 
+    for _ in range(1, n_views):
         arrays.append(preprocess(img, prep, bbox, resize_crop=crop))
-        boxes.append(drawn["box"])
     return np.stack(arrays), np.asarray(boxes, dtype=np.int64)
 
 
