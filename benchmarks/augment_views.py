@@ -67,8 +67,9 @@ def features(adapter, prep, reader, images, view, block, t, seed, pool=2, batch=
     return np.concatenate(out)
 
 
-def train_linear(per_epoch, y, x_test, y_test, mean, std, epochs, seed, lr=0.05, batch=32) -> float:
-    """SGD (momentum 0.9, wd 1e-4), step schedule every epochs // 4, on standardised features."""
+def train_linear(per_epoch, x_test, y_test, epochs, seed, lr=0.05, batch=32) -> float:
+    """SGD (momentum 0.9, wd 1e-4), step schedule every epochs // 4, on standardised tensors;
+    ``per_epoch(e)`` gives epoch e's (features, labels)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     head = torch.nn.Linear(x_test.shape[1], 10)
@@ -76,18 +77,17 @@ def train_linear(per_epoch, y, x_test, y_test, mean, std, epochs, seed, lr=0.05,
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, epochs // 4), gamma=0.1)
     for epoch in range(epochs):
         x, labels = per_epoch(epoch)
-        order = rng.permutation(len(x))
+        order = torch.from_numpy(rng.permutation(len(x)))
         for b0 in range(0, len(x), batch):
             idx = order[b0 : b0 + batch]
-            xb = torch.from_numpy((x[idx] - mean) / std).float()
-            loss = torch.nn.functional.cross_entropy(head(xb), torch.from_numpy(labels[idx]))
+            loss = torch.nn.functional.cross_entropy(head(x[idx]), labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
         sched.step()
     with torch.no_grad():
-        pred = head(torch.from_numpy((x_test - mean) / std).float()).argmax(1).numpy()
-    return float((pred == y_test).mean())
+        pred = head(x_test).argmax(1)
+    return float((pred == y_test).float().mean())
 
 
 def main() -> None:
@@ -98,8 +98,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=None, help="an .npz to keep the features in between runs")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny GEMMs; more threads only spin on a shared machine
     adapter = load_model(ModelConfig(path=str(ROOT / "data/models/digits-ddpm"), null_class=10), "cpu", "float32")
     prep = adapter.preprocessing.with_resize("adm")
     train, test = (open_dataset(DatasetConfig(reader="digits", split=s)) for s in ("train", "test"))
@@ -108,16 +109,25 @@ def main() -> None:
     y = np.array([r.label for r in train.records])
     y_test = np.array([r.label for r in test.records])
     start = time.perf_counter()
-    feat = lambda view: features(adapter, prep, train, train_images, view, args.block, args.timestep, args.seed)
     n_views = max(max(args.ks), args.epochs + 1)
-    views = {v: feat(v) for v in range(n_views)}
-    x_test = features(adapter, prep, test, test_images, 0, args.block, args.timestep, args.seed)
-    print(f"# {len(views)} views x {len(y)} train images + {len(y_test)} test, {args.block} t={args.timestep}: "
-          f"features in {time.perf_counter() - start:.0f} s")
-    mean, std = views[0].mean(0), views[0].std(0) + 1e-6
+    if args.cache and args.cache.exists():
+        saved = np.load(args.cache)
+        stored, x_test = saved["train"], saved["test"]
+    else:
+        stored = np.stack([features(adapter, prep, train, train_images, v, args.block, args.timestep, args.seed)
+                           for v in range(n_views)])
+        x_test = features(adapter, prep, test, test_images, 0, args.block, args.timestep, args.seed)
+        if args.cache:
+            np.savez(args.cache, train=stored, test=x_test)
+    print(f"# {n_views} views x {len(y)} train images + {len(y_test)} test, {args.block} t={args.timestep}, "
+          f"pooled 2x2: features in {time.perf_counter() - start:.0f} s")
+    mean, std = stored[0].mean(0), stored[0].std(0) + 1e-6  # the centre views' statistics, for every run
+    views = {v: torch.from_numpy((stored[v] - mean) / std).float() for v in range(n_views)}
+    x_test = torch.from_numpy((x_test - mean) / std).float()
+    y, y_test = torch.from_numpy(y), torch.from_numpy(y_test)
 
     def stacked(vs):
-        return np.concatenate([views[v] for v in vs]), np.tile(y, len(vs))
+        return torch.cat([views[v] for v in vs]), y.repeat(len(vs))
 
     settings = {"k=1 (centre only)": lambda e: (views[0], y)}
     for k in args.ks:
@@ -126,8 +136,7 @@ def main() -> None:
         settings[f"k={k} random views 1..k-1 only"] = lambda e, k=k: stacked(range(1, k))
     settings[f"fresh draw every epoch ({args.epochs} draws)"] = lambda e: (views[e + 1], y)
     for name, per_epoch in settings.items():
-        accs = [train_linear(per_epoch, y, x_test, y_test, mean, std, args.epochs, seed)
-                for seed in range(args.repeats)]
+        accs = [train_linear(per_epoch, x_test, y_test, args.epochs, seed) for seed in range(args.repeats)]
         print(f"{name:42s} top-1 {np.mean(accs):.4f} +- {np.std(accs):.4f}  ({', '.join(f'{a:.3f}' for a in accs)})")
 
 
