@@ -62,7 +62,7 @@ def features(adapter, prep, reader, images, view, block, t, seed, pool=2, batch=
         x_t = adapter.add_noise(x0, eps, ts)
         cond = Condition("null", labels=torch.full((len(recs),), adapter.null_class, dtype=torch.long))
         with capture(adapter.module, [block], stop_after=block) as got:
-            run_truncated(lambda: adapter.forward(x_t, ts, cond))
+            run_truncated(lambda x_t=x_t, ts=ts, cond=cond: adapter.forward(x_t, ts, cond))
         out.append(torch.nn.functional.adaptive_avg_pool2d(got[block].float(), pool).flatten(1).numpy())
     return np.concatenate(out)
 

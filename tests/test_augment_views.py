@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import write_extract_workflow
 from PIL import Image
 
-from helpers import write_extract_workflow
 from pipeline import store
 from pipeline.datasets import DatasetConfig, open_dataset
 from pipeline.datasets.augment import AugmentedImages, AugmentSpec, preprocess_views, view_flipped
@@ -75,7 +75,7 @@ def test_random_crop_equals_the_published_recipe_pixel_for_pixel(width, height, 
         w, h = rescaled_dims(width, height, side)
         corners = {(0, 0), (h - size, w - size), (int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)))}
         for y0, x0 in corners:
-            ours, (got_x, got_y) = adm_random_crop(img, size, side, lambda n_y, n_x: (y0, x0))
+            ours, (got_x, got_y) = adm_random_crop(img, size, side, lambda n_y, n_x, y0=y0, x0=x0: (y0, x0))
             assert (got_x, got_y) == (x0, y0)
             expected = published_random_crop(img, size, side, y0, x0)
             assert expected.shape == (size, size, 3)
@@ -112,7 +112,7 @@ def test_views_follow_the_documented_draw_and_cover_the_reference_distribution()
     sides, flips, x0s = [], [], []
     for i in range(400):
         image_id = f"im{i}"
-        arrays, boxes = preprocess_views(img, prep, spec, seed=7, image_id=image_id, n_views=2)
+        _, boxes = preprocess_views(img, prep, spec, seed=7, image_id=image_id, n_views=2)
         side, x0, y0, flipped = independent_draw(7, image_id, 1, size, 203, 150)
         assert tuple(boxes[1]) == (side, x0, y0) and tuple(boxes[0]) == (-1, -1, -1)
         assert view_flipped(spec, 7, image_id, 1) == flipped and not view_flipped(spec, 7, image_id, 0)
