@@ -428,15 +428,10 @@ class ClassifyStage(Stage):
                                         "provenance": clf.provenance()}
             records = clf.reader.records
             errorstore.create_error_store(ctx.output, lay, [r.image_id for r in records],
-<<<<<<< HEAD
-                                          [r.label for r in records], clf.class_names, clf.plan.timesteps,
-                                          attrs)
-        ctx.check_same_samples([r.image_id for r in clf.reader.records])
-=======
                                           [r.label for r in records], clf.class_names, clf.candidate_class,
                                           clf.candidate_prompt, clf.plan.trial_timesteps,
                                           clf.plan.trial_draws, attrs)
->>>>>>> main
+        ctx.check_same_samples([r.image_id for r in clf.reader.records])
         todo = ctx.pending_units(lay.n_units)
         sched = clf.schedule_attrs()
         ctx.log(f"{lay.n_samples} samples x {clf.n_candidates} candidates x {clf.plan.n_trials} trials "

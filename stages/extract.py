@@ -317,16 +317,10 @@ def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "ex
     computed = 0
     try:
         with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
-<<<<<<< HEAD
             for unit in taken:
                 faults.unit_delay()
-                data, failed = ex.compute_unit(unit)
-                writer.put(unit, (data, failed))
-                computed += 1
-=======
-            for unit in units:
                 writer.put(unit, ex.compute_unit(unit))
->>>>>>> main
+                computed += 1
                 start, stop = lay.unit_range(unit)
                 bar.update(stop - start)
     finally:
