@@ -41,7 +41,7 @@ def classify_wf(folder: Path, batch_size: int) -> Path:
     (folder / "tiny_unet.json").write_text(json.dumps(TINY_UNET))
     (folder / "wf.yaml").write_text(
         "name: t\noutput_dir: out\nstages:\n  - {name: c, stage: classify, model: {config: tiny_unet.json, "
-        "null_class: 10}, dataset: {reader: digits, split: test, limit: 6}, n_trials: 4, "
+        "null_class: 10}, dataset: {reader: digits, split: test, limit: 6}, n_timesteps: 4, "
         f"batch_size: {batch_size}}}\n")
     return folder / "wf.yaml"
 
