@@ -272,7 +272,15 @@ def new_group(path: str | Path):
     """
     import zarr
 
-    path = Path(path)
+    from pipeline.store import location
+
+    path = location.as_location(path)
+    if location.is_remote(path):  # no rename on object storage: see location.py's protocol
+        memory = zarr.storage.MemoryStore()
+        with quiet_zarr():
+            yield zarr.open_group(memory, mode="w", zarr_format=3)
+        location.commit_remote_group(path, memory)
+        return
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -304,7 +312,9 @@ def jsonable(obj):
 
 def read_attrs(path: str | Path) -> dict | None:
     """The diffprobe attrs of a store or results folder, or None when it is not ours."""
-    meta = Path(path) / "zarr.json"
+    from pipeline.store.location import as_location
+
+    meta = as_location(path) / "zarr.json"
     if not meta.exists():
         return None
     try:
@@ -319,8 +329,10 @@ def open_root(path: str | Path, mode: str = "r"):
 
     if read_attrs(path) is None:
         raise StoreError(f"{str(path)!r} is not a diffprobe store (no zarr.json with diffprobe attrs)")
+    from pipeline.store.location import zarr_store
+
     with quiet_zarr():
-        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+        return zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
 def load_layout(path: str | Path) -> Layout:
@@ -389,12 +401,23 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
     """
     import zarr
 
-    path = Path(path)
+    from pipeline.store import location
+
+    path = location.as_location(path)
     attrs = read_attrs(path) or {}
     if attrs.get("complete"):
         return True
     if not unit_status(path).all():
         return False
+    if location.is_remote(path):
+        claim = location.claim_finalize(path)
+        if claim is None:
+            return True  # another process is finalizing
+        try:
+            _stamp_complete(path, extra_attrs)
+        finally:
+            location.remove(claim)
+        return True
     lock = path.parent / f".{path.name}.finalize.lock"  # outside the hierarchy
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -402,23 +425,33 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
         return True  # another process is finalizing
     try:
         os.close(fd)
-        root = open_root(path, mode="r+")
-        meta = dict(root.attrs[ATTR_KEY])
-        failure = root["failure"][:]
-        failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
-        meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
-        meta.update(extra_attrs or {})
-        meta["complete"] = True
-        root.attrs[ATTR_KEY] = jsonable(meta)
-        with quiet_zarr():
-            zarr.consolidate_metadata(str(path))
+        _stamp_complete(path, extra_attrs)
     finally:
         lock.unlink(missing_ok=True)
     return True
 
 
+def _stamp_complete(path, extra_attrs: dict | None) -> None:
+    import zarr
+
+    from pipeline.store.location import zarr_store
+
+    root = open_root(path, mode="r+")
+    meta = dict(root.attrs[ATTR_KEY])
+    failure = root["failure"][:]
+    failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
+    meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
+    meta.update(extra_attrs or {})
+    meta["complete"] = True
+    root.attrs[ATTR_KEY] = jsonable(meta)
+    with quiet_zarr():
+        zarr.consolidate_metadata(zarr_store(path))
+
+
 def stored_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    from pipeline.store.location import as_location, stored_bytes as location_bytes
+
+    return location_bytes(as_location(path))
 
 
 def estimate_compressed_bytes(layout: Layout, sample: np.ndarray | None = None,
@@ -487,12 +520,14 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
     """
     import zarr
 
+    from pipeline.store.location import zarr_store
+
     meta = dict(ds.attrs.get(ATTR_KEY, {}))
     ds = ds.copy()
     ds.attrs[ATTR_KEY] = meta | {"complete": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr notes the plain files while listing the folder
-        ds.to_zarr(output, mode="a", consolidated=False)
-        group = zarr.open_group(str(output), mode="r+", zarr_format=3)
+        ds.to_zarr(zarr_store(output), mode="a", consolidated=False)
+        group = zarr.open_group(zarr_store(output), mode="r+", zarr_format=3)
         group.attrs[ATTR_KEY] = jsonable(meta | {"complete": complete})
-        zarr.consolidate_metadata(str(output))
+        zarr.consolidate_metadata(zarr_store(output))
