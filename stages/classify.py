@@ -353,7 +353,7 @@ class ClassifyStage(Stage):
     def run(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
         clf = Classifier(cfg)
         lay = clf.layout
-        if not ctx.output.exists():
+        if store.read_attrs(ctx.output) is None:
             attrs = ctx.base_attrs() | {"plan": clf.plan.to_dict(), "schedule": clf.schedule_attrs(),
                                         "provenance": clf.provenance()}
             records = clf.reader.records

@@ -209,3 +209,19 @@ def claim_finalize(store_path: Location) -> Location | None:
         return None
     remove(claim)  # its owner died mid-finalize; finalizing is idempotent, so take over
     return claim if put_if_absent(claim, body) else None
+
+
+def save_figure(fig, path: Location | str, dpi: int) -> Location:
+    """``fig.savefig`` as PNG at a local path or URL (matplotlib writes only to local files)."""
+    import io
+
+    path = as_location(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def write_csv(frame, path: Location | str) -> None:
+    """``frame.to_csv(path, index=False)`` at a local path or URL (pandas would drop the storage options)."""
+    as_location(path).write_text(frame.to_csv(index=False))
