@@ -121,9 +121,10 @@ def test_xarray_reads_the_s3_store_without_warnings_and_cli_works_on_urls(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # three CLI processes (torch imports) on a shared 2-core machine
 def test_two_shard_processes_fill_one_s3_store_and_a_killed_shard_resumes(tmp_path, s3_server):
     bucket = s3_server.new_bucket()
-    overrides = {"dataset": "{reader: digits, split: test, limit: 32}", "timesteps": "[10, 400]"}
+    overrides = {**SMALL, "unit_samples": 4}  # 4 units: shard 0 owns 0 and 2, shard 1 owns 1 and 3
     local = write_extract_workflow(tmp_path / "local", **overrides)
     # Credentials from the environment only: the workflow holds no storage_options.
     remote = s3_workflow(tmp_path / "remote", s3_server, f"s3://{bucket}/run", with_options=False, **overrides)
