@@ -181,16 +181,16 @@ def cka_tile(task: CKATask) -> dict:
     sigma = task.sigma_fraction if task.estimator == "rbf" else None
     if task.method == "gram-write":
         rep = task.rows[0]
-        path = cka_select.write_normalised_gram(rep, pos[rep.path], task.read_bytes, task.scratch, sigma)
+        path = cka_select.write_normalised_gram(rep, pos[str(rep.path)], task.read_bytes, task.scratch, sigma)
         return out | {"values": [], "gram": path.name}
     if task.method == "stream":
         rx, ry = task.rows[0], task.cols[0]
-        value, route = cka_select.stream_pair_cka(rx, ry, pos[rx.path], pos[ry.path],
+        value, route = cka_select.stream_pair_cka(rx, ry, pos[str(rx.path)], pos[str(ry.path)],
                                                   task.memory_bytes - task.read_bytes, task.read_bytes)
         return out | {"values": [[value]], "route": route}
     if task.method == "minibatch":
         union = list(dict.fromkeys(task.rows + task.cols))
-        acc = cka_select.minibatch_accumulate(union, [pos[r.path] for r in union], task.batch_size, task.seed,
+        acc = cka_select.minibatch_accumulate(union, [pos[str(r.path)] for r in union], task.batch_size, task.seed,
                                               task.epochs, task.read_bytes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a constant slice gives NaN, kept as NaN
@@ -201,7 +201,7 @@ def cka_tile(task: CKATask) -> dict:
 
     def grams(reps):
         for rep in reps:
-            g = cka_select.representation_gram(rep, pos[rep.path], task.read_bytes)
+            g = cka_select.representation_gram(rep, pos[str(rep.path)], task.read_bytes)
             yield g if sigma is None else cka.rbf_gram_from_linear(g, sigma)
 
     with warnings.catch_warnings():

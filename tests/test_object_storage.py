@@ -215,3 +215,67 @@ def test_memory_urls_and_local_paths_are_the_same_kind_of_location(tmp_path):
     assert location.is_remote(workflow.stage("ex").output)
     assert location.parse("out", tmp_path) == tmp_path / "out"
     assert location.parse("file:///tmp/x") == Path("/tmp/x")
+
+
+PIPELINE = """\
+name: s3demo
+output_dir: {url}
+storage_options: {options}
+cluster: {{kind: local, n_workers: 1, threads_per_worker: 1, memory_limit: 2GiB, dashboard: false}}
+stages:
+  - name: ex
+    stage: extract
+    model: {{config: tiny_unet.json, null_class: 10}}
+    dataset: {{reader: digits, split: test, limit: 40}}
+    blocks: [mid_block, up_blocks.0]
+    timesteps: [10, 400]
+    conditioning: class
+    batch_size: 8
+    unit_samples: 8
+  - {{name: pooled, stage: pool, input: ex, sizes: [1, 2]}}
+  - name: probe
+    stage: probe
+    input: pooled
+    heads: [{{name: linear, head: {{kind: linear}}}}]
+    train: {{epochs: 2}}
+  - {{name: cka, stage: cka, selections: [{{input: ex}}]}}
+  - name: cls
+    stage: classify
+    model: {{config: tiny_unet.json, null_class: 10}}
+    dataset: {{reader: digits, split: test, limit: 6}}
+    n_trials: 2
+    batch_size: 16
+  - {{name: report, stage: report, inputs: [probe, cka, cls]}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # six stages, a dask worker process, on a shared 2-core machine
+def test_demo_like_workflow_runs_with_output_dir_on_s3(tmp_path, s3_server, capfd):
+    from helpers import TINY_UNET
+    from pipeline.cka.results import open_cka
+    from pipeline.probing.results import open_results
+    from pipeline.store import error_tensor
+
+    bucket = s3_server.new_bucket()
+    (tmp_path / "tiny_unet.json").write_text(json.dumps(TINY_UNET))
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(PIPELINE.format(url=f"s3://{bucket}/run", options=json.dumps(s3_server.storage_options)))
+    report = run_wf(wf)
+    assert [action for _, action in report] == ["run"] * 6
+    assert sorted(os.listdir(tmp_path)) == ["tiny_unet.json", "wf.yaml"]
+    workflow = load_workflow(wf, STAGES)
+    out = {e.name: e.output for e in workflow.stages}
+    for name in ("ex", "pooled", "probe", "cka", "cls", "report"):
+        assert store.read_attrs(out[name])["complete"] is True, name
+    probe = open_results(out["probe"])
+    assert np.isfinite(probe["accuracy"].values).sum() == 2 * 2 * 2  # blocks x timesteps x pools, one head
+    cka = open_cka(out["cka"]).values
+    np.testing.assert_allclose(np.diag(cka), 1.0, atol=1e-6)
+    scored = error_tensor.score_store(out["cls"], None, None, None, "uniform")
+    assert scored["n_samples"] == 6
+    page = (out["report"] / "index.html").read_text()
+    assert "heatmap_linear.png" in page and (out["report"] / "probe-heatmap_linear.png").exists()
+    assert (out["report"] / "cka-cka.png").exists()
+    assert s3_server.secret not in bucket_text(s3_server, bucket) + page + capfd.readouterr().err
+    assert run_wf(wf) == [(name, "skip (up to date)") for name in out]

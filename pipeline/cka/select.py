@@ -132,7 +132,7 @@ class Alignment:
     image_ids: np.ndarray  # (n,) the aligned ids
 
 
-def _view_table(path: str, view: int):
+def _view_table(path, view: int):
     root = open_root(path)
     ids = np.asarray(root["image_id"][:], dtype=object).astype(str)
     views = root["view"][:]
@@ -160,8 +160,9 @@ def align_samples(paths: Sequence[str | Path], view: int = 0) -> Alignment:
     Raises ``ConfigError`` when the stores' id sets differ, saying how many ids
     differ and naming the first few.
     """
-    paths = list(dict.fromkeys(str(p) for p in paths))
-    tables = {p: _view_table(p, view) for p in paths}
+    locations = {str(p): p for p in paths}  # keyed by URL / path text; a URL's location keeps its options
+    paths = list(locations)
+    tables = {p: _view_table(locations[p], view) for p in paths}
     ref = paths[0]
     ref_ids, ref_pos, usable = tables[ref]
     ref_order = np.argsort(ref_ids, kind="stable")
