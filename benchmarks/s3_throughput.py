@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline import store  # noqa: E402
-from pipeline.store import location  # noqa: E402
+from pipeline import store
+from pipeline.store import location
 
 #: The digits UNet's shape (1.1 M parameters, 16x16), random weights.
 UNET = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [64, 128, 128],
@@ -113,8 +113,8 @@ def slice_fetch_bytes(server, url: str) -> tuple[int, int]:
         return data
 
     fs._cat_file = counting
-    from zarr.storage import FsspecStore
     import zarr
+    from zarr.storage import FsspecStore
 
     bucket_path = url.removeprefix("s3://")
     group = zarr.open_group(FsspecStore(fs, path=bucket_path, read_only=True), mode="r")

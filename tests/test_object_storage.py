@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from helpers import write_extract_workflow
+
 from pipeline import store
 from pipeline.errors import ConfigError
 from pipeline.store import location
@@ -253,6 +253,7 @@ stages:
 @pytest.mark.timeout(900)  # six stages, a dask worker process, on a shared 2-core machine
 def test_demo_like_workflow_runs_with_output_dir_on_s3(tmp_path, s3_server, capfd):
     from helpers import TINY_UNET
+
     from pipeline.cka.results import open_cka
     from pipeline.probing.results import open_results
     from pipeline.store import error_tensor

@@ -35,6 +35,10 @@ shard; concurrent partial shard writes silently lose data, zarr-python #3682,
    per unit, so no two writers touch the same chunk.
 4. ``finalize`` (one process, behind a lock file) consolidates metadata and
    stamps ``complete`` once every unit is done.
+
+On object storage (an ``s3://``/``gs://``/``az://`` location) there is no rename and no
+lock file; steps 1 and 4 use conditional writes instead (put-if-absent), as
+``pipeline/store/location.py`` describes.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import numpy as np
 
 import pipeline
 from pipeline.errors import ConfigError, StoreError
+from pipeline.store import location
 
 ATTR_KEY = "diffprobe"
 DIMS = ("sample", "timestep", "channel", "y", "x")
@@ -272,8 +277,6 @@ def new_group(path: str | Path):
     """
     import zarr
 
-    from pipeline.store import location
-
     path = location.as_location(path)
     if location.is_remote(path):  # no rename on object storage: see location.py's protocol
         memory = zarr.storage.MemoryStore()
@@ -312,9 +315,7 @@ def jsonable(obj):
 
 def read_attrs(path: str | Path) -> dict | None:
     """The diffprobe attrs of a store or results folder, or None when it is not ours."""
-    from pipeline.store.location import as_location
-
-    meta = as_location(path) / "zarr.json"
+    meta = location.as_location(path) / "zarr.json"
     if not meta.exists():
         return None
     try:
@@ -329,10 +330,8 @@ def open_root(path: str | Path, mode: str = "r"):
 
     if read_attrs(path) is None:
         raise StoreError(f"{str(path)!r} is not a diffprobe store (no zarr.json with diffprobe attrs)")
-    from pipeline.store.location import zarr_store
-
     with quiet_zarr():
-        return zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+        return zarr.open_group(location.zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
 def load_layout(path: str | Path) -> Layout:
@@ -399,10 +398,6 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
 
     Returns True if this call (or an earlier one) completed the store.
     """
-    import zarr
-
-    from pipeline.store import location
-
     path = location.as_location(path)
     attrs = read_attrs(path) or {}
     if attrs.get("complete"):
@@ -434,8 +429,6 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
 def _stamp_complete(path, extra_attrs: dict | None) -> None:
     import zarr
 
-    from pipeline.store.location import zarr_store
-
     root = open_root(path, mode="r+")
     meta = dict(root.attrs[ATTR_KEY])
     failure = root["failure"][:]
@@ -445,13 +438,11 @@ def _stamp_complete(path, extra_attrs: dict | None) -> None:
     meta["complete"] = True
     root.attrs[ATTR_KEY] = jsonable(meta)
     with quiet_zarr():
-        zarr.consolidate_metadata(zarr_store(path))
+        zarr.consolidate_metadata(location.zarr_store(path))
 
 
 def stored_bytes(path: str | Path) -> int:
-    from pipeline.store.location import as_location, stored_bytes as location_bytes
-
-    return location_bytes(as_location(path))
+    return location.stored_bytes(location.as_location(path))
 
 
 def estimate_compressed_bytes(layout: Layout, sample: np.ndarray | None = None,
@@ -520,8 +511,7 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
     """
     import zarr
 
-    from pipeline.store.location import zarr_store
-
+    zarr_store = location.zarr_store
     meta = dict(ds.attrs.get(ATTR_KEY, {}))
     ds = ds.copy()
     ds.attrs[ATTR_KEY] = meta | {"complete": False}

@@ -79,8 +79,7 @@ def parse(text: str | os.PathLike, base_dir: Path | None = None,
     if hasattr(text, "storage_options"):
         return text
     text = os.fspath(text) if not isinstance(text, str) else text
-    if text.startswith("file://"):
-        text = text[len("file://"):]
+    text = text.removeprefix("file://")
     if not is_url(text):
         p = Path(text).expanduser()
         return p if p.is_absolute() or base_dir is None else (base_dir / p).resolve()
