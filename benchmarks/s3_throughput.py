@@ -101,9 +101,12 @@ def probe_rate(path, n: int, epochs: int, buffer_mib: int) -> tuple[float, int]:
 
 def slice_fetch_bytes(server, url: str) -> tuple[int, int]:
     """(bytes fetched over HTTP to read one timestep of a 2-timestep block, bytes stored for the block)."""
-    import fsspec
+    import zarr
+    from zarr.storage import FsspecStore
 
-    fs = fsspec.filesystem("s3", skip_instance_cache=True, **server.storage_options)
+    zstore = FsspecStore.from_url(url, storage_options=dict(server.storage_options, skip_instance_cache=True),
+                                  read_only=True)
+    fs = zstore.fs
     fetched = {"n": 0}
     original = fs._cat_file
 
@@ -113,15 +116,11 @@ def slice_fetch_bytes(server, url: str) -> tuple[int, int]:
         return data
 
     fs._cat_file = counting
-    import zarr
-    from zarr.storage import FsspecStore
-
-    bucket_path = url.removeprefix("s3://")
-    group = zarr.open_group(FsspecStore(fs, path=bucket_path, read_only=True), mode="r")
-    array = group["blocks/b/activations"]
+    array = zarr.open_group(zstore, mode="r")["blocks/b/activations"]
     before = fetched["n"]
     array[:, 0]
-    return fetched["n"] - before, int(fs.du(f"{bucket_path}/blocks/b/activations", total=True))
+    stored = server.filesystem().du(f"{url.removeprefix('s3://')}/blocks/b/activations", total=True)
+    return fetched["n"] - before, int(stored)
 
 
 def main() -> None:
@@ -130,6 +129,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8192, help="samples of the synthetic pooled store")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; best kept")
+    parser.add_argument("--parts", default="extract,probe,slice", help="comma-separated subset to run")
     args = parser.parse_args()
     from servers.s3 import start_s3_server
 
@@ -141,28 +141,30 @@ def main() -> None:
             bucket = server.new_bucket("bench")
             remote = location.parse(f"s3://{bucket}", storage_options=server.storage_options)
             print(f"load average at start: {load_average()} ({os.cpu_count()} cores)")
+            parts = args.parts.split(",")
             rates = {"local": [], "s3": []}
-            for _ in range(args.repeats):
+            for _ in range(args.repeats if "extract" in parts else 0):
                 rates["local"].append(extract_rate(work, work / "ex.zarr", args.samples, 64))
                 rates["s3"].append(extract_rate(work, remote / "ex.zarr", args.samples, 64))
-            ext = {k: max(v) for k, v in rates.items()}
+            ext = {k: max(v, default=float("nan")) for k, v in rates.items()}
             print(f"extract: local {ext['local']:.0f}, s3 {ext['s3']:.0f} sample-timesteps/s; "
                   f"ratio s3/local **{ext['s3'] / ext['local']:.2f}** (runs: {rates})")
 
-            write_pooled(work / "pooled.zarr", args.n, 512, 4)
-            write_pooled(remote / "pooled.zarr", args.n, 512, 4)
+            if "probe" in parts:
+                write_pooled(work / "pooled.zarr", args.n, 512, 4)
+                write_pooled(remote / "pooled.zarr", args.n, 512, 4)
             slice_mib = args.n * 512 * 16 * 2 / 2**20
             buffer_mib = max(1, int(slice_mib / 4))
             probe = {"local": [], "s3": []}
             read = {}
-            for _ in range(args.repeats):
+            for _ in range(args.repeats if "probe" in parts else 0):
                 for side, path in (("local", work / "pooled.zarr"), ("s3", remote / "pooled.zarr")):
                     rate, read[side] = probe_rate(path, args.n, args.epochs, buffer_mib)
                     probe[side].append(rate)
-            best = {k: max(v) for k, v in probe.items()}
+            best = {k: max(v, default=float("nan")) for k, v in probe.items()}
             print(f"probe stream (linear, slice {slice_mib:.0f} MiB, buffer {buffer_mib} MiB): local "
                   f"{best['local']:.0f}, s3 {best['s3']:.0f} train samples/s; ratio s3/local "
-                  f"**{best['s3'] / best['local']:.2f}**; read {read['s3'] / 2**20:.0f} MiB from S3 "
+                  f"**{best['s3'] / best['local']:.2f}**; read {read.get('s3', 0) / 2**20:.0f} MiB from S3 "
                   f"(runs: {probe})")
 
             slice_url = f"s3://{bucket}/slice.zarr"
