@@ -243,7 +243,7 @@ stages:
     stage: classify
     model: {{config: tiny_unet.json, null_class: 10}}
     dataset: {{reader: digits, split: test, limit: 6}}
-    n_trials: 2
+    n_timesteps: 2
     batch_size: 16
   - {{name: report, stage: report, inputs: [probe, cka, cls]}}
 """
