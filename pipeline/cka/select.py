@@ -189,6 +189,26 @@ def align_samples(paths: Sequence[str | Path], view: int = 0) -> Alignment:
     return Alignment(n, positions, view, int((~usable).sum()), ref_ids[usable])
 
 
+def save_alignment(align: Alignment, path: str | Path) -> Path:
+    """Save ``align.positions`` (one int64 array per store) for tasks to load, atomically.
+
+    Matching ids sorts every store's ids; saved once per run, a task loads n int64 per store.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stores = list(align.positions)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, stores=np.asarray(stores, dtype=str), **{f"p{k}": align.positions[s] for k, s in enumerate(stores)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_alignment(path: str | Path) -> dict[str, np.ndarray]:
+    """``{store path: (n,) int64 positions}`` as saved by :func:`save_alignment`."""
+    with np.load(path) as saved:
+        return {str(s): saved[f"p{k}"] for k, s in enumerate(saved["stores"])}
+
+
 # ------------------------------------------------------------------ reading
 
 
