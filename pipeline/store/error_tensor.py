@@ -88,11 +88,12 @@ def plan_error_layout(n_samples: int, n_classes: int, n_trials: int, unit_sample
 
 def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequence[str], labels: Sequence[int],
                        class_names: Sequence[str], timesteps: Sequence[int], attrs: Mapping,
-                       compression: store.Compression = store.Compression()) -> None:
+                       compression: store.Compression = store.Compression(cname="zstd")) -> None:
     """Write the whole schema (arrays, coords, attrs) atomically; error arrays stay NaN.
 
     Built in a temporary folder and renamed into place; a losing racer keeps the
-    winner's store (the caller compares the stage hash).
+    winner's store (the caller compares the stage hash). Compressed by default, unlike
+    activations: eliminated classes leave most of an adaptive run's errors NaN.
     """
     n, k, t = layout.n_samples, layout.n_classes, layout.n_trials
     if not (len(image_ids) == len(labels) == n and len(class_names) == k and len(timesteps) == t):
