@@ -11,5 +11,5 @@ plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
   -d .whl diffusers==0.42.1 zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 \
   dask==2026.8.0 distributed==2026.8.0 partd==1.4.2 locket==1.0.0 zict==3.0.0 tblib==3.2.2 \
-  xarray==2026.9.0 pytest-timeout==2.4.0
+  xarray==2026.9.0 pytest-timeout==2.4.0 tornado==6.6.1 importlib_metadata==10.2.0
 ls -la .whl

@@ -24,7 +24,21 @@ need = {"diffusers": "diffusers", "zarr": "zarr", "numcodecs": "numcodecs", "don
         "transformers": "transformers", "yaml": "PyYAML", "click": "click", "tqdm": "tqdm",
         "safetensors": "safetensors", "pytest": "pytest", "pytest_timeout": "pytest_timeout",
         "hypothesis": "hypothesis"}
-print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
+from importlib.metadata import PackageNotFoundError, version
+
+#: pins the project's code relies on (setup.cfg); an older copy on the machine counts as missing
+minimum = {"xarray": (2026, 9), "zarr": (3, 1), "diffusers": (0, 42)}
+
+
+def too_old(pkg):
+    try:
+        have = tuple(int(x) for x in version(pkg).split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return pkg in minimum and have < minimum[pkg]
+
+
+print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None or too_old(pkg)))
 PY
 )
 if [ -n "$missing" ]; then
