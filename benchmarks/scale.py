@@ -89,7 +89,7 @@ stages:
     stage: classify
     model: {{path: {model}, null_class: 10}}
     dataset: {{reader: imagefolder, root: {images}, split: all, limit: {classify_n}}}
-    n_trials: 2
+    n_timesteps: 2
     batch_size: 256
   - name: report
     stage: report

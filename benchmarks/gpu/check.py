@@ -290,7 +290,7 @@ def classify_row(model: ModelConfig, profile: Profile, images: Path, work: Path)
     cfg = ClassifyConfig(model=model, dataset=DatasetConfig(reader="imagefolder", root=str(images), split="all",
                                                             limit=profile.classify_images),
                          schedule=ScheduleConfig(n_samples, to_keep), batch_size=batch, device=profile.device,
-                         compute_dtype=dtype)
+                         compute_dtype=dtype, prompt="cifar10")
     result = run_classify(cfg, work / "classify.zarr")
     clf = Classifier(cfg)
     bare = bare_rate(clf, batch, min(result["forwards"], 4 * batch))
