@@ -275,10 +275,11 @@ class ModelAdapter:
         for item in requested:
             key = str(item)
             if key.isdigit() and not paper:
+                top = [n for n in by_name if n.count(".") <= 1] or list(by_name)
                 raise ModelError(
                     f"block {key}: numbers are the paper's block numbering, which exists for guided-diffusion "
                     f"layouts (input_blocks / middle_block / output_blocks); this {self.kind} model has none: "
-                    f"name blocks by module path, e.g. {list_choices(by_name, limit=6)}; see `diffprobe blocks MODEL`"
+                    f"name blocks by module path, e.g. {list_choices(top, limit=8)}; see `diffprobe blocks MODEL`"
                 )
             if key.isdigit():
                 number = int(key)

@@ -168,9 +168,10 @@ def factory_kwargs(fn, spec: str, options: dict) -> dict:
     accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = [k for k in kwargs if k not in accepted and k not in SHARED_OPTIONS]
     if unknown:
+        adapter_own = [o for o in ADAPTER_OPTIONS + SHARED_OPTIONS if o not in accepted]
         raise ModelError(
             f"factory {spec!r} takes no option {unknown[0]!r}{did_you_mean(unknown[0], accepted)}; accepted: "
-            f"{', '.join(accepted) or '(none)'}, and the adapter's {', '.join(ADAPTER_OPTIONS + SHARED_OPTIONS)}"
+            f"{', '.join(accepted) or '(none)'} (the function's), {', '.join(adapter_own)} (the adapter's)"
         )
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs
