@@ -244,3 +244,33 @@ def test_real_guided_diffusion_unet_in_half(dtype):
         torch.testing.assert_close(got["output_blocks.4"], want16["output_blocks.4"], rtol=0, atol=0)
     assert relative_error(got["output_blocks.4"], want32["output_blocks.4"]) < {"float16": 5e-3,
                                                                                   "bfloat16": 4e-2}[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_meta_discovery_equals_a_real_forward(tiny_unet_json, dtype):
+    configs = [ModelConfig(config=str(tiny_unet_json), null_class=10), tiny_adm_config(num_classes=3),
+               ModelConfig(kind="factory", factory=f"{ROOT}/data/factories/reference_cnn.py:reference_cnn",
+                           options={"image_size": 16, "in_channels": 1, "timestep_free": True})]
+    for cfg in configs:
+        adapter = load_model(cfg, dtype=dtype)
+        on_meta = adapter.find_blocks()
+        assert adapter.discovery == "meta", cfg
+        assert on_meta == adapter.find_blocks(meta=False) and adapter.discovery == "forward"
+        assert all(p.device.type == "cpu" for p in adapter.module.parameters())  # the weights stay
+    assert len(on_meta) == 5 and on_meta[0].shape[1:] == (16, 16)
+
+
+def test_a_forward_meta_tensors_cannot_run_falls_back(tmp_path):
+    factory = tmp_path / "datadep.py"
+    factory.write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    image_size, in_channels = 8, 1\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)\n"
+        "    def forward(self, x, t):\n"
+        "        h = self.conv(x)\n"
+        "        return h[:, :1] if bool(h.sum() >= 0) else -h[:, :1]  # data-dependent: no meta run\n"
+        "def net():\n    return Net()\n")
+    adapter = load_model(ModelConfig(kind="factory", factory=f"{factory}:net"))
+    assert [b.name for b in adapter.blocks()] == ["conv"] and adapter.discovery == "forward"

@@ -110,6 +110,7 @@ class ModelAdapter:
         self.source: dict = {}
         self.precision: Precision = FLOAT32
         self.discovery: str | None = None  # how blocks() found the shapes: "meta" or "forward"
+        self._pinned_device: torch.device | None = None
         self._blocks: list[BlockInfo] | None = None
 
     # ---- what subclasses implement -------------------------------------------------
@@ -145,7 +146,8 @@ class ModelAdapter:
     # ---- shared ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        # during the meta dry forward the parameters are meta tensors; the model still lives here
+        return getattr(self, "_pinned_device", None) or next(self.module.parameters()).device
 
     @property
     def label(self) -> str:
@@ -207,11 +209,18 @@ class ModelAdapter:
         return names
 
     def blocks(self) -> list[BlockInfo]:
-        """Every capturable block in forward order, with its (C, H, W) output shape."""
-        if self._blocks is not None:
-            return self._blocks
+        """Every capturable block in forward order, with its (C, H, W) output shape (cached)."""
+        if self._blocks is None:
+            self._blocks = self.find_blocks()
+        return self._blocks
+
+    def find_blocks(self, meta: bool = True) -> list[BlockInfo]:
+        """Discover the blocks: on the meta device where the forward allows it (``meta``), else
+        by a real batch-1 forward. ``self.discovery`` says which one ran."""
         candidates = self._candidates()
         try:
+            if not meta:
+                raise NotImplementedError
             order, got = self._dry_forward(candidates, meta=True)
             self.discovery = "meta"
         except Exception:  # noqa: BLE001 -- any op without a meta kernel: pay for a real forward
@@ -230,7 +239,6 @@ class ModelAdapter:
         for name in dict.fromkeys(order):  # a module called twice keeps its first position
             if name in shapes:
                 seen.append(BlockInfo(name, len(seen), shapes[name], paper.get(name)))
-        self._blocks = seen
         return seen
 
     def _dry_forward(self, candidates: list[str], meta: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -252,7 +260,11 @@ class ModelAdapter:
             if meta:
                 tensors = {f"net.{name}": torch.empty_like(value, device="meta") for name, value in
                            [*self.module.named_parameters(), *self.module.named_buffers()]}
-                run_truncated(lambda: functional_call(_AdapterForward(self), tensors, (x, t, cond), strict=False))
+                self._pinned_device = self.device
+                try:
+                    run_truncated(lambda: functional_call(_AdapterForward(self), tensors, (x, t, cond)))
+                finally:
+                    self._pinned_device = None
             else:
                 run_truncated(lambda: self.run(x, t, cond))
         return order, got
