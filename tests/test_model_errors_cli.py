@@ -123,11 +123,13 @@ def test_half_precision_failure_in_model_code_is_one_line(tmp_path):
         "class Net(torch.nn.Module):\n"
         "    image_size, in_channels = 16, 1\n"
         "    def __init__(self):\n"
-        "        super().__init__(); self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)\n"
+        "        super().__init__()\n"
+        "        self.conv, self.head = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Conv2d(1, 1, 1)\n"
         "    def forward(self, x, t):\n"
         "        h = self.conv(x)\n"
-        "        # a float32 accumulator: fails once the conv runs in half\n"
-        "        return torch.zeros(h.shape).index_add_(0, torch.arange(len(h)), h)\n"
+        "        # a float32 accumulator: fails once the conv runs in half (shapes alone are fine)\n"
+        "        h = torch.zeros(h.shape, device=h.device).index_add_(0, torch.arange(len(h), device=h.device), h)\n"
+        "        return self.head(h)\n"
         "def net():\n    return Net()\n")
     wf_dir = tmp_path / "wf"
     wf_dir.mkdir()
@@ -139,9 +141,11 @@ stages:
     stage: extract
     model: {{kind: factory, factory: "{factory}:net"}}
     dataset: {{reader: digits, split: test, limit: 4}}
-    blocks: [conv]
+    blocks: [head]
     timesteps: [10]
     compute_dtype: bfloat16
 """)
-    line = one_error_line(*invoke("run", wf, "--no-progress"))
+    code, out = invoke("blocks", f"{factory}:net")  # shapes come from the meta device: no failure yet
+    assert code == 0 and "head" in out, out
+    line = one_error_line(*invoke("run", wf, "--no-progress"))  # the failure comes during extraction
     assert "fp32only.py:net' failed in bfloat16" in line and "set compute_dtype: float32" in line
