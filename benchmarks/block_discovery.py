@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.models import ModelConfig  # noqa: E402
-from pipeline.models.factory import FactoryAdapter  # noqa: E402
+from pipeline.models import ModelConfig
+from pipeline.models.factory import FactoryAdapter
 
 
 def adm256(repo: str) -> torch.nn.Module:

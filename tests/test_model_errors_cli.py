@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from helpers import TINY_UNET
+
 from pipeline.cli.commands import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -193,9 +193,9 @@ def test_imagenet_adm_template_extracts_in_float16_on_cpu(tmp_path):
         outs = {}
         for tag, net in (("fp32", full), ("fp16", half)):
             with torch.no_grad(), capture(net, list(names.values()), stop_after=names[30]) as got:
-                run_truncated(lambda: net(x_t, tt))
+                run_truncated(lambda net=net: net(x_t, tt))  # noqa: B023 -- called here, in this iteration
             outs[tag] = {n: torch.nn.functional.adaptive_avg_pool2d(v.float(), pool) for n, v in got.items()}
-        for number, name in names.items():
+        for name in names.values():
             stored = torch.from_numpy(np.asarray(root[f"blocks/{name}/activations"][:, ti]).astype(np.float32))
             assert stored.shape == outs["fp32"][name].shape
             # the reference's own fp16 forward, up to float16 storage rounding and the few ulps a
@@ -218,10 +218,10 @@ def test_real_guided_diffusion_unet_in_half(dtype):
     sys.path.insert(0, os.environ["DIFFPROBE_GUIDED_DIFFUSION"])
     from guided_diffusion.script_util import create_model
 
-    kwargs = dict(image_size=64, num_channels=32, num_res_blocks=2, channel_mult="", learn_sigma=True,
-                  class_cond=False, use_checkpoint=False, attention_resolutions="16,8", num_heads=4,
-                  num_head_channels=8, num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0,
-                  resblock_updown=True, use_new_attention_order=False)
+    kwargs = {"image_size": 64, "num_channels": 32, "num_res_blocks": 2, "channel_mult": "", "learn_sigma": True,
+              "class_cond": False, "use_checkpoint": False, "attention_resolutions": "16,8", "num_heads": 4,
+              "num_head_channels": 8, "num_heads_upsample": -1, "use_scale_shift_norm": True, "dropout": 0.0,
+              "resblock_updown": True, "use_new_attention_order": False}
     torch.manual_seed(0)
     model = create_model(use_fp16=False, **kwargs)
     from pipeline.models.factory import FactoryAdapter
@@ -274,3 +274,25 @@ def test_a_forward_meta_tensors_cannot_run_falls_back(tmp_path):
         "def net():\n    return Net()\n")
     adapter = load_model(ModelConfig(kind="factory", factory=f"{factory}:net"))
     assert [b.name for b in adapter.blocks()] == ["conv"] and adapter.discovery == "forward"
+
+
+def test_a_factory_that_converted_the_model_itself():
+    sys.path.insert(0, str(TINY.parent))
+    try:
+        from guided_diffusion_tiny import TinyGuidedUNet
+    finally:
+        sys.path.remove(str(TINY.parent))
+    from pipeline.models.factory import FactoryAdapter
+
+    def adapter_for(dtype):
+        net = TinyGuidedUNet(use_fp16=True)
+        net.convert_to_fp16()  # as create_model(use_fp16=True) + the reference scripts leave it
+        adapter = FactoryAdapter(tiny_adm_config(), net)
+        adapter.precision = adapter.set_compute_dtype(dtype)
+        return adapter
+
+    adapter = adapter_for(torch.float16)
+    assert "by the factory" in adapter.precision.method and adapter.blocks()
+    with pytest.raises(ModelError, match="built the model in float16 .* but compute_dtype is float32: set "
+                                         "compute_dtype: float16"):
+        adapter_for(torch.float32)

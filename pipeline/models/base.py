@@ -20,8 +20,8 @@ dtype and the setting to change.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn

@@ -39,7 +39,12 @@ from pipeline.datasets.preprocess import Preprocessing
 from pipeline.errors import DiffprobeError, ModelError, did_you_mean
 from pipeline.models.base import Condition, ModelAdapter
 from pipeline.models.config import ModelConfig
-from pipeline.models.precision import Precision, autocast_precision, guided_diffusion_precision, is_guided_diffusion
+from pipeline.models.precision import (
+    Precision,
+    autocast_precision,
+    guided_diffusion_precision,
+    is_guided_diffusion,
+)
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
 
 #: Options the adapter reads and the factory function does not receive.
@@ -191,7 +196,7 @@ def build_factory_adapter(cfg: ModelConfig) -> ModelAdapter:
         obj = fn(**kwargs)
     except DiffprobeError:
         raise
-    except Exception as exc:  # noqa: BLE001 -- the user's code: one line here, -v shows the traceback
+    except Exception as exc:  # the user's code: one line here, -v shows the traceback
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ModelError(f"factory {cfg.factory!r} failed with options {sorted(kwargs)}: "
                          f"{type(exc).__name__}: {first}") from exc
