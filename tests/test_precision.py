@@ -296,3 +296,33 @@ def test_a_factory_that_converted_the_model_itself():
     with pytest.raises(ModelError, match="built the model in float16 .* but compute_dtype is float32: set "
                                          "compute_dtype: float16"):
         adapter_for(torch.float32)
+
+
+def test_classify_in_bfloat16_with_a_guided_layout_model(tmp_path):
+    """The Diffusion Classifier through adapter.run: bfloat16 errors track float32 ones."""
+    import zarr
+
+    from pipeline.workflow.config import load_workflow
+    from pipeline.workflow.runner import Runner
+    from stages import STAGES
+
+    errors = {}
+    for dtype in ("float32", "bfloat16"):
+        folder = tmp_path / dtype
+        folder.mkdir()
+        (folder / "wf.yaml").write_text(f"""name: t
+output_dir: out
+stages:
+  - name: c
+    stage: classify
+    model: {{kind: factory, factory: "{TINY}:tiny_adm", options: {{image_size: 32, in_channels: 1, num_classes: 10}}}}
+    dataset: {{reader: digits, split: test, limit: 3}}
+    n_trials: 4
+    batch_size: 20
+    compute_dtype: {dtype}
+""")
+        Runner(load_workflow(folder / "wf.yaml", STAGES), progress=False).run()
+        errors[dtype] = zarr.open_group(str(folder / "out/c.zarr"), mode="r")["error_l2"][:]
+    assert errors["float32"].shape == (3, 10, 4) and np.isfinite(errors["float32"]).all()
+    assert not np.array_equal(errors["bfloat16"], errors["float32"])
+    np.testing.assert_allclose(errors["bfloat16"], errors["float32"], rtol=2e-2)
