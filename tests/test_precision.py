@@ -284,15 +284,20 @@ def test_a_factory_that_converted_the_model_itself():
         sys.path.remove(str(TINY.parent))
     from pipeline.models.factory import FactoryAdapter
 
-    def adapter_for(dtype):
+    def adapter_for(dtype, converted=True):
         net = TinyGuidedUNet(use_fp16=True)
-        net.convert_to_fp16()  # as create_model(use_fp16=True) + the reference scripts leave it
+        if converted:
+            net.convert_to_fp16()  # as create_model(use_fp16=True) + the reference scripts leave it
         adapter = FactoryAdapter(tiny_adm_config(), net)
         adapter.precision = adapter.set_compute_dtype(dtype)
         return adapter
 
-    adapter = adapter_for(torch.float16)
-    assert "by the factory" in adapter.precision.method and adapter.blocks()
+    for converted in (True, False):  # create_model(use_fp16=True) alone sets dtype, not the weights
+        adapter = adapter_for(torch.float16, converted)
+        assert "by the factory" in adapter.precision.method and adapter.blocks()
+        assert adapter.module.input_blocks[0][0].weight.dtype == torch.float16
+        eps = adapter.run(torch.randn(1, 3, 32, 32), torch.tensor([5]), Condition("none"))
+        assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
     with pytest.raises(ModelError, match="built the model in float16 .* but compute_dtype is float32: set "
                                          "compute_dtype: float16"):
         adapter_for(torch.float32)

@@ -218,14 +218,17 @@ class ModelAdapter:
         """Discover the blocks: on the meta device where the forward allows it (``meta``), else
         by a real batch-1 forward. ``self.discovery`` says which one ran."""
         candidates = self._candidates()
-        try:
-            if not meta:
-                raise NotImplementedError
-            order, got = self._dry_forward(candidates, meta=True)
-            self.discovery = "meta"
-        except Exception:  # noqa: BLE001 -- any op without a meta kernel: pay for a real forward
-            order, got = self._dry_forward(candidates, meta=False)
+        found = None
+        if meta:
+            try:
+                found = self._dry_forward(candidates, meta=True)
+                self.discovery = "meta"
+            except Exception:  # noqa: BLE001 -- an op without a meta kernel, data-dependent flow: run it for real
+                found = None
+        if found is None:
+            found = self._dry_forward(candidates, meta=False)
             self.discovery = "forward"
+        order, got = found
         shapes: dict[str, tuple[int, ...]] = {}
         for name in order:
             try:

@@ -99,9 +99,10 @@ def _convs_to(dtype: torch.dtype):
 def guided_diffusion_precision(module: nn.Module, dtype: torch.dtype) -> Precision:
     """Apply guided-diffusion's mixed precision (see the module docstring); x_t stays float32."""
     if module.dtype != torch.float32:
-        # a factory that already called convert_to_fp16 (e.g. create_model(use_fp16=True))
-        if module.dtype == dtype:
-            return Precision(dtype, torch.float32, method="guided-diffusion convert_to_fp16 (by the factory)")
+        # built with create_model(use_fp16=True): convert (again: idempotent) in case the factory did not
+        if module.dtype == dtype == torch.float16:
+            module.convert_to_fp16()
+            return Precision(dtype, torch.float32, method="guided-diffusion convert_to_fp16 (use_fp16 by the factory)")
         raise ModelError(
             f"the factory built the model in {str(module.dtype)[6:]} (guided-diffusion use_fp16) but compute_dtype "
             f"is {str(dtype)[6:]}: set compute_dtype: {str(module.dtype)[6:]}, or build the model in float32 and "
