@@ -322,7 +322,7 @@ stages:
     stage: classify
     model: {{kind: factory, factory: "{TINY}:tiny_adm", options: {{image_size: 32, in_channels: 1, num_classes: 10}}}}
     dataset: {{reader: digits, split: test, limit: 3}}
-    n_trials: 4
+    n_timesteps: 4
     batch_size: 20
     compute_dtype: {dtype}
 """)
