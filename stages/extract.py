@@ -13,7 +13,6 @@ copy to (pinned) host memory, and a background thread writes each finished unit
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from pipeline.datasets.torch_data import load_images
 from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
 from pipeline.store.describe import human_bytes
+from pipeline.store.location import free_bytes
 from pipeline.models.fingerprint import model_fingerprint
 from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import NOISE_SCHEME, batch_noise
@@ -215,10 +215,9 @@ class Extractor:
                 eps = batch_noise(cfg.seed, [self.samples.image_id[s] for s, _ in batch],
                                   [self.samples.view[s] for s, _ in batch], ts, x0.shape[1:])
                 x_t = self.adapter.add_noise(x0, eps.to(self.device), t)
-            x_t = x_t.to(TORCH_DTYPES[cfg.compute_dtype])
             cond = self.condition([self.samples.label[s] for s, _ in batch])
             with capture(self.adapter.module, names, stop_after=last, transform=self._transform) as got:
-                run_truncated(lambda: self.adapter.forward(x_t, t, cond))
+                run_truncated(lambda: self.adapter.run(x_t, t, cond))  # casts x_t for the model's precision
             self._check_finite(got, batch)
             host = {name: self._to_host(got[name]) for name in names}
             if self.pinned:
@@ -347,7 +346,7 @@ class ExtractStage(Stage):
         ex = Extractor(cfg)  # every check that can fail on the config runs before the store exists
         ex.strict = ctx.strict
         lay = ex.layout
-        if not ctx.output.exists():
+        if store.read_attrs(ctx.output) is None:
             attrs = ctx.base_attrs() | {"provenance": ex.provenance()}
             store.create_store(ctx.output, lay, ex.samples, ex.reader.class_names, attrs, cfg.compression)
         ctx.check_same_samples(ex.samples.image_id)
@@ -383,10 +382,9 @@ class ExtractStage(Stage):
             one = store.Layout(lay.n_samples, lay.unit_samples, lay.timesteps, {name: lay.blocks[name]}, lay.dtype)
             compressed += store.estimate_compressed_bytes(one, arr.reshape(-1, *arr.shape[2:]), cfg.compression)
         raw = lay.bytes_per_sample() * lay.n_samples
-        out_parent = ctx.output.parent
-        while not out_parent.exists():
-            out_parent = out_parent.parent
-        free = shutil.disk_usage(out_parent).free
+        free = free_bytes(ctx.output)
+        space = (f"unknown on object storage ({ctx.output}); check the bucket's quota" if free is None else
+                 f"{human_bytes(free)} at {ctx.output.parent}" + ("  ** NOT ENOUGH **" if compressed > free else ""))
         rows = [
             ("images", f"{len(ex.reader.records)} ({cfg.dataset.reader}/{cfg.dataset.split})"),
             ("samples", f"{lay.n_samples} (views={cfg.views}"
@@ -397,7 +395,7 @@ class ExtractStage(Stage):
             ("forward passes", f"{passes} (batch {cfg.batch_size}; {pairs} sample-timesteps)"),
             ("bytes raw", human_bytes(raw)),
             ("bytes on disk (est.)", f"{human_bytes(compressed)} (ratio {raw / max(1, compressed):.2f} measured on one batch)"),
-            ("free space", f"{human_bytes(free)} at {out_parent}" + ("  ** NOT ENOUGH **" if compressed > free else "")),
+            ("free space", space),
             ("time (est.)", f"{_duration(per_pair * pairs)} at {1 / per_pair:.1f} sample-timesteps/s on {cfg.device}"),
         ]
         return rows

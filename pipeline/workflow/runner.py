@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, DatasetError, StoreError
 from pipeline.store.layout import read_attrs
+from pipeline.store.location import is_remote, remove
 from pipeline.workflow.config import StageEntry, Workflow, hash_document, stage_hash
 from pipeline.workflow.stage import RunContext
 
@@ -60,13 +61,14 @@ def has_finished_work(path: Path, attrs: dict) -> bool:
 
 
 def output_state(path: Path, expected_hash: str) -> OutputState:
-    if not path.exists() and not path.is_symlink():
-        return OutputState("missing")
-    if not path.is_dir():
-        return OutputState("foreign", f"{path} is a file, not a diffprobe output")
     attrs = read_attrs(path)
+    # On object storage a prefix without a root zarr.json holds at most an uncommitted schema.
+    if attrs is None and (not path.exists() or (is_remote(path) and not (path / "zarr.json").exists())):
+        return OutputState("missing")
     if attrs is None:
-        if not any(path.iterdir()):
+        if not is_remote(path) and not path.is_dir():
+            return OutputState("foreign", f"{path} is a file, not a diffprobe output")
+        if not is_remote(path) and not any(path.iterdir()):
             return OutputState("missing")  # an empty folder: nothing to lose
         return OutputState("foreign", f"{path} exists and is not a diffprobe output")
     if attrs.get("stage_hash") != expected_hash:
@@ -107,6 +109,8 @@ def _differences(old, new, prefix: str = "") -> list[str]:
 
 
 def _tree_size(path: Path) -> tuple[int, int]:
+    if is_remote(path):
+        return 0, 0
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     return len(files), sum(p.stat().st_size for p in files)
 
@@ -307,6 +311,11 @@ class Runner:
         from pipeline.workflow.claims import Claims, remove_claims, shard_lease
 
         stage = self.stages[entry.name]
+        if is_remote(entry.output):  # leases are files beside a local output; not yet on object storage
+            if replace:
+                remove(entry.output)
+            stage.run(entry.config, self.context(entry))
+            return
         claims = Claims(entry.output)
         if stage.shardable and self.shard[1] > 1:
             lease, label = shard_lease(self.shard), f"stage {entry.name}, shard {self.shard[0]}/{self.shard[1]}"
@@ -326,7 +335,7 @@ class Runner:
                     holder = next(iter(others.values()))
                     raise StoreError(f"stage {entry.name!r}: not replacing {entry.output}: another process "
                                      f"is writing it ({holder.describe(claims.timeout)})")
-                shutil.rmtree(entry.output) if entry.output.is_dir() else entry.output.unlink()
+                remove(entry.output)
             ctx = self.context(entry)
             ctx.claims = claims
             stage.run(entry.config, ctx)

@@ -69,8 +69,10 @@ class RunContext:
 
         from pipeline.store import layout as store
 
-        if not self.output.exists():
-            group = zarr.open_group(str(self.output), mode="w-", zarr_format=3)
+        from pipeline.store.location import zarr_store
+
+        if store.read_attrs(self.output) is None:
+            group = zarr.open_group(zarr_store(self.output), mode="w-", zarr_format=3)
             group.attrs[store.ATTR_KEY] = self.base_attrs() | {"complete": False}
         self.check_same_config()
         return TaskResults(self.output / "tasks")
@@ -105,6 +107,10 @@ class RunContext:
         """Units taken one at a time under a lease (see ``pipeline.workflow.claims``)."""
         from pipeline.workflow.claims import Claims, UnitClaims
 
+        from pipeline.store.location import is_remote
+
+        if is_remote(self.output):
+            return None  # leases live beside local outputs only (for now)
         if self.claims is None:
             self.claims = Claims(self.output).start()
         return UnitClaims(self.claims, f"stage {self.entry.name}{self.shard_note()}")
@@ -113,7 +119,7 @@ class RunContext:
         """After a run: refuse if every pending unit was held by another live process,
         else say which units another process is still computing."""
         self.log(f"{computed} unit(s) computed by this process{self.shard_note()}")
-        if not units.skipped:
+        if units is None or not units.skipped:
             return
         unit, holder = next(iter(units.skipped.items()))
         who = holder.describe(units.claims.timeout)
@@ -149,7 +155,9 @@ class TaskResults:
     """
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
+        from pipeline.store.location import as_location
+
+        self.folder = as_location(folder)
 
     def path(self, name: str) -> Path:
         return self.folder / (name.replace("/", "__") + ".json")
@@ -160,7 +168,12 @@ class TaskResults:
         return json.loads(path.read_text()) if path.exists() else None
 
     def save(self, name: str, result: Any) -> None:
+        from pipeline.store.location import is_remote
+
         path = self.path(name)
+        if is_remote(path):  # an object PUT is atomic already
+            path.write_text(json.dumps(result, default=float))
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         try:
