@@ -68,7 +68,6 @@ class RunContext:
         import zarr
 
         from pipeline.store import layout as store
-
         from pipeline.store.location import zarr_store
 
         if store.read_attrs(self.output) is None:
@@ -105,9 +104,8 @@ class RunContext:
 
     def unit_claims(self):
         """Units taken one at a time under a lease (see ``pipeline.workflow.claims``)."""
-        from pipeline.workflow.claims import Claims, UnitClaims
-
         from pipeline.store.location import is_remote
+        from pipeline.workflow.claims import Claims, UnitClaims
 
         if is_remote(self.output):
             return None  # leases live beside local outputs only (for now)
