@@ -32,7 +32,8 @@ from typing import Literal
 import numpy as np
 
 from pipeline import store
-from pipeline.errors import ConfigError, StoreError, select_or_error
+from pipeline.errors import ConfigError, DiffprobeError, StoreError, select_or_error
+from pipeline.store.checks import Integrity
 from pipeline.workflow.stage import RunContext, Stage, input_field
 
 
@@ -95,7 +96,8 @@ def pool_unit(task: PoolTask) -> dict:
     layout = store.load_layout(task.output)
     start, stop = layout.unit_range(task.unit)
     src_root = store.open_root(task.source)
-    done = src_root["done"][start:stop]
+    checks = Integrity(src_root, task.source)
+    done = checks.done()[start:stop]
     if (done == store.PENDING).any():
         raise StoreError(
             f"source {task.source} has unwritten samples in {start}..{stop - 1}; finish its extract stage"
@@ -105,11 +107,18 @@ def pool_unit(task: PoolTask) -> dict:
     storage = store.STORAGE_DTYPES[layout.dtype]
     data, bytes_read = {}, 0
     for block in task.blocks:
+        array_path = f"blocks/{block}/activations"
+        checks.check_present([array_path], start, stop)  # a lost shard is not NaN maps
         with store.quiet_zarr():
             ds = xr.open_zarr(task.source, group=f"blocks/{block}")
         maps = ds["activations"].isel(sample=slice(start, stop)).sel(timestep=list(task.timesteps)).data
         bytes_read += maps.nbytes
-        pooled = dask.compute(*[pool_dask(maps, s, task.mode) for s in task.sizes], scheduler="synchronous")
+        try:
+            pooled = dask.compute(*[pool_dask(maps, s, task.mode) for s in task.sizes], scheduler="synchronous")
+        except DiffprobeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a codec failure: name the damaged chunk
+            raise checks.damage_error(src_root[array_path], (slice(start, stop),), exc) from None
         for size, values in zip(task.sizes, pooled):
             values = values.astype(storage, copy=False)
             if not np.isfinite(values[written]).all():

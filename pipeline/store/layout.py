@@ -268,16 +268,22 @@ def new_group(path: str | Path):
 
     The write protocol's atomic schema step, for every store kind: readers never see
     a half-built schema. If another process renamed its group into place first, its
-    group is kept (the caller compares the stage hash); a failed build leaves nothing.
+    group is kept (the caller compares the stage hash); a failed build leaves nothing,
+    and the temp folders of builders that were killed are removed by the next build.
     """
     import zarr
 
+    from pipeline.faults import kill_point
+    from pipeline.store.locks import remove_stale_temps, temp_path
+
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = temp_path(path)
     try:
         with quiet_zarr():
             yield zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        kill_point("schema:build")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -291,8 +297,12 @@ def new_group(path: str | Path):
 
 def create_status_arrays(root, n: int, unit_samples: int) -> None:
     """The per-sample ``done`` flag (pending / written / failed) and ``failure`` reason, one chunk per unit."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
     per_unit = {"chunks": (unit_samples,), "dimension_names": ("sample",)}
+    # crc32c: a flipped byte in a zstd frame without checksum can decode to a wrong flag
     root.create_array("done", shape=(n,), dtype="int8", fill_value=PENDING, **per_unit,
+                      compressors=[ZstdCodec(), Crc32cCodec()],
                       attributes={"flag_values": [PENDING, WRITTEN, FAILED],
                                   "flag_meanings": "pending written failed"})
     root.create_array("failure", shape=(n,), dtype=str, fill_value="", **per_unit)
@@ -347,9 +357,11 @@ def assigned_units(n_units: int, shard: tuple[int, int]) -> list[int]:
 
 def unit_status(path: str | Path) -> np.ndarray:
     """(n_units,) bool: which units are complete (every sample written or failed)."""
+    from pipeline.store.checks import Integrity
+
     root = open_root(path)
     layout = root.attrs[ATTR_KEY]["layout"]
-    done = root["done"][:]
+    done = Integrity(root, path).done()
     unit = layout["unit_samples"]
     return np.array([bool(np.all(done[s : s + unit] != PENDING)) for s in range(0, len(done), unit)])
 
@@ -372,22 +384,46 @@ def write_unit(
         if arr.shape != expected:
             raise StoreError(f"unit {unit} block {name!r}: data shape {arr.shape} != {expected}")
         root[f"blocks/{name}/activations"][start:stop] = arr
+    mark_done(root, start, stop, failed, [root[f"blocks/{name}/activations"] for name in data])
+
+
+def mark_done(root, start: int, stop: int, failed: Mapping[int, str] | None, written: Sequence) -> None:
+    """Step 3 of the write protocol for samples ``[start, stop)``: make the data durable, then ``done``.
+
+    ``written``: the zarr arrays the unit's data went to; their objects are fsynced
+    (``pipeline.store.durable``), then ``failure`` and ``done`` are written and
+    fsynced, so a ``done`` unit has its data on disk even after a power cut.
+    ``failed`` maps positions within the range to a reason (marked FAILED).
+    """
+    from pipeline.store.durable import sync_unit
+
     status = np.full(stop - start, WRITTEN, dtype=np.int8)
+    flags = [root["done"]]
     if failed:
         reasons = np.full(stop - start, "", dtype=object)
         for pos, reason in failed.items():
             status[pos] = FAILED
             reasons[pos] = reason
         root["failure"][start:stop] = reasons
+        flags.append(root["failure"])
+    sync_unit(written, start, stop)
     root["done"][start:stop] = status
+    sync_unit(flags, start, stop)
 
 
 def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
     """If every unit is done: consolidate metadata and stamp ``complete``. One process wins.
 
-    Returns True if this call (or an earlier one) completed the store.
+    Safe to repeat: every step rewrites the same content, and ``complete`` is set last,
+    in one atomic replace of the root ``zarr.json``, so a process killed at any point
+    leaves a store that the next ``finalize`` completes. Finishers take turns through
+    a lock file beside the store (``pipeline.store.locks``); a lock left by a dead
+    process is taken over. Returns True if this call (or an earlier one) completed the store.
     """
     import zarr
+
+    from pipeline.faults import kill_point
+    from pipeline.store.locks import finalize_lock, remove_stale_temps
 
     path = Path(path)
     attrs = read_attrs(path) or {}
@@ -395,26 +431,42 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
         return True
     if not unit_status(path).all():
         return False
-    lock = path.parent / f".{path.name}.finalize.lock"  # outside the hierarchy
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return True  # another process is finalizing
-    try:
-        os.close(fd)
+    remove_stale_temps(path)
+    with finalize_lock(path, finished=lambda: bool((read_attrs(path) or {}).get("complete"))) as held:
+        if not held or (read_attrs(path) or {}).get("complete"):
+            return True
         root = open_root(path, mode="r+")
         meta = dict(root.attrs[ATTR_KEY])
         failure = root["failure"][:]
         failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
         meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
         meta.update(extra_attrs or {})
-        meta["complete"] = True
+        meta["complete"] = False
         root.attrs[ATTR_KEY] = jsonable(meta)
+        kill_point("finalize:consolidate")
         with quiet_zarr():
             zarr.consolidate_metadata(str(path))
-    finally:
-        lock.unlink(missing_ok=True)
+        kill_point("finalize:stamp")
+        stamp_attrs(path, {"complete": True})
     return True
+
+
+def stamp_attrs(path: str | Path, update: Mapping[str, Any]) -> None:
+    """Merge ``update`` into the root's diffprobe attrs in one atomic, durable replace of ``zarr.json``
+    (consolidated metadata and everything else in it kept as they are)."""
+    from pipeline.store.durable import fsync_path
+
+    meta_path = Path(path) / "zarr.json"
+    doc = json.loads(meta_path.read_text())
+    attributes = doc.setdefault("attributes", {})
+    attributes[ATTR_KEY] = jsonable({**attributes.get(ATTR_KEY, {}), **update})
+    tmp = meta_path.with_name(f"zarr.json.{uuid.uuid4().hex}.partial")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, meta_path)
+    fsync_path(meta_path.parent)
 
 
 def stored_bytes(path: str | Path) -> int:
@@ -481,11 +533,14 @@ class UnitWriter:
 def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
     """Write a results Dataset (probe, cka) into the stage output folder ``output``.
 
-    The stamp in ``ds.attrs["diffprobe"]`` is written with ``complete=False`` first and
-    set to ``complete`` only after the data, then metadata is consolidated last, so
-    readers never list the plain files (CSV, PNG) kept beside the arrays.
+    The stamp in ``ds.attrs["diffprobe"]`` is written with ``complete=False`` first,
+    metadata is consolidated (so readers never list the plain files, CSV and PNG, kept
+    beside the arrays), and ``complete`` is set last, atomically (``stamp_attrs``): a
+    kill at any point leaves an incomplete output that a re-run rewrites.
     """
     import zarr
+
+    from pipeline.faults import kill_point
 
     meta = dict(ds.attrs.get(ATTR_KEY, {}))
     ds = ds.copy()
@@ -493,6 +548,6 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr notes the plain files while listing the folder
         ds.to_zarr(output, mode="a", consolidated=False)
-        group = zarr.open_group(str(output), mode="r+", zarr_format=3)
-        group.attrs[ATTR_KEY] = jsonable(meta | {"complete": complete})
+        kill_point("results:consolidate")
         zarr.consolidate_metadata(str(output))
+    stamp_attrs(output, {"complete": complete})
