@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.errors import DiffprobeError, StoreError
 from pipeline.store.durable import array_folder
-from pipeline.store.layout import ATTR_KEY, FAILED, PENDING, WRITTEN, block_names
+from pipeline.store.schema import ATTR_KEY, FAILED, PENDING, WRITTEN, block_names
 
 ERROR_ARRAYS = ("error_l2", "error_l1", "error_huber", "prediction", "forward_passes")
 
@@ -207,24 +207,27 @@ class Integrity:
                 return coords, exc
         return None
 
-    def damage_error(self, array, selection, exc: BaseException) -> StoreError:
-        """A StoreError for a failed read of ``selection``: array, chunk, samples, timestep and file."""
+    def describe_damage(self, array, selection, exc: BaseException) -> str:
+        """``block 'b' chunk (i, j, ...) (samples a..b, timestep t) in FILE fails its crc32c checksum``
+        for a failed read of ``selection``."""
         region = normalise(selection, array.shape)
         found = self.first_damaged(array, region)
         coords, cause = found if found else (None, exc)
         name = self.label(array.path)
         if coords is None:
-            return StoreError(f"store {self.path}: reading {name} ({self.where(array, region)}) failed: "
-                              f"{decode_failure(cause)}; {hint(self.path)}")
+            return f"reading {name} ({self.where(array, region)}) failed: {decode_failure(cause)}"
         inner = array.chunks
         chunk_region = [slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(coords, inner, array.shape)]
         outer = array.metadata.chunk_grid.chunk_shape
         file = array_folder(array) / array.metadata.encode_chunk_key(
             tuple(i * c // o for i, c, o in zip(coords, inner, outer)))
-        return StoreError(
-            f"store {self.path}: {name} chunk {tuple(coords)} ({self.where(array, chunk_region)}) in "
-            f"{self.relative(file)} {decode_failure(cause)}: its bytes on disk are damaged; {hint(self.path)}"
-        )
+        return (f"{name} chunk {tuple(coords)} ({self.where(array, chunk_region)}) in "
+                f"{self.relative(file)} {decode_failure(cause)}")
+
+    def damage_error(self, array, selection, exc: BaseException) -> StoreError:
+        """A StoreError for a failed read of ``selection``: array, chunk, samples, timestep and file."""
+        return StoreError(f"store {self.path}: {self.describe_damage(array, selection, exc)}: its bytes on "
+                          f"disk are damaged; {hint(self.path)}")
 
     def array(self, array_path: str) -> CheckedArray:
         """``array_path`` wrapped so that failed reads name the damage."""
@@ -270,13 +273,6 @@ def normalise(selection, shape: Sequence[int]) -> list[slice]:
     except TypeError:
         return [slice(0, s) for s in shape]
     return out + [slice(0, s) for s in shape[len(out):]]
-
-
-def integrity_of(path: str | Path) -> Integrity:
-    """Open the store at ``path`` (read-only) with its checks."""
-    from pipeline.store.layout import open_root
-
-    return Integrity(open_root(path), path)
 
 
 def stage_of(root) -> str | None:

@@ -57,11 +57,10 @@ import numpy as np
 
 import pipeline
 from pipeline.errors import ConfigError, StoreError
+from pipeline.store.schema import ATTR_KEY, FAILED, PENDING, WRITTEN, block_names  # noqa: F401 -- the API
 
-ATTR_KEY = "diffprobe"
 DIMS = ("sample", "timestep", "channel", "y", "x")
 SAMPLE_COORDS = ("image_id", "view", "flipped", "label")
-PENDING, WRITTEN, FAILED = 0, 1, 2
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "float32"}
 
 
@@ -339,14 +338,6 @@ def load_layout(path: str | Path) -> Layout:
     blocks = {name: tuple(root[f"blocks/{name}/activations"].shape[2:]) for name in block_names(root)}
     return Layout(meta["n_samples"], meta["unit_samples"], tuple(int(t) for t in root["timestep"][:]),
                   blocks, meta["dtype"], meta["chunk_samples"])
-
-
-def block_names(root) -> list[str]:
-    """Block groups in the order they were written (forward order)."""
-    order = root.attrs.get(ATTR_KEY, {}).get("blocks")
-    if order:
-        return list(order)
-    return sorted(name for name, _ in root["blocks"].groups())
 
 
 def assigned_units(n_units: int, shard: tuple[int, int]) -> list[int]:

@@ -1,0 +1,383 @@
+"""``diffprobe verify STORE [--repair]``: read every chunk of a store and name what is damaged.
+
+Checks, for any diffprobe output (extract, pool, classify stores; probe and cka results):
+
+- metadata: the root ``zarr.json`` and its diffprobe attrs (stage, stage hash,
+  format version, ``complete``); every node the consolidated metadata lists still
+  has its own ``zarr.json``;
+- every stored chunk decodes (crc32c where the array has it: every read is checked);
+- unit stores: the ``done`` mask decodes and holds only 0/1/2; every object a done
+  unit requires exists (``pipeline.store.checks`` rules); a complete store has no
+  pending unit;
+- coordinates: ``image_id`` and the other sample coordinates decode, have one entry
+  per sample, agree with each block group's copies, and with the dataset identity
+  the attrs record (``provenance.dataset.n_images``).
+
+``repair`` (unit stores) marks every damaged unit pending in ``done`` and deletes
+its damaged objects, rebuilds a lost or damaged ``done`` chunk from the data present
+(a unit whose objects are all there and decode is written; samples with a
+``failure`` reason failed), rewrites a lost ``zarr.json`` from the consolidated
+metadata, removes leftovers of killed writers (``*.partial`` files, stale temp
+folders and locks), and clears ``complete``: the next ``diffprobe run`` recomputes
+just those units and finalizes again. For probe and cka results it deletes damaged
+chunks and clears ``complete``; the next run rewrites them from its task cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import StoreError
+from pipeline.store import checks as chk
+from pipeline.store.layout import ATTR_KEY, FAILED, PENDING, SAMPLE_COORDS, WRITTEN, quiet_zarr, read_attrs
+
+UNIT_STAGES = ("extract", "pool", "classify")
+#: Not counted as damage: what killed writers leave, removed by --repair.
+LEFTOVER = "leftover"
+
+
+@dataclass
+class Finding:
+    """One problem: a line for the user, and what --repair needs to know."""
+
+    kind: str  # damaged | missing | done | metadata | coordinates | attrs | leftover
+    message: str
+    array: str | None = None
+    samples: tuple[int, int] | None = None  # [start, stop) of the unit
+    files: tuple[Path, ...] = ()
+
+
+@dataclass
+class Report:
+    path: Path
+    stage: str | None
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    objects: int = 0
+    bytes_read: int = 0
+    complete: bool = False
+
+    @property
+    def damage(self) -> list[Finding]:
+        return [f for f in self.findings if f.kind != LEFTOVER]
+
+    def add(self, *args, **kwargs) -> None:
+        self.findings.append(Finding(*args, **kwargs))
+
+    def lines(self) -> list[str]:
+        out = [f"{f.kind:<11} {f.message}" for f in self.findings]
+        out += [f"note        {n}" for n in self.notes]
+        mib = self.bytes_read / 2**20
+        if self.damage:
+            out.append(f"{len(self.damage)} problem(s) in {self.path}; "
+                       f"'diffprobe verify {self.path} --repair' marks them for recomputation")
+        else:
+            leftovers = f"; {len(self.findings)} leftover(s) of killed writers" if self.findings else ""
+            out.append(f"ok: {self.path} ({self.stage}{'' if self.complete else ', incomplete'}), "
+                       f"{self.objects} objects read ({mib:.1f} MiB decoded), every chunk checked{leftovers}")
+        return out
+
+
+# ----------------------------------------------------------------- verify
+
+
+def verify_store(path: str | Path) -> Report:
+    """Read every chunk of the output at ``path``; the findings say what is damaged and where."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"store {str(path)!r} does not exist")
+    try:
+        attrs = read_attrs(path)
+    except StoreError as exc:
+        report = Report(path, None)
+        report.add("metadata", str(exc))
+        return report
+    if attrs is None:
+        raise StoreError(f"{str(path)!r} is not a diffprobe output (no zarr.json with diffprobe attrs); "
+                         "give a store or results folder a stage wrote")
+    report = Report(path, attrs.get("stage"), complete=bool(attrs.get("complete")))
+    for key in ("stage", "stage_hash", "format_version", "complete"):
+        if key not in attrs:
+            report.add("attrs", f"the root attrs lack diffprobe.{key}")
+    _leftovers(path, report)
+    _node_metadata(path, report)
+    import zarr
+
+    with quiet_zarr():
+        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    integrity = chk.Integrity(root, path)
+    if "done" in root:
+        _unit_store(root, integrity, attrs, report)
+    else:
+        _results(root, integrity, report)
+    return report
+
+
+def _leftovers(path: Path, report: Report) -> None:
+    from pipeline.store.locks import alive, lock_path, read_owner, stale_temps
+
+    for f in path.rglob("*.partial"):
+        report.add(LEFTOVER, f"{f.relative_to(path)}: a write that was killed before its rename", files=(f,))
+    for folder in stale_temps(path):
+        report.add(LEFTOVER, f"{folder}: the temp folder of a killed schema build", files=(folder,))
+    lock = lock_path(path)
+    if lock.exists():
+        owner = read_owner(lock)
+        if owner is None or alive(owner) is False:
+            report.add(LEFTOVER, f"{lock}: the finalize lock of a process that is gone", files=(lock,))
+
+
+def _node_metadata(path: Path, report: Report) -> None:
+    doc = json.loads((path / "zarr.json").read_text())
+    listed = (doc.get("consolidated_metadata") or {}).get("metadata") or {}
+    for name in sorted(listed):
+        meta = path / name / "zarr.json"
+        if not meta.exists():
+            report.add("metadata", f"{name}/zarr.json is missing (the consolidated metadata still has it: "
+                                   f"--repair rewrites it)", array=name, files=(meta,))
+            continue
+        try:
+            json.loads(meta.read_text())
+        except (OSError, ValueError) as exc:
+            report.add("metadata", f"{name}/zarr.json is unreadable ({exc}); --repair rewrites it from the "
+                                   f"consolidated metadata", array=name, files=(meta,))
+    if not listed:
+        for meta in path.rglob("zarr.json"):
+            try:
+                json.loads(meta.read_text())
+            except (OSError, ValueError) as exc:
+                report.add("metadata", f"{meta.relative_to(path)} is unreadable ({exc})", files=(meta,))
+
+
+def _read_object(array, integrity: chk.Integrity, lo: int, hi: int, coords, report: Report) -> str | None:
+    """Decode one stored object's region; None if fine, else the damage line."""
+    region = [slice(lo, hi)] + [slice(c * o, min((c + 1) * o, s)) for c, o, s in
+                                zip(coords[1:], array.metadata.chunk_grid.chunk_shape[1:], array.shape[1:])]
+    report.objects += 1
+    try:
+        values = array[tuple(region)]
+        report.bytes_read += values.nbytes
+        return None
+    except Exception as exc:  # noqa: BLE001 -- any codec failure is damage
+        return integrity.describe_damage(array, tuple(region), exc)
+
+
+def _unit_store(root, integrity: chk.Integrity, attrs: dict, report: Report) -> None:
+    done_array = root["done"]
+    n = done_array.shape[0]
+    unit = int(attrs.get("layout", {}).get("unit_samples") or done_array.chunks[0])
+    done = np.full(n, -1, dtype=np.int16)  # -1: unknown (damaged)
+    for coords, lo, hi, file in chk.outer_objects(done_array):
+        report.objects += 1
+        try:
+            flags = np.asarray(done_array[lo:hi])
+        except Exception as exc:  # noqa: BLE001
+            report.add("done", f"the done chunk of samples {lo}..{hi - 1} ({integrity.relative(file)}) "
+                               f"{chk.decode_failure(exc)}; --repair rebuilds it from the data present",
+                       array="done", samples=(lo, hi), files=(file,))
+            continue
+        bad = ~np.isin(flags, (PENDING, WRITTEN, FAILED))
+        if bad.any():
+            report.add("done", f"the done chunk of samples {lo}..{hi - 1} holds flags other than 0/1/2 "
+                               f"({int(bad.sum())} sample(s)); --repair rebuilds it from the data present",
+                       array="done", samples=(lo, hi), files=(file,))
+            continue
+        done[lo:hi] = flags
+    complete = bool(attrs.get("complete"))
+    data = chk.data_arrays(root)
+    listed = attrs.get("blocks") if "blocks" in root else None
+    for name in listed or ():
+        if f"blocks/{name}/activations" not in root:
+            report.add("metadata", f"block {name!r} has no activations array (its zarr.json is lost and the "
+                                   f"metadata is not consolidated); re-run the stage with --force")
+    for array_path in data + ["failure"]:
+        if array_path not in root:
+            continue
+        array = root[array_path]
+        kind = chk.presence_kind(array_path)
+        if chk.stage_of(root) != "classify" and array_path != "failure" and not _has_crc(array):
+            report.notes.append(f"{integrity.label(array_path)} has no crc32c: damaged bytes may decode silently")
+        for coords, lo, hi, file in chk.outer_objects(array):
+            flags = done[lo:hi]
+            if file.exists():
+                problem = _read_object(array, integrity, lo, hi, coords, report)
+                if problem:
+                    report.add("damaged", problem, array=array_path, samples=(lo, hi), files=(file,))
+            elif (flags >= 0).all() and chk.required(kind, flags):
+                where = integrity.where(array, [slice(lo, hi)] + [slice(0, s) for s in array.shape[1:]])
+                report.add("missing", f"{integrity.label(array_path)} {where}: {integrity.relative(file)} is "
+                                      f"missing, though done marks the unit written",
+                           array=array_path, samples=(lo, hi), files=(file,))
+    for lo in range(0, n, unit):
+        hi = min(lo + unit, n)
+        flags = done[lo:hi]
+        if complete and (flags == PENDING).any():
+            present = [p for p in data if p in root and any(f.exists() for *_, f in chk.outer_objects(root[p], lo, hi))]
+            why = "its done chunk is lost" if present else "it was never written"
+            report.add("done", f"samples {lo}..{hi - 1} are pending in a store stamped complete ({why}); "
+                               f"--repair rebuilds done from the data present", array="done", samples=(lo, hi))
+    _coordinates(root, integrity, attrs, report)
+
+
+def _has_crc(array) -> bool:
+    text = json.dumps(array.metadata.to_dict(), default=str)
+    return "crc32c" in text
+
+
+def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) -> None:
+    n = root["done"].shape[0]
+    names = [c for c in ("sample", "image_id", *SAMPLE_COORDS, "class", "class_name", "timestep", "trial")
+             if c in root]
+    values = {}
+    for name in dict.fromkeys(names):
+        array = root[name]
+        for coords, lo, hi, file in chk.outer_objects(array):
+            if file.exists():
+                problem = _read_object(array, integrity, lo, hi, coords, report)
+                if problem:
+                    report.add("coordinates", problem, array=name, files=(file,))
+        try:
+            values[name] = np.asarray(array[:])
+        except Exception:  # noqa: BLE001 -- reported above
+            continue
+        if array.metadata.dimension_names == ("sample",) and array.shape[0] != n:
+            report.add("coordinates", f"{name} has {array.shape[0]} entries for {n} samples", array=name)
+    ids = values.get("image_id")
+    if ids is None:
+        return
+    ids = np.asarray(ids.tolist(), dtype=object)
+    dataset = (attrs.get("provenance") or {}).get("dataset") or {}
+    views = values.get("view")
+    distinct = len(np.unique(ids))
+    if dataset.get("n_images") is not None and distinct != int(dataset["n_images"]) and \
+            (views is None or distinct * len(np.unique(views)) == n):
+        report.add("coordinates", f"image_id holds {distinct} distinct images; the dataset identity in the "
+                                  f"attrs says {dataset['n_images']}", array="image_id")
+    for name in [f"blocks/{b}" for b in (attrs.get("blocks") or [])]:
+        group = root[name] if name in root else {}
+        for coord in ("image_id", "label", "view"):
+            if coord not in group or coord not in values:
+                continue
+            try:
+                copy = np.asarray(group[coord][:])
+            except Exception as exc:  # noqa: BLE001 -- a damaged copy
+                report.add("coordinates", f"{name}/{coord} {chk.decode_failure(exc)}", array=f"{name}/{coord}")
+                continue
+            if copy.shape != values[coord].shape or copy.tolist() != values[coord].tolist():
+                report.add("coordinates", f"{name}/{coord} differs from the root's {coord}", array=f"{name}/{coord}")
+
+
+def _results(root, integrity: chk.Integrity, report: Report) -> None:
+    for name, array in root.arrays():
+        for coords, lo, hi, file in chk.outer_objects(array):
+            if file.exists():
+                problem = _read_object(array, integrity, lo, hi, coords, report)
+                if problem:
+                    report.add("damaged", problem, array=name, files=(file,))
+            else:
+                report.add("missing", f"array {name!r} chunk {coords}: {integrity.relative(file)} is missing "
+                                      f"(it would read as the fill value)", array=name, files=(file,))
+    if not report.objects:
+        report.notes.append("no arrays (a results folder without results yet?)")
+
+
+# ----------------------------------------------------------------- repair
+
+
+def repair_store(path: str | Path, report: Report) -> list[str]:
+    """Act on ``report`` (from :func:`verify_store`); returns one line per action taken."""
+    import shutil
+
+    import zarr
+
+    from pipeline.store.layout import stamp_attrs
+
+    path = Path(path)
+    actions = []
+    for f in report.findings:
+        if f.kind == LEFTOVER:
+            for file in f.files:
+                shutil.rmtree(file, ignore_errors=True) if file.is_dir() else file.unlink(missing_ok=True)
+            actions.append(f"removed {f.files[0]}")
+    doc = json.loads((path / "zarr.json").read_text())
+    listed = (doc.get("consolidated_metadata") or {}).get("metadata") or {}
+    for f in report.damage:
+        if f.kind == "metadata" and f.array in listed:
+            meta = path / f.array / "zarr.json"
+            meta.parent.mkdir(parents=True, exist_ok=True)
+            meta.write_text(json.dumps(listed[f.array], indent=2))
+            actions.append(f"rewrote {f.array}/zarr.json from the consolidated metadata")
+    unrepairable = [f for f in report.damage if f.kind in ("attrs", "coordinates")
+                    or (f.kind == "metadata" and f.array not in listed)]
+    if report.stage in UNIT_STAGES:
+        actions += _repair_units(path, report)
+    else:
+        for f in report.damage:
+            if f.kind == "damaged":
+                for file in f.files:
+                    file.unlink(missing_ok=True)
+                actions.append(f"deleted damaged {f.files[0].relative_to(path)}")
+    if actions and any(f.kind != LEFTOVER for f in report.findings):
+        stamp_attrs(path, {"complete": False})
+        with quiet_zarr():
+            if listed:
+                zarr.consolidate_metadata(str(path))
+        actions.append("cleared 'complete': the next 'diffprobe run' recomputes what was marked and finalizes")
+    for f in unrepairable:
+        actions.append(f"cannot repair: {f.message} (re-run its stage with --force)")
+    return actions
+
+
+def _repair_units(path: Path, report: Report) -> list[str]:
+    import zarr
+
+    from pipeline.store.durable import sync_unit
+
+    with quiet_zarr():
+        root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    done = root["done"]
+    data = [p for p in chk.data_arrays(root) if p in root]
+    actions = []
+    damaged_units = sorted({f.samples for f in report.damage if f.samples and f.kind in ("damaged", "missing")})
+    for f in report.damage:
+        if f.kind == "damaged" and f.samples:
+            for file in f.files:
+                file.unlink(missing_ok=True)
+    for lo, hi in damaged_units:
+        done[lo:hi] = np.zeros(hi - lo, dtype=np.int8)
+        sync_unit([done], lo, hi)
+        arrays = sorted({f.array for f in report.damage if f.samples == (lo, hi) and f.array})
+        actions.append(f"samples {lo}..{hi - 1}: marked pending ({', '.join(arrays)} damaged or missing)")
+    lost_done = sorted({f.samples for f in report.damage if f.kind == "done" and f.samples} - set(damaged_units))
+    for lo, hi in lost_done:
+        flags = _rebuilt_flags(root, data, lo, hi)
+        done[lo:hi] = flags
+        sync_unit([done], lo, hi)
+        state = ("written" if (flags == WRITTEN).any() else "failed") if (flags != PENDING).all() else "pending"
+        actions.append(f"samples {lo}..{hi - 1}: done rebuilt from the data present ({state})")
+    return actions
+
+
+def _rebuilt_flags(root, data: list[str], lo: int, hi: int) -> np.ndarray:
+    """Done flags of samples ``[lo, hi)`` from the objects present: written when every data
+    array's object is there and decodes, failed where ``failure`` gives a reason; else pending."""
+    try:
+        reasons = np.asarray(root["failure"][lo:hi], dtype=object)
+    except Exception:  # noqa: BLE001 -- unreadable reasons: recompute the unit
+        return np.zeros(hi - lo, dtype=np.int8)
+    failed = np.array([bool(r) for r in reasons])
+    pending = np.zeros(hi - lo, dtype=np.int8)
+    for array_path in data:
+        array = root[array_path]
+        files = [f for *_, f in chk.outer_objects(array, lo, hi)]
+        if not all(f.exists() for f in files):
+            return pending if not failed.all() else np.full(hi - lo, FAILED, dtype=np.int8)
+        try:
+            array[lo:hi]
+        except Exception:  # noqa: BLE001 -- damaged: recompute
+            return pending
+    return np.where(failed, FAILED, WRITTEN).astype(np.int8)
