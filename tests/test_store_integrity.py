@@ -404,3 +404,36 @@ def test_a_kill_during_schema_creation_leaves_a_temp_folder_the_next_build_remov
     classify_store(path)
     assert not list(tmp_path.glob(".clf.zarr.tmp-*"))
     assert cli("verify", path).exit_code == 0
+
+
+# ----------------------------------------------------------------- results folders (probe, cka)
+
+
+def results_folder(path: Path) -> None:
+    import xarray as xr
+
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group.attrs["diffprobe"] = {"stage": "probe", "stage_hash": "h", "format_version": 1, "complete": False}
+    acc = np.array([[0.5, 0.75], [np.nan, np.nan]])  # a failed block: an all-NaN row
+    ds = xr.Dataset({"accuracy": (("block", "timestep"), acc)},
+                    coords={"block": np.array(["a", "b"], dtype=object), "timestep": [10, 100]})
+    ds.attrs["diffprobe"] = {"stage": "probe", "stage_hash": "h", "format_version": 1}
+    store.write_results_dataset(ds, path, complete=True)
+
+
+def test_a_results_folder_verifies_and_a_flipped_byte_is_named(tmp_path):
+    path = tmp_path / "p.probe"
+    results_folder(path)
+    other = tmp_path / "q.probe"
+    results_folder(other)
+    assert cli("verify", path).exit_code == 0
+    assert cli("diff", path, other).exit_code == 0
+    flip_byte(path / "accuracy" / "c" / "0" / "0", 12)
+    result = cli("verify", path)
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0] == ("damaged     array 'accuracy' chunk (0, 0) (all timesteps) in "
+                                             "accuracy/c/0/0 fails its crc32c checksum")
+    result = cli("verify", path, "--repair")
+    assert result.exit_code == 0, result.output
+    assert not (path / "accuracy" / "c" / "0" / "0").exists()
+    assert store.read_attrs(path)["complete"] is False  # the next run rewrites it from its task cache

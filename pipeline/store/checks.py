@@ -106,19 +106,28 @@ class Integrity:
         return self._timesteps
 
     def where(self, array, region: Sequence[slice]) -> str:
-        """``samples a..b, timestep(s) ...`` of ``region`` of ``array``."""
-        parts = [f"samples {region[0].start}..{region[0].stop - 1}"]
-        dims = tuple(array.metadata.dimension_names or ())
-        axis = next((i for i, d in enumerate(dims) if d in ("timestep", "trial")), None)
-        ts = self.timesteps()
-        if axis is not None and ts is not None and axis < len(region):
-            picked = ts[region[axis]].tolist()
-            if len(picked) == len(ts) and len(ts) > 1:
-                parts.append("all timesteps")
-            elif picked:
-                word = "timestep" if len(picked) == 1 else "timesteps"
-                parts.append(f"{word} {', '.join(map(str, picked[:8]))}{' ...' if len(picked) > 8 else ''}")
-        return ", ".join(parts)
+        """``samples a..b, timestep(s) ...`` of ``region`` of ``array`` (other dims by their coordinates)."""
+        dims = tuple(array.metadata.dimension_names or ()) or ("sample",)
+        parts = []
+        for axis, dim in enumerate(dims[:len(region)]):
+            r = region[axis]
+            if dim == "sample":
+                parts.append(f"samples {r.start}..{r.stop - 1}")
+            elif dim in ("timestep", "trial"):
+                ts = self.timesteps()
+                picked = [] if ts is None else ts[r].tolist()
+                if len(picked) == len(ts if ts is not None else ()) and len(picked) > 1:
+                    parts.append("all timesteps")
+                elif picked:
+                    word = "timestep" if len(picked) == 1 else "timesteps"
+                    parts.append(f"{word} {', '.join(map(str, picked[:8]))}{' ...' if len(picked) > 8 else ''}")
+            elif dim in self.root and r.stop - r.start < array.shape[axis]:
+                try:
+                    values = [str(v) for v in np.asarray(self.root[dim][r]).tolist()]
+                except Exception:  # noqa: BLE001 -- a damaged coordinate: positions then
+                    values = [f"{r.start}..{r.stop - 1}"]
+                parts.append(f"{dim} {', '.join(values[:8])}{' ...' if len(values) > 8 else ''}")
+        return ", ".join(parts) or "the whole array"
 
     def relative(self, file: Path) -> str:
         try:

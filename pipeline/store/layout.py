@@ -533,12 +533,18 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
 
     from pipeline.faults import kill_point
 
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
     meta = dict(ds.attrs.get(ATTR_KEY, {}))
     ds = ds.copy()
     ds.attrs[ATTR_KEY] = meta | {"complete": False}
+    # crc32c on new arrays (a flipped byte in a bare zstd frame can decode to a wrong number),
+    # and every chunk stored, NaN-only ones too, so `diffprobe verify` can require them all.
+    fresh = [name for name in ds.variables if not (Path(output) / str(name) / "zarr.json").exists()]
+    encoding = {name: {"compressors": (ZstdCodec(), Crc32cCodec())} for name in fresh}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr notes the plain files while listing the folder
-        ds.to_zarr(output, mode="a", consolidated=False)
+        ds.to_zarr(output, mode="a", consolidated=False, encoding=encoding, write_empty_chunks=True)
         kill_point("results:consolidate")
         zarr.consolidate_metadata(str(output))
     stamp_attrs(output, {"complete": complete})
