@@ -165,6 +165,11 @@ def test_a_damaged_done_chunk_is_one_line_and_rebuilt_from_the_data(copy, built,
         assert result.output == (
             f"error: store {path}: the done mask is damaged: its chunk 1 (samples 8..15) fails its crc32c "
             f"checksum; 'diffprobe verify {path} --repair' rebuilds it from the data present\n")
+        from pipeline.cka.select import align_samples
+
+        with pytest.raises(StoreError) as exc:
+            align_samples([path])
+        assert str(exc.value) == result.output[len("error: "):-1]
     result = cli("verify", path)
     assert result.exit_code == 1
     assert result.output.splitlines()[0].startswith("done        ")
@@ -437,3 +442,32 @@ def test_a_results_folder_verifies_and_a_flipped_byte_is_named(tmp_path):
     assert result.exit_code == 0, result.output
     assert not (path / "accuracy" / "c" / "0" / "0").exists()
     assert store.read_attrs(path)["complete"] is False  # the next run rewrites it from its task cache
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_pool_refuses_a_source_unit_that_is_lost_or_damaged(copy, tmp_path, damage):
+    from pipeline.store.slices import pooled_key
+    from stages.pool import PoolTask, pool_unit
+
+    _, path = copy
+    src = store.load_layout(path)
+    layout = store.plan_layout(src.n_samples, {pooled_key("mid_block", 1): (src.blocks["mid_block"][0], 1, 1)},
+                               src.timesteps, unit_samples=src.unit_samples)
+    root = store.open_root(path)
+    samples = store.SampleTable([str(i) for i in root["image_id"][:]], root["view"][:].tolist(),
+                                root["flipped"][:].tolist(), root["label"][:].tolist())
+    out = tmp_path / "pooled.zarr"
+    store.create_store(out, layout, samples, [str(c) for c in root["class_name"][:]], {"stage": "pool"})
+    task = PoolTask("unit-1", str(path), str(out), 1, ("mid_block",), src.timesteps, (1,), "avg")
+    if damage == "delete":
+        (path / SHARD).unlink()
+        expected = (f"store {path}: block 'mid_block' has no data for samples 8..15, all timesteps, which done "
+                    f"marks written: {SHARD} is missing")
+    else:
+        flip_byte(path / SHARD, 40)
+        expected = (f"store {path}: block 'mid_block' chunk (1, 0, 0, 0, 0) (samples 8..15, timestep 10) in "
+                    f"{SHARD} fails its crc32c checksum")
+    with pytest.raises(StoreError) as exc:
+        pool_unit(task)
+    assert str(exc.value).startswith(expected)
+    assert not store.unit_status(out)[1]  # nothing was written for the unit
