@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-
 from helpers import write_extract_workflow
+
 from pipeline import store
 from pipeline.cli.commands import main
 from pipeline.errors import StoreError
@@ -87,7 +87,7 @@ def test_an_intact_store_verifies(built):
 
 
 def test_a_flipped_byte_is_named_by_verify_and_by_every_reader(copy):
-    wf, path = copy
+    _, path = copy
     shard = path / SHARD
     flip_byte(shard, 40)  # inside the first inner chunk: timestep 10 of samples 8..15
     result = cli("verify", path)
@@ -177,8 +177,8 @@ def test_a_damaged_done_chunk_is_one_line_and_rebuilt_from_the_data(copy, built,
     result = cli("verify", path, "--repair")
     assert result.exit_code == 0, result.output
     assert "repair      samples 8..15: done rebuilt from the data present (written)" in result.output
-    assert store.unit_status(path).all()
-    assert run_workflow(wf) == [("ex", "resume")]  # only finalizes: nothing to recompute
+    assert store.unit_status(path).all() and store.read_attrs(path)["complete"]
+    assert run_workflow(wf) == [("ex", "skip (up to date)")]  # nothing to recompute
     assert shard_mtimes(path) == before
     assert cli("diff", built / "out" / "ex.zarr", path).exit_code == 0
 
@@ -337,10 +337,9 @@ def test_a_live_holder_is_waited_for_then_named(copy, monkeypatch):
         owner = {"pid": holder.pid, "host": locks.socket.gethostname(), "start": locks.process_start(holder.pid),
                  "time": 0}
         locks.lock_path(path).write_text(json.dumps(owner))
-        with pytest.raises(StoreError, match=rf"finalize has been locked by pid {holder.pid} on host .* for over "
-                                             r"0 s; if that process is gone, delete .*\.ex\.zarr\.finalize\.lock"):
-            with locks.finalize_lock(path, finished=lambda: False, wait_s=0.3):
-                pass
+        locked = rf"finalize has been locked by pid {holder.pid} on host .* for over 0 s; if that process is gone"
+        with pytest.raises(StoreError, match=locked), locks.finalize_lock(path, finished=lambda: False, wait_s=0.3):
+            pass
     finally:
         holder.kill()
         holder.wait()
@@ -366,7 +365,7 @@ def test_kill_9_during_finalize_then_finalize_completes(copy, built, point):
 
     path = unfinalized(copy)
     env = os.environ | {"DIFFPROBE_FAULT_KILL_AT": point, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", FINALIZE, str(path)], env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", FINALIZE, str(path)], env=env, cwd=ROOT, check=False)
     assert proc.returncode == -9
     assert lock_path(path).exists() and not store.read_attrs(path)["complete"]
     assert cli("verify", path).output.splitlines()[0].startswith("leftover    ")
@@ -385,7 +384,7 @@ def test_kill_9_of_a_run_in_finalize_then_run_and_force_complete(tmp_path, built
     path = wf.parent / "out" / "ex.zarr"
     env = os.environ | {"DIFFPROBE_FAULT_KILL_AT": "finalize:consolidate", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli.commands", "run", str(wf), "--no-progress"],
-                          env=env, cwd=ROOT, capture_output=True, text=True)
+                          env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     assert proc.returncode == -9, proc.stderr
     assert lock_path(path).exists()
     assert run_workflow(wf) == [("ex", "resume")]
@@ -402,7 +401,7 @@ def test_a_kill_during_schema_creation_leaves_a_temp_folder_the_next_build_remov
     code = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; "
             "from test_store_integrity import classify_store; classify_store(Path(sys.argv[1]))")
     env = os.environ | {"DIFFPROBE_FAULT_KILL_AT": "schema:build", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=ROOT, check=False)
     assert proc.returncode == -9
     left = list(tmp_path.glob(".clf.zarr.tmp-*"))
     assert len(left) == 1 and not path.exists()
@@ -442,6 +441,7 @@ def test_a_results_folder_verifies_and_a_flipped_byte_is_named(tmp_path):
     assert result.exit_code == 0, result.output
     assert not (path / "accuracy" / "c" / "0" / "0").exists()
     assert store.read_attrs(path)["complete"] is False  # the next run rewrites it from its task cache
+    assert "repair      cleared 'complete'" in result.output
 
 
 @pytest.mark.parametrize("damage", ["delete", "flip"])
@@ -471,3 +471,14 @@ def test_pool_refuses_a_source_unit_that_is_lost_or_damaged(copy, tmp_path, dama
         pool_unit(task)
     assert str(exc.value).startswith(expected)
     assert not store.unit_status(out)[1]  # nothing was written for the unit
+
+
+def test_an_empty_lock_of_an_older_diffprobe_is_taken_over_once_old(copy):
+    from pipeline.store.locks import lock_path
+
+    path = unfinalized(copy)
+    lock = lock_path(path)
+    lock.touch()
+    os.utime(lock, (lock.stat().st_atime - 120, lock.stat().st_mtime - 120))
+    assert store.finalize(path)
+    assert store.read_attrs(path)["complete"] and not lock.exists()

@@ -57,7 +57,7 @@ import numpy as np
 
 import pipeline
 from pipeline.errors import ConfigError, StoreError
-from pipeline.store.schema import ATTR_KEY, FAILED, PENDING, WRITTEN, block_names  # noqa: F401 -- the API
+from pipeline.store.schema import ATTR_KEY, FAILED, PENDING, WRITTEN, block_names
 
 DIMS = ("sample", "timestep", "channel", "y", "x")
 SAMPLE_COORDS = ("image_id", "view", "flipped", "label")

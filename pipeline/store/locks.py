@@ -141,6 +141,8 @@ def finalize_lock(store_path: str | Path, finished, wait_s: float = WAIT_S):
             except FileNotFoundError:
                 continue
             state = alive(holder) if holder is not None else None
+            if holder is None and time.time() - mtime > STALE_AFTER_S:
+                state = False  # no owner record (an older diffprobe's empty lock), untouched for long
             if state is None:  # another host, or half-written: is it still being touched?
                 now = time.monotonic()
                 if watched is None or watched[0] != mtime:

@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.store import checks as chk
-from pipeline.store.layout import ATTR_KEY, FAILED, PENDING, SAMPLE_COORDS, WRITTEN, quiet_zarr, read_attrs
+from pipeline.store.layout import FAILED, PENDING, SAMPLE_COORDS, WRITTEN, quiet_zarr, read_attrs
 
 UNIT_STAGES = ("extract", "pool", "classify")
 #: Not counted as damage: what killed writers leave, removed by --repair.
@@ -242,7 +242,7 @@ def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) ->
                     report.add("coordinates", problem, array=name, files=(file,))
         try:
             values[name] = np.asarray(array[:])
-        except Exception:  # noqa: BLE001 -- reported above
+        except Exception:  # noqa: BLE001, S112 -- its damage is reported above
             continue
         if array.metadata.dimension_names == ("sample",) and array.shape[0] != n:
             report.add("coordinates", f"{name} has {array.shape[0]} entries for {n} samples", array=name)
@@ -258,7 +258,7 @@ def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) ->
         report.add("coordinates", f"image_id holds {distinct} distinct images; the dataset identity in the "
                                   f"attrs says {dataset['n_images']}", array="image_id")
     for name in [f"blocks/{b}" for b in (attrs.get("blocks") or [])]:
-        group = root[name] if name in root else {}
+        group = root[name] if name in root else {}  # noqa: SIM401 -- a zarr group has no .get
         for coord in ("image_id", "label", "view"):
             if coord not in group or coord not in values:
                 continue
@@ -292,8 +292,6 @@ def repair_store(path: str | Path, report: Report) -> list[str]:
     """Act on ``report`` (from :func:`verify_store`); returns one line per action taken."""
     import shutil
 
-    import zarr
-
     from pipeline.store.layout import stamp_attrs
 
     path = Path(path)
@@ -314,25 +312,27 @@ def repair_store(path: str | Path, report: Report) -> list[str]:
     unrepairable = [f for f in report.damage if f.kind in ("attrs", "coordinates")
                     or (f.kind == "metadata" and f.array not in listed)]
     if report.stage in UNIT_STAGES:
-        actions += _repair_units(path, report)
+        done_actions, rerun = _repair_units(path, report)
+        actions += done_actions
     else:
+        rerun = False
         for f in report.damage:
-            if f.kind == "damaged":
+            if f.kind in ("damaged", "missing"):
                 for file in f.files:
                     file.unlink(missing_ok=True)
-                actions.append(f"deleted damaged {f.files[0].relative_to(path)}")
-    if actions and any(f.kind != LEFTOVER for f in report.findings):
+                actions.append(f"{'deleted damaged' if f.kind == 'damaged' else 'to rewrite:'} "
+                               f"{f.files[0].relative_to(path)}")
+                rerun = True
+    if rerun:
         stamp_attrs(path, {"complete": False})
-        with quiet_zarr():
-            if listed:
-                zarr.consolidate_metadata(str(path))
         actions.append("cleared 'complete': the next 'diffprobe run' recomputes what was marked and finalizes")
     for f in unrepairable:
         actions.append(f"cannot repair: {f.message} (re-run its stage with --force)")
     return actions
 
 
-def _repair_units(path: Path, report: Report) -> list[str]:
+def _repair_units(path: Path, report: Report) -> tuple[list[str], bool]:
+    """Mark damaged units pending, rebuild lost done chunks; (actions, whether a unit is left to compute)."""
     import zarr
 
     from pipeline.store.durable import sync_unit
@@ -347,6 +347,7 @@ def _repair_units(path: Path, report: Report) -> list[str]:
         if f.kind == "damaged" and f.samples:
             for file in f.files:
                 file.unlink(missing_ok=True)
+    rerun = bool(damaged_units)
     for lo, hi in damaged_units:
         done[lo:hi] = np.zeros(hi - lo, dtype=np.int8)
         sync_unit([done], lo, hi)
@@ -359,7 +360,8 @@ def _repair_units(path: Path, report: Report) -> list[str]:
         sync_unit([done], lo, hi)
         state = ("written" if (flags == WRITTEN).any() else "failed") if (flags != PENDING).all() else "pending"
         actions.append(f"samples {lo}..{hi - 1}: done rebuilt from the data present ({state})")
-    return actions
+        rerun = rerun or state == "pending"
+    return actions, rerun
 
 
 def _rebuilt_flags(root, data: list[str], lo: int, hi: int) -> np.ndarray:
