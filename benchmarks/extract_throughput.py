@@ -88,7 +88,13 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         store.create_store(out, ex.layout, ex.samples, ex.reader.class_names, {"stage_hash": "bench"})
         real = durable.sync_unit
-        durable.sync_unit = real if sync else (lambda *args: None)
+
+        def timed(*args):
+            begin = time.perf_counter()
+            real(*args)
+            sync_seconds.append(time.perf_counter() - begin)
+
+        durable.sync_unit = timed if sync else (lambda *args: None)
         try:
             start = time.perf_counter()
             extract_units(ex, out, list(range(ex.layout.n_units)), progress=False)
@@ -96,7 +102,9 @@ def main() -> None:
         finally:
             durable.sync_unit = real
 
+    sync_seconds: list[float] = []  # time inside the durability step (both of its calls per unit)
     bare(), extract(), extract(sync=False)  # warm-up
+    sync_seconds.clear()
     results = []
     for _ in range(args.repeats):  # interleaved, so drift hits every side alike
         results.append((bare(), extract(), extract(sync=False)))
@@ -112,6 +120,9 @@ def main() -> None:
     print(f"ratio extract/bare throughput: {tb / te:.2f}")
     print(f"ratio extract with fsync / without (throughput): {tn / te:.3f} "
           f"({ex.layout.n_units} units of {ex.layout.unit_samples}, {len(ex.blocks)} blocks, under {work})")
+    per_run = sum(sync_seconds) / args.repeats
+    print(f"fsync time: {per_run * 1000:.1f} ms per extract run ({per_run / ex.layout.n_units * 1000:.1f} ms "
+          f"per unit) = {per_run / te:.2%} of the best extract time")
     shutil.rmtree(work, ignore_errors=True)
 
 

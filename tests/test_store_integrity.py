@@ -482,3 +482,22 @@ def test_an_empty_lock_of_an_older_diffprobe_is_taken_over_once_old(copy):
     os.utime(lock, (lock.stat().st_atime - 120, lock.stat().st_mtime - 120))
     assert store.finalize(path)
     assert store.read_attrs(path)["complete"] and not lock.exists()
+
+
+def test_coordinates_are_checked_against_the_dataset_identity(copy):
+    import hashlib
+
+    from pipeline.datasets import DatasetConfig, open_dataset
+
+    _, path = copy
+    records = open_dataset(DatasetConfig(reader="digits", split="test", limit=20)).records
+    digest = hashlib.sha256(b"".join(f"{r.image_id}\x1f{int(r.label)}\x1e".encode() for r in records))
+    store.stamp_attrs(path, {"identity": {"n_images": len(records), "ids_sha256": digest.hexdigest()}})
+    assert cli("verify", path).exit_code == 0
+    labels = zarr.open_group(str(path), mode="r+")["label"]
+    changed = labels[:]
+    changed[3] = (changed[3] + 1) % 10
+    labels[:] = changed
+    result = cli("verify", path)
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0].startswith("coordinates image_id/label (20 images, sha256 ")

@@ -11,7 +11,8 @@ Checks, for any diffprobe output (extract, pool, classify stores; probe and cka 
   pending unit;
 - coordinates: ``image_id`` and the other sample coordinates decode, have one entry
   per sample, agree with each block group's copies, and with the dataset identity
-  the attrs record (``provenance.dataset.n_images``).
+  the attrs record (``identity``: count and sha256 of the ordered (image_id, label)
+  pairs; ``provenance.dataset.n_images``).
 
 ``repair`` (unit stores) marks every damaged unit pending in ``done`` and deletes
 its damaged objects, rebuilds a lost or damaged ``done`` chunk from the data present
@@ -25,6 +26,7 @@ chunks and clears ``complete``; the next run rewrites them from its task cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +222,8 @@ def _unit_store(root, integrity: chk.Integrity, attrs: dict, report: Report) -> 
             why = "its done chunk is lost" if present else "it was never written"
             report.add("done", f"samples {lo}..{hi - 1} are pending in a store stamped complete ({why}); "
                                f"--repair rebuilds done from the data present", array="done", samples=(lo, hi))
+    if not complete and n and (done > PENDING).all():
+        report.notes.append("every unit is done but the store is not finalized: re-run its workflow to finalize")
     _coordinates(root, integrity, attrs, report)
 
 
@@ -257,6 +261,14 @@ def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) ->
             (views is None or distinct * len(np.unique(views)) == n):
         report.add("coordinates", f"image_id holds {distinct} distinct images; the dataset identity in the "
                                   f"attrs says {dataset['n_images']}", array="image_id")
+    identity = attrs.get("identity")
+    labels = values.get("label")
+    if isinstance(identity, dict) and identity.get("ids_sha256") and labels is not None and len(labels) == len(ids):
+        n_images, digest = ids_identity(ids.tolist(), labels.tolist())
+        if (n_images, digest) != (identity.get("n_images"), identity["ids_sha256"]):
+            report.add("coordinates", f"image_id/label ({n_images} images, sha256 {digest[:12]}) do not match the "
+                                      f"dataset identity in the attrs ({identity.get('n_images')} images, sha256 "
+                                      f"{str(identity['ids_sha256'])[:12]})", array="image_id")
     for name in [f"blocks/{b}" for b in (attrs.get("blocks") or [])]:
         group = root[name] if name in root else {}  # noqa: SIM401 -- a zarr group has no .get
         for coord in ("image_id", "label", "view"):
@@ -269,6 +281,19 @@ def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) ->
                 continue
             if copy.shape != values[coord].shape or copy.tolist() != values[coord].tolist():
                 report.add("coordinates", f"{name}/{coord} differs from the root's {coord}", array=f"{name}/{coord}")
+
+
+def ids_identity(ids: list, labels: list) -> tuple[int, str]:
+    """``(n_images, sha256)`` of a store's rows as the runner stamps ``attrs.identity``: the ordered
+    ``(image_id, label)`` pairs, one per image (an image's views are adjacent rows), each hashed as
+    ``f"{image_id}\\x1f{label}\\x1e"`` (the formula of ``pipeline.workflow.identity.dataset_identity``)."""
+    digest = hashlib.sha256()
+    n, last = 0, None
+    for image_id, label in zip(ids, labels):
+        if image_id != last:
+            digest.update(f"{image_id}\x1f{int(label)}\x1e".encode())
+            n, last = n + 1, image_id
+    return n, digest.hexdigest()
 
 
 def _results(root, integrity: chk.Integrity, report: Report) -> None:
