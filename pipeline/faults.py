@@ -1,6 +1,6 @@
 """Fault injection for tests, in one place: production code only passes through here.
 
-Two hooks, both off unless their environment variable is set:
+Hooks, each off unless its environment variable is set:
 
 - ``DIFFPROBE_FAULT_FAIL_TASKS="name[:n],..."``: task ``name`` of :func:`run_tasks`
   fails its first ``n`` attempts (default 1). :func:`run_attempt` wraps every task a
