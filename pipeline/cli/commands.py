@@ -169,7 +169,8 @@ def verify(store_path, repair):
 
     Exit 0 if nothing is damaged, 1 if something is (with --repair: 0 once everything
     found was repaired, 1 if something could not be)."""
-    from pipeline.store.verify import repair_store, verify_store
+    from pipeline.store.repair import repair_store
+    from pipeline.store.verify import verify_store
 
     report = verify_store(store_path)
     for line in report.lines():

@@ -17,7 +17,7 @@ What lives here
   are taken over / removed once that owner is gone.
 - ``checks``: what readers check (a damaged ``done``, a done unit's missing shard, a
   chunk failing its checksum), each one line naming block, timestep and samples.
-- ``verify`` and ``diff``: ``diffprobe verify [--repair]`` and ``diffprobe diff``.
+- ``verify``, ``repair`` and ``diff``: ``diffprobe verify [--repair]`` and ``diffprobe diff``.
 
 May import: ``pipeline.errors``, ``pipeline.noise``, numpy, zarr, xarray. Never
 ``stages``, the workflow machinery, models or the science packages.

@@ -14,14 +14,7 @@ Checks, for any diffprobe output (extract, pool, classify stores; probe and cka 
   the attrs record (``identity``: count and sha256 of the ordered (image_id, label)
   pairs; ``provenance.dataset.n_images``).
 
-``repair`` (unit stores) marks every damaged unit pending in ``done`` and deletes
-its damaged objects, rebuilds a lost or damaged ``done`` chunk from the data present
-(a unit whose objects are all there and decode is written; samples with a
-``failure`` reason failed), rewrites a lost ``zarr.json`` from the consolidated
-metadata, removes leftovers of killed writers (``*.partial`` files, stale temp
-folders and locks), and clears ``complete``: the next ``diffprobe run`` recomputes
-just those units and finalizes again. For probe and cka results it deletes damaged
-chunks and clears ``complete``; the next run rewrites them from its task cache.
+``--repair`` acts on the findings (:mod:`pipeline.store.repair`).
 """
 
 from __future__ import annotations
@@ -308,103 +301,3 @@ def _results(root, integrity: chk.Integrity, report: Report) -> None:
                                       f"(it would read as the fill value)", array=name, files=(file,))
     if not report.objects:
         report.notes.append("no arrays (a results folder without results yet?)")
-
-
-# ----------------------------------------------------------------- repair
-
-
-def repair_store(path: str | Path, report: Report) -> list[str]:
-    """Act on ``report`` (from :func:`verify_store`); returns one line per action taken."""
-    import shutil
-
-    from pipeline.store.layout import stamp_attrs
-
-    path = Path(path)
-    actions = []
-    for f in report.findings:
-        if f.kind == LEFTOVER:
-            for file in f.files:
-                shutil.rmtree(file, ignore_errors=True) if file.is_dir() else file.unlink(missing_ok=True)
-            actions.append(f"removed {f.files[0]}")
-    doc = json.loads((path / "zarr.json").read_text())
-    listed = (doc.get("consolidated_metadata") or {}).get("metadata") or {}
-    for f in report.damage:
-        if f.kind == "metadata" and f.array in listed:
-            meta = path / f.array / "zarr.json"
-            meta.parent.mkdir(parents=True, exist_ok=True)
-            meta.write_text(json.dumps(listed[f.array], indent=2))
-            actions.append(f"rewrote {f.array}/zarr.json from the consolidated metadata")
-    unrepairable = [f for f in report.damage if f.kind in ("attrs", "coordinates")
-                    or (f.kind == "metadata" and f.array not in listed)]
-    if report.stage in UNIT_STAGES:
-        done_actions, rerun = _repair_units(path, report)
-        actions += done_actions
-    else:
-        rerun = False
-        for f in report.damage:
-            if f.kind in ("damaged", "missing"):
-                for file in f.files:
-                    file.unlink(missing_ok=True)
-                actions.append(f"{'deleted damaged' if f.kind == 'damaged' else 'to rewrite:'} "
-                               f"{f.files[0].relative_to(path)}")
-                rerun = True
-    if rerun:
-        stamp_attrs(path, {"complete": False})
-        actions.append("cleared 'complete': the next 'diffprobe run' recomputes what was marked and finalizes")
-    for f in unrepairable:
-        actions.append(f"cannot repair: {f.message} (re-run its stage with --force)")
-    return actions
-
-
-def _repair_units(path: Path, report: Report) -> tuple[list[str], bool]:
-    """Mark damaged units pending, rebuild lost done chunks; (actions, whether a unit is left to compute)."""
-    import zarr
-
-    from pipeline.store.durable import sync_unit
-
-    with quiet_zarr():
-        root = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    done = root["done"]
-    data = [p for p in chk.data_arrays(root) if p in root]
-    actions = []
-    damaged_units = sorted({f.samples for f in report.damage if f.samples and f.kind in ("damaged", "missing")})
-    for f in report.damage:
-        if f.kind == "damaged" and f.samples:
-            for file in f.files:
-                file.unlink(missing_ok=True)
-    rerun = bool(damaged_units)
-    for lo, hi in damaged_units:
-        done[lo:hi] = np.zeros(hi - lo, dtype=np.int8)
-        sync_unit([done], lo, hi)
-        arrays = sorted({f.array for f in report.damage if f.samples == (lo, hi) and f.array})
-        actions.append(f"samples {lo}..{hi - 1}: marked pending ({', '.join(arrays)} damaged or missing)")
-    lost_done = sorted({f.samples for f in report.damage if f.kind == "done" and f.samples} - set(damaged_units))
-    for lo, hi in lost_done:
-        flags = _rebuilt_flags(root, data, lo, hi)
-        done[lo:hi] = flags
-        sync_unit([done], lo, hi)
-        state = ("written" if (flags == WRITTEN).any() else "failed") if (flags != PENDING).all() else "pending"
-        actions.append(f"samples {lo}..{hi - 1}: done rebuilt from the data present ({state})")
-        rerun = rerun or state == "pending"
-    return actions, rerun
-
-
-def _rebuilt_flags(root, data: list[str], lo: int, hi: int) -> np.ndarray:
-    """Done flags of samples ``[lo, hi)`` from the objects present: written when every data
-    array's object is there and decodes, failed where ``failure`` gives a reason; else pending."""
-    try:
-        reasons = np.asarray(root["failure"][lo:hi], dtype=object)
-    except Exception:  # noqa: BLE001 -- unreadable reasons: recompute the unit
-        return np.zeros(hi - lo, dtype=np.int8)
-    failed = np.array([bool(r) for r in reasons])
-    pending = np.zeros(hi - lo, dtype=np.int8)
-    for array_path in data:
-        array = root[array_path]
-        files = [f for *_, f in chk.outer_objects(array, lo, hi)]
-        if not all(f.exists() for f in files):
-            return pending if not failed.all() else np.full(hi - lo, FAILED, dtype=np.int8)
-        try:
-            array[lo:hi]
-        except Exception:  # noqa: BLE001 -- damaged: recompute
-            return pending
-    return np.where(failed, FAILED, WRITTEN).astype(np.int8)
