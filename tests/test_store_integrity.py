@@ -230,7 +230,7 @@ def classify_store(path: Path) -> np.ndarray:
     layout = errorstore.plan_error_layout(16, 3, 4, unit_samples=8)
     labels = np.arange(16) % 3
     errorstore.create_error_store(path, layout, [f"img{i}" for i in range(16)], labels.tolist(),
-                                  ["a", "b", "c"], [100, 300, 500, 700],
+                                  ["a", "b", "c"], [0, 1, 2], ["", "", ""], [100, 300, 500, 700], [0, 0, 0, 0],
                                   {"stage": "classify", "stage_hash": "x", "plan": {}, "schedule": {"loss": "l2"}})
     rng = np.random.default_rng(0)
     errors = rng.random((16, 3, 4)).astype(np.float32) + 1

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.store import checks as chk
-from pipeline.store.layout import FAILED, PENDING, SAMPLE_COORDS, WRITTEN, quiet_zarr, read_attrs
+from pipeline.store.layout import CROP_COORDS, FAILED, PENDING, SAMPLE_COORDS, WRITTEN, quiet_zarr, read_attrs
 
 UNIT_STAGES = ("extract", "pool", "classify")
 #: Not counted as damage: what killed writers leave, removed by --repair.
@@ -227,8 +227,8 @@ def _has_crc(array) -> bool:
 
 def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) -> None:
     n = root["done"].shape[0]
-    names = [c for c in ("sample", "image_id", *SAMPLE_COORDS, "class", "class_name", "timestep", "trial")
-             if c in root]
+    names = [c for c in ("sample", "image_id", *SAMPLE_COORDS, *CROP_COORDS, "class", "class_name", "timestep",
+                         "trial", "draw", "candidate", "candidate_class", "candidate_prompt") if c in root]
     values = {}
     for name in dict.fromkeys(names):
         array = root[name]
