@@ -11,15 +11,17 @@ What lives here
 - ``prefetch``: the helper that builds the source's blocks of rows ahead of use.
 - ``slices``: names of stored feature slices (block, timestep, pool size).
 - ``describe``: the human summary printed by ``diffprobe inspect``.
-- ``schema``: the names every store shares (attrs key, ``done`` flags, block order).
+- ``schema: the names every store shares (attrs key, ``done`` flags, block order).
 - ``durable``: fsync of a unit's objects before and after its ``done`` cells.
 - ``locks``: the finalize lock and schema temp folders, which name their owner and
   are taken over / removed once that owner is gone.
 - ``checks``: what readers check (a damaged ``done``, a done unit's missing shard, a
   chunk failing its checksum), each one line naming block, timestep and samples.
 - ``verify``, ``repair`` and ``diff``: ``diffprobe verify [--repair]`` and ``diffprobe diff``.
+- ``location``: local paths and fsspec URLs (``s3://`` ...) as one kind of path, zarr
+  stores on them, and the write protocol's object-storage steps (put-if-absent).
 
-May import: ``pipeline.errors``, ``pipeline.noise``, numpy, zarr, xarray. Never
+May import: ``pipeline.errors``, ``pipeline.noise``, numpy, zarr, xarray, fsspec, upath. Never
 ``stages``, the workflow machinery, models or the science packages.
 
 The package namespace is the layout's public API, so ``from pipeline import store``

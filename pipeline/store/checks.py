@@ -174,6 +174,8 @@ class Integrity:
         """``(first sample, stop, file)`` of every object of ``array_path`` over samples
         ``[start, stop)`` that ``done`` requires and the disk lacks."""
         array = self.root[array_path]
+        if array_folder(array) is None:
+            return []  # object storage: presence is not checked by file (verify is local-only)
         done = self.done()
         kind = presence_kind(array_path)
         return [(lo, hi, file) for _, lo, hi, file in outer_objects(array, start, stop)
@@ -228,8 +230,9 @@ class Integrity:
         inner = array.chunks
         chunk_region = [slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(coords, inner, array.shape)]
         outer = array.metadata.chunk_grid.chunk_shape
-        file = array_folder(array) / array.metadata.encode_chunk_key(
-            tuple(i * c // o for i, c, o in zip(coords, inner, outer)))
+        key = array.metadata.encode_chunk_key(tuple(i * c // o for i, c, o in zip(coords, inner, outer)))
+        folder = array_folder(array)
+        file = folder / key if folder is not None else Path(array.path) / key
         return (f"{name} chunk {tuple(coords)} ({self.where(array, chunk_region)}) in "
                 f"{self.relative(file)} {decode_failure(cause)}")
 

@@ -17,9 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def array_folder(array) -> Path:
-    """The folder of a zarr array in a local store."""
-    return Path(array.store.root) / array.path
+def array_folder(array) -> Path | None:
+    """The folder of a zarr array in a local store; None on object storage (no files to sync)."""
+    root = getattr(array.store, "root", None)
+    return None if root is None or not isinstance(root, (str, Path)) else Path(root) / array.path
 
 
 def chunk_files(array, start: int, stop: int) -> list[Path]:
@@ -31,6 +32,8 @@ def chunk_files(array, start: int, stop: int) -> list[Path]:
     first = range(start // outer[0], math.ceil(stop / outer[0]))
     rest = [range(math.ceil(n / c)) for n, c in zip(array.shape[1:], outer[1:])]
     folder = array_folder(array)
+    if folder is None:
+        return []  # object storage: a put is durable once it returns
     files = (folder / array.metadata.encode_chunk_key((i, *more))
              for i in first for more in itertools.product(*rest))
     return [f for f in files if f.exists()]
@@ -71,4 +74,6 @@ def sync_files(files: Iterable[Path], up_to: Iterable[Path]) -> None:
 def sync_unit(arrays: Iterable, start: int, stop: int) -> None:
     """fsync the objects of ``arrays`` (zarr arrays of one local store) holding samples ``[start, stop)``."""
     for array in arrays:
-        sync_files(chunk_files(array, start, stop), [array_folder(array)])
+        files = chunk_files(array, start, stop)
+        if files:
+            sync_files(files, [array_folder(array)])
