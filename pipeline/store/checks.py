@@ -89,7 +89,7 @@ class Integrity:
 
     def __init__(self, root, path: str | Path):
         self.root = root
-        self.path = Path(path)
+        self.path = path if isinstance(path, Path) or hasattr(path, "storage_options") else Path(path)  # UPath kept
         self._done: np.ndarray | None = None
         self._timesteps: np.ndarray | None = None
 
@@ -132,7 +132,7 @@ class Integrity:
     def relative(self, file: Path) -> str:
         try:
             return str(file.relative_to(self.path))
-        except ValueError:
+        except (ValueError, TypeError):
             return str(file)
 
     # ------------------------------------------------------------- done
