@@ -1,6 +1,6 @@
 """Fault injection for tests, in one place: production code only passes through here.
 
-Two hooks, both off unless their environment variable is set:
+Hooks, each off unless its environment variable is set:
 
 - ``DIFFPROBE_FAULT_FAIL_TASKS="name[:n],..."``: task ``name`` of :func:`run_tasks`
   fails its first ``n`` attempts (default 1). :func:`run_attempt` wraps every task a
@@ -9,6 +9,10 @@ Two hooks, both off unless their environment variable is set:
   writer has written N units (how the tests kill a run mid-way, at a known point).
 - ``DIFFPROBE_FAULT_UNIT_DELAY=S``: extract and classify sleep S seconds before computing
   each unit (so tests can run two processes on one output at the same time).
+- ``DIFFPROBE_FAULT_KILL_AT=point``: the process SIGKILLs itself when it reaches the
+  named point (:func:`kill_point`), e.g. ``finalize:consolidate`` (between a store's
+  attrs and its consolidated metadata) or ``schema:build`` (inside the temp folder of
+  a schema being built).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 FAIL_TASKS_ENV = "DIFFPROBE_FAULT_FAIL_TASKS"
 KILL_AFTER_UNITS_ENV = "DIFFPROBE_FAULT_KILL_AFTER_UNITS"
 UNIT_DELAY_ENV = "DIFFPROBE_FAULT_UNIT_DELAY"
+KILL_AT_ENV = "DIFFPROBE_FAULT_KILL_AT"
 
 
 def injected_failures(name: str) -> int:
@@ -65,3 +70,9 @@ def unit_delay() -> None:
         import time
 
         time.sleep(float(delay))
+
+
+def kill_point(point: str) -> None:
+    """SIGKILL this process if :data:`KILL_AT_ENV` names ``point`` (a no-op otherwise)."""
+    if os.environ.get(KILL_AT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)

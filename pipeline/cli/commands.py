@@ -183,5 +183,46 @@ def score(store_path, trials, timesteps, draws, loss, weighting, out_dir):
     click.echo(f"wrote {paths['png']}, {paths['json'].name}, {paths['csv'].name}")
 
 
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path())
+@click.option("--repair", is_flag=True,
+              help="Mark damaged units pending (rebuild a lost done mask from the data) so the next run "
+                   "recomputes only them; rewrite lost metadata; remove leftovers of killed writers.")
+@_friendly
+def verify(store_path, repair):
+    """Read every chunk of STORE (any stage's output) and name what is damaged.
+
+    Exit 0 if nothing is damaged, 1 if something is (with --repair: 0 once everything
+    found was repaired, 1 if something could not be)."""
+    from pipeline.store.repair import repair_store
+    from pipeline.store.verify import verify_store
+
+    report = verify_store(store_path)
+    for line in report.lines():
+        click.echo(line)
+    if not (repair and report.findings):
+        sys.exit(1 if report.damage else 0)
+    actions = repair_store(store_path, report)
+    for line in actions:
+        click.echo(f"repair      {line}")
+    sys.exit(1 if any(line.startswith("cannot repair") for line in actions) else 0)
+
+
+@main.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance.")
+@_friendly
+def diff(a, b, atol, rtol):
+    """Max abs / rel difference of two outputs per block and timestep (or per results variable);
+    exit 0 if they agree within the tolerances, 1 otherwise."""
+    from pipeline.store.diff import diff_outputs, format_rows
+
+    rows = diff_outputs(a, b, atol, rtol)
+    click.echo(format_rows(rows, atol, rtol))
+    sys.exit(1 if any(r.n_outside for r in rows) else 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
