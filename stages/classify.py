@@ -41,7 +41,7 @@ from pipeline.dc.classifier import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, Ada
                                     passes_per_sample, round_trials)
 from pipeline.errors import ConfigError, DatasetError, ModelError, did_you_mean
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
+from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, resolve_device
 from pipeline.noise import q_sample
 from pipeline.workflow.stage import RunContext, Stage
 
@@ -179,11 +179,14 @@ class ClassifyConfig:
 class Classifier:
     """Model, dataset, plan and candidates; computes one unit at a time."""
 
-    def __init__(self, cfg: ClassifyConfig):
+    def __init__(self, cfg: ClassifyConfig, device: str | None = None):
+        # ``device`` overrides cfg.device (validate and plan build the model on the CPU,
+        # in float32, where the configured device is absent).
         self.cfg = cfg
-        self.adapter: ModelAdapter = load_model(cfg.model, cfg.device, cfg.compute_dtype)
+        compute_dtype = cfg.compute_dtype if device is None else "float32"
+        self.adapter: ModelAdapter = load_model(cfg.model, device or cfg.device, compute_dtype)
         self.device = self.adapter.device
-        self.dtype = TORCH_DTYPES[cfg.compute_dtype]
+        self.dtype = TORCH_DTYPES[compute_dtype]
         self.reader = open_dataset(cfg.dataset)
         self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.class_names = [str(c) for c in self.reader.class_names]
@@ -396,6 +399,10 @@ class ClassifyStage(Stage):
         if digest is not None:
             out = out | {"prompts_sha256": digest}  # an edited prompt file is a new configuration
         return out
+
+    def validate(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
+        resolve_device(cfg.device)  # first, as run meets it first
+        Classifier(cfg, device="cpu")
 
     def run(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
         clf = Classifier(cfg)

@@ -30,7 +30,7 @@ from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
 from pipeline.store.describe import human_bytes
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
+from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, resolve_device
 from pipeline.noise import NOISE_SCHEME, batch_noise
 from pipeline.workflow.stage import RunContext, Stage
 
@@ -95,6 +95,18 @@ class ExtractConfig:
 
 
 
+def check_pool_sizes(what: str, sizes, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse pooling a (C, H, W) map to a side larger than the map: adaptive pooling
+    would silently repeat values (upsample), multiplying bytes without information."""
+    for name, shape in shapes.items():
+        side = min(shape[-2:])
+        big = [s for s in sizes if s > side]
+        if big:
+            raise ConfigError(
+                f"{what} {big[0]} is larger than block {name!r}'s {shape[-2]}x{shape[-1]} map "
+                f"(pooling would upsample it); use sizes <= {side}, or leave this block out")
+
+
 # ----------------------------------------------------------------- samples & units
 
 
@@ -119,11 +131,16 @@ def sample_table(reader, views: int, flip: bool, augment: AugmentSpec | None = N
 class Extractor:
     """Holds the model, dataset and settings; computes one unit at a time."""
 
-    def __init__(self, cfg: ExtractConfig):
+    def __init__(self, cfg: ExtractConfig, device: str | None = None):
+        # ``device`` overrides cfg.device (validate and plan build the model on the CPU,
+        # in float32, where the configured device is absent).
         self.cfg = cfg
-        self.adapter: ModelAdapter = load_model(cfg.model, cfg.device, cfg.compute_dtype)
+        self.adapter: ModelAdapter = load_model(cfg.model, device or cfg.device,
+                                                cfg.compute_dtype if device is None else "float32")
         self.device = self.adapter.device
         self.blocks = self.adapter.resolve_blocks(cfg.blocks)
+        if cfg.pool is not None:
+            check_pool_sizes("extract: pool.size", [cfg.pool.size], {b.name: b.shape for b in self.blocks})
         self.timesteps = self.adapter.check_timesteps(list(cfg.timesteps))
         self.timestep_free = not self.adapter.takes_timestep
         if cfg.conditioning == "none" and self.adapter.label_conditional:
@@ -314,6 +331,11 @@ class ExtractStage(Stage):
 
     def fingerprint(self, cfg: ExtractConfig, base_dir: Path) -> dict:
         return model_fingerprint(cfg.model)
+
+    def validate(self, cfg: ExtractConfig, ctx: RunContext) -> None:
+        # The device first, as run meets it first (load_model resolves it before building).
+        resolve_device(cfg.device)
+        Extractor(cfg, device="cpu")
 
     def run(self, cfg: ExtractConfig, ctx: RunContext) -> None:
         ex = Extractor(cfg)

@@ -112,6 +112,12 @@ class Runner:
                         f"run it first: diffprobe run {self.wf.file} --only {ref}"
                     )
 
+    def validate(self, selected: list[StageEntry]) -> None:
+        """Every check a stage can make without computing, before any stage runs (``--dry-run`` too)."""
+        for entry in selected:
+            if self.force or output_state(entry.output, self.hashes[entry.name]).status != "complete":
+                self.stages[entry.name].validate(entry.config, self.context(entry))
+
     def run(self, only: str | None = None, until: str | None = None, dry_run: bool = False) -> list[tuple[str, str]]:
         """Run the selected stages in order; returns (stage, action) rows."""
         report = []
@@ -126,6 +132,7 @@ class Runner:
                     f"whole in every shard. Shard {', '.join(shardable) or 'none of them'} (--only NAME or "
                     f"--until NAME), then run the rest once without --shard"
                 )
+        self.validate(selected)
         for entry in selected:
             state = output_state(entry.output, self.hashes[entry.name])
             if state.status == "complete" and not self.force:

@@ -141,6 +141,15 @@ class Stage:
         """Extra content for the hash that the config alone does not capture (e.g. weights)."""
         return {}
 
+    def validate(self, cfg: Any, ctx: RunContext) -> None:
+        """Raise the DiffprobeError ``run`` would raise for ``cfg``, without computing.
+
+        Called by ``run --dry-run`` and by the runner for every selected stage before
+        the first one runs, so a bad later stage fails in seconds, not after the earlier
+        stages' work. Checks only what is knowable now: a model may be built on the CPU
+        (block names, timestep range, class embeddings); inputs not yet written are not read.
+        """
+
     def run(self, cfg: Any, ctx: RunContext) -> None:
         raise NotImplementedError
 
