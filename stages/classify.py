@@ -40,6 +40,7 @@ from pipeline.dc.classifier import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, Ada
                                     Schedule, TrialPlan, adaptive_classify_batch, denoising_losses, make_plan,
                                     passes_per_sample, round_trials)
 from pipeline.errors import ConfigError, DatasetError, ModelError, did_you_mean
+from pipeline.store.describe import human_bytes
 from pipeline.models.fingerprint import model_fingerprint
 from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, resolve_device
 from pipeline.noise import q_sample
@@ -434,7 +435,14 @@ class ClassifyStage(Stage):
         ctx.finalize_store()
 
     def plan(self, cfg: ClassifyConfig, ctx: RunContext) -> list[tuple[str, str]]:
-        clf = Classifier(cfg)
+        try:
+            resolve_device(cfg.device)
+            absent = None
+        except ModelError as exc:  # e.g. a login node planning a GPU workflow
+            if not cfg.device.startswith("cuda"):
+                raise
+            absent = str(exc).split(";")[0]
+        clf = Classifier(cfg, device="cpu" if absent else None)
         sched = clf.schedule_attrs()
         per_sample = sched["forward_passes_per_sample"]
         n = clf.layout.n_samples
@@ -455,8 +463,12 @@ class ClassifyStage(Stage):
             ("forward passes", f"{per_sample * n} ({per_sample} per sample; exhaustive would be "
                                f"{clf.n_candidates * plan.n_trials})"),
             ("units", f"{clf.layout.n_units} x {clf.layout.unit_samples} samples"),
+            ("bytes written (raw)", human_bytes(n * clf.n_candidates * plan.n_trials * 4 * len(LOSSES))
+             + " (float32 errors, every candidate x trial cell)"),
         ]
-        if x0 is not None:
+        if absent:
+            rows.append(("time (est.)", f"not measured: {absent}; run plan on a {cfg.device} machine for the time"))
+        elif x0 is not None:
             candidates = min(clf.n_candidates, cfg.batch_size)
             trials = list(range(min(plan.n_trials, math.ceil(cfg.batch_size / candidates))))
             request = RoundRequest(0, tuple(range(candidates)), tuple(trials))
