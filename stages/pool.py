@@ -217,6 +217,7 @@ class PoolStage(Stage):
     def plan(self, cfg: PoolConfig, ctx: RunContext) -> list[tuple[str, str]]:
         source = Path(ctx.inputs["input"])
         if store.read_attrs(source) is None:
+            self.validate(cfg, ctx)
             return [("input", f"{source} (not written yet: plan it after its stage has run)"),
                     ("time (est.)", NOT_ESTIMATED)]
         source, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)

@@ -71,3 +71,78 @@ def test_plan_without_the_device_and_extract_pool_warning(extract_workflow):
     assert "bytes on disk (est.)" in out and "bytes raw" in out
     assert "warning: pool.size 64 upsamples down_blocks.1" in out
     assert "pooled" in out and "not estimated" in out
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "0"}, "environment variable RANK is set but WORLD_SIZE is not"),
+        ({"WORLD_SIZE": "4"}, "environment variable WORLD_SIZE is set but RANK is not"),
+        ({"RANK": "4", "WORLD_SIZE": "4"}, "RANK/WORLD_SIZE from the environment ('4'/'4'): need 0 <= RANK < WORLD_SIZE"),
+        ({"RANK": "a", "WORLD_SIZE": "4"}, "RANK/WORLD_SIZE from the environment ('a'/'4') must be integers"),
+    ],
+)
+def test_rank_world_size_errors_name_the_variables(monkeypatch, env, expected):
+    from pipeline.errors import ConfigError
+    from pipeline.workflow.runner import parse_shard
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="RANK") as err:
+        parse_shard(None)
+    assert expected in str(err.value)
+
+
+def test_rank_world_size_used_when_both_set(monkeypatch):
+    from pipeline.workflow.runner import parse_shard
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert parse_shard(None) == (1, 3)
+    assert parse_shard("0/2") == (0, 2)  # the flag wins
+
+
+def test_results_on_a_missing_path(tmp_path):
+    line = one_error_line(*invoke("results", tmp_path / "nope.probe"))
+    assert "nope.probe' does not exist" in line
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"blocks": "{a: 1}"}, "'stages.ex.blocks' must be a list of block names, e.g. [down_blocks.2, mid_block], "
+                               "or 'all', got {'a': 1}"),
+        ({"blocks": "7.5"}, "must be a list of block names"),
+    ],
+)
+def test_type_errors_in_plain_words(extract_workflow, overrides, expected):
+    line = one_error_line(*invoke("run", extract_workflow(**overrides), "--dry-run"))
+    assert expected in line and "tuple" not in line, line
+
+
+def test_type_names_in_plain_words():
+    from typing import Literal
+
+    from pipeline.workflow.config import _type_name
+
+    assert [_type_name(t) for t in (tuple[int, ...], str, int, float, bool, dict, Literal["a", "b"])] == [
+        "a list", "a string", "an integer", "a number", "true or false", "a mapping", "'a' or 'b'"]
+
+
+def test_one_pixel_images_warn():
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.datasets.preprocess import Preprocessing, TinyImageWarning, preprocess
+
+    prep = Preprocessing(size=16, channels=3)
+    with pytest.warns(TinyImageWarning, match="1x1 pixels; resized to 16x16"):
+        out = preprocess(Image.new("RGB", (1, 1), (255, 0, 0)), prep)
+    assert out.shape == (3, 16, 16)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preprocess(Image.fromarray(np.zeros((8, 8, 3), np.uint8)), prep)  # digits-sized: no warning

@@ -149,6 +149,8 @@ def open_results(path: str | Path):
     """The Dataset of a probe stage's output folder (loaded into memory)."""
     import xarray as xr
 
+    if not Path(path).exists():
+        raise StoreError(f"{str(path)!r} does not exist; give a probe stage's output folder (<name>.probe)")
     attrs = read_attrs(path)
     if attrs is None or attrs.get("stage") != "probe":
         raise StoreError(f"{str(path)!r} is not a probe stage's output (a <name>.probe folder)")
