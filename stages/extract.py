@@ -348,8 +348,7 @@ class ExtractStage(Stage):
         resolve_device(cfg.device)
         Extractor(cfg, device="cpu")
 
-    @staticmethod
-    def stored_shapes(cfg: ExtractConfig) -> dict[str, tuple[int, int, int]]:
+    def stored_shapes(self, cfg: ExtractConfig) -> dict[str, tuple[int, int, int]]:
         """{block: (C, H, W) as stored} that ``cfg`` will write, from the model built on the CPU."""
         adapter = load_model(cfg.model, "cpu")
         blocks = adapter.resolve_blocks(cfg.blocks)

@@ -160,12 +160,10 @@ class PoolStage(Stage):
         if store.read_attrs(source) is not None:
             self._plan(cfg, ctx)
             return
-        # Not written yet: the shapes the input stage will store, from its model on the CPU.
-        from stages.extract import ExtractConfig, ExtractStage
-
-        upstream = ctx.workflow.stage(ctx.entry.inputs["input"]).config
-        if isinstance(upstream, ExtractConfig):
-            shapes = ExtractStage.stored_shapes(upstream)
+        # Not written yet: the shapes the input stage will store (extract: from its model on the CPU).
+        upstream = ctx.workflow.stage(ctx.entry.inputs["input"])
+        shapes = upstream.stage_class().stored_shapes(upstream.config)
+        if shapes is not None:
             blocks = _select(cfg.blocks, list(shapes), "block", source)
             check_pool_sizes("pool: size", cfg.sizes, {b: shapes[b] for b in blocks})
 

@@ -150,6 +150,11 @@ class Stage:
         (block names, timestep range, class embeddings); inputs not yet written are not read.
         """
 
+    def stored_shapes(self, cfg: Any) -> dict[str, tuple[int, ...]] | None:
+        """{block: (C, H, W)} of the maps ``cfg`` will store, known before running (for
+        a later stage's ``validate``), or None where the stage cannot say."""
+        return None
+
     def run(self, cfg: Any, ctx: RunContext) -> None:
         raise NotImplementedError
 
