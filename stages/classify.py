@@ -180,10 +180,12 @@ class ClassifyConfig:
 class Classifier:
     """Model, dataset, plan and candidates; computes one unit at a time."""
 
-    def __init__(self, cfg: ClassifyConfig, device: str | None = None):
+    def __init__(self, cfg: ClassifyConfig, device: str | None = None, encode_prompts: bool = True):
         # ``device`` overrides cfg.device (validate and plan build the model on the CPU,
         # in float32, where the configured device is absent).
+        # ``encode_prompts=False`` (validate) skips the text encoder's pass over every prompt.
         self.cfg = cfg
+        self.encode_prompts = encode_prompts
         compute_dtype = cfg.compute_dtype if device is None else "float32"
         self.adapter: ModelAdapter = load_model(cfg.model, device or cfg.device, compute_dtype)
         self.device = self.adapter.device
@@ -218,7 +220,8 @@ class Classifier:
             prompt_set = prompt_sets.load_prompt_set(cfg.prompt, cfg.prompt_file, self.class_names)
             self.candidate_class = list(prompt_set.class_index)
             self.candidate_prompt = list(prompt_set.prompts)
-            self.text = a.encode_text(self.candidate_prompt).to(self.dtype)  # (P, L, D), once per prompt
+            self.text = (a.encode_text(self.candidate_prompt).to(self.dtype)  # (P, L, D), once per prompt
+                         if self.encode_prompts else None)
             self.name_mismatches = prompt_set.check(self.class_names)
             return {"kind": "text", "prompt_source": prompt_set.source, "prompt_sha256": prompt_set.sha256,
                     "class_prompts": prompt_set.by_class(self.n_classes),
@@ -403,7 +406,7 @@ class ClassifyStage(Stage):
 
     def validate(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
         resolve_device(cfg.device)  # first, as run meets it first
-        Classifier(cfg, device="cpu")
+        Classifier(cfg, device="cpu", encode_prompts=False)
 
     def run(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
         clf = Classifier(cfg)
