@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.store.layout import ATTR_KEY, read_attrs, write_results_dataset
+from pipeline.store.location import as_location, save_figure, write_csv, zarr_store
 
 #: Dataset variable -> key of ``pipeline.probing.training.train_heads``' result dicts.
 METRICS = {
@@ -98,7 +99,7 @@ def save_heatmaps(ds, folder: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder = Path(folder)
+    folder = as_location(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for head in ds["head"].values:
@@ -124,7 +125,7 @@ def save_heatmaps(ds, folder: str | Path) -> list[Path]:
         fig.colorbar(image, ax=ax, label="top-1 %")
         fig.tight_layout()
         path = folder / f"heatmap_{_safe(str(head))}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -138,8 +139,8 @@ def write_results(output: str | Path, ds, rows: Sequence[Mapping], complete: boo
     """
     import pandas as pd
 
-    output = Path(output)
-    pd.DataFrame(list(rows)).to_csv(output / "results.csv", index=False)
+    output = as_location(output)
+    write_csv(pd.DataFrame(list(rows)), output / "results.csv")
     save_heatmaps(ds, output / "figures")
     write_results_dataset(ds, output, complete)
 
@@ -148,14 +149,14 @@ def open_results(path: str | Path):
     """The Dataset of a probe stage's output folder (loaded into memory)."""
     import xarray as xr
 
-    if not Path(path).exists():
+    if not as_location(path).exists():
         raise StoreError(f"{str(path)!r} does not exist; give a probe stage's output folder (<name>.probe)")
     attrs = read_attrs(path)
     if attrs is None or attrs.get("stage") != "probe":
         raise StoreError(f"{str(path)!r} is not a probe stage's output (a <name>.probe folder)")
-    if not (Path(path) / "accuracy").exists():
+    if not (as_location(path) / "accuracy").exists():
         raise StoreError(f"{str(path)!r} has no results yet (the probe stage has not finished); run it first")
-    ds = xr.open_zarr(path, chunks=None).load()
+    ds = xr.open_zarr(zarr_store(path, read_only=True), chunks=None).load()
     return plain_strings(ds)
 
 
