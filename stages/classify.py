@@ -262,7 +262,7 @@ class Classifier:
         out = []
         for start in range(0, len(arrays), self.cfg.batch_size):
             pixels = torch.from_numpy(np.stack(arrays[start:start + self.cfg.batch_size])).to(self.device)
-            out.append(self.adapter.encode(pixels.to(self.dtype)).float())
+            out.append(self.adapter.encode(pixels.to(self.adapter.precision.input_dtype)).float())
         return torch.cat(out)
 
     def compute_unit(self, unit: int, strict: bool = False) -> errorstore.UnitResult:
@@ -331,7 +331,7 @@ class Classifier:
             item_ids, t_pairs, local, candidates = ints.split([len(items), len(ts), len(rows), len(rows)])
             eps = eps.to(self.device, non_blocking=pin)
             x_t = q_sample(x0[item_ids], eps, self.alphas, t_pairs)
-            pred = self.adapter.forward(x_t[local].to(self.dtype), t_pairs[local], self.condition(candidates))
+            pred = self.adapter.run(x_t[local], t_pairs[local], self.condition(candidates))
             for loss, values in denoising_losses(eps[local], pred).items():
                 losses[loss].append(values)
         self.forward_passes += len(pair_of)

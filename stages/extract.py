@@ -236,10 +236,9 @@ class Extractor:
                 eps = batch_noise(cfg.seed, [self.samples.image_id[s] for s, _ in batch],
                                   [self.samples.view[s] for s, _ in batch], ts, x0.shape[1:])
                 x_t = self.adapter.add_noise(x0, eps.to(self.device), t)
-            x_t = x_t.to(TORCH_DTYPES[cfg.compute_dtype])
             cond = self.condition([self.samples.label[s] for s, _ in batch])
             with capture(self.adapter.module, names, stop_after=last, transform=self._transform) as got:
-                run_truncated(lambda: self.adapter.forward(x_t, t, cond))
+                run_truncated(lambda: self.adapter.run(x_t, t, cond))  # casts x_t for the model's precision
             self._check_finite(got, batch)
             host = {name: self._to_host(got[name]) for name in names}
             if self.pinned:
