@@ -408,6 +408,11 @@ def best_matches(matrix: np.ndarray, plan: Plan, mode: str) -> dict:
     return {"n_samples": plan.align.n, "shape": list(matrix.shape), "most_similar_col": best}
 
 
+#: Gram and HSIC time depends on the cluster's workers and the stores' read speed;
+#: plan does not compute one to time it.
+NOT_ESTIMATED = "not estimated (depends on the cluster's workers and the stores' read speed)"
+
+
 class CKAStage(Stage):
     kind = "cka"
     Config = CKAConfig
@@ -490,7 +495,8 @@ class CKAStage(Stage):
         paths = self._paths(cfg, ctx)
         missing = [str(p) for p in paths.values() if store.read_attrs(p) is None]
         if missing:
-            return [("inputs", f"{missing[0]} (not written yet: plan it after its stage has run)")]
+            return [("inputs", f"{missing[0]} (not written yet: plan it after its stage has run)"),
+                    ("time (est.)", NOT_ESTIMATED)]
         plan = plan_cka(cfg, paths, ctx.workflow.cluster, scratch=ctx.output / "grams")
         scratch = f"; scratch Grams {len(plan.phases[0]) * 8 * plan.align.n ** 2 / 2**30:.2f} GiB" \
             if plan.method == "gram-cache" else ""
@@ -500,4 +506,5 @@ class CKAStage(Stage):
                         f"({plan.align.n_excluded} excluded)"),
             ("tasks", f"{len(plan.tasks)} ({plan.method}), each <= {plan.memory_bytes / 2**20:.0f} MiB"
                       + scratch),
+            ("time (est.)", NOT_ESTIMATED),
         ]

@@ -40,8 +40,9 @@ from pipeline.dc.classifier import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, Ada
                                     Schedule, TrialPlan, adaptive_classify_batch, denoising_losses, make_plan,
                                     passes_per_sample, round_trials)
 from pipeline.errors import ConfigError, DatasetError, ModelError, did_you_mean
+from pipeline.store.describe import human_bytes
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
+from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, resolve_device
 from pipeline.noise import q_sample
 from pipeline.workflow.config import device_field, not_hashed
 from pipeline.workflow.stage import RunContext, Stage
@@ -180,11 +181,16 @@ class ClassifyConfig:
 class Classifier:
     """Model, dataset, plan and candidates; computes one unit at a time."""
 
-    def __init__(self, cfg: ClassifyConfig):
+    def __init__(self, cfg: ClassifyConfig, device: str | None = None, encode_prompts: bool = True):
+        # ``device`` overrides cfg.device (validate and plan build the model on the CPU,
+        # in float32, where the configured device is absent).
+        # ``encode_prompts=False`` (validate) skips the text encoder's pass over every prompt.
         self.cfg = cfg
-        self.adapter: ModelAdapter = load_model(cfg.model, cfg.device, cfg.compute_dtype)
+        self.encode_prompts = encode_prompts
+        compute_dtype = cfg.compute_dtype if device is None else "float32"
+        self.adapter: ModelAdapter = load_model(cfg.model, device or cfg.device, compute_dtype)
         self.device = self.adapter.device
-        self.dtype = TORCH_DTYPES[cfg.compute_dtype]
+        self.dtype = TORCH_DTYPES[compute_dtype]
         self.reader = open_dataset(cfg.dataset)
         self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.class_names = [str(c) for c in self.reader.class_names]
@@ -215,7 +221,8 @@ class Classifier:
             prompt_set = prompt_sets.load_prompt_set(cfg.prompt, cfg.prompt_file, self.class_names)
             self.candidate_class = list(prompt_set.class_index)
             self.candidate_prompt = list(prompt_set.prompts)
-            self.text = a.encode_text(self.candidate_prompt).to(self.dtype)  # (P, L, D), once per prompt
+            self.text = (a.encode_text(self.candidate_prompt).to(self.dtype)  # (P, L, D), once per prompt
+                         if self.encode_prompts else None)
             self.name_mismatches = prompt_set.check(self.class_names)
             return {"kind": "text", "prompt_source": prompt_set.source, "prompt_sha256": prompt_set.sha256,
                     "class_prompts": prompt_set.by_class(self.n_classes),
@@ -417,6 +424,10 @@ class ClassifyStage(Stage):
     def dataset_records(self, cfg: ClassifyConfig) -> list:
         return open_dataset(cfg.dataset).records
 
+    def validate(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
+        resolve_device(cfg.device)  # first, as run meets it first
+        Classifier(cfg, device="cpu", encode_prompts=False)
+
     def run(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
         clf = Classifier(cfg)
         lay = clf.layout
@@ -451,7 +462,14 @@ class ClassifyStage(Stage):
         ctx.finalize_store()
 
     def plan(self, cfg: ClassifyConfig, ctx: RunContext) -> list[tuple[str, str]]:
-        clf = Classifier(cfg)
+        try:
+            resolve_device(cfg.device)
+            absent = None
+        except ModelError as exc:  # e.g. a login node planning a GPU workflow
+            if not cfg.device.startswith("cuda"):
+                raise
+            absent = str(exc).split(";")[0]
+        clf = Classifier(cfg, device="cpu" if absent else None)
         sched = clf.schedule_attrs()
         per_sample = sched["forward_passes_per_sample"]
         n = clf.layout.n_samples
@@ -472,8 +490,12 @@ class ClassifyStage(Stage):
             ("forward passes", f"{per_sample * n} ({per_sample} per sample; exhaustive would be "
                                f"{clf.n_candidates * plan.n_trials})"),
             ("units", f"{clf.layout.n_units} x {clf.layout.unit_samples} samples"),
+            ("bytes written (raw)", human_bytes(n * clf.n_candidates * plan.n_trials * 4 * len(LOSSES))
+             + " (float32 errors, every candidate x trial cell)"),
         ]
-        if x0 is not None:
+        if absent:
+            rows.append(("time (est.)", f"not measured: {absent}; run plan on a {cfg.device} machine for the time"))
+        elif x0 is not None:
             candidates = min(clf.n_candidates, cfg.batch_size)
             trials = list(range(min(plan.n_trials, math.ceil(cfg.batch_size / candidates))))
             request = RoundRequest(0, tuple(range(candidates)), tuple(trials))

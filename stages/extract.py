@@ -25,12 +25,12 @@ from pipeline import faults, store
 from pipeline.datasets import DatasetConfig, open_dataset
 from pipeline.datasets.augment import AugmentedImages, AugmentSpec, view_flipped
 from pipeline.datasets.torch_data import load_images
-from pipeline.errors import ConfigError, DatasetError, DiffprobeError
+from pipeline.errors import ConfigError, DatasetError, DiffprobeError, ModelError
 from pipeline.hooks import capture, run_truncated
 from pipeline.store.describe import human_bytes
 from pipeline.store.location import free_bytes
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
+from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, resolve_device
 from pipeline.noise import NOISE_SCHEME, batch_noise
 from pipeline.workflow.config import device_field, not_hashed
 from pipeline.workflow.stage import RunContext, Stage
@@ -96,6 +96,28 @@ class ExtractConfig:
 
 
 
+def stored_shape(shape: tuple[int, int, int], pool: PoolSpec | None) -> tuple[int, int, int]:
+    """(C, H, W) of a block's map as stored: ``pool.size`` per side when pooled (a map
+    smaller than that is upsampled, see ``unpooled_note``)."""
+    c, h, w = shape
+    return (c, pool.size, pool.size) if pool else (c, h, w)
+
+
+def unpooled_note(shapes: dict[str, tuple[int, int, int]], pool: PoolSpec | None) -> str | None:
+    """The warning line naming blocks whose (C, H, W) map is smaller than ``pool.size``, or None.
+
+    One ``pool.size`` serves every block of the stage, and the templates' attention
+    heads read such blocks at that size, so it is a warning, not a refusal (the pool
+    stage, whose sizes are per store, refuses)."""
+    small = [f"{name} ({s[1]}x{s[2]}, {pool.size ** 2 / (s[1] * s[2]):g}x the bytes)"
+             for name, s in shapes.items() if pool and min(s[1:]) < pool.size]
+    if not small:
+        return None
+    return (f"warning: pool.size {pool.size} upsamples {', '.join(small)}: repeated values, no new "
+            "information; extract such blocks in a stage of their own with a smaller pool.size if that is not "
+            "what you want")
+
+
 # ----------------------------------------------------------------- samples & units
 
 
@@ -120,9 +142,12 @@ def sample_table(reader, views: int, flip: bool, augment: AugmentSpec | None = N
 class Extractor:
     """Holds the model, dataset and settings; computes one unit at a time."""
 
-    def __init__(self, cfg: ExtractConfig):
+    def __init__(self, cfg: ExtractConfig, device: str | None = None):
+        # ``device`` overrides cfg.device (validate and plan build the model on the CPU,
+        # in float32, where the configured device is absent).
         self.cfg = cfg
-        self.adapter: ModelAdapter = load_model(cfg.model, cfg.device, cfg.compute_dtype)
+        self.adapter: ModelAdapter = load_model(cfg.model, device or cfg.device,
+                                                cfg.compute_dtype if device is None else "float32")
         self.device = self.adapter.device
         self.blocks = self.adapter.resolve_blocks(cfg.blocks)
         self.timesteps = self.adapter.check_timesteps(list(cfg.timesteps))
@@ -148,8 +173,11 @@ class Extractor:
         self.strict = False
 
     def _stored_shape(self, shape):
-        c, h, w = shape
-        return (c, self.cfg.pool.size, self.cfg.pool.size) if self.cfg.pool else (c, h, w)
+        return stored_shape(shape, self.cfg.pool)
+
+    def unpooled_note(self) -> str | None:
+        """One warning line naming the blocks ``pool.size`` upsamples, or None."""
+        return unpooled_note({b.name: b.shape for b in self.blocks}, self.cfg.pool)
 
     def _transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         fmap = self.adapter.feature_map(name, tensor)
@@ -342,6 +370,17 @@ class ExtractStage(Stage):
     def dataset_records(self, cfg: ExtractConfig) -> list:
         return open_dataset(cfg.dataset).records
 
+    def validate(self, cfg: ExtractConfig, ctx: RunContext) -> None:
+        # The device first, as run meets it first (load_model resolves it before building).
+        resolve_device(cfg.device)
+        Extractor(cfg, device="cpu")
+
+    def stored_shapes(self, cfg: ExtractConfig) -> dict[str, tuple[int, int, int]]:
+        """{block: (C, H, W) as stored} that ``cfg`` will write, from the model built on the CPU."""
+        adapter = load_model(cfg.model, "cpu")
+        blocks = adapter.resolve_blocks(cfg.blocks)
+        return {b.name: stored_shape(b.shape, cfg.pool) for b in blocks}
+
     def run(self, cfg: ExtractConfig, ctx: RunContext) -> None:
         ex = Extractor(cfg)  # every check that can fail on the config runs before the store exists
         ex.strict = ctx.strict
@@ -351,6 +390,8 @@ class ExtractStage(Stage):
             store.create_store(ctx.output, lay, ex.samples, ex.reader.class_names, attrs, cfg.compression)
         ctx.check_same_samples(ex.samples.image_id)
         todo = ctx.pending_units(lay.n_units)
+        if ex.unpooled_note():
+            ctx.log(ex.unpooled_note())
         ctx.log(
             f"{lay.n_samples} samples x {len(ex.timesteps)} timesteps x {len(ex.blocks)} blocks; "
             f"{lay.n_units} units of {lay.unit_samples}; {len(todo)} to do"
@@ -362,14 +403,22 @@ class ExtractStage(Stage):
         ctx.finalize_store()
 
     def plan(self, cfg: ExtractConfig, ctx: RunContext) -> list[tuple[str, str]]:
-        ex = Extractor(cfg)
+        try:
+            resolve_device(cfg.device)
+            absent = None
+        except ModelError as exc:  # e.g. a login node planning a GPU workflow
+            if not cfg.device.startswith("cuda"):
+                raise
+            absent = str(exc).split(";")[0]
+        ex = Extractor(cfg, device="cpu" if absent else None)
         lay = ex.layout
         n_t = len(ex.timesteps)
         pairs = lay.n_samples * n_t
         passes = sum(math.ceil((lay.unit_range(u)[1] - lay.unit_range(u)[0]) * n_t / cfg.batch_size)
                      for u in range(lay.n_units))
-        # Measure one real batch: codec ratio and throughput at this batch size.
-        probe_unit_samples = min(lay.n_samples, max(1, cfg.batch_size // n_t))
+        # Measure one real batch: codec ratio and throughput at this batch size (without
+        # the device: one sample on the CPU, enough for the codec ratio).
+        probe_unit_samples = 1 if absent else min(lay.n_samples, max(1, cfg.batch_size // n_t))
         probe_layout = store.plan_layout(probe_unit_samples, ex.block_shapes, ex.timesteps, cfg.dtype,
                                          unit_samples=probe_unit_samples)
         ex.layout = probe_layout
@@ -391,12 +440,15 @@ class ExtractStage(Stage):
                         + (f"; 1..{cfg.views - 1} {cfg.augment.kind}" if cfg.augment else "") + ")"),
             ("timesteps", ", ".join(map(str, ex.timesteps))),
             ("blocks", "; ".join(f"{n} {tuple(s)}" for n, s in ex.block_shapes.items())),
+            *([("note", ex.unpooled_note())] if ex.unpooled_note() else []),
             ("units", f"{lay.n_units} x {lay.unit_samples} samples"),
             ("forward passes", f"{passes} (batch {cfg.batch_size}; {pairs} sample-timesteps)"),
             ("bytes raw", human_bytes(raw)),
             ("bytes on disk (est.)", f"{human_bytes(compressed)} (ratio {raw / max(1, compressed):.2f} measured on one batch)"),
             ("free space", space),
-            ("time (est.)", f"{_duration(per_pair * pairs)} at {1 / per_pair:.1f} sample-timesteps/s on {cfg.device}"),
+            ("time (est.)", f"not measured: {absent}; run plan on a {cfg.device} machine for the time "
+                            f"(the CPU here did {1 / per_pair:.1f} sample-timesteps/s)" if absent else
+                            f"{_duration(per_pair * pairs)} at {1 / per_pair:.1f} sample-timesteps/s on {cfg.device}"),
         ]
         return rows
 

@@ -35,7 +35,13 @@ from pipeline import store
 from pipeline.errors import ConfigError, DiffprobeError, StoreError, select_or_error
 from pipeline.store.checks import Integrity
 from pipeline.store.location import as_location
+from pipeline.probing.pooling import check_pool_sizes
 from pipeline.workflow.stage import RunContext, Stage, input_field
+
+
+#: Pool reads every map once through dask workers: its time is the store's read speed
+#: on the cluster that runs it, which plan (on this machine) cannot measure.
+NOT_ESTIMATED = "not estimated (bounded by reading 'bytes read' from the store on the cluster's workers)"
 
 
 @dataclass(frozen=True)
@@ -157,12 +163,25 @@ class PoolStage(Stage):
         src_layout = store.load_layout(source)
         blocks = _select(cfg.blocks, list(src_layout.blocks), "block", source)
         timesteps = _select(cfg.timesteps, list(src_layout.timesteps), "timestep", source)
+        check_pool_sizes("pool: size", cfg.sizes, {b: src_layout.blocks[b] for b in blocks})
         from pipeline.store.slices import pooled_key
 
         out_blocks = {pooled_key(b, s): (src_layout.blocks[b][0], s, s) for b in blocks for s in cfg.sizes}
         layout = store.plan_layout(src_layout.n_samples, out_blocks, timesteps, cfg.dtype,
                                    unit_samples=cfg.unit_samples or src_layout.unit_samples)
         return source, attrs, src_layout, blocks, timesteps, layout
+
+    def validate(self, cfg: PoolConfig, ctx: RunContext) -> None:
+        source = as_location(ctx.inputs["input"])
+        if store.read_attrs(source) is not None:
+            self._plan(cfg, ctx)
+            return
+        # Not written yet: the shapes the input stage will store (extract: from its model on the CPU).
+        upstream = ctx.workflow.stage(ctx.entry.inputs["input"])
+        shapes = upstream.stage_class().stored_shapes(upstream.config)
+        if shapes is not None:
+            blocks = _select(cfg.blocks, list(shapes), "block", source)
+            check_pool_sizes("pool: size", cfg.sizes, {b: shapes[b] for b in blocks})
 
     def prepare(self, cfg: PoolConfig, ctx: RunContext) -> list[PoolTask]:
         """Create the output store (once) and return a task per unit not yet done."""
@@ -212,7 +231,9 @@ class PoolStage(Stage):
     def plan(self, cfg: PoolConfig, ctx: RunContext) -> list[tuple[str, str]]:
         source = as_location(ctx.inputs["input"])
         if store.read_attrs(source) is None:
-            return [("input", f"{source} (not written yet: plan it after its stage has run)")]
+            self.validate(cfg, ctx)
+            return [("input", f"{source} (not written yet: plan it after its stage has run)"),
+                    ("time (est.)", NOT_ESTIMATED)]
         source, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
         item = np.dtype(store.STORAGE_DTYPES[src_layout.dtype]).itemsize
         per_sample = len(timesteps) * sum(int(np.prod(src_layout.blocks[b])) for b in blocks) * item
@@ -225,4 +246,5 @@ class PoolStage(Stage):
             ("units", f"{layout.n_units} x {layout.unit_samples} samples (one task each)"),
             ("bytes read", f"{read / 2**20:.1f} MiB"),
             ("bytes written (raw)", f"{layout.bytes_per_sample() * layout.n_samples / 2**20:.1f} MiB"),
+            ("time (est.)", NOT_ESTIMATED),
         ]

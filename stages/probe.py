@@ -358,7 +358,8 @@ class ProbeStage(Stage):
         source = as_location(ctx.inputs["input"])
         test_source = ctx.inputs.get("test_input")
         if store.read_attrs(source) is None or (test_source and store.read_attrs(test_source) is None):
-            return [("input", f"{source} (not written yet: plan it after its stage has run)")]
+            return [("input", f"{source} (not written yet: plan it after its stage has run)"),
+                    ("time (est.)", NOT_ESTIMATED)]
         grid = plan_grid(cfg, source, as_location(test_source) if test_source else None)
         n_cells = sum(len(t.timesteps) * len(t.heads) for t in grid.tasks)
         return [
@@ -369,7 +370,13 @@ class ProbeStage(Stage):
                        else f"{cfg.test_fraction:.0%} of images (seed {cfg.seed})")
              + f"; train views {_views_text(cfg.train_views)}, test views {_views_text(cfg.test_views)}"),
             ("memory", _memory_plan(grid.tasks, cfg.buffer_mib)),
+            ("time (est.)", NOT_ESTIMATED),
         ]
+
+
+#: Training time depends on epochs to early stopping and on the cluster's workers; plan
+#: does not train a cell to time it.
+NOT_ESTIMATED = "not estimated (training time depends on early stopping and the cluster's workers)"
 
 
 def _views_text(views) -> str:

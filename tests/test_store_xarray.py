@@ -118,3 +118,80 @@ def test_last_chunk_padding_costs_little_uncompressed(tmp_path, n):
                       if f.is_file())
         assert raw < on_disk <= raw * (1 + 1 / 16) + 4096  # data, <= 1/16 padding, shard indexes
         assert lay.chunk_samples[name] >= 8
+
+
+def readme_xarray_walkthrough() -> str:
+    """The README's xarray walk-through: the python block after 'Reading with xarray'."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    after = text.split("Reading with xarray", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_xarray_walkthrough_runs_under_W_error(small_store, tmp_path):
+    """The README's recipe, run as a user would (`python -W error`) against a tiny store."""
+    import subprocess
+    import sys
+
+    code = readme_xarray_walkthrough()
+    assert "runs/demo/trained.zarr" in code and "groupby" in code
+    script = tmp_path / "walkthrough.py"
+    script.write_text(code.replace("runs/demo/trained.zarr", str(small_store))
+                      + "\nprint(means.sizes['label'], first.sizes['sample'], int(written.sum()))\n")
+    done = subprocess.run([sys.executable, "-W", "error", str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    n_labels = len(np.unique(zarr.open_group(str(small_store), mode="r")["label"][:]))
+    assert done.stdout.split() == [str(n_labels), "1", "12"]
+
+
+def test_incomplete_store_opens_without_warnings(tmp_path):
+    """A store with units still pending opens quietly (consolidated at creation)."""
+    from helpers import write_extract_workflow
+    from stages.extract import Extractor, extract_units
+
+    wf = write_extract_workflow(tmp_path, dataset="{reader: digits, split: test, limit: 12}")
+    runner = Runner(load_workflow(wf, STAGES), progress=False)
+    entry = runner.wf.stages[0]
+    ctx = runner.context(entry)
+    ex = Extractor(entry.config)
+    store.create_store(ctx.output, ex.layout, ex.samples, ex.reader.class_names, ctx.base_attrs(),
+                       entry.config.compression)
+    extract_units(ex, ctx.output, [0], progress=False)
+    assert not store.finalize(ctx.output)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(ctx.output, group="blocks/mid_block")
+        tree = xr.open_datatree(ctx.output, engine="zarr")
+        assert tree.to_dataset()["done"].values.tolist() == [1] * 8 + [0] * 4
+    assert bool(ds["activations"].isel(sample=0).notnull().all())
+    assert not bool(ds["activations"].isel(sample=11).notnull().any())
+    # the rest of the units then complete it as before
+    extract_units(ex, ctx.output, [1], progress=False)
+    assert store.finalize(ctx.output)
+    assert store.read_attrs(ctx.output)["complete"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert xr.open_zarr(ctx.output, group="blocks/mid_block").sizes["sample"] == 12
+
+
+def test_probe_results_string_coords_are_plain(tmp_path):
+    from pipeline.probing.results import open_results, results_dataset
+
+    rows = [dict(block="mid_block", timestep=10, pool=1, head="linear", top1=0.5, top5=0.9, val_top1=0.5,
+                 epochs_run=3, train_time_s=1.0, best_epoch=1)]
+    ds = results_dataset(rows, ["mid_block", "up_blocks.0"], [10, 100], [1, 2], {"linear": "linear", "mlp": "mlp"},
+                         attrs={store.ATTR_KEY: {"stage": "probe"}})
+    out = tmp_path / "p.probe"
+    zarr.open_group(str(out), mode="w", zarr_format=3)
+    store.write_results_dataset(ds, out, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = open_results(out)
+        for name in ("block", "head", "head_kind"):
+            assert res[name].dtype == object and all(type(v) is str for v in res[name].values), name
+        kept = res["accuracy"].where(res["accuracy"] > 0, drop=True)
+        assert kept["block"].values.tolist() == ["mid_block"] and kept["head"].values.tolist() == ["linear"]
+        assert float(kept.squeeze()) == 0.5
+        assert res["accuracy"].groupby("head_kind").mean().sizes["head_kind"] == 2

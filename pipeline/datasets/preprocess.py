@@ -8,6 +8,7 @@ only: torchvision is not a dependency.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -57,6 +58,15 @@ class Preprocessing:
         return d
 
 
+#: Images with a side under this many pixels get a TinyImageWarning: they are
+#: nearly always a broken file or box (the 8x8 digits are the smallest real images here).
+TINY_IMAGE_SIDE = 4
+
+
+class TinyImageWarning(UserWarning):
+    """An image (or its bbox crop) is only a few pixels on a side."""
+
+
 def preprocess(
     img: Image.Image,
     prep: Preprocessing,
@@ -78,6 +88,11 @@ def preprocess(
     if bbox is not None:
         x0, y0, x1, y1 = bbox
         img = img.crop((max(0, int(x0)), max(0, int(y0)), min(img.width, int(round(x1))), min(img.height, int(round(y1)))))
+    if min(img.size) < TINY_IMAGE_SIDE:
+        warnings.warn(TinyImageWarning(
+            f"an image is {img.width}x{img.height} pixels{' after its bbox crop' if bbox is not None else ''}; "
+            f"resized to {prep.size}x{prep.size} it holds almost nothing: check the dataset files"
+            + (" and its boxes" if bbox is not None else "")), stacklevel=2)
     img = recipe.resize_crop(img, prep.size, prep.resample) if resize_crop is None else resize_crop(img)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     if arr.ndim == 2:

@@ -24,7 +24,6 @@ Readers use the consolidated metadata, so the plain files beside it are never li
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -150,14 +149,25 @@ def open_results(path: str | Path):
     """The Dataset of a probe stage's output folder (loaded into memory)."""
     import xarray as xr
 
+    if not as_location(path).exists():
+        raise StoreError(f"{str(path)!r} does not exist; give a probe stage's output folder (<name>.probe)")
     attrs = read_attrs(path)
     if attrs is None or attrs.get("stage") != "probe":
         raise StoreError(f"{str(path)!r} is not a probe stage's output (a <name>.probe folder)")
     if not (as_location(path) / "accuracy").exists():
         raise StoreError(f"{str(path)!r} has no results yet (the probe stage has not finished); run it first")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=RuntimeWarning)
-        return xr.open_zarr(zarr_store(path, read_only=True)).load()
+    ds = xr.open_zarr(zarr_store(path, read_only=True), chunks=None).load()
+    return plain_strings(ds)
+
+
+def plain_strings(ds):
+    """``ds`` with its string coordinates as object arrays of str.
+
+    zarr-python reads Zarr v3 variable-length strings as numpy's StringDType, which
+    pandas indexes warn about (``.where(drop=True)``, ``groupby``); the store cannot
+    say otherwise (fixed-width strings have no Zarr v3 specification)."""
+    strings = {name: ds[name].astype(object) for name in ds.coords if ds[name].dtype.kind == "T"}
+    return ds.assign_coords(strings) if strings else ds
 
 
 def results_table(ds):

@@ -305,6 +305,13 @@ def create_store(
         meta["blocks"] = list(layout.blocks)
         coords = "image_id view flipped label" + (" " + " ".join(CROP_COORDS) if samples.crops is not None else "")
         root.attrs.update({ATTR_KEY: jsonable(meta), "coordinates": f"{coords} class_name"})
+        # Consolidated now as well as at finalize: the schema never changes after this
+        # (writers add data only), and xarray warns on every open of an unconsolidated
+        # store, so a store being written (or left incomplete) opens as quietly as a finished one.
+        import zarr
+
+        with quiet_zarr():
+            zarr.consolidate_metadata(root.store)
 
 
 @contextlib.contextmanager

@@ -105,7 +105,24 @@ class Where:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """``tp`` in a researcher's words: a list, a string, a mapping ... (not Python type names)."""
+    origin = get_origin(tp)
+    if origin is tuple:
+        return "a list"
+    if origin is Literal:
+        return " or ".join(repr(v) for v in get_args(tp))
+    if dataclasses.is_dataclass(tp) or tp is dict or origin is dict:
+        return "a mapping"
+    plain = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return plain.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+#: What a field that takes several forms looks like, by key, for the type-error message.
+FORM_HINTS = {
+    "blocks": "a list of block names, e.g. [down_blocks.2, mid_block], or 'all'",
+    "timesteps": "a list of integers, e.g. [50, 100], or 'all'",
+    "pools": "a list of pool sizes, e.g. [1, 2, 4], or 'all'",
+}
 
 
 def coerce(value: Any, tp: Any, where: Where, base_dir: Path | None = None, path_kind: str | None = None) -> Any:
@@ -127,7 +144,8 @@ def coerce(value: Any, tp: Any, where: Where, base_dir: Path | None = None, path
                 errors.append(exc)
         if len(errors) == 1:
             raise errors[0]
-        names = " or ".join(_type_name(o) for o in options if o is not type(None))
+        names = FORM_HINTS.get(str(where.key).rsplit(".", 1)[-1]) or \
+            " or ".join(_type_name(o) for o in options if o is not type(None))
         raise ConfigError(f"{where} must be {names}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):

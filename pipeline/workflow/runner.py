@@ -80,17 +80,26 @@ def output_state(path: Path, expected_hash: str) -> OutputState:
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``i/N`` -> (i, N); default from RANK / WORLD_SIZE (torchrun, SLURM launchers), else (0, 1)."""
+    what = "--shard"
     if text is None:
         rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-        if rank is not None and world is not None:
-            text = f"{rank}/{world}"
-        else:
+        if rank is None and world is None:
             return 0, 1
+        if rank is None or world is None:
+            missing, present = ("RANK", "WORLD_SIZE") if rank is None else ("WORLD_SIZE", "RANK")
+            raise ConfigError(f"environment variable {present} is set but {missing} is not; set both "
+                              f"(shard = RANK/WORLD_SIZE), unset {present}, or pass --shard i/N")
+        text, what = f"{rank}/{world}", f"RANK/WORLD_SIZE from the environment ({rank!r}/{world!r})"
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
+        if what != "--shard":
+            raise ConfigError(f"{what} must be integers with 0 <= RANK < WORLD_SIZE; "
+                              "fix them, or pass --shard i/N") from None
         raise ConfigError(f"--shard {text!r} must look like i/N, e.g. 0/4") from None
     if not (n >= 1 and 0 <= i < n):
+        if what != "--shard":
+            raise ConfigError(f"{what}: need 0 <= RANK < WORLD_SIZE; fix them, or pass --shard i/N")
         raise ConfigError(f"--shard {text!r}: need 0 <= i < N")
     return i, n
 
@@ -264,6 +273,12 @@ class Runner:
             return "replace (--force)"
         return "skip (up to date)" if state.status == "complete" else "resume"
 
+    def validate(self, selected: list[StageEntry]) -> None:
+        """Every check a stage can make without computing, before any stage runs (``--dry-run`` too)."""
+        for entry in selected:
+            if self.force or output_state(entry.output, self.hashes[entry.name]).status != "complete":
+                self.stages[entry.name].validate(entry.config, self.context(entry))
+
     def run(self, only: str | None = None, until: str | None = None, dry_run: bool = False) -> list[tuple[str, str]]:
         """Run the selected stages in order; returns (stage, action) rows."""
         report = []
@@ -279,6 +294,7 @@ class Runner:
                     f"--until NAME), then run the rest once without --shard"
                 )
         self.check_output_paths(selected)
+        self.validate(selected)
         for entry in selected:
             action = self.decide(entry, only)
             report.append((entry.name, action))

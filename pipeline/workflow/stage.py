@@ -209,8 +209,18 @@ class Stage:
         return None
 
     def validate(self, cfg: Any, ctx: RunContext) -> None:
-        """Checks that need more than the config's types (e.g. the model's null class),
-        run before an output is created, so a wrong config never leaves a store behind."""
+        """Raise the DiffprobeError ``run`` would raise for ``cfg``, without computing.
+
+        Called by ``run --dry-run`` and by the runner for every selected stage before
+        the first one runs, so a bad later stage fails in seconds, not after the earlier
+        stages' work. Checks only what is knowable now: a model may be built on the CPU
+        (block names, timestep range, class embeddings); inputs not yet written are not read.
+        """
+
+    def stored_shapes(self, cfg: Any) -> dict[str, tuple[int, ...]] | None:
+        """{block: (C, H, W)} of the maps ``cfg`` will store, known before running (for
+        a later stage's ``validate``), or None where the stage cannot say."""
+        return None
 
     def run(self, cfg: Any, ctx: RunContext) -> None:
         raise NotImplementedError
