@@ -8,6 +8,7 @@ incomplete), refuses (different hash, unless ``--force``) or runs.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 from pipeline.config import StageEntry, Workflow, stage_hash
 from pipeline.errors import ConfigError, StoreError
 from pipeline.stage import RunContext
-from pipeline.store import read_attrs
+from pipeline.store import ATTR_KEY, read_attrs
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,24 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise ConfigError(f"--shard {text!r}: need 0 <= i < N")
     return i, n
+
+
+def record_wall_time(path: Path, seconds: float) -> None:
+    """Add ``wall_time_s`` (this run of the stage, seconds) to an output's diffprobe attrs.
+
+    The report's cost table reads it; it is not part of the hash, and a resumed stage
+    records the run that completed it. The root ``zarr.json`` is edited in place
+    (temp file + rename): root attributes are not part of the consolidated metadata,
+    which stays valid as it is.
+    """
+    if read_attrs(path) is None:
+        return
+    meta = Path(path) / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"][ATTR_KEY]["wall_time_s"] = round(seconds, 3)
+    tmp = meta.with_name(f".zarr.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, meta)
 
 
 class Runner:
@@ -154,5 +173,8 @@ class Runner:
             self.echo(f"[{entry.name}] {action}: {entry.kind} -> {entry.output}")
             start = time.perf_counter()
             self.stages[entry.name].run(entry.config, self.context(entry))
-            self.echo(f"[{entry.name}] finished in {time.perf_counter() - start:.1f} s")
+            elapsed = time.perf_counter() - start
+            if self.shard[1] == 1:  # shards finish at different times; no one wall time to record
+                record_wall_time(entry.output, elapsed)
+            self.echo(f"[{entry.name}] finished in {elapsed:.1f} s")
         return report

@@ -1,0 +1,252 @@
+"""The report's headline numbers, computed from the stage outputs (numpy + xarray only).
+
+Model selection never looks at the test split: a probe's best cell is the argmax of
+*validation* accuracy over (block, timestep, pool, head), and its test accuracy is
+reported with a Wilson score interval over the test images. Validation ties go to
+the first cell in grid order (earlier block, smaller timestep, smaller pool, the
+head listed first), and the number of tied cells is reported with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+
+from pipeline.errors import StoreError
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n``, as fractions.
+
+    ``(nan, nan)`` for ``n == 0``. Unlike the normal approximation it stays inside
+    [0, 1] and is not degenerate at 0 or ``n`` successes (a probe at 100 %).
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One probe-grid cell: where it is and how it scored (fractions in [0, 1])."""
+
+    block: str
+    timestep: int
+    pool: int
+    head: str
+    head_kind: str
+    val_accuracy: float
+    accuracy: float
+    n_test: int
+
+    @property
+    def correct(self) -> int:
+        """Test images classified correctly (accuracy is ``correct / n_test`` exactly)."""
+        return int(round(self.accuracy * self.n_test))
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.n_test, confidence)
+
+    def where(self) -> str:
+        return f"{self.block}, t={self.timestep}, pool {self.pool}x{self.pool}, {self.head} head"
+
+
+@dataclass(frozen=True)
+class ProbeFinding:
+    """A probe stage's best cell on validation, and how many cells tied with it."""
+
+    name: str
+    path: Path
+    best: Cell
+    n_tied: int
+    n_cells: int
+
+
+def open_probe(path: str | Path):
+    from pipeline.results import open_results
+
+    ds = open_results(path)
+    for var in ("val_accuracy", "n_test"):
+        if var not in ds:
+            raise StoreError(f"{path} has no {var!r} (written by an older diffprobe); re-run that probe "
+                             "stage with --force")
+    return ds
+
+
+def cell_at(ds, block: str, timestep: int, pool: int, head: str) -> Cell:
+    """The cell at these coordinates (NaN accuracies where it is not in the grid)."""
+    sel = {"block": block, "timestep": timestep, "pool": pool, "head": head}
+    n_test = float(ds["n_test"].sel(sel))
+    return Cell(str(block), int(timestep), int(pool), str(head), str(ds["head_kind"].sel(head=head).item()),
+                float(ds["val_accuracy"].sel(sel)), float(ds["accuracy"].sel(sel)),
+                int(n_test) if np.isfinite(n_test) else 0)
+
+
+def best_by_validation(ds, **fixed) -> tuple[Cell, int]:
+    """The cell with the best validation accuracy, and how many cells share that accuracy.
+
+    ``fixed`` restricts the search, e.g. ``head="mlp"`` or ``block=..., timestep=...``.
+    Ties go to the first cell in grid order (``np.argmax`` over C order of
+    ``(block, timestep, pool, head)``).
+    """
+    sub = ds.sel({k: [v] for k, v in fixed.items()})
+    val = sub["val_accuracy"].transpose("block", "timestep", "pool", "head").values
+    usable = np.isfinite(val) & np.isfinite(sub["accuracy"].transpose("block", "timestep", "pool", "head").values)
+    if not usable.any():
+        raise StoreError("no probe cell has a validation accuracy (val_fraction: 0?); the report picks the "
+                         "best cell on validation, never on test: set val_fraction > 0 and re-run the probe")
+    scores = np.where(usable, val, -np.inf)
+    flat = int(np.argmax(scores))
+    b, t, p, h = np.unravel_index(flat, scores.shape)
+    n_tied = int((scores == scores.flat[flat]).sum())
+    cell = cell_at(ds, sub["block"].values[b], sub["timestep"].values[t], sub["pool"].values[p],
+                   sub["head"].values[h])
+    return cell, n_tied
+
+
+def probe_finding(name: str, path: Path) -> ProbeFinding:
+    ds = open_probe(path)
+    best, n_tied = best_by_validation(ds)
+    return ProbeFinding(name, Path(path), best, n_tied, int(np.isfinite(ds["accuracy"].values).sum()))
+
+
+# ----------------------------------------------------------------- Diffusion Classifier
+
+
+@dataclass(frozen=True)
+class CostPoint:
+    """Accuracy of the classifier re-scored on some trials, and what those trials cost per image."""
+
+    label: str
+    passes_per_image: float
+    accuracy: float
+    n_trials: int
+
+
+@dataclass(frozen=True)
+class ClassifierFinding:
+    name: str
+    path: Path
+    accuracy: float
+    correct: int
+    n_images: int
+    n_failed: int
+    passes_per_image: float  # what the run spent, mean over scored images
+    exhaustive_per_image: int  # every class on every trial
+    schedule: dict
+    n_classes: int
+    n_trials: int
+    loss: str
+    confusion: np.ndarray
+    class_names: list[str]
+    curve: list[CostPoint] = field(default_factory=list)
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.n_images, confidence)
+
+
+def _spread(items: list[int], k: int) -> list[int]:
+    """``k`` of ``items`` evenly spread over it (first and last included when k >= 2)."""
+    return sorted({items[int(round(i))] for i in np.linspace(0, len(items) - 1, k)})
+
+
+def classifier_finding(name: str, path: Path) -> ClassifierFinding:
+    """Score a classify store from its errors, plus an accuracy-vs-cost curve.
+
+    The curve re-scores the first elimination stage's trials (every class was
+    evaluated on them, so subsets of them are honest exhaustive classifiers with
+    fewer trials) and ends with the run as it was (all trials, adaptive cost).
+    """
+    from pipeline import errorstore, store
+
+    run = errorstore.score_store(path)
+    attrs = store.read_attrs(path)
+    schedule = attrs.get("schedule", {})
+    n_classes, n_trials = len(run["class_names"]), len(store.open_root(path)["timestep"][:])
+    first = [int(i) for i in (schedule.get("stage_trials") or [list(range(n_trials))])[0]]
+    curve = []
+    for k in sorted({1, 2, 3, 5, 10, len(first) // 2, len(first)}):
+        if 1 <= k <= len(first) and (k < len(first) or len(first) < n_trials):
+            part = errorstore.score_store(path, trials=_spread(first, k))
+            curve.append(CostPoint(f"{len(part['trials'])} trial(s), every class", part["forward_passes_per_sample"],
+                                   part["accuracy"], len(part["trials"])))
+    spent = run["forward_passes_spent"] / max(run["n_samples"], 1)
+    kind = schedule.get("kind", "exhaustive")
+    curve.append(CostPoint(f"the run: {n_trials} trials, {kind}", spent, run["accuracy"], n_trials))
+    curve = list({(p.n_trials, round(p.passes_per_image, 6)): p for p in curve}.values())
+    return ClassifierFinding(
+        name, Path(path), run["accuracy"], int(np.trace(run["confusion"])), run["n_samples"], run["n_failed"],
+        spent, n_classes * n_trials, schedule, n_classes, n_trials, run["loss"], np.asarray(run["confusion"]),
+        run["class_names"], curve,
+    )
+
+
+# ----------------------------------------------------------------- CKA
+
+
+@dataclass(frozen=True)
+class CKAFinding:
+    name: str
+    path: Path
+    mode: str
+    matrix: object  # the cka (row, col) DataArray
+    sentence: str
+    numbers: dict  # name -> value behind the sentence
+
+
+def _mean(values: np.ndarray, mask: np.ndarray) -> float:
+    picked = values[mask & np.isfinite(values)]
+    return float(picked.mean()) if picked.size else float("nan")
+
+
+def cka_finding(name: str, path: Path) -> CKAFinding:
+    """The CKA matrix and its structure in one sentence.
+
+    ``within``: mean CKA between timesteps of one block vs between blocks at one
+    timestep. ``across``: the mean over entries matching in block and timestep (a
+    model against its twin), else each row's most similar column.
+    """
+    from pipeline.cka_results import open_cka
+    from pipeline.store import read_attrs
+
+    da = open_cka(path)
+    mode = (read_attrs(path).get("config") or {}).get("mode", "within")
+    values = da.values
+    rb, cb = da["row_block"].values[:, None], da["col_block"].values[None, :]
+    rt, ct = da["row_timestep"].values[:, None], da["col_timestep"].values[None, :]
+    rs, cs = da["row_stage"].values[:, None], da["col_stage"].values[None, :]
+    off_diagonal = ~np.eye(*values.shape, dtype=bool) if mode == "within" else np.ones(values.shape, bool)
+    if mode == "within":
+        same_block = _mean(values, off_diagonal & (rs == cs) & (rb == cb) & (rt != ct))
+        same_t = _mean(values, off_diagonal & (rs == cs) & (rb != cb) & (rt == ct))
+        numbers = {"same_block": same_block, "same_timestep": same_t}
+        if np.isfinite(same_block) and np.isfinite(same_t):
+            by = "block more than by timestep" if same_block > same_t else "timestep more than by block"
+            sentence = (f"Between timesteps of one block CKA averages {same_block:.2f}, between blocks at one "
+                        f"timestep {same_t:.2f}: the representations are organised by {by}.")
+        else:
+            others = _mean(values, off_diagonal)
+            numbers = {"off_diagonal": others}
+            sentence = f"CKA between different slices averages {others:.2f}."
+        return CKAFinding(name, Path(path), mode, da, sentence, numbers)
+    matched = (rb == cb) & (rt == ct) & (rs != cs)
+    if matched.any():
+        mean = _mean(values, matched)
+        sentence = (f"At the same block and timestep, {da['row_stage'].values[0]} and "
+                    f"{da['col_stage'].values[0]} have a mean CKA of {mean:.2f}.")
+        return CKAFinding(name, Path(path), mode, da, sentence, {"matched": mean})
+    best = np.nanargmax(np.where(np.isfinite(values), values, -np.inf), axis=1)
+    pairs = [(str(da["row"].values[i]), str(da["col"].values[j]), float(values[i, j])) for i, j in enumerate(best)]
+    top = max(pairs, key=lambda p: p[2])
+    sentence = (f"The closest pair is {top[0]} and {top[1]} (CKA {top[2]:.2f}); each row's best match is in "
+                f"the table below.")
+    return CKAFinding(name, Path(path), mode, da, sentence, {"best": top[2], "pairs": pairs})
