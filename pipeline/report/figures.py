@@ -55,7 +55,7 @@ def render(fig) -> Drawing:
     with matplotlib.rc_context(STYLE):
         fig.savefig(buffer, format="svg", metadata={"Date": None})
     uri = "data:image/svg+xml;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-    return Drawing(uri, int(round(fig.get_figwidth() * 96)))
+    return Drawing(uri, round(fig.get_figwidth() * 96))
 
 
 def _percent_axis(ax, axis: str = "y") -> None:

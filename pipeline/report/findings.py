@@ -51,7 +51,7 @@ class Cell:
     @property
     def correct(self) -> int:
         """Test images classified correctly (accuracy is ``correct / n_test`` exactly)."""
-        return int(round(self.accuracy * self.n_test))
+        return round(self.accuracy * self.n_test)
 
     def interval(self, confidence: float = 0.95) -> tuple[float, float]:
         return wilson_interval(self.correct, self.n_test, confidence)
@@ -156,7 +156,7 @@ class ClassifierFinding:
 
 def _spread(items: list[int], k: int) -> list[int]:
     """``k`` of ``items`` evenly spread over it (first and last included when k >= 2)."""
-    return sorted({items[int(round(i))] for i in np.linspace(0, len(items) - 1, k)})
+    return sorted({items[round(i)] for i in np.linspace(0, len(items) - 1, k)})
 
 
 def classifier_finding(name: str, path: Path) -> ClassifierFinding:

@@ -20,8 +20,18 @@ import numpy as np
 import pipeline
 from pipeline.inspect import human_bytes
 from pipeline.report import figures
-from pipeline.report.findings import (Cell, ClassifierFinding, CKAFinding, ProbeFinding, best_by_validation,
-                                      cell_at, cka_finding, classifier_finding, open_probe, probe_finding)
+from pipeline.report.findings import (
+    Cell,
+    CKAFinding,
+    ClassifierFinding,
+    ProbeFinding,
+    best_by_validation,
+    cell_at,
+    cka_finding,
+    classifier_finding,
+    open_probe,
+    probe_finding,
+)
 from pipeline.report.provenance import git_commit, host_description, package_versions, stage_record
 
 CSS = """
@@ -149,7 +159,7 @@ def _probe_findings(page: Page, main: ProbeFinding, control: ProbeFinding | None
         f"{_num(pct(best.val_accuracy), 'best.val', best.val_accuracy, anchor)}, test "
         f"{_num(pct(best.accuracy), 'best.test', best.accuracy, anchor)} "
         f"{_ci(best, c, 'best.ci', anchor)} on {best.n_test} test images.</li>")
-    for role, other, what in (("control", control, "Random-init control"), ("baseline", baseline, "Raw pixels")):
+    for role, other, what in (("control", control, "Random-init control"), ("baseline", baseline, "Baseline")):
         if other is None:
             continue
         o_anchor = probe_anchor(other.name)
@@ -168,8 +178,8 @@ def _probe_findings(page: Page, main: ProbeFinding, control: ProbeFinding | None
         page.findings.append(
             f'<li id="finding-{role}"><b>{what}</b> ({_e(other.name)}): best on validation '
             f"{_e(ob.where())}, test {_num(pct(ob.accuracy), role + '.test', ob.accuracy, o_anchor)} "
-            f"{_ci(ob, c, role + '.ci', o_anchor)}{same}. The trained model is "
-            f"{_num(points(delta), role + '.delta', delta, anchor)} against it; {resolved}.</li>")
+            f"{_ci(ob, c, role + '.ci', o_anchor)}{same}. Best against best, {_e(main.name)} is "
+            f"{_num(points(delta), role + '.delta', delta, anchor)}; {resolved}.</li>")
 
 
 def _has_cell(ds, cell: Cell) -> bool:
@@ -243,8 +253,8 @@ def _probe_table(finding: ProbeFinding, ds, label: str, confidence: float, max_r
 
 
 def _cka_section(page: Page, findings: list[CKAFinding]) -> None:
-    body = ['<p class="caption">Linear CKA unless the stage says otherwise; every heatmap uses the same 0-1 colour '
-            "scale; white lines separate blocks (and models).</p>"]
+    body = [('<p class="caption">Linear CKA unless the stage says otherwise; every heatmap uses the same 0-1 colour '
+            "scale; white lines separate blocks (and models).</p>")]
     for f in findings:
         body.append(f'<h3 id="cka-{_e(f.name)}">{_e(f.name)} ({_e(f.mode)})</h3><p>{_e(f.sentence)}</p>')
         body.append(_figure(figures.cka_heatmap(f.matrix, f.name), f"CKA matrix of {f.name}",
@@ -376,9 +386,9 @@ def build_report(inputs: Mapping[str, Path], output: Path, *, title: str = "diff
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
-        f"<header><h1>{_e(title)}</h1><p class=meta>diffprobe {_e(pipeline.__version__)} · written {written}"
+        (f"<header><h1>{_e(title)}</h1><p class=meta>diffprobe {_e(pipeline.__version__)} · written {written}"
         f"{' · workflow ' + _e(workflow.name) if workflow else ''} · {len(inputs)} stages</p>"
-        f"<nav class=meta>{toc}</nav></header>",
+        f"<nav class=meta>{toc}</nav></header>"),
         '<section id="findings"><h2>Findings</h2><ul class="findings">' + "".join(page.findings)
         + "</ul></section>" if page.findings else "",
         *page.sections,

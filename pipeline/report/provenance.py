@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import store
+from pipeline.errors import DiffprobeError
 
 PACKAGES = ("diffprobe", "torch", "diffusers", "zarr", "dask", "distributed", "xarray", "numpy", "matplotlib")
 
@@ -47,7 +48,7 @@ def stage_record(name: str, path: Path) -> StageRecord:
         seed = config["model"].get("seed")
     try:
         summary = describe_store(path)
-    except Exception as exc:  # a summary that cannot be built must not sink the report
+    except (DiffprobeError, KeyError, OSError) as exc:  # a missing summary must not sink the report
         summary = f"(no summary: {exc})"
     return StageRecord(
         name, str(attrs.get("stage", "?")), Path(path), str(attrs.get("stage_hash", "")), bool(attrs.get("complete")),
