@@ -75,7 +75,7 @@ def write_phase(a) -> dict:
 def cka_phase(a) -> dict:
     import zarr
 
-    from pipeline.cka import LinearCKAAccumulator
+    from pipeline.cka.estimators import LinearCKAAccumulator
 
     zx = zarr.open_array(str(Path(a.dir) / "x.zarr"), mode="r")
     zy = zarr.open_array(str(Path(a.dir) / "y.zarr"), mode="r")

@@ -34,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import errorstore, store  # noqa: E402
+from pipeline import store  # noqa: E402
+from pipeline.store import error_tensor as errorstore  # noqa: E402
 from pipeline.datasets import DatasetConfig  # noqa: E402
 from pipeline.models import ModelConfig  # noqa: E402
 from stages.classify import ClassifyConfig, Classifier, ScheduleConfig, classify_units  # noqa: E402

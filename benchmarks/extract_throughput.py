@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import store  # noqa: E402
+from pipeline.datasets.torch_data import load_images  # noqa: E402
 from pipeline.datasets import DatasetConfig  # noqa: E402
 from pipeline.models import Condition, ModelConfig  # noqa: E402
 from stages.extract import ExtractConfig, Extractor, extract_units  # noqa: E402
@@ -57,7 +58,7 @@ def main() -> None:
     ex = Extractor(cfg)
     a = ex.adapter
     # The same batches for the bare forward: all (sample, timestep) pairs, batch by batch.
-    arrays, _ = ex.load_images(list(range(len(ex.reader.records))))
+    arrays, _ = load_images(ex.reader, ex.prep, range(len(ex.reader.records)))
     x0 = torch.stack([torch.from_numpy(arrays[i]) for i in range(len(arrays))])
     pairs = [(s, ti) for s in range(len(x0)) for ti in range(3)]
     batches = []

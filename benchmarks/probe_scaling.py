@@ -58,22 +58,23 @@ def warm(dask_worker=None):
 
 
 def build_stores(folder: Path):
-    from pipeline.config import load_workflow
-    from pipeline.runner import Runner
+    from pipeline.workflow.config import load_workflow
+    from stages import STAGES
+    from pipeline.workflow.runner import Runner
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tiny.json").write_text(json.dumps(TINY_UNET))
     (folder / "wf.yaml").write_text(WORKFLOW)
-    wf = load_workflow(folder / "wf.yaml")
+    wf = load_workflow(folder / "wf.yaml", STAGES)
     Runner(wf, progress=False).run()
     return wf.stage("pooled").output
 
 
 def main() -> None:
-    from pipeline.cluster import get_client, run_tasks
-    from pipeline.config import ClusterConfig
-    from pipeline.heads import HeadSpec
-    from pipeline.training import TrainSpec
+    from pipeline.cluster.client import get_client, run_tasks
+    from pipeline.workflow.config import ClusterConfig
+    from pipeline.probing.heads import HeadSpec
+    from pipeline.probing.training import TrainSpec
     from stages.probe import ProbeConfig, ProbeHead, plan_grid, train_group
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

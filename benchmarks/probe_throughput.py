@@ -3,7 +3,7 @@
 Writes a synthetic pooled store (float16, the pool stage's layout: chunks of
 ``(n_c, 1, C, p, p)``, shards of one unit; the default codecs Blosc zstd +
 bitshuffle + crc32c, or lz4 + byte shuffle without checksum), then
-trains the same heads with ``pipeline.training.train_heads`` twice, with the same
+trains the same heads with ``pipeline.probing.training.train_heads`` twice, with the same
 seed and splits:
 
 - ``ZarrSource`` over the store: one case whose slice fits its buffer (decoded
@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import store  # noqa: E402
-from pipeline.heads import HeadSpec  # noqa: E402
-from pipeline.training import ArraySource, HeadJob, TrainSpec, train_heads  # noqa: E402
-from pipeline.zarr_source import ZarrSource  # noqa: E402
+from pipeline.probing.heads import HeadSpec  # noqa: E402
+from pipeline.probing.training import ArraySource, HeadJob, TrainSpec, train_heads  # noqa: E402
+from pipeline.store.source import ZarrSource  # noqa: E402
 
 FAST = store.Compression(cname="lz4", clevel=5, shuffle="shuffle", checksum=False)
 RAW = store.Compression(cname="none")  # crc32c only: the pool stage's default

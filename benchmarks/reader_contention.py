@@ -30,7 +30,7 @@ ARRAY = "blocks/b/p/activations"
 
 
 def keep_reading(path: str, stop) -> None:
-    from pipeline.zarr_source import ZarrSource
+    from pipeline.store.source import ZarrSource
 
     source = ZarrSource([(path, ARRAY)], [100])
     while not stop.is_set():
@@ -44,8 +44,8 @@ def main() -> None:
     import torch
     from probe_throughput import RAW, write_store
 
-    from pipeline.heads import HeadSpec
-    from pipeline.training import ArraySource, HeadJob, TrainSpec, train_heads
+    from pipeline.probing.heads import HeadSpec
+    from pipeline.probing.training import ArraySource, HeadJob, TrainSpec, train_heads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=8192)

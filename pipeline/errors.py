@@ -2,7 +2,9 @@
 
 The CLI prints ``str(error)`` on one line and exits non-zero; ``-v`` shows the
 traceback. Library code raises these for anything a user can get wrong; plain
-exceptions mean a bug in diffprobe.
+builtin exceptions (``ValueError``, ``TypeError`` ...) mean misuse of an internal
+function, i.e. a bug in diffprobe. As in zarr-python, each class also derives from
+the builtin it refines, so ``except ValueError`` around a library call still works.
 """
 
 from __future__ import annotations
@@ -17,19 +19,19 @@ class DiffprobeError(Exception):
     exit_code = 2
 
 
-class ConfigError(DiffprobeError):
+class ConfigError(DiffprobeError, ValueError):
     """A workflow file or stage parameter is wrong."""
 
 
-class StoreError(DiffprobeError):
+class StoreError(DiffprobeError, RuntimeError):
     """A store is missing, incomplete, corrupt or written by another config."""
 
 
-class DatasetError(DiffprobeError):
+class DatasetError(DiffprobeError, ValueError):
     """A dataset root, annotation file or image cannot be used."""
 
 
-class ModelError(DiffprobeError):
+class ModelError(DiffprobeError, ValueError):
     """A model cannot be loaded, or a block / timestep / condition is invalid for it."""
 
 

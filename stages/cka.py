@@ -2,7 +2,7 @@
 
 Inputs are earlier ``extract`` or ``pool`` stages, named by the selections; each
 selection expands to one representation per (block, pool, timestep)
-(``pipeline.cka_select``). ``mode: within`` compares every selected representation
+(``pipeline.cka.select``). ``mode: within`` compares every selected representation
 with every other (a symmetric matrix, e.g. block x timestep inside one model);
 ``mode: across`` compares ``rows`` with ``cols`` (e.g. diffusion blocks x the
 layers of a reference CNN).
@@ -12,7 +12,7 @@ the unflipped image; views are not averaged, so every entry compares the same
 images); a sample that failed in any store is dropped from every entry, and stores
 that hold different ids are an error that counts them.
 
-Estimators (``pipeline.cka``), and how the work is cut into dask tasks (each
+Estimators (``pipeline.cka.estimators``), and how the work is cut into dask tasks (each
 receives only paths and selectors, re-derives the sample alignment and reads its
 slices itself; ``memory_limit`` bounds what one task holds):
 
@@ -32,12 +32,12 @@ slices itself; ``memory_limit`` bounds what one task holds):
   when the features are few, never holding a slice. Each pair then reads both
   slices, so this is for pooled / low-dimensional features.
 - ``minibatch``: unbiased HSIC_1 averaged over batches (Nguyen et al. 2021), the
-  batches of ``pipeline.cka_estimators.minibatch_cka``; tiles of as many representations as
+  batches of ``pipeline.cka.estimators.minibatch_cka``; tiles of as many representations as
   fit; ``batch_size``, ``seed``, ``epochs`` and the number of batches are recorded.
 - ``rbf``: Gaussian kernel, bandwidth ``sigma_fraction`` x the median distance, via
   the Gram methods; refused above ``rbf_max_samples``.
 
-Finished task results are kept under ``tiles/``: a re-run after a failure redoes
+Finished task results are kept under ``tasks/``: a re-run after a failure redoes
 only the missing tasks.
 
 Output ``<name>.cka/``: a consolidated Zarr group holding the Dataset with
@@ -50,8 +50,6 @@ estimator settings, n, the view, the input stores and ``complete``. Beside it:
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,10 +58,10 @@ from typing import Literal
 import numpy as np
 
 from pipeline import store
-from pipeline.cka_results import cka_dataset, write_cka_output
-from pipeline.cka_select import Alignment, Representation, align_samples, expand_selections
-from pipeline.errors import ConfigError, DiffprobeError, StoreError
-from pipeline.stage import RunContext, Stage, input_field
+from pipeline.cka.results import cka_dataset, write_cka_output
+from pipeline.cka.select import Alignment, Representation, align_samples, expand_selections
+from pipeline.errors import ConfigError, DiffprobeError
+from pipeline.workflow.stage import RunContext, Stage, input_field
 
 #: Share of a task's memory for reading (column groups, row blocks, batch groups).
 READ_SHARE = 4
@@ -164,16 +162,14 @@ class CKATask:
     epochs: int = 1
     sigma_fraction: float = 1.0
     scratch: str = ""
-    attempt: int = 1
-    fail_attempts: int = 0
 
 
 def cka_tile(task: CKATask) -> dict:
     """Run one task (on a worker): ``{"rows", "cols", "values"}`` with labels, plus method details."""
-    from pipeline import cka, cka_estimators, cka_select
-    from pipeline.cluster import raise_injected_fault
+    from pipeline.cka import estimators as cka
 
-    raise_injected_fault(task)
+    from pipeline.cka import select as cka_select
+
     out = {"rows": [r.label for r in task.rows], "cols": [c.label for c in task.cols]}
     if task.method == "gram-dot":
         files = [str(cka_select.gram_file(task.scratch, c)) for c in task.cols]
@@ -205,7 +201,7 @@ def cka_tile(task: CKATask) -> dict:
     def grams(reps):
         for rep in reps:
             g = cka_select.representation_gram(rep, pos[rep.path], task.read_bytes)
-            yield g if sigma is None else cka_estimators.rbf_gram_from_linear(g, sigma)
+            yield g if sigma is None else cka.rbf_gram_from_linear(g, sigma)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -258,7 +254,7 @@ def memory_bytes(cfg: CKAConfig, cluster) -> int:
 
 def _choose_method(cfg: CKAConfig, rows, cols, n: int, budget: int, read: int) -> str:
     """gram | gram-cache | stream | minibatch, or a ConfigError saying what to change."""
-    from pipeline.cka import linear_route_bytes
+    from pipeline.cka.estimators import linear_route_bytes
 
     gram = 8 * n * n
     held = (budget - read) // gram  # (n, n) float64 arrays a task may hold
@@ -296,7 +292,6 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
 
     ``scratch``: folder for the saved Grams of the ``gram-cache`` method.
     """
-    from pipeline.cluster import injected_failures
 
     rows = expand_selections(cfg.selections or cfg.rows, paths)
     cols = rows if cfg.mode == "within" else expand_selections(cfg.cols, paths)
@@ -311,7 +306,7 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
     def task(name, r, c, kind, sym=False):
         return CKATask(name, tuple(r), tuple(c), sym, kind, stores, cfg.view, budget, read, cfg.estimator,
                        cfg.batch_size, cfg.seed, cfg.epochs, cfg.sigma_fraction, str(scratch or ""),
-                       fail_attempts=injected_failures(name))
+                       )
 
     if method == "gram":
         plan.phases = [[task("all", rows, cols, "gram", symmetric)]]
@@ -342,32 +337,19 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
 # ----------------------------------------------------------------- output
 
 
-def _tile_file(output: Path, name: str) -> Path:
-    return output / "tiles" / f"{name}.json"
-
-
-def _finished_tasks(output: Path, tasks: list[CKATask]) -> dict[str, dict]:
+def _finished_tasks(cache, tasks: list[CKATask]) -> dict[str, dict]:
     """Results kept by an earlier run of the same config (resume); a saved Gram must still exist."""
     finished = {}
     for task in tasks:
-        cached = _tile_file(output, task.name)
-        if not cached.exists():
+        result = cache.load(task.name)
+        if result is None:
             continue
-        result = json.loads(cached.read_text())
         if result["rows"] != [r.label for r in task.rows] or result["cols"] != [c.label for c in task.cols]:
             continue
         if "gram" in result and not Path(result["gram"]).exists():
             continue
         finished[task.name] = result
     return finished
-
-
-def _save_tile(output: Path, name: str, result: dict) -> None:
-    path = _tile_file(output, name)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------- stage
@@ -397,26 +379,21 @@ class CKAStage(Stage):
     def run(self, cfg: CKAConfig, ctx: RunContext) -> None:
         import shutil
 
-        import zarr
 
-        from pipeline.cluster import get_client, run_tasks
+        from pipeline.cluster.client import get_client, run_tasks
 
         out = ctx.output
         plan = plan_cka(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=out / "grams")
-        if not out.exists():
-            group = zarr.open_group(str(out), mode="w-", zarr_format=3)
-            group.attrs[store.ATTR_KEY] = ctx.base_attrs() | {"complete": False}
-        elif (store.read_attrs(out) or {}).get("stage_hash") != ctx.stage_hash:
-            raise StoreError(f"{out} was written by another config; re-run with --force")
-        finished = _finished_tasks(out, plan.tasks)
+        cache = ctx.open_results_output()
+        finished = _finished_tasks(cache, plan.tasks)
         todo = [[t for t in phase if t.name not in finished] for phase in plan.phases]
         ctx.log(f"{len(plan.rows)} x {len(plan.cols)} {cfg.estimator} CKA over {plan.align.n} samples "
                 f"(view {cfg.view}; {plan.align.n_excluded} excluded as failed in a store); {plan.method}: "
                 f"{len(plan.tasks)} task(s) of <= {plan.memory_bytes / 2**20:.0f} MiB, "
                 f"{sum(map(len, todo))} to do")
 
-        def keep(task, result):
-            _save_tile(out, task.name, result)
+        def keep(task, result, attempts):
+            cache.save(task.name, result)
             finished[task.name] = result
 
         failed = []

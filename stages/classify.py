@@ -2,8 +2,8 @@
 
 For every image x and candidate class c the stage measures the denoising error
 ``loss(eps_i, eps_theta(x_{t_i}, t_i, c))`` on the trials ``(t_i, eps_i)`` of one
-``TrialPlan``, the same trials for every class of an image (``pipeline.dc``), and
-stores the (sample, class, trial) errors of all three losses (``pipeline.errorstore``).
+``TrialPlan``, the same trials for every class of an image (``pipeline.dc.classifier``), and
+stores the (sample, class, trial) errors of all three losses (``pipeline.store.error_tensor``).
 An adaptive schedule evaluates every class on the first stage's trials and only the
 survivors on later ones; the cells it skips stay NaN. Predictions and forward passes
 are stored too, but any scoring is redone from the errors with no model
@@ -29,19 +29,20 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline import errorstore, store
+from pipeline import store
+
+from pipeline.store import error_tensor as errorstore
 from pipeline.datasets import DatasetConfig, open_dataset
-from pipeline.datasets.torch_data import make_loader
-from pipeline.dc import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, AdaptiveResult, Schedule, StageRequest,
+from pipeline.datasets.torch_data import load_images
+from pipeline.dc.classifier import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, AdaptiveResult, Schedule, StageRequest,
                          TrialPlan, adaptive_classify_batch, denoising_losses, make_plan, sample_eps,
                          stage_trials)
 from pipeline.errors import ConfigError, DatasetError, ModelError, did_you_mean
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import Condition, ModelAdapter, ModelConfig, load_model
+from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import q_sample
-from pipeline.stage import RunContext, Stage
+from pipeline.workflow.stage import RunContext, Stage
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -169,14 +170,14 @@ class Classifier:
     def _conditioning(self) -> dict:
         """How class c conditions the model: label tensor or prompt embeddings, built once."""
         a, cfg = self.adapter, self.cfg
-        if hasattr(a, "encode_prompts"):
+        if a.text_conditional:
             if cfg.class_labels is not None:
                 raise ConfigError("class_labels is for class-conditional models; "
                                   "Stable Diffusion uses 'prompt'")
             from pipeline.models.sd import prompts_for
 
             prompts = prompts_for(self.class_names, cfg.prompt or "default")
-            self.text = a.encode_prompts(prompts).to(self.dtype)  # (K, L, D), once per class
+            self.text = a.encode_text(prompts).to(self.dtype)  # (K, L, D), once per class
             return {"kind": "text", "template": cfg.prompt or "default", "prompts": prompts}
         if cfg.prompt is not None:
             raise ConfigError(f"'prompt' is for text-conditional models (kind: sd); this {a.kind} model "
@@ -204,19 +205,6 @@ class Classifier:
             return Condition("text", text=self.text[class_ids])
         return Condition("label", labels=self.labels[class_ids])
 
-    def load_images(self, indices: list[int]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-        """Decode + preprocess in DataLoader workers: arrays and failures (index -> reason)."""
-        arrays, failures = {}, {}
-        workers = self.cfg.num_workers if len(indices) > 1 else 0
-        loader = make_loader(self.reader, self.adapter.preprocessing, indices, batch_size=None,
-                             num_workers=workers, use_bbox=self.cfg.dataset.crop == "bbox")
-        for index, arr, reason in loader:
-            if reason:
-                failures[int(index)] = reason
-            else:
-                arrays[int(index)] = np.asarray(arr)
-        return arrays, failures
-
     @torch.inference_mode()
     def encode(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """(n, C, H, W) float32 model-space x_0 on the device (the VAE runs once per image)."""
@@ -229,7 +217,8 @@ class Classifier:
     def compute_unit(self, unit: int, strict: bool = False) -> errorstore.UnitResult:
         """Classify the unit's samples; failed images keep NaN errors and prediction -1."""
         start, stop = self.layout.unit_range(unit)
-        arrays, failures = self.load_images(list(range(start, stop)))
+        arrays, failures = load_images(self.reader, self.adapter.preprocessing, range(start, stop),
+                                       self.cfg.num_workers, use_bbox=self.cfg.dataset.crop == "bbox")
         if failures and strict:
             index, reason = next(iter(failures.items()))
             image_id = self.reader.records[index].image_id
@@ -390,7 +379,7 @@ class ClassifyStage(Stage):
         per_sample = sched["forward_passes_per_sample"]
         n = clf.layout.n_samples
         # Time one real device batch of this size on the first readable image.
-        arrays, _ = clf.load_images(list(range(min(n, 8))))
+        arrays, _ = load_images(clf.reader, clf.adapter.preprocessing, range(min(n, 8)), cfg.num_workers)
         probe = min(arrays, default=None)
         x0 = clf.encode([arrays[probe]]) if probe is not None else None
         rows = [

@@ -22,14 +22,14 @@ import torch
 
 from pipeline import store
 from pipeline.datasets import DatasetConfig, open_dataset
-from pipeline.datasets.torch_data import make_loader
+from pipeline.datasets.torch_data import load_images
 from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
-from pipeline.inspect import human_bytes
+from pipeline.store.describe import human_bytes
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import Condition, ModelAdapter, ModelConfig, load_model
+from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import NOISE_SCHEME, batch_noise
-from pipeline.stage import RunContext, Stage
+from pipeline.workflow.stage import RunContext, Stage
 
 
 class NonFiniteError(DiffprobeError):
@@ -82,7 +82,6 @@ class ExtractConfig:
             raise ValueError("'timesteps' must list at least one timestep")
 
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ----------------------------------------------------------------- samples & units
@@ -111,9 +110,8 @@ class Extractor:
         self.device = self.adapter.device
         self.blocks = self.adapter.resolve_blocks(cfg.blocks)
         self.timesteps = self.adapter.check_timesteps(list(cfg.timesteps))
-        self.timestep_free = getattr(self.adapter, "timestep_free", False)
-        if cfg.conditioning == "none" and self.adapter.num_classes and not self.timestep_free \
-                and getattr(self.adapter, "_takes_y", True):
+        self.timestep_free = not self.adapter.takes_timestep
+        if cfg.conditioning == "none" and self.adapter.label_conditional:
             raise ConfigError(
                 "the model is class-conditional: set conditioning: class (image labels) or null (null class)"
             )
@@ -139,19 +137,6 @@ class Extractor:
             fmap = pool(fmap.float(), self.cfg.pool.size)
         return fmap.to(self.storage_dtype)
 
-    def load_images(self, image_indices: list[int]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-        """Decode + preprocess in DataLoader workers; returns arrays and failures (index -> reason)."""
-        arrays, failures = {}, {}
-        workers = self.cfg.num_workers if len(image_indices) > 1 else 0
-        loader = make_loader(self.reader, self.prep, image_indices, batch_size=None, num_workers=workers,
-                             use_bbox=self.cfg.dataset.crop == "bbox")
-        for index, arr, reason in loader:
-            if reason:
-                failures[int(index)] = reason
-            else:
-                arrays[int(index)] = np.asarray(arr)
-        return arrays, failures
-
     def condition(self, labels: list[int]) -> Condition:
         kind = self.cfg.conditioning
         if kind == "class":
@@ -168,7 +153,8 @@ class Extractor:
         start, stop = lay.unit_range(unit)
         views = cfg.views
         image_idx = sorted({s // views for s in range(start, stop)})
-        arrays, read_failures = self.load_images(image_idx)
+        arrays, read_failures = load_images(self.reader, self.prep, image_idx, self.cfg.num_workers,
+                                             use_bbox=self.cfg.dataset.crop == "bbox")
         if read_failures and self.strict:
             index, reason = next(iter(read_failures.items()))
             raise DatasetError(f"cannot read image {self.reader.records[index].image_id!r}: {reason} (--strict)")

@@ -1,12 +1,12 @@
 """pool: adaptive average / max pooling of an extraction store's maps to p x p.
 
 Input: an ``extract`` stage's store. Output: a store of the same format family
-(``pipeline/store.py``: same root coordinates, ``done`` mask, write protocol),
+(``pipeline/store/layout.py``: same root coordinates, ``done`` mask, write protocol),
 holding one array per (block, size)::
 
     blocks/<block>/p<size>/activations   (sample, timestep, channel, p, p)
 
-(``pipeline.slices.pooled_key`` spells the name). Root attrs add
+(``pipeline.store.slices.pooled_key`` spells the name). Root attrs add
 ``pooled = {mode, sizes, blocks}`` and ``source = {path, stage, stage_hash}``
 linking to the extraction store; its model/noise provenance is copied.
 
@@ -16,7 +16,7 @@ a unit is the source's unit, so each task reads whole source shards.
 
 Work: one dask task per unit. The task opens the source itself with xarray,
 selects its sample range and the requested timesteps (a dask array chunked like
-the source), pools chunk by chunk (``pipeline.pooling.pool_dask``) with the
+the source), pools chunk by chunk (``pipeline.probing.pooling.pool_dask``) with the
 synchronous scheduler, and writes the unit (``store.write_unit``). Memory per task
 is one pooled unit plus a few source chunks, whatever the dataset size. Samples
 that failed in the source (``done`` = 2) stay failed, with the same reason;
@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.errors import ConfigError, StoreError, select_or_error
-from pipeline.stage import RunContext, Stage, input_field
+from pipeline.workflow.stage import RunContext, Stage, input_field
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,6 @@ class PoolTask:
     timesteps: tuple[int, ...]
     sizes: tuple[int, ...]
     mode: str
-    attempt: int = 1
-    fail_attempts: int = 0
 
 
 def pool_unit(task: PoolTask) -> dict:
@@ -91,12 +89,9 @@ def pool_unit(task: PoolTask) -> dict:
     """
     import dask
     import xarray as xr
+    from pipeline.probing.pooling import pool_dask
+    from pipeline.store.slices import pooled_key
 
-    from pipeline.cluster import raise_injected_fault
-    from pipeline.pooling import pool_dask
-    from pipeline.slices import pooled_key
-
-    raise_injected_fault(task)
     layout = store.load_layout(task.output)
     start, stop = layout.unit_range(task.unit)
     src_root = store.open_root(task.source)
@@ -146,7 +141,7 @@ class PoolStage(Stage):
         src_layout = store.load_layout(source)
         blocks = _select(cfg.blocks, list(src_layout.blocks), "block", source)
         timesteps = _select(cfg.timesteps, list(src_layout.timesteps), "timestep", source)
-        from pipeline.slices import pooled_key
+        from pipeline.store.slices import pooled_key
 
         out_blocks = {pooled_key(b, s): (src_layout.blocks[b][0], s, s) for b in blocks for s in cfg.sizes}
         layout = store.plan_layout(src_layout.n_samples, out_blocks, timesteps, cfg.dtype,
@@ -155,7 +150,6 @@ class PoolStage(Stage):
 
     def prepare(self, cfg: PoolConfig, ctx: RunContext) -> list[PoolTask]:
         """Create the output store (once) and return a task per unit not yet done."""
-        from pipeline.cluster import injected_failures
 
         source, src_attrs, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
         if not ctx.output.exists():
@@ -172,17 +166,16 @@ class PoolStage(Stage):
             }
             store.create_store(ctx.output, layout, samples, [str(c) for c in root["class_name"][:]], attrs,
                                cfg.compression)
-        if (store.read_attrs(ctx.output) or {}).get("stage_hash") != ctx.stage_hash:
-            raise StoreError(f"{ctx.output} was created by another config; re-run with --force")
+        ctx.check_same_config()
         done = store.unit_status(ctx.output)
         return [
             PoolTask(f"unit-{u}", str(source), str(ctx.output), u, tuple(blocks), tuple(timesteps),
-                     tuple(cfg.sizes), cfg.mode, fail_attempts=injected_failures(f"unit-{u}"))
+                     tuple(cfg.sizes), cfg.mode)
             for u in range(layout.n_units) if not done[u]
         ]
 
     def run(self, cfg: PoolConfig, ctx: RunContext) -> None:
-        from pipeline.cluster import get_client, run_tasks
+        from pipeline.cluster.client import get_client, run_tasks
 
         _, _, _, blocks, timesteps, layout = self._plan(cfg, ctx)
         tasks = self.prepare(cfg, ctx)

@@ -1,8 +1,8 @@
 """probe: train classifier heads over a (block, timestep, pool size, head) grid.
 
 Input: a pool stage's store (or an extract store with small maps: its pool size
-is the stored map side). Every cell trains one head (``pipeline.heads``: linear,
-MLP, CNN, attention) with one recipe (``pipeline.training.TrainSpec``) on frozen
+is the stored map side). Every cell trains one head (``pipeline.probing.heads``: linear,
+MLP, CNN, attention) with one recipe (``pipeline.probing.training.TrainSpec``) on frozen
 features of one (block, timestep, pool) and scores it on the test split.
 
 Splits are by image, never by view: the test split is either a second store
@@ -18,10 +18,10 @@ timesteps; every minibatch read feeds all timesteps' heads, recipes included.
 A group is one dask task: only paths and selectors travel through the scheduler;
 the worker opens the store(s) itself and streams minibatches (shuffled chunk
 order + in-buffer shuffle), so the data need not fit in memory. A failed task is
-retried once and reported (``pipeline.cluster.run_tasks``); finished groups are
-saved in ``cells/`` so a re-run resumes.
+retried once and reported (``pipeline.cluster.client.run_tasks``); finished groups are
+saved in ``tasks/`` so a re-run resumes.
 
-Output: ``<name>.probe/`` (see ``pipeline/results.py``): the Dataset
+Output: ``<name>.probe/`` (see ``pipeline/probing/results.py``): the Dataset
 ``accuracy(block, timestep, pool, head)`` (+ top-5, validation, train time,
 epochs) as Zarr, ``results.csv``, one heatmap PNG per head; the best cell per head
 is printed at the end.
@@ -29,20 +29,19 @@ is printed at the end.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import store
-from pipeline.config import Where, build_dataclass, config_dict
-from pipeline.errors import ConfigError, DiffprobeError, StoreError, select_or_error
-from pipeline.heads import HeadSpec
-from pipeline.stage import RunContext, Stage, input_field
-from pipeline.training import TrainSpec
+from pipeline.workflow.config import Where, build_dataclass, config_dict
+from pipeline.errors import ConfigError, DiffprobeError, select_or_error
+from pipeline.probing.heads import HeadSpec
+from pipeline.probing.splits import split_groups
+from pipeline.workflow.stage import RunContext, Stage, input_field
+from pipeline.probing.training import TrainSpec
 
 
 @dataclass(frozen=True)
@@ -127,8 +126,6 @@ class GroupTask:
     seed: int
     buffer_bytes: int
     torch_threads: int
-    attempt: int = 1
-    fail_attempts: int = 0
 
 
 def split_by_image(image_ids: np.ndarray, usable: np.ndarray, test_fraction: float,
@@ -147,13 +144,9 @@ def split_by_image(image_ids: np.ndarray, usable: np.ndarray, test_fraction: flo
     -------
     train_idx, test_idx : sorted int64 sample positions.
     """
-    ids = np.asarray(image_ids, dtype=object)
-    unique = np.unique(ids[usable])
-    if len(unique) < 2:
-        raise ConfigError(f"a train/test split needs >= 2 usable images; the store has {len(unique)}")
-    n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
-    rng = np.random.default_rng([seed, 0x7E57])
-    in_test = np.isin(ids, unique[rng.permutation(len(unique))[:n_test]])
+    usable = np.asarray(usable, dtype=bool)
+    in_test = np.zeros(len(usable), dtype=bool)
+    in_test[usable] = split_groups(np.asarray(image_ids)[usable], test_fraction, seed, 0x7E57, "train/test")
     return np.flatnonzero(usable & ~in_test), np.flatnonzero(usable & in_test)
 
 
@@ -173,13 +166,10 @@ def train_group(task: GroupTask) -> list[dict]:
     plus the group's ``read_bytes`` and ``peak_buffer_bytes``.
     """
     import torch
+    from pipeline.store.slices import timestep_key
+    from pipeline.probing.training import HeadJob, train_heads
+    from pipeline.store.source import ZarrSource
 
-    from pipeline.cluster import raise_injected_fault
-    from pipeline.slices import timestep_key
-    from pipeline.training import HeadJob, train_heads
-    from pipeline.zarr_source import ZarrSource
-
-    raise_injected_fault(task)
     torch.set_num_threads(task.torch_threads)  # same arithmetic on every kind of worker
     with ZarrSource(task.parts, task.timesteps, buffer_bytes=task.buffer_bytes) as source:
         train_idx, test_idx = group_splits(source, task)
@@ -192,8 +182,7 @@ def train_group(task: GroupTask) -> list[dict]:
     rows = []
     for (t, name, _, _), result in zip(cells, results):
         rows.append({"block": task.block, "timestep": int(t), "pool": task.pool, "head": name, **result,
-                     "read_bytes": source.bytes_read, "peak_buffer_bytes": source.peak_buffer_bytes,
-                     "attempts": task.attempt})
+                     "read_bytes": source.bytes_read, "peak_buffer_bytes": source.peak_buffer_bytes})
     return rows
 
 
@@ -212,8 +201,7 @@ class Grid:
 
 def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
     """Validate the grid against the store(s) and group its cells by (block, pool) read."""
-    from pipeline.cluster import injected_failures
-    from pipeline.slices import feature_slices, store_timesteps
+    from pipeline.store.slices import feature_slices, store_timesteps
 
     slices = feature_slices(source)
     blocks = _select(cfg.blocks, list(dict.fromkeys(b for b, _ in slices)), "block", str(source))
@@ -260,23 +248,11 @@ def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
             tasks.append(GroupTask(
                 name, block, pool, tuple(parts), tuple(timesteps), heads, len(classes), cfg.test_fraction,
                 cfg.val_fraction, cfg.batch_size, cfg.eval_batch_size, cfg.seed, int(cfg.buffer_mib * 2**20),
-                cfg.torch_threads, fail_attempts=injected_failures(name),
+                cfg.torch_threads,
             ))
     if not tasks:
         raise ConfigError("probe: the grid is empty (no head runs at any of the selected pools)")
     return Grid(tasks, blocks, timesteps, pools, {h.name: h.head.kind for h in cfg.heads})
-
-
-def _cell_file(output: Path, group: str) -> Path:
-    return output / "cells" / (group.replace("/", "__") + ".json")
-
-
-def _save_cells(output: Path, group: str, rows: list[dict]) -> None:
-    path = _cell_file(output, group)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, default=float))
-    os.replace(tmp, path)
 
 
 class ProbeStage(Stage):
@@ -285,28 +261,23 @@ class ProbeStage(Stage):
     output_suffix = ".probe"
 
     def run(self, cfg: ProbeConfig, ctx: RunContext) -> None:
-        import zarr
 
-        from pipeline.cluster import get_client, run_tasks
-        from pipeline.results import best_cells, describe_best, results_dataset, write_results
+        from pipeline.cluster.client import get_client, run_tasks
+        from pipeline.probing.results import best_cells, describe_best, results_dataset, write_results
 
         test_source = ctx.inputs.get("test_input")
         grid = plan_grid(cfg, Path(ctx.inputs["input"]), Path(test_source) if test_source else None)
         out = ctx.output
-        if not out.exists():
-            group = zarr.open_group(str(out), mode="w-", zarr_format=3)
-            group.attrs[store.ATTR_KEY] = ctx.base_attrs() | {"complete": False}
-        elif (store.read_attrs(out) or {}).get("stage_hash") != ctx.stage_hash:
-            raise StoreError(f"{out} was written by another config; re-run with --force")
-        finished = {t.name: json.loads(_cell_file(out, t.name).read_text())
-                    for t in grid.tasks if _cell_file(out, t.name).exists()}
+        cache = ctx.open_results_output()
+        finished = {t.name: rows for t in grid.tasks if (rows := cache.load(t.name)) is not None}
         todo = [t for t in grid.tasks if t.name not in finished]
         n_cells = sum(len(t.timesteps) * len(t.heads) for t in grid.tasks)
         ctx.log(f"{n_cells} cells in {len(grid.tasks)} read group(s) (block x pool); "
                 f"{len(todo)} group(s) to do")
 
-        def keep(task, rows):
-            _save_cells(out, task.name, rows)
+        def keep(task, rows, attempts):
+            rows = [dict(r, attempts=attempts) for r in rows]
+            cache.save(task.name, rows)
             finished[task.name] = rows
 
         outcomes = []
@@ -356,7 +327,7 @@ class ProbeStage(Stage):
 
 def _memory_plan(tasks, buffer_mib: float) -> str:
     """How each task's slice compares with ``buffer_mib``: decoded once, or streamed every pass."""
-    from pipeline.inspect import human_bytes
+    from pipeline.store.describe import human_bytes
 
     roots = {path: store.open_root(path) for task in tasks for path, _ in task.parts}  # each store once
     sizes = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pipeline import store
 from pipeline.errors import ConfigError
-from pipeline.stage import RunContext, Stage, input_field
+from pipeline.workflow.stage import RunContext, Stage, input_field
 
 
 @dataclass(frozen=True)

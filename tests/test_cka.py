@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.distance import cdist
 
-from pipeline import cka, cka_estimators
+from pipeline.cka import estimators as cka
+
+
 from pipeline.errors import ConfigError
 
 PROPERTY = settings(max_examples=25, deadline=None)
@@ -43,7 +45,7 @@ def gram_form_cka(X, Y):
 
 
 def song_hsic1(K, L):
-    """Unbiased HSIC_1, Song et al. 2012, the trace formula (SCIENCE.md)."""
+    """Unbiased HSIC_1, Song et al. 2012, eq. 5: the trace formula (not the U-centred form)."""
     n = K.shape[0]
     Kt, Lt = K.copy(), L.copy()
     np.fill_diagonal(Kt, 0)
@@ -159,9 +161,9 @@ def test_user_errors_name_the_problem():
     with pytest.raises(ConfigError, match="NaN or inf"):
         cka.linear_cka(np.full((10, 3), np.nan), rng.standard_normal((10, 3)))
     with pytest.raises(ConfigError, match="samples"):
-        cka_estimators.rbf_cka(rng.standard_normal((10, 3)), rng.standard_normal((9, 3)))
+        cka.rbf_cka(rng.standard_normal((10, 3)), rng.standard_normal((9, 3)))
     with pytest.raises(ConfigError, match="samples"):
-        cka_estimators.minibatch_cka(rng.standard_normal((10, 3)), rng.standard_normal((9, 3)), batch_size=5)
+        cka.minibatch_cka(rng.standard_normal((10, 3)), rng.standard_normal((9, 3)), batch_size=5)
 
 
 def test_constant_representation_gives_nan_with_a_warning():
@@ -259,7 +261,7 @@ def test_minibatch_converges_to_exact_unbiased_cka():
     exact = cka.cka_from_grams(X @ X.T, Y @ Y.T, unbiased=True)
     errors = {}
     for b in (8, 30, 150, 600):
-        values = [cka_estimators.minibatch_cka(X, Y, batch_size=b, seed=s).value for s in range(4)]
+        values = [cka.minibatch_cka(X, Y, batch_size=b, seed=s).value for s in range(4)]
         errors[b] = float(np.mean(np.abs(np.array(values) - exact)))
     assert errors[600] < 1e-10  # one batch of everything is the full-data estimator
     assert errors[8] > errors[30] > errors[150] > errors[600]
@@ -268,20 +270,20 @@ def test_minibatch_converges_to_exact_unbiased_cka():
 
 def test_minibatch_records_batch_size_seed_and_count():
     X, Y = related_pair(np.random.default_rng(8), n=103, p1=4, p2=4)
-    r = cka_estimators.minibatch_cka(X, Y, batch_size=10, seed=3, n_epochs=2)
+    r = cka.minibatch_cka(X, Y, batch_size=10, seed=3, n_epochs=2)
     assert (r.batch_size, r.seed, r.n_epochs, r.n_batches) == (10, 3, 2, 20)
     assert r.to_dict()["value"] == r.value
-    assert cka_estimators.minibatch_cka(X, Y, batch_size=10, seed=3, n_epochs=2).value == r.value
-    assert cka_estimators.minibatch_cka(X, Y, batch_size=10, seed=4, n_epochs=2).value != r.value
+    assert cka.minibatch_cka(X, Y, batch_size=10, seed=3, n_epochs=2).value == r.value
+    assert cka.minibatch_cka(X, Y, batch_size=10, seed=4, n_epochs=2).value != r.value
 
 
 def test_minibatch_refuses_small_or_changing_batches():
     rng = np.random.default_rng(0)
-    acc = cka_estimators.MinibatchCKA()
+    acc = cka.MinibatchCKA()
     with pytest.raises(ConfigError, match="at least 4"):
         acc.update(rng.standard_normal((3, 2)), rng.standard_normal((3, 2)))
     with pytest.raises(ConfigError, match="at least 4"):
-        cka_estimators.minibatch_cka(rng.standard_normal((10, 2)), rng.standard_normal((10, 2)), batch_size=2)
+        cka.minibatch_cka(rng.standard_normal((10, 2)), rng.standard_normal((10, 2)), batch_size=2)
     acc.update(rng.standard_normal((6, 2)), rng.standard_normal((6, 2)))
     with pytest.raises(ConfigError, match="fixed batch size"):
         acc.update(rng.standard_normal((5, 2)), rng.standard_normal((5, 2)))
@@ -291,7 +293,7 @@ def test_minibatch_refuses_small_or_changing_batches():
 
 def test_minibatch_constant_representation_is_nan_with_note():
     rng = np.random.default_rng(0)
-    acc = cka_estimators.MinibatchCKA()
+    acc = cka.MinibatchCKA()
     acc.update(rng.standard_normal((6, 2)), np.full((6, 3), 7.0))
     with pytest.warns(RuntimeWarning, match="constant"):
         r = acc.result()
@@ -302,14 +304,14 @@ def test_minibatch_matrix_over_many_representations():
     rng = np.random.default_rng(9)
     reps = [rng.standard_normal((64, 5))]
     reps += [reps[0] @ rng.standard_normal((5, 7)) + s * rng.standard_normal((64, 7)) for s in (0.5, 3.0)]
-    acc = cka_estimators.MinibatchCKA(n_representations=3)
+    acc = cka.MinibatchCKA(n_representations=3)
     for i in range(0, 64, 16):
         acc.update(*(r[i:i + 16] for r in reps))
     m = acc.matrix()
     np.testing.assert_allclose(np.diag(m), 1.0)
     np.testing.assert_allclose(m, m.T)
     assert m[0, 1] > m[0, 2]  # the less noisy image of X is the more similar
-    pair = cka_estimators.MinibatchCKA()
+    pair = cka.MinibatchCKA()
     for i in range(0, 64, 16):
         pair.update(reps[0][i:i + 16], reps[2][i:i + 16])
     assert pair.result().value == pytest.approx(m[0, 2], abs=1e-12)
@@ -338,10 +340,10 @@ def test_float16_features_match_float32_and_never_overflow():
     f16, f32 = X16[:, :300], X32[:, :300]
     g16, g32 = Y16[:, :200], Y32[:, :200]
     assert abs(cka.linear_cka(f16, g16, route="feature") - cka.linear_cka(f32, g32)) <= tol
-    mb16 = cka_estimators.minibatch_cka(X16, Y16, batch_size=16, seed=0).value
-    mb32 = cka_estimators.minibatch_cka(X32, Y32, batch_size=16, seed=0).value
+    mb16 = cka.minibatch_cka(X16, Y16, batch_size=16, seed=0).value
+    mb32 = cka.minibatch_cka(X32, Y32, batch_size=16, seed=0).value
     assert abs(mb16 - mb32) <= tol
-    assert abs(cka_estimators.rbf_cka(X16, Y16) - cka_estimators.rbf_cka(X32, Y32)) <= tol
+    assert abs(cka.rbf_cka(X16, Y16) - cka.rbf_cka(X32, Y32)) <= tol
 
 
 # ------------------------------------------------------------------ Grams, RBF
@@ -364,11 +366,11 @@ def test_gram_rbf_matches_reference_median_heuristic():
     X = np.random.default_rng(12).standard_normal((25, 4)) + 10
     d2 = cdist(X, X, "sqeuclidean")
     expected = np.exp(-d2 / (2 * 0.8**2 * np.median(d2)))
-    np.testing.assert_allclose(cka_estimators.gram_rbf(X, sigma_fraction=0.8), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cka.gram_rbf(X, sigma_fraction=0.8), expected, rtol=1e-10, atol=1e-12)
     with pytest.raises(ConfigError, match="sigma_fraction"):
-        cka_estimators.gram_rbf(X, sigma_fraction=0)
+        cka.gram_rbf(X, sigma_fraction=0)
     with pytest.raises(ConfigError, match="bandwidth is 0"):
-        cka_estimators.gram_rbf(np.ones((6, 2)))
+        cka.gram_rbf(np.ones((6, 2)))
 
 
 @PROPERTY
@@ -377,11 +379,11 @@ def test_rbf_cka_sanity(shape, scale, fraction):
     seed, n, p1, p2 = shape
     rng = np.random.default_rng(seed)
     X, Y = related_pair(rng, n, p1, p2)
-    v = cka_estimators.rbf_cka(X, Y, fraction)
+    v = cka.rbf_cka(X, Y, fraction)
     assert -1e-12 <= v <= 1 + 1e-12
-    assert cka_estimators.rbf_cka(X, X, fraction) == pytest.approx(1.0, abs=1e-12)
+    assert cka.rbf_cka(X, X, fraction) == pytest.approx(1.0, abs=1e-12)
     moved = scale * X @ orthogonal(rng, p1)
-    assert cka_estimators.rbf_cka(moved, Y, fraction) == pytest.approx(v, abs=1e-8)
+    assert cka.rbf_cka(moved, Y, fraction) == pytest.approx(v, abs=1e-8)
 
 
 def test_no_warning_on_normal_use():
@@ -389,5 +391,5 @@ def test_no_warning_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cka.linear_cka(X, Y)
-        cka_estimators.minibatch_cka(X, Y, batch_size=8)
-        cka_estimators.rbf_cka(X, Y)
+        cka.minibatch_cka(X, Y, batch_size=8)
+        cka.rbf_cka(X, Y)

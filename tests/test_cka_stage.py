@@ -1,4 +1,4 @@
-"""The cka stage: every entry against pipeline.cka on the stored arrays, across stores and layouts.
+"""The cka stage: every entry against pipeline.cka.estimators on the stored arrays, across stores and layouts.
 
 One module-scoped workflow extracts a tiny random UNet (float32 and float16), a
 reference CNN (no timestep) and a pooled store, then runs cka stages on them
@@ -19,16 +19,17 @@ import pandas as pd
 import pytest
 import xarray as xr
 import zarr
-from conftest import TINY_UNET
+from helpers import TINY_UNET
 
 from pipeline import store
-from pipeline.cka import linear_cka
-from pipeline.cka_estimators import minibatch_cka, rbf_cka
-from pipeline.cka_results import open_cka
-from pipeline.cka_select import align_samples, expand_selections
-from pipeline.config import ClusterConfig, load_workflow
+from pipeline.cka.estimators import linear_cka
+from pipeline.cka.estimators import minibatch_cka, rbf_cka
+from pipeline.cka.results import open_cka
+from pipeline.cka.select import align_samples, expand_selections
+from pipeline.workflow.config import ClusterConfig, load_workflow
+from stages import STAGES
 from pipeline.errors import ConfigError, DiffprobeError
-from pipeline.runner import Runner
+from pipeline.workflow.runner import Runner
 from stages.cka import CKAConfig, CKATask, Selection, cka_tile, plan_cka
 
 REFERENCE_CNN = Path(__file__).resolve().parents[1] / "data" / "factories" / "reference_cnn.py"
@@ -129,7 +130,7 @@ def wf(tmp_path_factory, cluster_address):
             memory_limit: 64KiB
             selections: [{{input: ex32}}]
         """))
-    workflow = load_workflow(folder / "wf.yaml")
+    workflow = load_workflow(folder / "wf.yaml", STAGES)
     Runner(workflow, progress=False).run(until="rbf")
     return workflow
 

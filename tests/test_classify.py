@@ -16,17 +16,20 @@ import torch
 import xarray as xr
 import zarr
 
-from pipeline import errorstore, store
-from pipeline.config import load_workflow
+from pipeline import store
+
+from pipeline.store import error_tensor as errorstore
+from pipeline.workflow.config import load_workflow
+from stages import STAGES
 from pipeline.datasets import DatasetConfig, open_dataset, preprocess
-from pipeline.dc import TrialPlan, even_timesteps
+from pipeline.dc.classifier import TrialPlan, even_timesteps
 from pipeline.errors import ConfigError, ModelError, StoreError
 from pipeline.models import ModelConfig, load_model
 from pipeline.models.unet2d import UNet2DAdapter
 from pipeline.noise import sample_noise
-from pipeline.runner import Runner
+from pipeline.workflow.runner import Runner
 from stages.classify import Classifier
-from conftest import TINY_UNET
+from helpers import TINY_UNET
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "data" / "models" / "digits-ddpm"
@@ -48,7 +51,7 @@ def classify_workflow(folder: Path, **params) -> Path:
 
 
 def run_classify(folder: Path, **params) -> Path:
-    Runner(load_workflow(classify_workflow(folder, **params)), progress=False).run()
+    Runner(load_workflow(classify_workflow(folder, **params), STAGES), progress=False).run()
     return folder / "out" / "c.zarr"
 
 
@@ -152,7 +155,7 @@ def test_adaptive_spends_fewer_passes_on_the_same_cells(exhaustive, tmp_path):
 
 
 def test_plan_counts_the_forward_passes_a_run_spends(tmp_path):
-    runner = Runner(load_workflow(classify_workflow(tmp_path, schedule="{n_samples: [3, 6], to_keep: [3, 1]}")),
+    runner = Runner(load_workflow(classify_workflow(tmp_path, schedule="{n_samples: [3, 6], to_keep: [3, 1]}"), STAGES),
                     progress=False)
     entry = runner.wf.stage("c")
     rows = dict(runner.stages["c"].plan(entry.config, runner.context(entry)))
@@ -189,7 +192,7 @@ def test_interrupted_run_resumes_and_skips_units_already_done(exhaustive, tmp_pa
     monkeypatch.setattr(Classifier, "compute_unit", crash_on_second_unit)
     wf = classify_workflow(tmp_path, unit_samples=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Runner(load_workflow(wf), progress=False).run()
+        Runner(load_workflow(wf, STAGES), progress=False).run()
     path = tmp_path / "out" / "c.zarr"
     assert store.unit_status(path).tolist() == [True, False, False]
     with pytest.raises(StoreError, match="incomplete"):
@@ -203,7 +206,7 @@ def test_interrupted_run_resumes_and_skips_units_already_done(exhaustive, tmp_pa
 
     computed.clear()
     monkeypatch.setattr(Classifier, "compute_unit", counting)
-    assert Runner(load_workflow(wf), progress=False).run() == [("c", "resume")]
+    assert Runner(load_workflow(wf, STAGES), progress=False).run() == [("c", "resume")]
     assert computed == [1, 2]
     assert all(p.stat().st_mtime_ns == m for p, m in written.items())
     assert store.read_attrs(path)["complete"] is True
@@ -215,7 +218,7 @@ def test_score_command_needs_no_torch(exhaustive, tmp_path):
     path, _ = exhaustive
     code = textwrap.dedent(f"""\
         import sys
-        from pipeline.cli import main
+        from pipeline.cli.commands import main
         try:
             main(["score", {str(path)!r}, "--trials", "0:6:2", "--loss", "l1", "--out", {str(tmp_path)!r}])
         except SystemExit as exc:
@@ -246,11 +249,11 @@ def test_trial_selection_parsing_and_bad_inputs(exhaustive, tmp_path):
     assert 0.0 <= weighted["accuracy"] <= 1.0
     with pytest.raises(ConfigError, match="to_keep"):
         Runner(load_workflow(classify_workflow(tmp_path / "a", n_trials=None,
-                                               schedule="{n_samples: [3, 6]}")), progress=False)
+                                               schedule="{n_samples: [3, 6]}"), STAGES), progress=False)
     with pytest.raises(ConfigError, match="n_trials"):
-        load_workflow(classify_workflow(tmp_path / "b", n_trials=None))
+        load_workflow(classify_workflow(tmp_path / "b", n_trials=None), STAGES)
     with pytest.raises(ConfigError, match="did you mean 'cifar10'"):
-        load_workflow(classify_workflow(tmp_path / "c", schedule="{preset: cifar}"))
+        load_workflow(classify_workflow(tmp_path / "c", schedule="{preset: cifar}"), STAGES)
     with pytest.raises(ConfigError, match="'prompt' is for text-conditional"):
         run_classify(tmp_path / "d", prompt="digits")
     with pytest.raises(StoreError, match="not a classify store"):
@@ -326,7 +329,7 @@ def test_tiny_stable_diffusion_classifies_with_one_prompt_per_class(tmp_path):
     abar = sd.alphas_cumprod[t]
     x_t = (abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double()).float()
     with torch.no_grad():
-        pred = sd.module(x_t[None], torch.tensor([t]), encoder_hidden_states=sd.encode_prompts([prompts[c]])).sample
+        pred = sd.module(x_t[None], torch.tensor([t]), encoder_hidden_states=sd.encode_text([prompts[c]])).sample
     np.testing.assert_allclose(errors[s, c, trial], ((pred[0] - eps) ** 2).mean().item(), rtol=1e-4)
 
 

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_UNET
+from helpers import TINY_UNET
 
 from pipeline import store
-from pipeline.cluster import ZARR_CONCURRENCY, get_client
-from pipeline.config import ClusterConfig, load_workflow
+from pipeline.cluster.client import ZARR_CONCURRENCY, get_client
+from pipeline.workflow.config import ClusterConfig, load_workflow
+from stages import STAGES
 from pipeline.errors import ConfigError
-from pipeline.runner import Runner
+from pipeline.workflow.runner import Runner
 
-STAGES = """\
+STAGES_YAML = """\
 stages:
   - name: ex
     stage: extract
@@ -84,7 +85,7 @@ def _workflow(folder: Path, cluster: str, output: str) -> Path:
     (folder / "tiny.json").write_text(json.dumps(TINY_UNET))
     path = folder / f"wf-{output}.yaml"
     header = f"name: clustertest\noutput_dir: out\ncluster: {cluster}\n"
-    path.write_text(header + STAGES % f"out/{output}.probe")
+    path.write_text(header + STAGES_YAML % f"out/{output}.probe")
     return path
 
 
@@ -92,9 +93,9 @@ def test_probe_grid_on_dask_cli_workers_equals_local_cluster(tmp_path, scheduler
     import xarray as xr
 
     address = f'{{kind: address, address: "{scheduler_address}"}}'
-    remote = load_workflow(_workflow(tmp_path, address, "remote"))
+    remote = load_workflow(_workflow(tmp_path, address, "remote"), STAGES)
     Runner(remote, progress=False).run()
-    local = load_workflow(_workflow(tmp_path, "{kind: local, n_workers: 2, threads_per_worker: 1}", "local"))
+    local = load_workflow(_workflow(tmp_path, "{kind: local, n_workers: 2, threads_per_worker: 1}", "local"), STAGES)
     report = Runner(local, progress=False).run()
     assert report[:2] == [("ex", "skip (up to date)"), ("pooled", "skip (up to date)")]
     log = capsys.readouterr().err
@@ -159,7 +160,7 @@ def test_slurm_cluster_runs_the_grid_through_sbatch(tmp_path, monkeypatch, capsy
         "scheduler_options": {"host": "127.0.0.1", "dashboard_address": ":0"},
         "worker_extra_args": ["--host", "127.0.0.1"], "log_directory": str(tmp_path / "logs"),
     })
-    wf = load_workflow(_workflow(tmp_path, f"{{kind: slurm, n_workers: 2, slurm: {slurm}}}", "slurm"))
+    wf = load_workflow(_workflow(tmp_path, f"{{kind: slurm, n_workers: 2, slurm: {slurm}}}", "slurm"), STAGES)
     Runner(wf, progress=False).run()
     assert "dask cluster (slurm): 2 worker job(s) submitted" in capsys.readouterr().err
     scripts = sorted(fake.glob("job-*.sh"))
@@ -168,7 +169,7 @@ def test_slurm_cluster_runs_the_grid_through_sbatch(tmp_path, monkeypatch, capsy
     assert "#SBATCH -p cpu" in text and "#SBATCH -t 00:20:00" in text and "--cpus-per-task=1" in text
     assert "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in text and "tcp://127.0.0.1:" in text
     assert len((fake / "cancelled").read_text().split()) == 4  # every job cancelled when its stage ends
-    local = load_workflow(_workflow(tmp_path, "{kind: local, n_workers: 1, threads_per_worker: 1}", "local"))
+    local = load_workflow(_workflow(tmp_path, "{kind: local, n_workers: 1, threads_per_worker: 1}", "local"), STAGES)
     Runner(local, progress=False).run()
     a, b = (xr.open_zarr(w.stage("probe").output).load() for w in (wf, local))
     assert np.isfinite(a["accuracy"]).all()
@@ -177,7 +178,7 @@ def test_slurm_cluster_runs_the_grid_through_sbatch(tmp_path, monkeypatch, capsy
 
 
 def test_local_cluster_workers_may_fork_the_block_reader():
-    from pipeline.block_reader import process_allowed
+    from pipeline.store.prefetch import process_allowed
 
     with get_client(ClusterConfig(kind="local", n_workers=1, threads_per_worker=1), log=lambda _: None) as client:
         assert list(client.run(process_allowed).values()) == [True]
@@ -188,7 +189,7 @@ def test_streamed_probe_in_two_thread_workers_is_the_same_with_either_block_read
     import pandas as pd
     import xarray as xr
 
-    from pipeline.block_reader import BUILDER_ENV
+    from pipeline.store.prefetch import BUILDER_ENV
 
     cluster = "{kind: local, n_workers: 1, threads_per_worker: 2}"
     results = {}
@@ -197,7 +198,7 @@ def test_streamed_probe_in_two_thread_workers_is_the_same_with_either_block_read
         path = _workflow(tmp_path, cluster, f"streamed-{kind}")
         path.write_text(path.read_text().replace("    test_fraction: 0.25\n",
                                                  "    test_fraction: 0.25\n    buffer_mib: 0.01\n"))
-        wf = load_workflow(path)
+        wf = load_workflow(path, STAGES)
         Runner(wf, progress=False).run()
         out = wf.stage("probe").output
         results[kind] = xr.open_zarr(out).load()

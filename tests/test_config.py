@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import Where, build_dataclass, load_yaml, stage_hash
+from pipeline.workflow.config import Where, build_dataclass, load_yaml, stage_hash
 from pipeline.errors import ConfigError
-from pipeline.training import TrainSpec
+from pipeline.probing.training import TrainSpec
 from stages.extract import ExtractConfig
 
 

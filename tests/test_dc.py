@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.dc import (
+from pipeline.dc.classifier import (
     EPS_SCHEME,
     PUBLISHED_SCHEDULES,
     Schedule,
@@ -25,7 +25,7 @@ from pipeline.dc import (
 )
 from pipeline.errors import ConfigError, ModelError
 from pipeline.noise import sample_noise
-from pipeline.scoring import score
+from pipeline.dc.scoring import score
 
 T = 1000
 

@@ -14,18 +14,19 @@ import torch
 import zarr
 
 from pipeline import store
-from pipeline.config import load_workflow
+from pipeline.workflow.config import load_workflow
+from stages import STAGES
 from pipeline.datasets import DatasetConfig, open_dataset, preprocess
 from pipeline.errors import StoreError
 from pipeline.models import ModelConfig, load_model
 from pipeline.noise import sample_noise
-from pipeline.runner import Runner
+from pipeline.workflow.runner import Runner
 
-DIFFPROBE = [sys.executable, "-m", "pipeline.cli"]
+DIFFPROBE = [sys.executable, "-m", "pipeline.cli.commands"]
 
 
 def run_wf(path: Path, **kw):
-    return Runner(load_workflow(path), progress=False, **kw).run()
+    return Runner(load_workflow(path, STAGES), progress=False, **kw).run()
 
 
 def read_block(store_path: Path, block: str) -> np.ndarray:
@@ -187,7 +188,7 @@ def test_strict_makes_unreadable_images_fatal(extract_workflow, tmp_path):
 
 
 def test_float16_overflow_is_an_error_naming_block_timestep_samples(tmp_path):
-    from pipeline.runner import Runner
+    from pipeline.workflow.runner import Runner
     from stages.extract import NonFiniteError
 
     factory = Path(__file__).resolve().parent / "factories" / "overflow.py"
@@ -198,10 +199,10 @@ def test_float16_overflow_is_an_error_naming_block_timestep_samples(tmp_path):
     wf.write_text(body)
     with pytest.raises(NonFiniteError, match=r"block 'blow_up' produced inf/NaN in float16 at timestep\(s\) \[5\] "
                                              r"for sample\(s\) digits/"):
-        Runner(load_workflow(wf), progress=False).run()
+        Runner(load_workflow(wf, STAGES), progress=False).run()
     assert store.unit_status(tmp_path / "out/ex.zarr").sum() == 0  # nothing marked done
     wf.write_text(body + "    dtype: float32\n")
-    Runner(load_workflow(wf), progress=False, force=True).run()
+    Runner(load_workflow(wf, STAGES), progress=False, force=True).run()
     values = read_block(tmp_path / "out/ex.zarr", "blow_up")
     assert values.dtype == np.float32 and np.isfinite(values).all() and np.abs(values).max() > 65504
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
-from pipeline.heads import HeadSpec, build_head, count_parameters
-from pipeline.training import (
+from pipeline.probing.heads import HeadSpec, build_head, count_parameters
+from pipeline.probing.training import (
     ArraySource,
     HeadJob,
     RunningMoments,

@@ -108,8 +108,9 @@ def test_factory_model_extracts_by_paper_number(tmp_path):
 
     import zarr
 
-    from pipeline.config import load_workflow
-    from pipeline.runner import Runner
+    from pipeline.workflow.config import load_workflow
+    from stages import STAGES
+    from pipeline.workflow.runner import Runner
 
     factory = Path(__file__).resolve().parent.parent / "data/factories/guided_diffusion_tiny.py"
     (tmp_path / "d" / "c0").mkdir(parents=True)
@@ -133,7 +134,7 @@ stages:
     timesteps: [150]
     pool: {{size: 1}}
 """)
-    Runner(load_workflow(wf), progress=False).run()
+    Runner(load_workflow(wf, STAGES), progress=False).run()
     root = zarr.open_group(str(tmp_path / "out/ex.zarr"), mode="r")
     assert sorted(name for name, _ in root["blocks"].groups()) == ["middle_block", "output_blocks.4"]
     assert root["blocks/output_blocks.4/activations"].shape == (6, 1, 32, 1, 1)

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from pipeline import store
-from pipeline.config import ClusterConfig, StageEntry, Workflow, load_workflow
+from pipeline.workflow.config import ClusterConfig, StageEntry, Workflow, load_workflow
+from stages import STAGES
 from pipeline.errors import ConfigError
-from pipeline.runner import Runner
-from pipeline.stage import RunContext
+from pipeline.workflow.runner import Runner
+from pipeline.workflow.stage import RunContext
 from stages.pool import PoolConfig, PoolStage, pool_unit
 
-from conftest import TINY_UNET
+from helpers import TINY_UNET
 
 
 
@@ -55,7 +56,7 @@ def pooled(tmp_path_factory, cluster_address):
             timesteps: [100]
             dtype: float32
         """))
-    wf = load_workflow(folder / "wf.yaml")
+    wf = load_workflow(folder / "wf.yaml", STAGES)
     Runner(wf, progress=False).run()
     return wf
 

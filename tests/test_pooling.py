@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
-from pipeline.pooling import adaptive_pool, pool_bins, pool_dask, pooled_shape
+from pipeline.probing.pooling import adaptive_pool, pool_bins, pool_dask, pooled_shape
 
 SIZES = [(7, 3), (5, 2), (16, 16), (1, 1), (16, 2), (9, 4), (3, 5), (2, 7), (16, 1)]
 

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from pipeline import store
-from pipeline.config import load_workflow
+from pipeline.workflow.config import load_workflow
+from stages import STAGES
 from pipeline.errors import ConfigError, DiffprobeError
-from pipeline.heads import HeadSpec
-from pipeline.runner import Runner
-from pipeline.training import TrainSpec, split_validation
-from pipeline.zarr_source import ZarrSource
+from pipeline.probing.heads import HeadSpec
+from pipeline.workflow.runner import Runner
+from pipeline.probing.training import TrainSpec, split_validation
+from pipeline.store.source import ZarrSource
 from stages.probe import GroupTask, ProbeConfig, group_splits, plan_grid, split_by_image, train_group
 
-from conftest import TINY_UNET
+from helpers import TINY_UNET
 #: The paper's linear-probe recipe (SGD, momentum, step schedule), shortened.
 SGD = TrainSpec("sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step", step_size=15, epochs=40)
 
@@ -65,7 +66,7 @@ def wf(tmp_path_factory, cluster_address):
     timesteps: [10]
     train: {epochs: 2}
 """)
-    workflow = load_workflow(folder / "wf.yaml")
+    workflow = load_workflow(folder / "wf.yaml", STAGES)
     Runner(workflow, progress=False).run(until="pte")
     return workflow
 
@@ -150,7 +151,7 @@ def test_probe_grid_trains_all_four_heads_and_writes_results(wf, capsys):
     import xarray as xr
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.cli.commands import main
 
     Runner(wf, progress=False).run(only="grid")
     out = wf.stage("grid").output
@@ -174,7 +175,7 @@ def test_failed_group_is_retried_once_and_reported(wf, monkeypatch, capsys):
     import pandas as pd
     import xarray as xr
 
-    from pipeline.cluster import FAULT_ENV
+    from pipeline.faults import FAIL_TASKS_ENV as FAULT_ENV
 
     out = wf.stage("small").output
     monkeypatch.setenv(FAULT_ENV, "mid_block/p2")  # the first attempt fails
@@ -192,7 +193,7 @@ def test_failed_group_is_retried_once_and_reported(wf, monkeypatch, capsys):
     assert store.read_attrs(out)["complete"] is False
     acc = xr.open_zarr(out)["accuracy"].sel(head="linear", block="mid_block")
     assert np.isnan(acc.sel(pool=2)).all() and np.isfinite(acc.sel(pool=1)).all()
-    from pipeline.results import format_results
+    from pipeline.probing.results import format_results
 
     assert "FAILED mid_block/p2" in format_results(out)
 

@@ -18,9 +18,10 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline.config import load_workflow
 from pipeline.errors import ConfigError
-from pipeline.runner import Runner
+from pipeline.workflow.config import load_workflow
+from pipeline.workflow.runner import Runner
+from stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "data" / "models" / "digits-ddpm"
@@ -91,7 +92,7 @@ def workflow_text(address: str) -> str:
 def run(tmp_path_factory, cluster_address):
     folder = tmp_path_factory.mktemp("report")
     (folder / "wf.yaml").write_text(workflow_text(cluster_address))
-    workflow = load_workflow(folder / "wf.yaml")
+    workflow = load_workflow(folder / "wf.yaml", STAGES)
     Runner(workflow, progress=False).run()
     return workflow
 
@@ -253,7 +254,7 @@ def test_report_roles_must_be_probe_stages(run, tmp_path):
     text = (run.file.read_text().replace("control: random_probe", "control: cka_trained")
             .replace("output_dir: out", f"output_dir: {run.output_dir}"))
     (tmp_path / "wf.yaml").write_text(text)
-    workflow = load_workflow(tmp_path / "wf.yaml")
+    workflow = load_workflow(tmp_path / "wf.yaml", STAGES)
     with pytest.raises(ConfigError, match="control 'cka_trained' is a cka stage; give a probe stage"):
         Runner(workflow, progress=False, force=True).run(only="report")
 

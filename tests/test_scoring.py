@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.dc import adaptive_classify, stage_trials
+from pipeline.dc.classifier import adaptive_classify, stage_trials
 from pipeline.errors import ConfigError
-from pipeline.scoring import (
+from pipeline.dc.scoring import (
     class_scores,
     confusion_png,
     rank_classes,

@@ -20,14 +20,15 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel  # noq
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from pipeline.config import load_workflow  # noqa: E402
+from pipeline.workflow.config import load_workflow  # noqa: E402
+from stages import STAGES
 from pipeline.datasets import DatasetConfig, open_dataset, preprocess  # noqa: E402
 from pipeline.datasets.preprocess import Preprocessing  # noqa: E402
 from pipeline.errors import ModelError  # noqa: E402
 from pipeline.models import Condition, ModelConfig, load_model  # noqa: E402
 from pipeline.models.sd import prompt_templates, prompts_for  # noqa: E402
 from pipeline.noise import sample_noise  # noqa: E402
-from pipeline.runner import Runner  # noqa: E402
+from pipeline.workflow.runner import Runner  # noqa: E402
 
 # ----------------------------------------------------------------- tiny pipeline folders
 
@@ -127,7 +128,7 @@ def run_extract(folder: Path, model: str, blocks: str, conditioning: str) -> Pat
             dtype: float32
             batch_size: 3
         """))
-    Runner(load_workflow(wf), progress=False).run()
+    Runner(load_workflow(wf, STAGES), progress=False).run()
     return folder / "out" / "ex.zarr"
 
 
@@ -175,7 +176,7 @@ def test_sd_encode_is_scaled_vae_mean(sd, sd_folder):
 def test_sd_forward_empty_prompt_vs_prompt_embeddings(sd):
     x = torch.randn(3, 4, 8, 8)
     t = torch.tensor([10, 500, 900])
-    emb = sd.encode_prompts(["a photo of a cat.", "a photo of a dog.", ""])
+    emb = sd.encode_text(["a photo of a cat.", "a photo of a dog.", ""])
     assert emb.shape == (3, 77, 16)
     with torch.no_grad():
         empty = sd.forward(x, t, Condition("none"))
@@ -183,7 +184,7 @@ def test_sd_forward_empty_prompt_vs_prompt_embeddings(sd):
     assert empty.shape == texts.shape == (3, 4, 8, 8)
     assert not torch.allclose(empty[:2], texts[:2])
     torch.testing.assert_close(empty[2], texts[2])  # "" is the empty prompt
-    assert torch.equal(sd.encode_prompts(["a photo of a cat."])[0], emb[0])  # cached, same values
+    assert torch.equal(sd.encode_text(["a photo of a cat."])[0], emb[0])  # cached, same values
 
 
 def test_sd_rejects_class_conditioning_and_v_prediction(sd, sd_folder, tmp_path):
@@ -311,7 +312,7 @@ def test_dit_pixel_space_from_config_json(tmp_path):
 def test_blocks_command_guesses_sd_and_dit(sd_folder, dit_folder):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.cli.commands import main
 
     sd_out = CliRunner().invoke(main, ["blocks", str(sd_folder)])
     assert sd_out.exit_code == 0, sd_out.output

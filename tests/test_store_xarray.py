@@ -10,16 +10,17 @@ import xarray as xr
 import zarr
 
 from pipeline import store
-from pipeline.config import load_workflow
-from pipeline.runner import Runner
+from pipeline.workflow.config import load_workflow
+from stages import STAGES
+from pipeline.workflow.runner import Runner
 
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
-    from conftest import write_extract_workflow
+    from helpers import write_extract_workflow
 
     wf = write_extract_workflow(tmp_path_factory.mktemp("xr"), dataset="{reader: digits, split: test, limit: 12}")
-    Runner(load_workflow(wf), progress=False).run()
+    Runner(load_workflow(wf, STAGES), progress=False).run()
     return wf.parent / "out" / "ex.zarr"
 
 
@@ -69,11 +70,11 @@ def test_plan_layout_chunks_divide_units():
 
 
 def test_bitround_is_opt_in_and_recorded(tmp_path):
-    from conftest import write_extract_workflow
+    from helpers import write_extract_workflow
 
     wf = write_extract_workflow(tmp_path, dataset="{reader: digits, split: test, limit: 8}",
                                 compression="{bitround_keepbits: 4}")
-    Runner(load_workflow(wf), progress=False).run()
+    Runner(load_workflow(wf, STAGES), progress=False).run()
     out = wf.parent / "out" / "ex.zarr"
     assert store.read_attrs(out)["compression"]["bitround_keepbits"] == 4
     with warnings.catch_warnings():
@@ -84,11 +85,11 @@ def test_bitround_is_opt_in_and_recorded(tmp_path):
 
 
 def test_uncompressed_option_keeps_crc32c_and_values(tmp_path):
-    from conftest import write_extract_workflow
+    from helpers import write_extract_workflow
 
     wf = write_extract_workflow(tmp_path, dataset="{reader: digits, split: test, limit: 8}",
                                 compression="{cname: none}")
-    Runner(load_workflow(wf), progress=False).run()
+    Runner(load_workflow(wf, STAGES), progress=False).run()
     arr = zarr.open_group(str(wf.parent / "out" / "ex.zarr"), mode="r")["blocks/mid_block/activations"]
     assert [type(c).__name__ for c in arr.compressors] == ["Crc32cCodec"]
     assert np.isfinite(arr[:]).all()

@@ -13,9 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import block_reader, store
+from pipeline import store
+
+from pipeline.store import prefetch as block_reader
 from pipeline.errors import StoreError
-from pipeline.zarr_source import ZarrSource
+from pipeline.store.source import ZarrSource
 
 
 def _synthetic(path, n=512, channels=16, p=4, failed=()):

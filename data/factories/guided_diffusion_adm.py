@@ -11,7 +11,7 @@ The 256x256 unconditional model used by the paper:
                 image_size: 256, in_channels: 3}
     blocks: [19, 24, 30]            # the paper's 1-based numbering: 24 = output_blocks.4
 
-Settings follow SCIENCE.md: 256 base channels, 2 res blocks, channel_mult
+Settings of the released 256x256 unconditional checkpoint (2307.08702 uses it): 256 base channels, 2 res blocks, channel_mult
 (1,1,2,2,4,4), attention at 32/16/8 with 64 channels per head, resblock up/down,
 learned sigma, scale-shift norm, linear schedule over 1000 steps. The learned-sigma
 half of the output is dropped by the factory adapter.

@@ -9,7 +9,6 @@ settings can be recorded in the store.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,13 +141,3 @@ def select_subset(records: Sequence[Record], class_names: Sequence[str], cfg: Da
         chosen = set(rng.choice(len(keep), size=cfg.limit, replace=False).tolist())
         keep = [r for i, r in enumerate(keep) if i in chosen]
     return keep
-
-
-def with_records(reader: DatasetReader, records: list[Record]) -> DatasetReader:
-    """Return the reader with its records replaced (used after subsetting)."""
-    reader.records = records
-    return reader
-
-
-def config_from_dict(d: dict) -> DatasetConfig:
-    return DatasetConfig(**{f.name: d[f.name] for f in dataclasses.fields(DatasetConfig) if f.name in d})

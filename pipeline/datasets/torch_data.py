@@ -84,3 +84,23 @@ def make_loader(
         persistent_workers=False,
         drop_last=False,
     )
+
+
+def load_images(reader: DatasetReader, prep: Preprocessing, indices: Sequence[int], num_workers: int = 0,
+                use_bbox: bool = False) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Decode + preprocess ``indices`` of ``reader`` in DataLoader workers.
+
+    Returns
+    -------
+    arrays : index -> (C, H, W) float32 preprocessed image, for the images that decoded.
+    failures : index -> reason, for the images that did not (never zero-filled).
+    """
+    arrays, failures = {}, {}
+    workers = num_workers if len(indices) > 1 else 0
+    loader = make_loader(reader, prep, list(indices), batch_size=None, num_workers=workers, use_bbox=use_bbox)
+    for index, arr, reason in loader:
+        if reason:
+            failures[int(index)] = reason
+        else:
+            arrays[int(index)] = np.asarray(arr)
+    return arrays, failures

@@ -58,6 +58,10 @@ def resolve_device(device: str) -> torch.device:
     raise ModelError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
 
 
+#: Names of the dtypes a model may compute in (and activations may be rounded to).
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def load_model(cfg: ModelConfig, device: str = "cpu", dtype: str = "float32") -> ModelAdapter:
     """Build the adapter for ``cfg`` on ``device`` with parameters in ``dtype``."""
     if cfg.kind not in MODEL_KINDS:
@@ -66,11 +70,11 @@ def load_model(cfg: ModelConfig, device: str = "cpu", dtype: str = "float32") ->
         )
     dev = resolve_device(device)
     adapter = MODEL_KINDS[cfg.kind](cfg)
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     param = next(adapter.module.parameters())
     if param.device != dev or param.dtype != torch_dtype:
         adapter.module.to(device=dev, dtype=torch_dtype)
     return adapter
 
 
-__all__ = ["MODEL_KINDS", "BlockInfo", "Condition", "ModelAdapter", "ModelConfig", "load_model", "resolve_device"]
+__all__ = ["MODEL_KINDS", "TORCH_DTYPES", "BlockInfo", "Condition", "ModelAdapter", "ModelConfig", "load_model", "resolve_device"]

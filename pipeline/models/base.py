@@ -73,9 +73,20 @@ def weights_hash(module: nn.Module) -> str:
 
 
 class ModelAdapter:
-    """Base class. Subclasses set the attributes in ``__init__`` and implement ``forward``."""
+    """Base class. Subclasses set the attributes in ``__init__`` and implement ``forward``.
+
+    What an adapter can do is declared, not guessed by the stages:
+
+    - ``takes_timestep``: False for timestep-free reference networks (a classifier CNN
+      whose ``forward(x)`` ignores t); such a model has one "timestep".
+    - ``label_conditional``: the model takes class labels (``Condition("class" |
+      "label" | "null")``).
+    - ``text_conditional``: the model takes prompt embeddings from ``encode_text``.
+    """
 
     kind: str = "base"
+    takes_timestep: bool = True
+    text_conditional: bool = False
 
     def __init__(self) -> None:
         self.module: nn.Module
@@ -106,6 +117,15 @@ class ModelAdapter:
     def paper_block_names(self) -> dict[int, str] | None:
         """1-based paper numbering -> module path, where the model has one (guided-diffusion)."""
         return None
+
+    @property
+    def label_conditional(self) -> bool:
+        """Whether the model takes class labels; adapters whose forward cannot take them override."""
+        return bool(self.num_classes)
+
+    def encode_text(self, prompts) -> torch.Tensor:
+        """Prompts -> (K, L, D) embeddings; only text-conditional adapters implement it."""
+        raise ModelError(f"this {self.kind} model is not text-conditional: it takes no prompts")
 
     # ---- shared ---------------------------------------------------------------------
     @property
@@ -174,7 +194,7 @@ class ModelAdapter:
         return seen
 
     def dry_condition(self, batch: int) -> Condition:
-        if self.num_classes:
+        if self.label_conditional:
             return Condition("label", labels=torch.zeros(batch, dtype=torch.long, device=self.device))
         return Condition("none")
 

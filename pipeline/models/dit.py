@@ -22,18 +22,16 @@ output tokens (B, N, D), reshaped to (B, D, h, w) with h = w = sqrt(N)
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 
 import torch
 
 from pipeline.datasets.preprocess import Preprocessing
 from pipeline.errors import ModelError
-from pipeline.models.base import Condition, ModelAdapter, component_folder
+from pipeline.models.base import Condition, ModelAdapter
 from pipeline.models.config import ModelConfig
-from pipeline.models.latent import VaeEncoder, check_epsilon, load_component, local_folder
+from pipeline.models.latent import VaeEncoder, check_epsilon, load_denoiser
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
 
 TOKEN_BLOCK = re.compile(r"^(pos_embed|transformer_blocks\.\d+)$")
@@ -58,27 +56,8 @@ class DiTAdapter(ModelAdapter):
         from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
         opts = dict(cfg.options)
-        folder = None
-        if cfg.path:
-            folder = local_folder(cfg.path, "dit")
-            model_dir = component_folder(folder, "transformer", "DiT model")
-            if cfg.random_init:
-                torch.manual_seed(cfg.seed)
-                module = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(model_dir))
-            else:
-                module = load_component(DiTTransformer2DModel, model_dir, "DiT transformer",
-                                        opts.get("variant"))
-            self.source = {"path": str(folder), "random_init": cfg.random_init,
-                           "seed": cfg.seed if cfg.random_init else None}
-        elif cfg.config:
-            config_path = Path(cfg.config).expanduser()
-            if not config_path.exists():
-                raise ModelError(f"model config {str(config_path)!r} does not exist")
-            torch.manual_seed(cfg.seed)
-            module = DiTTransformer2DModel.from_config(json.loads(config_path.read_text()))
-            self.source = {"config": str(config_path), "random_init": True, "seed": cfg.seed}
-        else:
-            raise ModelError("model kind 'dit' needs 'path:' (local DiT folder) or 'config:' (config JSON)")
+        module, folder, self.source = load_denoiser(DiTTransformer2DModel, cfg, "transformer", "DiT model",
+                                                    opts.get("variant"))
         self.module = module.eval().requires_grad_(False)
         conf = module.config
 

@@ -99,15 +99,19 @@ class FactoryAdapter(ModelAdapter):
             torch.ones(1, dtype=torch.float64) if self.timestep_free else alphas_cumprod(self.scheduler_config)
         )
         self.source = {"factory": cfg.factory, "options": opts}
-        params = inspect.signature(module.forward).parameters
-        self._takes_y = "y" in params
+        self.takes_timestep = not self.timestep_free
+        self._forward_takes_y = "y" in inspect.signature(module.forward).parameters
+
+    @property
+    def label_conditional(self) -> bool:
+        return bool(self.num_classes) and self._forward_takes_y and self.takes_timestep
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         if self.timestep_free:
             return self.module(x_t)
         kwargs = {}
         if cond.kind in ("class", "label", "null"):
-            if not self._takes_y:
+            if not self._forward_takes_y:
                 raise ModelError("this factory model's forward takes no 'y': use conditioning 'none'")
             labels = cond.labels
             if cond.kind == "null":
@@ -119,11 +123,6 @@ class FactoryAdapter(ModelAdapter):
         if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[1] == 2 * x_t.shape[1]:
             out = out[:, : x_t.shape[1]]  # learned sigma: keep the eps half
         return out
-
-    def dry_condition(self, batch: int) -> Condition:
-        if self.num_classes and self._takes_y and not self.timestep_free:
-            return Condition("label", labels=torch.zeros(batch, dtype=torch.long, device=self.device))
-        return Condition("none")
 
     def paper_block_names(self) -> dict[int, str] | None:
         return paper_numbering(self.module)

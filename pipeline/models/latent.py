@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelError
+from pipeline.models.base import component_folder
 
 
 def local_folder(cfg_path: str | None, kind: str) -> Path:
@@ -23,6 +24,9 @@ def local_folder(cfg_path: str | None, kind: str) -> Path:
     if not cfg_path:
         raise ModelError(f"model kind {kind!r} needs 'path:' (a local diffusers pipeline folder)")
     folder = Path(cfg_path).expanduser()
+    if not folder.exists():
+        raise ModelError(f"model path {str(folder)!r} does not exist; "
+                         "point 'model.path' at a local diffusers folder")
     if not folder.is_dir():
         raise ModelError(
             f"model path {str(folder)!r} is not a folder; point 'model.path' at a local diffusers folder"
@@ -40,6 +44,37 @@ def load_component(cls, folder: Path, what: str, variant: str | None = None) -> 
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load the {what} ({cls.__name__}) from {str(folder)!r}: {first}") from None
+
+
+def load_denoiser(cls, cfg, component: str, what: str, variant: str | None = None
+                  ) -> tuple[nn.Module, Path | None, dict]:
+    """The denoiser of a diffusers model kind, from where ``cfg`` says.
+
+    ``model.path``: a local pipeline folder (``<component>/``) or model folder, with its
+    weights, or with fresh weights from its config under ``random_init`` (the control
+    twin); ``model.config``: a config JSON, random weights. Returns ``(module, folder or
+    None, source)``, ``source`` being what the store's provenance records.
+    """
+    import json
+
+    if cfg.path:
+        folder = local_folder(cfg.path, cfg.kind)
+        model_dir = component_folder(folder, component, what)
+        if cfg.random_init:
+            torch.manual_seed(cfg.seed)
+            module = cls.from_config(cls.load_config(model_dir))
+        else:
+            module = load_component(cls, model_dir, what, variant)
+        return module, folder, {"path": str(folder), "random_init": cfg.random_init,
+                                "seed": cfg.seed if cfg.random_init else None}
+    if cfg.config:
+        config_path = Path(cfg.config).expanduser()
+        if not config_path.exists():
+            raise ModelError(f"model config {str(config_path)!r} does not exist")
+        torch.manual_seed(cfg.seed)
+        module = cls.from_config(json.loads(config_path.read_text()))
+        return module, None, {"config": str(config_path), "random_init": True, "seed": cfg.seed}
+    raise ModelError(f"model kind {cfg.kind!r} needs 'path:' (a local {what} folder) or 'config:' (config JSON)")
 
 
 def check_epsilon(scheduler_config: dict, where: str) -> None:

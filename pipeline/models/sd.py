@@ -9,7 +9,7 @@ once by the VAE (``pipeline.models.latent``); prompts go through the CLIP text
 encoder (``transformers``, the optional extra ``diffprobe[sd]``) and are cached per
 prompt string. ``Condition("none")`` and ``Condition("null")`` both mean the empty
 prompt ``""`` (SD's unconditional input); ``Condition("text", text=emb)`` takes
-(B, L, D) or (1, L, D) embeddings from ``encode_prompts``.
+(B, L, D) or (1, L, D) embeddings from ``encode_text``.
 
 ``options: {variant: fp16}`` loads ``*.fp16.safetensors`` weight files where a folder
 has them. ``random_init: true`` re-initialises the UNet only; the VAE and text encoder keep
@@ -86,6 +86,7 @@ def _import_transformers():
 
 class StableDiffusionAdapter(ModelAdapter):
     kind = "sd"
+    text_conditional = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -151,7 +152,7 @@ class StableDiffusionAdapter(ModelAdapter):
         return self.vae.encode(x)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP last hidden states for ``prompts``: (K, L, D) float32 on the UNet's device, cached per prompt.
 
         L is the tokenizer's max length (77 for SD), padded as StableDiffusionPipeline does.
@@ -171,11 +172,11 @@ class StableDiffusionAdapter(ModelAdapter):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         batch = x_t.shape[0]
         if cond.kind in ("none", "null"):
-            text = self.encode_prompts([""])
+            text = self.encode_text([""])
         elif cond.kind == "text":
             if cond.text is None or cond.text.dim() != 3:
                 raise ModelError("Condition('text') needs text=(B, L, D) prompt embeddings "
-                                 "from encode_prompts")
+                                 "from encode_text")
             text = cond.text
         else:
             raise ModelError(

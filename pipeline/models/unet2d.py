@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from pipeline.datasets.preprocess import Preprocessing
 from pipeline.errors import ModelError
-from pipeline.models.base import Condition, ModelAdapter, component_folder
+from pipeline.models.base import Condition, ModelAdapter
 from pipeline.models.config import ModelConfig
+from pipeline.models.latent import load_denoiser
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
 
 
@@ -21,30 +19,7 @@ class UNet2DAdapter(ModelAdapter):
         super().__init__()
         from diffusers.models.unets.unet_2d import UNet2DModel  # not `from diffusers import`: 2x faster start
 
-        folder = None
-        if cfg.path:
-            folder = Path(cfg.path).expanduser()
-            if not folder.exists():
-                raise ModelError(f"model path {str(folder)!r} does not exist; point 'model.path' at a local diffusers folder")
-            unet_dir = component_folder(folder, "unet", "diffusers model")
-            if cfg.random_init:
-                torch.manual_seed(cfg.seed)
-                module = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
-            else:
-                try:
-                    module = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
-                except (OSError, ValueError, RuntimeError) as exc:
-                    raise ModelError(f"cannot load UNet2DModel weights from {str(unet_dir)!r}: {exc}") from None
-            self.source = {"path": str(folder), "random_init": cfg.random_init, "seed": cfg.seed if cfg.random_init else None}
-        elif cfg.config:
-            config_path = Path(cfg.config).expanduser()
-            if not config_path.exists():
-                raise ModelError(f"model config {str(config_path)!r} does not exist")
-            torch.manual_seed(cfg.seed)
-            module = UNet2DModel.from_config(json.loads(config_path.read_text()))
-            self.source = {"config": str(config_path), "random_init": True, "seed": cfg.seed}
-        else:
-            raise ModelError("model needs 'path:' (local diffusers folder) or 'config:' (config JSON)")
+        module, folder, self.source = load_denoiser(UNet2DModel, cfg, "unet", "diffusers model")
         self.module = module.eval().requires_grad_(False)
         conf = module.config
         size = cfg.size or conf.sample_size

@@ -72,7 +72,7 @@ class ProbeFinding:
 
 
 def open_probe(path: str | Path):
-    from pipeline.results import open_results
+    from pipeline.probing.results import open_results
 
     ds = open_results(path)
     for var in ("val_accuracy", "n_test"):
@@ -166,7 +166,8 @@ def classifier_finding(name: str, path: Path) -> ClassifierFinding:
     evaluated on them, so subsets of them are honest exhaustive classifiers with
     fewer trials) and ends with the run as it was (all trials, adaptive cost).
     """
-    from pipeline import errorstore, store
+    from pipeline import store
+    from pipeline.store import error_tensor as errorstore
 
     run = errorstore.score_store(path)
     attrs = store.read_attrs(path)
@@ -215,7 +216,7 @@ def cka_finding(name: str, path: Path) -> CKAFinding:
     timestep. ``across``: the mean over entries matching in block and timestep (a
     model against its twin), else each row's most similar column.
     """
-    from pipeline.cka_results import open_cka
+    from pipeline.cka.results import open_cka
     from pipeline.store import read_attrs
 
     da = open_cka(path)

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 import pipeline
-from pipeline.inspect import human_bytes
 from pipeline.report import figures
 from pipeline.report.findings import (
     Cell,
@@ -33,6 +32,7 @@ from pipeline.report.findings import (
     probe_finding,
 )
 from pipeline.report.provenance import git_commit, host_description, package_versions, stage_record
+from pipeline.store.describe import human_bytes
 
 CSS = """
 *{box-sizing:border-box}

@@ -39,7 +39,7 @@ class StageRecord:
 
 
 def stage_record(name: str, path: Path) -> StageRecord:
-    from pipeline.inspect import describe_store
+    from pipeline.store.describe import describe_store
 
     attrs = store.read_attrs(path) or {}
     config = attrs.get("config") or {}

@@ -6,7 +6,7 @@ one xarray Dataset (``xr.open_zarr(path)``), plus plain files beside it::
     zarr.json, accuracy/, top5/, ...   the Dataset; root attrs carry ``diffprobe``
     results.csv                        one row per cell, every metric, status, error
     figures/heatmap_<head>.png         block x timestep, best pool per cell
-    cells/<block>__p<pool>.json        finished task results (resume)
+    tasks/<block>__p<pool>.json        finished task results (resume)
 
 Dataset variables, dims ``(block, timestep, pool, head)``, NaN where a cell is not
 in the grid (a head limited to some pools) or failed:
@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import StoreError
-from pipeline.store import ATTR_KEY, read_attrs, write_results_dataset
+from pipeline.store.layout import ATTR_KEY, read_attrs, write_results_dataset
 
-#: Dataset variable -> key of ``pipeline.training.train_heads``' result dicts.
+#: Dataset variable -> key of ``pipeline.probing.training.train_heads``' result dicts.
 METRICS = {
     "accuracy": "top1",
     "top5": "top5",

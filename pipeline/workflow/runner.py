@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import StageEntry, Workflow, stage_hash
+from pipeline.workflow.config import StageEntry, Workflow, stage_hash
 from pipeline.errors import ConfigError, StoreError
-from pipeline.stage import RunContext
-from pipeline.store import ATTR_KEY, read_attrs
+from pipeline.workflow.stage import RunContext
+from pipeline.store.layout import ATTR_KEY, read_attrs
 
 
 @dataclass(frozen=True)
@@ -77,15 +77,13 @@ def record_wall_time(path: Path, seconds: float) -> None:
 class Runner:
     def __init__(self, workflow: Workflow, force: bool = False, shard: tuple[int, int] = (0, 1),
                  strict: bool = False, progress: bool = True, echo=None):
-        from stages import STAGES
-
         self.wf = workflow
         self.force = force
         self.shard = shard
         self.strict = strict
         self.progress = progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.stages = {e.name: STAGES[e.kind]() for e in workflow.stages}
+        self.stages = {e.name: e.stage_class() for e in workflow.stages}
         self.hashes: dict[str, str] = {}
         for entry in workflow.stages:
             self.hashes[entry.name] = self._hash(entry)

@@ -6,7 +6,7 @@ always tears down what it started::
     with get_client(workflow.cluster, log=ctx.log) as client:
         outcomes = run_tasks(client, pool_unit, tasks, log=ctx.log)
 
-Kinds (``pipeline.config.ClusterConfig``):
+Kinds (``pipeline.workflow.config.ClusterConfig``):
 
 - ``local``: a ``LocalCluster`` of ``n_workers`` processes with ``threads_per_worker``
   threads and ``memory_limit`` each;
@@ -27,10 +27,8 @@ cell is reported and never silently dropped.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import logging
-import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -41,17 +39,17 @@ import dask
 from distributed import Client, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.config import ClusterConfig
+from pipeline.workflow.config import ClusterConfig
+from pipeline import faults
 from pipeline.errors import ConfigError
 
-#: zarr ``async.concurrency`` on workers (SCIENCE.md: 4-8 with many dask threads).
+#: zarr ``async.concurrency`` on workers (4-8 when workers run many threads: each call's default of 10
+#: concurrent requests, times the threads, oversubscribes the file system).
 ZARR_CONCURRENCY = 4
 #: Set in SLURM job scripts: non-daemonic workers (see ``_start_cluster``).
 SLURM_WORKER_ENV = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
 #: Attempts per task: the first and one retry.
 MAX_ATTEMPTS = 2
-#: Test hook: ``name[:n],...`` makes task ``name`` fail its first n attempts (default 1).
-FAULT_ENV = "DIFFPROBE_FAULT_FAIL_TASKS"
 
 
 class ZarrConcurrency(WorkerPlugin):
@@ -79,7 +77,7 @@ def _start_cluster(cfg: ClusterConfig):
                 f"got {cfg.n_workers}, {cfg.threads_per_worker}"
             )
         # Non-daemonic worker processes may fork the probe's block-reader helper
-        # (pipeline/block_reader.py); daemonic ones fall back to a reader thread.
+        # (pipeline/store/prefetch.py); daemonic ones fall back to a reader thread.
         with dask.config.set({"distributed.worker.daemon": False}):
             return LocalCluster(
                 n_workers=cfg.n_workers,
@@ -179,33 +177,13 @@ class TaskOutcome:
         return self.error is None
 
 
-def injected_failures(name: str) -> int:
-    """How many attempts of task ``name`` the test hook :data:`FAULT_ENV` makes fail."""
-    spec = os.environ.get(FAULT_ENV, "")
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        task, sep, count = item.rpartition(":")
-        if not (sep and count.isdigit()):
-            task, count = item, "1"
-        if task == name:
-            return int(count)
-    return 0
-
-
-def raise_injected_fault(payload) -> None:
-    """Called first thing in a task: fail as :data:`FAULT_ENV` asked (tests only)."""
-    if payload.attempt <= payload.fail_attempts:
-        raise RuntimeError(
-            f"injected fault in task {payload.name!r}, attempt {payload.attempt} ({FAULT_ENV})"
-        )
-
-
 def run_tasks(
     client: Client,
     fn: Callable[[Any], Any],
     payloads: Sequence[Any],
     *,
     log: Callable[[str], None] | None = None,
-    on_result: Callable[[Any, Any], None] | None = None,
+    on_result: Callable[[Any, Any, int], None] | None = None,
 ) -> list[TaskOutcome]:
     """Run ``fn(payload)`` on the cluster for each payload; retry a failed one once.
 
@@ -214,11 +192,11 @@ def run_tasks(
     client : distributed.Client
     fn : callable
         A module-level function (workers import it by name).
-    payloads : sequence of frozen dataclasses with ``name``, ``attempt`` and ``fail_attempts``
+    payloads : sequence of frozen dataclasses with a unique ``name``
         Small: paths and selectors only, never arrays.
     log : callable, optional
         Receives one line per failure and retry.
-    on_result : callable(payload, result), optional
+    on_result : callable(payload, result, attempts), optional
         Called in this process as each task finishes (e.g. to save it for resume).
 
     Returns
@@ -232,26 +210,29 @@ def run_tasks(
     pending: dict[str, Any] = {}
     queue = as_completed()
 
-    def submit(payload):
-        key = f"{fn.__name__}-{payload.name}-a{payload.attempt}-{uuid.uuid4().hex[:8]}"
-        future = client.submit(fn, payload, key=key, pure=False)
-        pending[future.key] = payload
+    failing = {p.name: faults.injected_failures(p.name) for p in payloads}
+
+    def submit(payload, attempt: int):
+        key = f"{fn.__name__}-{payload.name}-a{attempt}-{uuid.uuid4().hex[:8]}"
+        future = client.submit(faults.run_attempt, fn, payload, payload.name, attempt,
+                               attempt <= failing[payload.name], key=key, pure=False)
+        pending[future.key] = (payload, attempt)
         queue.add(future)
 
     for payload in payloads:
-        submit(payload)
+        submit(payload, 1)
     for future in queue:
-        payload = pending.pop(future.key)
+        payload, attempt = pending.pop(future.key)
         outcome = outcomes[payload.name]
-        outcome.attempts = payload.attempt
+        outcome.attempts = attempt
         try:
             result = future.result()
         except Exception as exc:  # noqa: BLE001 -- any task error is reported, then retried once
             message = f"{type(exc).__name__}: {exc}"
-            if payload.attempt < MAX_ATTEMPTS:
+            if attempt < MAX_ATTEMPTS:
                 outcome.first_error = message
                 log(f"task {payload.name} failed ({message}); retrying once")
-                submit(dataclasses.replace(payload, attempt=payload.attempt + 1))
+                submit(payload, attempt + 1)
             else:
                 outcome.error = message
                 log(f"task {payload.name} failed again ({message}); giving up on it")
@@ -262,5 +243,5 @@ def run_tasks(
         if outcome.first_error:
             log(f"task {payload.name} succeeded on retry")
         if on_result is not None:
-            on_result(payload, result)
+            on_result(payload, result, attempt)
     return [outcomes[p.name] for p in payloads]

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.heads import HeadSpec, build_head, count_parameters
+from pipeline.probing.splits import split_groups
+from pipeline.probing.heads import HeadSpec, build_head, count_parameters
 
 #: torch's default generator is one per process. Heads trained in several threads of
 #: one process (a dask worker with threads_per_worker > 1) take turns where they
@@ -235,12 +236,7 @@ def split_validation(
     if fraction == 0:
         return np.sort(train_idx), np.empty(0, dtype=np.int64)
     keys = train_idx if groups is None else np.asarray(groups)[train_idx]
-    unique = np.unique(keys)
-    if len(unique) < 2:
-        raise ConfigError(f"a validation split needs >= 2 training groups; got {len(unique)}")
-    n_val = min(max(1, round(fraction * len(unique))), len(unique) - 1)
-    rng = np.random.default_rng([seed, 0x5A11D])
-    in_val = np.isin(keys, unique[rng.permutation(len(unique))[:n_val]])
+    in_val = split_groups(keys, fraction, seed, 0x5A11D, "validation")
     return np.sort(train_idx[~in_val]), np.sort(train_idx[in_val])
 
 

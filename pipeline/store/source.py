@@ -1,6 +1,6 @@
-"""A BatchSource that streams one feature slice (:mod:`pipeline.slices`) of stores from Zarr.
+"""A BatchSource that streams one feature slice (:mod:`pipeline.store.slices`) of stores from Zarr.
 
-:class:`ZarrSource` implements ``pipeline.training.BatchSource`` over one slice of
+:class:`ZarrSource` implements ``pipeline.probing.training.BatchSource`` over one slice of
 one or more stores, its timesteps served as keys ``"t<t>"``. It reads *slabs*
 (one inner chunk along ``sample``: a contiguous, chunk-aligned range of samples)
 and holds at most about ``buffer_bytes`` of features:
@@ -15,7 +15,7 @@ and holds at most about ``buffer_bytes`` of features:
   slabs) is scattered through its own seeded permutation (the usual shuffle
   buffer of streaming loaders: chunk-level + in-buffer randomness); an ordered
   pass keeps the order asked. While one block is served, the next is read by a
-  helper process (:mod:`pipeline.block_reader`; a thread where a process may not
+  helper process (:mod:`pipeline.store.prefetch`; a thread where a process may not
   fork), and when a shuffled pass ends, the helper starts on the next epoch's
   first blocks.
 
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.block_reader import BlockPlan, ProcessBuilder, ThreadBuilder, in_background, process_allowed
+from pipeline.store.prefetch import BlockPlan, ProcessBuilder, ThreadBuilder, in_background, process_allowed
 from pipeline.errors import StoreError
-from pipeline.slices import timestep_key
-from pipeline.store import WRITTEN, open_root
+from pipeline.store.slices import timestep_key
+from pipeline.store.layout import WRITTEN, open_root
 
 #: Default shuffle buffer / slab cache of a :class:`ZarrSource`.
 DEFAULT_BUFFER_BYTES = 64 << 20
@@ -68,7 +68,7 @@ class _Part:
 
 
 class ZarrSource:
-    """A :class:`~pipeline.training.BatchSource` streaming one feature slice from Zarr.
+    """A :class:`~pipeline.probing.training.BatchSource` streaming one feature slice from Zarr.
 
     Parameters
     ----------

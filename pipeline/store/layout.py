@@ -44,7 +44,6 @@ import json
 import math
 import os
 import queue
-import signal
 import threading
 import shutil
 import uuid
@@ -57,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 
 import pipeline
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigError, StoreError
 
 ATTR_KEY = "diffprobe"
 DIMS = ("sample", "timestep", "channel", "y", "x")
@@ -149,7 +148,7 @@ def plan_layout(
         chunk_n = {k: min(v, unit) for k, v in chunk_n.items()}
     else:
         if unit_samples < 1:
-            raise StoreError(f"unit_samples must be >= 1, got {unit_samples}")
+            raise ConfigError(f"unit_samples must be >= 1, got {unit_samples}")
         unit = unit_samples
         chunk_n = {k: math.gcd(min(v, unit), unit) for k, v in chunk_n.items()}
     return Layout(n_samples, unit, tuple(int(t) for t in timesteps), dict(blocks), dtype, chunk_n)
@@ -446,16 +445,12 @@ class UnitWriter:
     one unit waits in the queue, so memory stays at ~2 units. A writer error is
     re-raised in the caller at the next ``put`` or at ``close``; ``close`` drains the
     queue, so every unit handed over before an interruption is durable and marked done.
-
-    Test hook: ``DIFFPROBE_FAULT_KILL_AFTER_UNITS=N`` SIGKILLs the process after N
-    units are written (how the tests kill a run mid-way).
     """
 
     def __init__(self, write: Callable[[int, Any], None], name: str = "diffprobe-writer"):
-        self.write = write
-        limit = os.environ.get("DIFFPROBE_FAULT_KILL_AFTER_UNITS")
-        self.kill_after = int(limit) if limit else None
-        self.written = 0
+        from pipeline.faults import with_kill_after_units
+
+        self.write = with_kill_after_units(write)
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -468,9 +463,6 @@ class UnitWriter:
             unit, payload = item
             try:
                 self.write(unit, payload)
-                self.written += 1
-                if self.kill_after is not None and self.written >= self.kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
             except BaseException as exc:  # noqa: BLE001 -- re-raised in the main thread
                 self.error = exc
 

@@ -6,7 +6,7 @@ xarray Dataset (``xr.open_zarr(path)["cka"]``), plus plain files beside it::
     zarr.json, cka/, row/, col/, row_*/, col_*/   the Dataset; root attrs carry ``diffprobe``
     cka.csv                                       one line per entry
     cka.png                                       the matrix, labelled, with a colorbar
-    tiles/<task>.json                             finished task results (resume)
+    tasks/<task>.json                             finished task results (resume)
 
 Coordinates: ``row`` / ``col`` (labels ``stage/block/t<t>[/p<size>]``) and, per
 dimension, ``_stage``, ``_block``, ``_timestep``, ``_pool`` (map side), ``_features``.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cka_select import Representation
+from pipeline.cka.select import Representation
 from pipeline.errors import StoreError
-from pipeline.store import read_attrs, write_results_dataset
+from pipeline.store.layout import read_attrs, write_results_dataset
 
 
 def _coords(prefix: str, reps: list[Representation]) -> dict:

@@ -2,18 +2,21 @@
 
 A stage class names its ``Config`` dataclass (fields with ``metadata={"input": True}``
 name earlier stages it reads), its output suffix, and implements ``run``. The
-runner (``pipeline/runner.py``) resolves paths, checks inputs, hashes, skips and
-refuses; stages only compute and write through ``pipeline/store.py``.
+runner (``pipeline/workflow/runner.py``) resolves paths, checks inputs, hashes, skips and
+refuses; stages only compute and write through ``pipeline.store``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipeline.config import StageEntry, Workflow, config_dict
+from pipeline.errors import StoreError
+from pipeline.workflow.config import StageEntry, Workflow, config_dict
 
 
 @dataclass
@@ -44,15 +47,36 @@ class RunContext:
     def log(self, message: str) -> None:
         print(f"[{self.entry.name}] {message}", file=sys.stderr, flush=True)
 
-    # -- for stages that write a unit-based store (extract, classify) --------------
-    def pending_units(self, n_units: int) -> list[int]:
-        """Units of this process's ``--shard`` share that are not done yet, after checking
-        the existing store was created by this very config."""
-        from pipeline import store
+    def check_same_config(self) -> None:
+        """Refuse to add to an output that another config (another stage hash) wrote."""
+        from pipeline.store import layout as store
 
         existing = store.read_attrs(self.output)
         if existing is None or existing.get("stage_hash") != self.stage_hash:
-            raise store.StoreError(f"{self.output} was created by another config; re-run with --force")
+            raise StoreError(f"{self.output} was written by another config; "
+                             "re-run with --force to replace it, or set another 'output:'")
+
+    # -- for stages that write a results folder of finished tasks (probe, cka) ------
+    def open_results_output(self) -> "TaskResults":
+        """Create the results group (``complete: False``) or check an existing one is ours;
+        the returned cache holds the tasks an interrupted run already finished."""
+        import zarr
+
+        from pipeline.store import layout as store
+
+        if not self.output.exists():
+            group = zarr.open_group(str(self.output), mode="w-", zarr_format=3)
+            group.attrs[store.ATTR_KEY] = self.base_attrs() | {"complete": False}
+        self.check_same_config()
+        return TaskResults(self.output / "tasks")
+
+    # -- for stages that write a unit-based store (extract, classify, pool) ---------
+    def pending_units(self, n_units: int) -> list[int]:
+        """Units of this process's ``--shard`` share that are not done yet, after checking
+        the existing store was created by this very config."""
+        from pipeline.store import layout as store
+
+        self.check_same_config()
         done = store.unit_status(self.output)
         return [u for u in store.assigned_units(n_units, self.shard) if not done[u]]
 
@@ -61,7 +85,7 @@ class RunContext:
 
     def finalize_store(self) -> None:
         """Consolidate + stamp complete once every unit is done; report masked images."""
-        from pipeline import store
+        from pipeline.store import layout as store
 
         if store.finalize(self.output):
             failures = store.read_attrs(self.output).get("failed_images", [])
@@ -70,6 +94,32 @@ class RunContext:
                          f"first: {failures[0]['image_id']}: {failures[0]['reason']}")
         elif self.shard[1] > 1:
             self.log("this shard is done; the store completes when every shard has finished")
+
+
+class TaskResults:
+    """Results of finished dask tasks, one JSON file per task, so a rerun resumes.
+
+    Files are written whole (temp file + rename), so a kill leaves either the old
+    state or the new result, never half a file.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        return self.folder / (name.replace("/", "__") + ".json")
+
+    def load(self, name: str) -> Any | None:
+        """The saved result of task ``name``, or None."""
+        path = self.path(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save(self, name: str, result: Any) -> None:
+        path = self.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, default=float))
+        os.replace(tmp, path)
 
 
 def input_field(**kwargs):

@@ -1,4 +1,4 @@
-"""Blocks of rows gathered from a :class:`~pipeline.zarr_source.ZarrSource`'s slabs, built ahead.
+"""Blocks of rows gathered from a :class:`~pipeline.store.source.ZarrSource`'s slabs, built ahead.
 
 A streamed pass over a store is cut into *blocks* of about a quarter of the
 source's buffer: a :class:`BlockPlan` lists, per slab, which rows of the slab go
@@ -142,6 +142,11 @@ class ThreadBuilder:
         pass
 
 
+def _child_of(job: list) -> None:
+    """Process target: unpack the forked copy of the job list (the parent empties its own)."""
+    _child(*job)
+
+
 def _child(conn, read_slabs: ReadSlabs, segments: list[mmap.mmap], row_shape, dtype) -> None:
     """The helper's loop: ``(slot, plan, keys)`` in, ``None`` or an error text out; ``None`` in ends it."""
     while True:
@@ -184,15 +189,14 @@ class ProcessBuilder:
         self.segments = [mmap.mmap(-1, nbytes) for _ in range(2)]  # MAP_SHARED | MAP_ANONYMOUS
         ctx = multiprocessing.get_context("fork")
         self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(
-            target=_child, name="diffprobe-block-reader", daemon=True,
-            args=(child_conn, read_slabs, self.segments, row_shape, self.dtype),
-        )
+        # The arguments travel in a list that is emptied once the child has forked its
+        # copy: the parent's Process object (which multiprocessing keeps until reaped)
+        # must not keep the source alive through read_slabs.
+        job = [child_conn, read_slabs, self.segments, row_shape, self.dtype]
+        self.process = ctx.Process(target=_child_of, name="diffprobe-block-reader", daemon=True, args=(job,))
         self.process.start()
+        job.clear()
         child_conn.close()
-        # The child has its copy; the parent's Process object (which multiprocessing
-        # keeps until reaped) must not keep the source alive through read_slabs.
-        self.process._target, self.process._args = None, ()
         self._finalizer = weakref.finalize(self, _shutdown, self.conn, self.process, self.segments)
         self._ahead: tuple[list[BlockPlan], int, list[str]] | None = None
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
+from pipeline.store import layout as store
 from pipeline.errors import StoreError
 
 

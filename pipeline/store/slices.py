@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.store import ATTR_KEY, block_names, open_root
+from pipeline.store.layout import ATTR_KEY, block_names, open_root
 
 
 def pooled_key(block: str, size: int) -> str:

@@ -51,10 +51,12 @@ def main(verbose: bool) -> None:
 @_friendly
 def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
     """Run a workflow's stages in order, skipping up-to-date outputs."""
-    from pipeline.config import load_workflow
-    from pipeline.runner import Runner, parse_shard
+    from pipeline.workflow.config import load_workflow
+    from pipeline.workflow.runner import Runner, parse_shard
 
-    wf = load_workflow(workflow)
+    from stages import STAGES
+
+    wf = load_workflow(workflow, STAGES)
     runner = Runner(wf, force=force, shard=parse_shard(shard), strict=strict, progress=not no_progress)
     runner.run(only=only, until=until, dry_run=dry_run)
 
@@ -65,10 +67,12 @@ def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
 @_friendly
 def plan(workflow, only):
     """Before spending GPU time: samples, shapes, forward passes, bytes, time."""
-    from pipeline.config import load_workflow
-    from pipeline.runner import Runner
+    from pipeline.workflow.config import load_workflow
+    from pipeline.workflow.runner import Runner
 
-    wf = load_workflow(workflow)
+    from stages import STAGES
+
+    wf = load_workflow(workflow, STAGES)
     runner = Runner(wf, progress=False)
     for entry in runner.select(only=only):
         stage = runner.stages[entry.name]
@@ -92,7 +96,7 @@ def blocks(model, size, kind, options):
 
     MODEL is a local diffusers folder, a config JSON, or a factory 'file.py:function'.
     """
-    from pipeline.cli_support import model_config_from_cli
+    from pipeline.cli.support import model_config_from_cli
     from pipeline.models import load_model
 
     cfg = model_config_from_cli(model, size, kind, options)
@@ -111,7 +115,7 @@ def blocks(model, size, kind, options):
 @_friendly
 def inspect(store_path):
     """Blocks, shapes, dtype, timesteps, completion, compression and provenance of a store."""
-    from pipeline.inspect import describe_store
+    from pipeline.store.describe import describe_store
 
     click.echo(describe_store(store_path))
 
@@ -122,7 +126,7 @@ def inspect(store_path):
 @_friendly
 def results(path, top):
     """Print a probe stage's results (PATH: its <name>.probe folder), best cells first."""
-    from pipeline.results import format_results
+    from pipeline.probing.results import format_results
 
     click.echo(format_results(path, top=top))
 
@@ -142,7 +146,7 @@ def score(store_path, trials, timesteps, loss, weighting, out_dir):
     """Score a classify store from its cached errors: no model, no GPU."""
     from pathlib import Path
 
-    from pipeline import errorstore
+    from pipeline.store import error_tensor as errorstore
 
     n_trials = errorstore.open_error_store(store_path)["trial"].shape[0]
     result = errorstore.score_store(

@@ -22,10 +22,10 @@ is chunked), so a pass over a representation decodes each chunk once:
   centred and normalised, kept as a scratch ``.npy`` file, and CKA values as inner
   products of such files (when one task cannot hold every Gram of the matrix);
 - :func:`stream_pair_cka` -- exact linear CKA of one pair with
-  ``pipeline.cka.LinearCKAAccumulator`` (row blocks on the feature route, column
+  ``pipeline.cka.estimators.LinearCKAAccumulator`` (row blocks on the feature route, column
   groups on the Gram route) when n is too large to hold even one Gram;
 - :func:`minibatch_accumulate` -- minibatch CKA over several representations, the
-  same batches as ``pipeline.cka_estimators.minibatch_cka``, read a group of batches at a time.
+  same batches as ``pipeline.cka.estimators.minibatch_cka``, read a group of batches at a time.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cka import GramAccumulator, LinearCKAAccumulator
-from pipeline.cka_estimators import MinibatchCKA, rbf_gram_from_linear
+from pipeline.cka.estimators import GramAccumulator, LinearCKAAccumulator
+from pipeline.cka.estimators import MinibatchCKA, rbf_gram_from_linear
 from pipeline.errors import ConfigError, StoreError, select_or_error
-from pipeline.slices import feature_slices, store_timesteps
-from pipeline.store import PENDING, WRITTEN, open_root, read_attrs
+from pipeline.store.slices import feature_slices, store_timesteps
+from pipeline.store.layout import PENDING, WRITTEN, open_root, read_attrs
 
 #: Stage kinds whose outputs hold representations.
 STORE_STAGES = ("extract", "pool")
@@ -271,7 +271,7 @@ def stream_pair_cka(rx: Representation, ry: Representation, pos_x: np.ndarray, p
 
 def minibatch_accumulate(reps: Sequence[Representation], positions: Sequence[np.ndarray], batch_size: int,
                          seed: int, epochs: int, read_bytes: int) -> MinibatchCKA:
-    """Minibatch CKA over ``reps`` with exactly the batches of ``pipeline.cka_estimators.minibatch_cka``.
+    """Minibatch CKA over ``reps`` with exactly the batches of ``pipeline.cka.estimators.minibatch_cka``.
 
     Each epoch draws ``np.random.default_rng(seed)``'s next permutation of the n
     aligned rows and cuts it into ``n // batch_size`` batches. Consecutive batches
@@ -316,10 +316,10 @@ def write_normalised_gram(rep: Representation, positions: np.ndarray, read_bytes
     """Save ``H K H / ||H K H||_F`` ((n, n) float64 .npy; all NaN for a constant slice), atomically.
 
     ``K`` is the linear Gram, or the RBF Gram when ``sigma_fraction`` is given. The
-    inner product of two such files is their CKA (``pipeline.cka.cka_matrix``'s terms).
+    inner product of two such files is their CKA (``pipeline.cka.estimators.cka_matrix``'s terms).
     Holds two (n, n) float64 arrays besides the read buffer.
     """
-    from pipeline.cka import center_gram
+    from pipeline.cka.estimators import center_gram
 
     gram = representation_gram(rep, positions, read_bytes)
     if sigma_fraction is not None:

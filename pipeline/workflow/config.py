@@ -28,6 +28,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -245,6 +246,7 @@ class StageEntry:
     inputs: dict  # config field -> name of the stage it reads
     output: Path
     line: int
+    stage_class: type | None = None  # the registry's class for ``kind``
 
 
 @dataclass(frozen=True)
@@ -264,10 +266,15 @@ class Workflow:
         raise ConfigError(f"no stage named {name!r}{did_you_mean(name, names)}; stages: {', '.join(names)}")
 
 
-def load_workflow(path: str | Path) -> Workflow:
-    """Read and validate a workflow file; every error names the file, line and key."""
-    from stages import STAGES
+def load_workflow(path: str | Path, registry: Mapping[str, type]) -> Workflow:
+    """Read and validate a workflow file; every error names the file, line and key.
 
+    Parameters
+    ----------
+    path : the workflow YAML.
+    registry : stage kind -> Stage class (``stages.STAGES``); the framework knows no
+        concrete stage, so the caller (the CLI) hands the registry in.
+    """
     path = Path(path)
     doc = load_yaml(path)
     base = path.resolve().parent
@@ -296,13 +303,13 @@ def load_workflow(path: str | Path) -> Workflow:
         if not isinstance(sname, str) or not sname:
             raise ConfigError(f"{where}: missing 'name' (a unique name for this stage)")
         where = Where(path, raw.line, f"stages.{sname}")
-        if kind not in STAGES:
+        if kind not in registry:
             raise ConfigError(
-                f"{where.child('stage', raw)}: unknown stage {kind!r}{did_you_mean(str(kind), STAGES)}; valid: {', '.join(STAGES)}"
+                f"{where.child('stage', raw)}: unknown stage {kind!r}{did_you_mean(str(kind), registry)}; valid: {', '.join(registry)}"
             )
         if any(e.name == sname for e in entries):
             raise ConfigError(f"{where}: duplicate stage name {sname!r}")
-        stage_cls = STAGES[kind]
+        stage_cls = registry[kind]
         params = LineDict(params)
         params.line, params.lines = raw.line, raw.lines
         cfg = build_dataclass(stage_cls.Config, params, where, base)
@@ -321,7 +328,7 @@ def load_workflow(path: str | Path) -> Workflow:
                         )
                 inputs[f.name] = refs
         out = Path(resolve_path(output, base, "path")) if output else output_dir / f"{sname}{stage_cls.output_suffix}"
-        entries.append(StageEntry(sname, kind, cfg, inputs, out, raw.line))
+        entries.append(StageEntry(sname, kind, cfg, inputs, out, raw.line, stage_cls))
     return Workflow(name, path, base, output_dir, cluster, tuple(entries))
 
 

@@ -11,7 +11,7 @@ cell, NaN where adaptive elimination never evaluated the class at that trial::
 
 The trial plan (``TrialPlan.to_dict()``: timesteps, seed, eps scheme), the schedule
 and the provenance are in the root attrs under ``diffprobe``. It is written by the
-one write protocol of ``pipeline/store.py`` (whose ``unit_status`` and ``finalize``
+one write protocol of ``pipeline/store/format.py`` (whose ``unit_status`` and ``finalize``
 it reuses): schema created once, atomically; each unit's cells written whole, by one
 writer, into its own shards; then its ``done`` cells; ``finalize`` once at the end.
 
@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 import pipeline
-from pipeline import scoring, store
+from pipeline.store import layout as store
+from pipeline.dc import scoring
 from pipeline.errors import ConfigError, StoreError, did_you_mean
 
 LOSSES = ("l2", "l1", "huber")
@@ -218,11 +219,11 @@ def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int]
     ----------
     loss : which error array ranks the classes; default the loss the run eliminated with.
     trials : trial indices to use; ``timesteps`` selects them by timestep instead; all if neither.
-    weighting : ``uniform``, ``snr``, ``x0`` or ``elbo`` (``pipeline.scoring.timestep_weights``).
+    weighting : ``uniform``, ``snr``, ``x0`` or ``elbo`` (``pipeline.dc.scoring.timestep_weights``).
 
     Returns
     -------
-    ``pipeline.scoring.score``'s dict over the samples whose image was read, plus
+    ``pipeline.dc.scoring.score``'s dict over the samples whose image was read, plus
     ``forward_passes_spent`` (what the run spent on them, all trials), ``n_samples``,
     ``n_failed``, ``class_names``, ``trials``, ``timesteps``, ``loss``, ``weighting``.
     Samples are scored one unit-aligned block at a time, so memory stays bounded.

@@ -1,0 +1,55 @@
+"""Fault injection for tests, in one place: production code only passes through here.
+
+Two hooks, both off unless their environment variable is set:
+
+- ``DIFFPROBE_FAULT_FAIL_TASKS="name[:n],..."``: task ``name`` of :func:`run_tasks`
+  fails its first ``n`` attempts (default 1). :func:`run_attempt` wraps every task a
+  stage submits, so payloads carry only their work.
+- ``DIFFPROBE_FAULT_KILL_AFTER_UNITS=N``: the process SIGKILLs itself after its unit
+  writer has written N units (how the tests kill a run mid-way, at a known point).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+FAIL_TASKS_ENV = "DIFFPROBE_FAULT_FAIL_TASKS"
+KILL_AFTER_UNITS_ENV = "DIFFPROBE_FAULT_KILL_AFTER_UNITS"
+
+
+def injected_failures(name: str) -> int:
+    """How many attempts of task ``name`` :data:`FAIL_TASKS_ENV` makes fail (read in the client)."""
+    spec = os.environ.get(FAIL_TASKS_ENV, "")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        task, sep, count = item.rpartition(":")
+        if not (sep and count.isdigit()):
+            task, count = item, "1"
+        if task == name:
+            return int(count)
+    return 0
+
+
+def run_attempt(fn: Callable[[Any], Any], payload: Any, name: str, attempt: int, fail: bool) -> Any:
+    """What a worker runs for one attempt of a task: ``fn(payload)``, or the injected fault."""
+    if fail:
+        raise RuntimeError(f"injected fault in task {name!r}, attempt {attempt} ({FAIL_TASKS_ENV})")
+    return fn(payload)
+
+
+def with_kill_after_units(write: Callable[..., None]) -> Callable[..., None]:
+    """``write`` itself, or (under :data:`KILL_AFTER_UNITS_ENV`) one that kills the process after N calls."""
+    limit = os.environ.get(KILL_AFTER_UNITS_ENV)
+    if not limit:
+        return write
+    count = {"written": 0}
+
+    def write_then_maybe_die(*args, **kwargs):
+        write(*args, **kwargs)
+        count["written"] += 1
+        if count["written"] >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return write_then_maybe_die

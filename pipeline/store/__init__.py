@@ -1,0 +1,63 @@
+"""The store format: layout, codecs, the one write protocol, schemas and readers.
+
+What lives here
+---------------
+- ``layout``: the activation store's schema (coordinates, ``done`` mask, chunks and
+  shards), codecs, the one write protocol (create once, whole units, ``done`` after
+  data, finalize once) and the small readers (``open_root``, ``read_attrs``).
+- ``error_tensor``: the Diffusion Classifier's per-(sample, class, trial) error store,
+  written with the same protocol.
+- ``source``: ``ZarrSource``, minibatches streamed from a store slice for training.
+- ``prefetch``: the helper that builds the source's blocks of rows ahead of use.
+- ``slices``: names of stored feature slices (block, timestep, pool size).
+- ``describe``: the human summary printed by ``diffprobe inspect``.
+
+May import: ``pipeline.errors``, ``pipeline.noise``, numpy, zarr, xarray. Never
+``stages``, the workflow machinery, models or the science packages.
+
+The package namespace is the layout's public API, so ``from pipeline import store``
+then ``store.create_store(...)`` reads as the protocol it is.
+"""
+
+from pipeline.store.layout import (
+    ATTR_KEY,
+    DIMS,
+    FAILED,
+    PENDING,
+    SAMPLE_COORDS,
+    STORAGE_DTYPES,
+    WRITTEN,
+    Compression,
+    Layout,
+    SampleTable,
+    UnitRanges,
+    UnitWriter,
+    assigned_units,
+    block_names,
+    codecs_for,
+    create_status_arrays,
+    create_store,
+    estimate_compressed_bytes,
+    finalize,
+    jsonable,
+    load_layout,
+    new_group,
+    open_root,
+    plan_layout,
+    quiet_zarr,
+    read_attrs,
+    stored_bytes,
+    unit_status,
+    write_1d,
+    write_results_dataset,
+    write_unit,
+)
+
+__all__ = [
+    "ATTR_KEY", "DIMS", "FAILED", "PENDING", "SAMPLE_COORDS", "STORAGE_DTYPES", "WRITTEN",
+    "Compression", "Layout", "SampleTable", "UnitRanges", "UnitWriter", "assigned_units",
+    "block_names", "codecs_for", "create_status_arrays", "create_store",
+    "estimate_compressed_bytes", "finalize", "jsonable", "load_layout", "new_group",
+    "open_root", "plan_layout", "quiet_zarr", "read_attrs", "stored_bytes", "unit_status",
+    "write_1d", "write_results_dataset", "write_unit",
+]
