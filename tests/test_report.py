@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "data" / "models" / "digits-ddpm"
 PIXELS = ROOT / "data" / "factories" / "pixels.py"
 NOTES = Path("/work/notes")
+# The module's workflow runs in the first test's setup: about a minute on a quiet laptop.
+pytestmark = pytest.mark.timeout(900)
 
 HEADS = """
     heads:
@@ -139,7 +141,7 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
 
 
 def pct(fraction: float) -> str:
-    return f"{100 * fraction:.1f} %"
+    return f"{100 * fraction:.1f}\u00a0%"  # a no-break space: the number never wraps from its unit
 
 
 def best_on_validation(path: Path) -> dict:
@@ -252,11 +254,12 @@ def test_page_is_self_contained_and_says_percentages(run):
 
 def test_report_roles_must_be_probe_stages(run, tmp_path):
     text = (run.file.read_text().replace("control: random_probe", "control: cka_trained")
-            .replace("output_dir: out", f"output_dir: {run.output_dir}"))
+            .replace("output_dir: out", f"output_dir: {run.output_dir}")
+            .replace("    stage: report\n", f"    stage: report\n    output: {tmp_path / 'report'}\n"))
     (tmp_path / "wf.yaml").write_text(text)
     workflow = load_workflow(tmp_path / "wf.yaml", STAGES)
     with pytest.raises(ConfigError, match="control 'cka_trained' is a cka stage; give a probe stage"):
-        Runner(workflow, progress=False, force=True).run(only="report")
+        Runner(workflow, progress=False).run(only="report")
 
 
 # ----------------------------------------------------------------- in a real browser
