@@ -10,6 +10,7 @@ head listed first), and the number of tied cells is reported with it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -196,12 +197,28 @@ def classifier_finding(name: str, path: Path) -> ClassifierFinding:
 
 @dataclass(frozen=True)
 class CKAFinding:
+    """A CKA stage's matrix and its structure in one sentence.
+
+    ``template`` holds ``{key}`` fields for the ``numbers`` it rests on (CKA values),
+    so the page can link each number; ``sentence`` is the plain text.
+    """
+
     name: str
     path: Path
     mode: str
     matrix: object  # the cka (row, col) DataArray
-    sentence: str
-    numbers: dict  # name -> value behind the sentence
+    template: str
+    numbers: dict[str, float]
+    estimator: str = "linear"
+
+    @property
+    def sentence(self) -> str:
+        return fill(self.template, {k: f"{v:.2f}" for k, v in self.numbers.items()})
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Replace the ``{key}`` fields of a template (literal text elsewhere, braces included)."""
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 def _mean(values: np.ndarray, mask: np.ndarray) -> float:
@@ -214,40 +231,35 @@ def cka_finding(name: str, path: Path) -> CKAFinding:
 
     ``within``: mean CKA between timesteps of one block vs between blocks at one
     timestep. ``across``: the mean over entries matching in block and timestep (a
-    model against its twin), else each row's most similar column.
+    model against its twin), else the most similar (row, column) pair.
     """
     from pipeline.cka.results import open_cka
     from pipeline.store import read_attrs
 
     da = open_cka(path)
-    mode = (read_attrs(path).get("config") or {}).get("mode", "within")
+    config = read_attrs(path).get("config") or {}
+    mode, estimator = config.get("mode", "within"), config.get("estimator", "linear")
     values = da.values
     rb, cb = da["row_block"].values[:, None], da["col_block"].values[None, :]
     rt, ct = da["row_timestep"].values[:, None], da["col_timestep"].values[None, :]
     rs, cs = da["row_stage"].values[:, None], da["col_stage"].values[None, :]
-    off_diagonal = ~np.eye(*values.shape, dtype=bool) if mode == "within" else np.ones(values.shape, bool)
     if mode == "within":
+        off_diagonal = ~np.eye(*values.shape, dtype=bool)
         same_block = _mean(values, off_diagonal & (rs == cs) & (rb == cb) & (rt != ct))
         same_t = _mean(values, off_diagonal & (rs == cs) & (rb != cb) & (rt == ct))
-        numbers = {"same_block": same_block, "same_timestep": same_t}
         if np.isfinite(same_block) and np.isfinite(same_t):
             by = "block more than by timestep" if same_block > same_t else "timestep more than by block"
-            sentence = (f"Between timesteps of one block CKA averages {same_block:.2f}, between blocks at one "
-                        f"timestep {same_t:.2f}: the representations are organised by {by}.")
-        else:
-            others = _mean(values, off_diagonal)
-            numbers = {"off_diagonal": others}
-            sentence = f"CKA between different slices averages {others:.2f}."
-        return CKAFinding(name, Path(path), mode, da, sentence, numbers)
+            template = ("Between timesteps of one block CKA averages {same_block}, between blocks at one timestep "
+                        f"{{same_timestep}}: the representations are organised by {by}.")
+            return CKAFinding(name, Path(path), mode, da, template,
+                              {"same_block": same_block, "same_timestep": same_t}, estimator)
+        return CKAFinding(name, Path(path), mode, da, "CKA between different slices averages {off_diagonal}.",
+                          {"off_diagonal": _mean(values, off_diagonal)}, estimator)
     matched = (rb == cb) & (rt == ct) & (rs != cs)
     if matched.any():
-        mean = _mean(values, matched)
-        sentence = (f"At the same block and timestep, {da['row_stage'].values[0]} and "
-                    f"{da['col_stage'].values[0]} have a mean CKA of {mean:.2f}.")
-        return CKAFinding(name, Path(path), mode, da, sentence, {"matched": mean})
-    best = np.nanargmax(np.where(np.isfinite(values), values, -np.inf), axis=1)
-    pairs = [(str(da["row"].values[i]), str(da["col"].values[j]), float(values[i, j])) for i, j in enumerate(best)]
-    top = max(pairs, key=lambda p: p[2])
-    sentence = (f"The closest pair is {top[0]} and {top[1]} (CKA {top[2]:.2f}); each row's best match is in "
-                f"the table below.")
-    return CKAFinding(name, Path(path), mode, da, sentence, {"best": top[2], "pairs": pairs})
+        template = (f"At the same block and timestep, {da['row_stage'].values[0]} and {da['col_stage'].values[0]} "
+                    "have a mean CKA of {matched}.")
+        return CKAFinding(name, Path(path), mode, da, template, {"matched": _mean(values, matched)}, estimator)
+    i, j = np.unravel_index(int(np.argmax(np.where(np.isfinite(values), values, -np.inf))), values.shape)
+    template = f"The most similar pair is {da['row'].values[i]} and {da['col'].values[j]} (CKA {{best}})."
+    return CKAFinding(name, Path(path), mode, da, template, {"best": float(values[i, j])}, estimator)

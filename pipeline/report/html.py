@@ -28,6 +28,7 @@ from pipeline.report.findings import (
     cell_at,
     cka_finding,
     classifier_finding,
+    fill,
     open_probe,
     probe_finding,
 )
@@ -56,7 +57,7 @@ table{border-collapse:collapse;font-size:.9em;margin:.4em 0}
 th,td{padding:3px 9px;border-bottom:1px solid #d8dee4;text-align:right;vertical-align:top;white-space:nowrap}
 td.text{white-space:normal}
 th{background:#f6f8fa;font-weight:600;white-space:normal}th:first-child,td:first-child{text-align:left}
-td.text{text-align:left}
+td.text,th.text{text-align:left}
 details{margin:.6em 0}summary{cursor:pointer;font-weight:600}
 pre{background:#f6f8fa;padding:.7em;overflow-x:auto;font-size:12px;max-width:100%}
 @media (max-width:600px){body{font-size:14px;padding:0 10px 2em}th,td{padding:2px 5px}
@@ -80,7 +81,9 @@ def pct_range(low: float, high: float) -> str:
 
 def points(delta: float) -> str:
     """A difference of two fractions in percentage points, signed."""
-    return "n/a" if not np.isfinite(delta) else f"{100 * delta:+.1f} points"
+    if not np.isfinite(delta):
+        return "n/a"
+    return f"{100 * delta:+.1f} points".replace("-", "\u2212")  # a real minus sign
 
 
 def _num(text: str, key: str, value, section: str) -> str:
@@ -90,15 +93,19 @@ def _num(text: str, key: str, value, section: str) -> str:
 
 def _ci(cell_or_finding, confidence: float, key: str, section: str) -> str:
     low, high = cell_or_finding.interval(confidence)
-    return (f"({100 * confidence:.0f} % CI {_num(pct(low), key + '.low', low, section)}"
+    return (f"({100 * confidence:.0f}&nbsp;% CI {_num(pct(low), key + '.low', low, section)}"
             f"&ndash;{_num(pct(high), key + '.high', high, section)})")
 
 
-def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td{' class=text' if i < text_columns else ''}>{v}</td>"
-                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+def _table(header: list[str] | None, rows: list[list[str]], text_columns: int = 1) -> str:
+    """A table (cells are HTML already); the first ``text_columns`` columns are left-aligned text."""
+    def cls(i: int) -> str:
+        return " class=text" if i < text_columns else ""
+
+    head = ("<thead><tr>" + "".join(f"<th{cls(i)}>{h}</th>" for i, h in enumerate(header)) + "</tr></thead>"
+            if header else "")
+    body = "".join("<tr>" + "".join(f"<td{cls(i)}>{v}</td>" for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f'<div class="table-wrap"><table>{head}<tbody>{body}</tbody></table></div>'
 
 
 def _img(drawing: figures.Drawing, alt: str) -> str:
@@ -178,8 +185,8 @@ def _probe_findings(page: Page, main: ProbeFinding, control: ProbeFinding | None
         page.findings.append(
             f'<li id="finding-{role}"><b>{what}</b> ({_e(other.name)}): best on validation '
             f"{_e(ob.where())}, test {_num(pct(ob.accuracy), role + '.test', ob.accuracy, o_anchor)} "
-            f"{_ci(ob, c, role + '.ci', o_anchor)}{same}. Best against best, {_e(main.name)} is "
-            f"{_num(points(delta), role + '.delta', delta, anchor)}; {resolved}.</li>")
+            f"{_ci(ob, c, role + '.ci', o_anchor)}{same}. Best against best: {_e(main.name)} minus "
+            f"{_e(other.name)} = {_num(points(delta), role + '.delta', delta, anchor)}; {resolved}.</li>")
 
 
 def _has_cell(ds, cell: Cell) -> bool:
@@ -228,9 +235,10 @@ def _probe_section(page: Page, main: ProbeFinding, control: ProbeFinding | None,
         f"{'; the control at the same cell' if control else ''}"
         f"{'; the raw-pixel probe at its own best cell for that head' if baseline else ''}.", "fig-heads"))
     page.section("probes", "Probes", "".join(body))
+    role_words = {"trained": "the probe", "control": "control", "baseline": "baseline"}
     for finding, role in ((main, "trained"), (control, "control"), (baseline, "baseline")):
         if finding is not None:
-            page.sections[-1] += _probe_table(finding, datasets[finding.name], labels[role], c, max_rows)
+            page.sections[-1] += _probe_table(finding, datasets[finding.name], role_words[role], c, max_rows)
 
 
 def _probe_table(finding: ProbeFinding, ds, label: str, confidence: float, max_rows: int) -> str:
@@ -252,14 +260,21 @@ def _probe_table(finding: ProbeFinding, ds, label: str, confidence: float, max_r
               f"used to choose. {finding.best.n_test} test images.</p>")
 
 
+def _cka_sentence(f: CKAFinding) -> str:
+    """The finding's sentence with each number a link to its heatmap."""
+    anchor = f"cka-{f.name}"
+    links = {k: _num(f"{v:.2f}", f"cka.{f.name}.{k}", v, anchor) for k, v in f.numbers.items()}
+    return fill(_e(f.template), links)
+
+
 def _cka_section(page: Page, findings: list[CKAFinding]) -> None:
-    body = [('<p class="caption">Linear CKA unless the stage says otherwise; every heatmap uses the same 0-1 colour '
-            "scale; white lines separate blocks (and models).</p>")]
+    body = [('<p class="caption">Every heatmap uses the same 0-1 colour scale; white lines separate blocks '
+            "(and models).</p>")]
     for f in findings:
-        body.append(f'<h3 id="cka-{_e(f.name)}">{_e(f.name)} ({_e(f.mode)})</h3><p>{_e(f.sentence)}</p>')
+        body.append(f'<h3 id="cka-{_e(f.name)}">{_e(f.name)} ({_e(f.mode)})</h3><p>{_cka_sentence(f)}</p>')
         body.append(_figure(figures.cka_heatmap(f.matrix, f.name), f"CKA matrix of {f.name}",
-                            f"{_e(f.name)}: {f.matrix.shape[0]} x {f.matrix.shape[1]} representations.",
-                            f"fig-cka-{f.name}"))
+                            f"{_e(f.name)}: {f.matrix.shape[0]} x {f.matrix.shape[1]} representations, "
+                            f"{_e(f.estimator)} CKA.", f"fig-cka-{f.name}"))
     page.section("cka", "Representation similarity (CKA)", "".join(body))
 
 
@@ -267,10 +282,7 @@ def _cka_findings(page: Page, findings: list[CKAFinding]) -> None:
     if not findings:
         return
     chosen = next((f for f in findings if f.mode == "within"), findings[0])
-    numbers = ", ".join(_num(f"{v:.2f}", f"cka.{chosen.name}.{k}", v, f"cka-{chosen.name}")
-                        for k, v in chosen.numbers.items() if isinstance(v, float))
-    page.findings.append(f'<li id="finding-cka"><b>CKA</b> ({_e(chosen.name)}): {_e(chosen.sentence)} '
-                         f"[{numbers}]</li>")
+    page.findings.append(f'<li id="finding-cka"><b>CKA</b> ({_e(chosen.name)}): {_cka_sentence(chosen)}</li>')
 
 
 def _classifier_parts(page: Page, f: ClassifierFinding) -> None:
@@ -297,7 +309,7 @@ def _classifier_parts(page: Page, f: ClassifierFinding) -> None:
         ["forward passes per image", f"{f.passes_per_image:.1f} (exhaustive: {f.exhaustive_per_image})"],
     ]
     curve_rows = [[_e(p.label), f"{p.passes_per_image:.0f}", pct(p.accuracy)] for p in f.curve]
-    body = (_table(["", ""], stats)
+    body = (_table(None, stats)
             + _figure(figures.confusion_matrix(f.confusion, f.class_names, f"{f.name}: {pct(f.accuracy)}"),
                       "confusion matrix", "Confusion matrix: rows are the true class, colour the share of it "
                       "(0-100 %), numbers the images.", f"fig-confusion-{f.name}")
@@ -317,7 +329,9 @@ def _provenance(records, workflow: Path | None) -> str:
         rows.append([f'<a href="#stage-{_e(r.name)}">{_e(r.name)}</a>', _e(r.kind), wall, human_bytes(r.bytes_on_disk),
                      "yes" if r.complete else "<b>NO</b>", f"<code>{_e(r.stage_hash[:12])}</code>",
                      _e(r.seed if r.seed is not None else "")])
-    total = sum(r.wall_time_s or 0 for r in records)
+    timed = [r.wall_time_s for r in records if r.wall_time_s is not None]
+    total = (f"{sum(timed):.0f} s over the {len(timed)} stage(s) that recorded one (the run that completed each)"
+             if timed else "not recorded (outputs written before diffprobe stamped wall_time_s)")
     env = [[_e(k), _e(v)] for k, v in package_versions().items()]
     env.append(["git commit", _e(git_commit(workflow.parent if workflow else Path.cwd()))])
     env += [[_e(k), _e(v)] for k, v in host_description().items()]
@@ -328,9 +342,9 @@ def _provenance(records, workflow: Path | None) -> str:
     details = "".join(
         f'<details id="stage-{_e(r.name)}"><summary>{_e(r.name)} ({_e(r.kind)})</summary>'
         f"<pre>{_e(r.summary)}</pre></details>" for r in records)
-    return (f"<p>Wall time of the stages on this page: {total:.0f} s (the run that completed each).</p>"
+    return (f"<p>Wall time of the stages on this page: {total}.</p>"
             + _table(["stage", "kind", "wall time", "on disk", "complete", "hash", "seed"], rows, text_columns=2)
-            + "<h3>Environment</h3>" + _table(["", ""], env) + "<h3>Store summaries</h3>" + details)
+            + "<h3>Environment</h3>" + _table(None, env, text_columns=2) + "<h3>Store summaries</h3>" + details)
 
 
 # ----------------------------------------------------------------- the page
@@ -416,5 +430,5 @@ def _findings_json(found: Mapping[str, ProbeFinding], probe, control, baseline,
                                    "exhaustive_per_image": f.exhaustive_per_image}
     for f in cka:
         out["cka"][f.name] = {"mode": f.mode, "sentence": f.sentence,
-                              "numbers": {k: v for k, v in f.numbers.items() if isinstance(v, float)}}
+                              "numbers": dict(f.numbers)}
     return out

@@ -85,4 +85,4 @@ def host_description() -> dict[str, str]:
     import os
 
     return {"host": socket.gethostname(), "platform": platform.platform(),
-            "cpus": str(os.cpu_count()), "python": sys.executable}
+            "cpus": str(os.cpu_count()), "executable": sys.executable}
