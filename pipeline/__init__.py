@@ -1,6 +1,12 @@
-"""diffprobe's framework: config, store, models, hooks, noise, datasets, runner.
+"""diffprobe's library: everything the stages compose, one subpackage per concern.
 
-Nothing in this package knows what a probe is; stages live in ``stages/``.
+Small shared basics at the top (``errors``, ``noise``, ``hooks``, ``faults``); then
+``workflow`` (YAML, hashing, the Stage contract, the runner), ``store`` (the Zarr
+format, its one write protocol and readers), ``models`` (adapters and their registry),
+``datasets`` (readers in native layouts, preprocessing recipes), ``probing`` (heads,
+training, results), ``cka``, ``dc`` (the Diffusion Classifier), ``cluster`` (dask
+clients and task running) and ``cli``. Only ``cli`` imports ``stages`` (the registry);
+the stages in ``stages/`` import from here, never the other way round.
 """
 
 __version__ = "0.1.0"

@@ -148,6 +148,7 @@ class Classifier:
         self.device = self.adapter.device
         self.dtype = TORCH_DTYPES[cfg.compute_dtype]
         self.reader = open_dataset(cfg.dataset)
+        self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.class_names = [str(c) for c in self.reader.class_names]
         self.n_classes = len(self.class_names)
         self.plan = self._make_plan()
@@ -217,7 +218,7 @@ class Classifier:
     def compute_unit(self, unit: int, strict: bool = False) -> errorstore.UnitResult:
         """Classify the unit's samples; failed images keep NaN errors and prediction -1."""
         start, stop = self.layout.unit_range(unit)
-        arrays, failures = load_images(self.reader, self.adapter.preprocessing, range(start, stop),
+        arrays, failures = load_images(self.reader, self.prep, range(start, stop),
                                        self.cfg.num_workers, use_bbox=self.cfg.dataset.crop == "bbox")
         if failures and strict:
             index, reason = next(iter(failures.items()))
@@ -302,7 +303,7 @@ class Classifier:
             "noise": {"seed": self.plan.seed, "eps_scheme": EPS_SCHEME,
                       "sample_key": "image_id", "x_t": "pipeline.noise.q_sample(x0, eps, alphas_cumprod, t)"},
             "conditioning": self.conditioning,
-            "preprocessing": a.preprocessing.to_attrs() | {"crop": cfg.dataset.crop},
+            "preprocessing": self.prep.to_attrs() | {"crop": cfg.dataset.crop},
             "dataset": {"reader": cfg.dataset.reader, "root": cfg.dataset.root, "split": cfg.dataset.split,
                         "n_images": len(self.reader.records)},
             "compute_dtype": cfg.compute_dtype,
@@ -379,7 +380,7 @@ class ClassifyStage(Stage):
         per_sample = sched["forward_passes_per_sample"]
         n = clf.layout.n_samples
         # Time one real device batch of this size on the first readable image.
-        arrays, _ = load_images(clf.reader, clf.adapter.preprocessing, range(min(n, 8)), cfg.num_workers)
+        arrays, _ = load_images(clf.reader, clf.prep, range(min(n, 8)), cfg.num_workers)
         probe = min(arrays, default=None)
         x0 = clf.encode([arrays[probe]]) if probe is not None else None
         rows = [

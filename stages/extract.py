@@ -116,7 +116,7 @@ class Extractor:
                 "the model is class-conditional: set conditioning: class (image labels) or null (null class)"
             )
         self.reader = open_dataset(cfg.dataset)
-        self.prep = self.adapter.preprocessing
+        self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.samples = sample_table(self.reader, cfg.views, cfg.flip)
         self.block_shapes = {b.name: self._stored_shape(b.shape) for b in self.blocks}
         self.layout = store.plan_layout(len(self.samples.image_id), self.block_shapes, self.timesteps,

@@ -63,3 +63,7 @@ def cluster_address():
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0",
                       scheduler_kwargs={"dashboard": False}) as cluster:
         yield cluster.scheduler_address
+
+
+# Real servers (SLURM, S3, Chromium): session fixtures that skip with an install hint.
+from servers.fixtures import chromium, s3_server, slurm  # noqa: E402,F401

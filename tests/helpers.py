@@ -7,6 +7,10 @@ import json
 import textwrap
 from pathlib import Path
 
+import numpy as np
+
+from pipeline import store
+
 #: diffusers-style tiny config: class-conditional (10 digits + null class 10), 16x16, 1 channel.
 TINY_UNET = {
     "sample_size": 16,
@@ -49,3 +53,20 @@ def write_extract_workflow(folder: Path, **overrides) -> Path:
     path = folder / "wf.yaml"
     path.write_text(text)
     return path
+
+
+def synthetic_store(path, n=512, channels=16, p=4, failed=()):
+    """A one-block store where sample i holds i everywhere at t=1 and -i at t=2 (labels i % 4).
+
+    Returns ``(path, array path)``, the part spec ``ZarrSource`` takes."""
+    layout = store.plan_layout(n, {"b": (channels, p, p)}, [1, 2], unit_samples=64)
+    samples = store.SampleTable([f"im{i}" for i in range(n)], [0] * n, [False] * n, [i % 4 for i in range(n)])
+    store.create_store(path, layout, samples, list("abcd"), {"stage": "extract", "stage_hash": "x"})
+    root = store.open_root(path, mode="r+")
+    values = np.arange(n, dtype=np.float32)[:, None, None, None, None] * np.ones((1, 2, channels, p, p))
+    values[:, 1] *= -1
+    for u in range(layout.n_units):
+        a, b = layout.unit_range(u)
+        store.write_unit(root, layout, u, {"b": values[a:b].astype(np.float32)},
+                         {i - a: "bad" for i in failed if a <= i < b})
+    return str(path), "blocks/b/activations"

@@ -19,20 +19,7 @@ from pipeline.store import prefetch as block_reader
 from pipeline.errors import StoreError
 from pipeline.store.source import ZarrSource
 
-
-def _synthetic(path, n=512, channels=16, p=4, failed=()):
-    """Sample i holds i everywhere at t=1 and -i at t=2 (labels i % 4)."""
-    layout = store.plan_layout(n, {"b": (channels, p, p)}, [1, 2], unit_samples=64)
-    samples = store.SampleTable([f"im{i}" for i in range(n)], [0] * n, [False] * n, [i % 4 for i in range(n)])
-    store.create_store(path, layout, samples, list("abcd"), {"stage": "extract", "stage_hash": "x"})
-    root = store.open_root(path, mode="r+")
-    values = np.arange(n, dtype=np.float32)[:, None, None, None, None] * np.ones((1, 2, channels, p, p))
-    values[:, 1] *= -1
-    for u in range(layout.n_units):
-        a, b = layout.unit_range(u)
-        store.write_unit(root, layout, u, {"b": values[a:b].astype(np.float32)},
-                         {i - a: "bad" for i in failed if a <= i < b})
-    return str(path), "blocks/b/activations"
+from helpers import synthetic_store as _synthetic
 
 
 @pytest.fixture(params=["process", "thread"])

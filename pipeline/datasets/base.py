@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -48,6 +49,11 @@ class DatasetConfig:
     seed: seed for the subset choice; the kept images stay in dataset order.
     crop: ``center`` (resize shorter side, centre crop) or ``bbox`` (crop to the
         annotated box first, for CUB / Cars / Aircraft).
+    resize: the resize recipe (``pipeline.datasets.recipes``): ``direct``
+        (diffprobe's original: one bicubic resize, alpha on white), ``adm``
+        (guided-diffusion's ``center_crop_arr``, arXiv 2307.08702) or
+        ``torchvision`` (``Resize`` + ``CenterCrop``, the Stable Diffusion runs of
+        arXiv 2303.16203).
     options: reader-specific extras (e.g. ``variant: family`` for Aircraft).
     """
 
@@ -59,6 +65,7 @@ class DatasetConfig:
     per_class: int | None = None
     seed: int = 0
     crop: str = "center"
+    resize: Literal["direct", "adm", "torchvision"] = "direct"
     options: dict = field(default_factory=dict)
 
 

@@ -1,17 +1,20 @@
 """Deterministic preprocessing: PIL image -> model input array.
 
-Resize the shorter side to ``size`` (bicubic, PIL), centre-crop to size x size (or
-crop to a bounding box first), convert mode (RGB for 3 channels, L for 1; alpha is
-composited on white, CMYK/P/I;16 converted), scale to the model's value range.
-PIL + numpy only: torchvision is not a dependency.
+Mode conversion, optional bounding-box crop, resize + centre crop to ``size x size``
+by the chosen recipe (``resize: direct | adm | torchvision``, see
+``pipeline.datasets.recipes``), then scaling to the model's value range. PIL + numpy
+only: torchvision is not a dependency.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image
+
+from pipeline.datasets.recipes import RECIPES, RESIZE_STYLES
+from pipeline.errors import DatasetError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -21,41 +24,36 @@ class Preprocessing:
     size: output height = width in pixels.
     channels: 1 (grayscale) or 3 (RGB).
     value_range: (low, high) the model expects, e.g. (-1, 1) for DDPM/ADM.
-    resample: PIL filter name for the resize.
+    resample: PIL filter name for the ``direct`` and ``torchvision`` resizes
+        (``adm`` fixes its own: box halvings, then bicubic).
+    resize: the recipe (``direct``, ``adm``, ``torchvision``); the model adapter
+        leaves the default and the stage sets the dataset's choice (``with_resize``).
     """
 
     size: int
     channels: int = 3
     value_range: tuple[float, float] = (-1.0, 1.0)
     resample: str = "bicubic"
+    resize: str = "direct"
+
+    def __post_init__(self):
+        if self.resize not in RECIPES:
+            raise DatasetError(
+                f"resize: {self.resize!r}{did_you_mean(self.resize, RESIZE_STYLES)}; valid: {', '.join(RESIZE_STYLES)}"
+            )
+        if self.resize == "adm" and self.resample != "bicubic":
+            raise DatasetError(f"resize: adm always resizes bicubic; resample {self.resample!r} is not part of it")
+
+    def with_resize(self, resize: str) -> Preprocessing:
+        """The same model input, reached by recipe ``resize``."""
+        return replace(self, resize=resize)
 
     def to_attrs(self) -> dict:
         d = asdict(self)
         d["value_range"] = list(self.value_range)
         d["steps"] = "mode convert -> [bbox crop] -> resize shorter side -> centre crop -> scale"
+        d["recipe"] = RECIPES[self.resize].describe(self.resample)
         return d
-
-
-def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to RGB (channels=3) or L (channels=1); alpha goes on white."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = arr.max() if arr.max() > 0 else 1.0
-        img = Image.fromarray((arr / peak * 255).astype(np.uint8))
-    return img.convert("RGB" if channels == 3 else "L")
-
-
-def resize_center_crop(img: Image.Image, size: int, resample: str = "bicubic") -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), getattr(Image.Resampling, resample.upper()))
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
 def preprocess(
@@ -63,12 +61,18 @@ def preprocess(
     prep: Preprocessing,
     bbox: tuple[float, float, float, float] | None = None,
 ) -> np.ndarray:
-    """Return a ``(channels, size, size) float32`` array in ``prep.value_range``."""
-    img = to_mode(img, prep.channels)
+    """Return a ``(channels, size, size) float32`` array in ``prep.value_range``.
+
+    For ``value_range`` (-1, 1) the scaling equals both references bit for bit in
+    float32: guided-diffusion's ``x / 127.5 - 1`` and torchvision's
+    ``Normalize(0.5, 0.5)(x / 255)`` (multiplying by 2 is exact in binary floating point).
+    """
+    recipe = RECIPES[prep.resize]
+    img = recipe.convert(img, prep.channels)
     if bbox is not None:
         x0, y0, x1, y1 = bbox
         img = img.crop((max(0, int(x0)), max(0, int(y0)), min(img.width, int(round(x1))), min(img.height, int(round(y1)))))
-    img = resize_center_crop(img, prep.size, prep.resample)
+    img = recipe.resize_crop(img, prep.size, prep.resample)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     if arr.ndim == 2:
         arr = arr[None]
