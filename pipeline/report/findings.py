@@ -216,6 +216,10 @@ class CKAFinding:
         return fill(self.template, {k: f"{v:.2f}" for k, v in self.numbers.items()})
 
 
+#: CKA means closer than this are reported as "about equal".
+SIMILAR = 0.02
+
+
 def fill(template: str, values: dict[str, str]) -> str:
     """Replace the ``{key}`` fields of a template (literal text elsewhere, braces included)."""
     return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), template)
@@ -248,9 +252,14 @@ def cka_finding(name: str, path: Path) -> CKAFinding:
         same_block = _mean(values, off_diagonal & (rs == cs) & (rb == cb) & (rt != ct))
         same_t = _mean(values, off_diagonal & (rs == cs) & (rb != cb) & (rt == ct))
         if np.isfinite(same_block) and np.isfinite(same_t):
-            by = "block more than by timestep" if same_block > same_t else "timestep more than by block"
+            if abs(same_block - same_t) < SIMILAR:
+                verdict = "block and timestep shape the representation about equally"
+            elif same_block > same_t:
+                verdict = "the block shapes the representation more than the timestep does"
+            else:
+                verdict = "the timestep shapes the representation more than the block does"
             template = ("Between timesteps of one block CKA averages {same_block}, between blocks at one timestep "
-                        f"{{same_timestep}}: the representations are organised by {by}.")
+                        f"{{same_timestep}}: {verdict}.")
             return CKAFinding(name, Path(path), mode, da, template,
                               {"same_block": same_block, "same_timestep": same_t}, estimator)
         return CKAFinding(name, Path(path), mode, da, "CKA between different slices averages {off_diagonal}.",
