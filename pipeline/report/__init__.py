@@ -7,11 +7,17 @@ Classifier (confusion, accuracy vs forward passes), then provenance and cost in
 a collapsed ``<details>``. Figures are SVG embedded as data URIs, so the page is
 one file with no scripts.
 
-``findings`` computes every headline number from the stores (numpy only);
-``figures`` draws them; ``provenance`` collects versions, hashes and timings;
-``html`` writes the page.
+- ``findings``: every headline number, computed from the stage outputs (numpy, xarray);
+- ``figures``: the matplotlib figures, as SVG data URIs;
+- ``provenance``: versions, git commit, host, and each input's hash, seed and wall time;
+- ``markup``: the stylesheet, number formats, linked numbers, tables;
+- ``sections``: what each kind of stage output adds to the page;
+- ``page``: ``build_report``, the page top to bottom.
+
+May import: ``pipeline.store``, ``pipeline.probing``, ``pipeline.cka``, ``pipeline.errors``;
+never ``stages`` or the workflow machinery (``stages/report.py`` calls ``build_report``).
 """
 
-from pipeline.report.html import build_report
+from pipeline.report.page import build_report
 
 __all__ = ["build_report"]
