@@ -97,7 +97,7 @@ def bare_rate(clf: Classifier, batch: int, n_forwards: int) -> float:
     shape = (batch, a.latent_channels, a.latent_size, a.latent_size)
     x = torch.randn(shape, generator=gen).to(clf.device, clf.dtype)
     t = torch.randint(0, a.num_train_timesteps, (batch,), generator=gen).to(clf.device)
-    cond = clf.condition(torch.randint(0, clf.n_classes, (batch,), generator=gen).to(clf.device))
+    cond = clf.condition(torch.randint(0, clf.n_candidates, (batch,), generator=gen).to(clf.device))
     n_batches = max(1, round(n_forwards / batch))
     with torch.inference_mode():
         a.forward(x, t, cond)  # warm-up
@@ -125,7 +125,7 @@ def schedules_table(args, model: ModelConfig, work: Path) -> None:
     print(f"\n## exhaustive vs adaptive: {args.images} held-out digits, even trials, batch {args.batch}")
     print("| schedule | accuracy | forwards / image | s / image | forwards/s |\n|---|---|---|---|---|")
     for name, (n_trials, schedule) in schedules.items():
-        cfg = ClassifyConfig(model=model, dataset=heldout, n_trials=n_trials, schedule=schedule,
+        cfg = ClassifyConfig(model=model, dataset=heldout, n_timesteps=n_trials, schedule=schedule,
                              batch_size=args.batch, device=args.device)
         r = run_classify(cfg, work / "store.zarr")
         print(f"| {name} | {r['accuracy']:.3f} | {r['forwards_per_image']:.0f} | "
@@ -140,7 +140,7 @@ def scaling_table(args, model: ModelConfig, work: Path) -> None:
           "|---|---|---|---|---|")
     subset = DatasetConfig(reader="digits", split="test", limit=args.scaling_images, seed=1)
     for batch in (int(b) for b in args.batches.split(",")):
-        cfg = ClassifyConfig(model=model, dataset=subset, n_trials=args.trials, batch_size=batch,
+        cfg = ClassifyConfig(model=model, dataset=subset, n_timesteps=args.trials, batch_size=batch,
                              device=args.device)
         clf = Classifier(cfg)
         n_forwards = args.scaling_images * clf.n_classes * args.trials

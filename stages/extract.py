@@ -1,11 +1,13 @@
 """extract: run a dataset through a diffusion model once and store block activations.
 
 For every (image, view) sample and every requested timestep: x_0 = preprocess(image)
-(flipped for odd views when ``flip``), eps = ``pipeline.noise.sample_noise(seed,
-image_id, view, t)``, x_t = q(x_t | x_0), one forward with hooks on the requested
-blocks that stops after the last of them, optional pooling on the device, cast to
-the storage dtype with an inf/NaN check, copy to (pinned) host memory, and a
-background thread writes each finished unit while the device computes the next.
+(flipped for odd views when ``flip``; with ``augment``, views 1..k-1 are random crops
+and flips drawn from (seed, image_id, view), ``pipeline.datasets.augment``), eps =
+``pipeline.noise.sample_noise(seed, image_id, view, t)``, x_t = q(x_t | x_0), one
+forward with hooks on the requested blocks that stops after the last of them,
+optional pooling on the device, cast to the storage dtype with an inf/NaN check,
+copy to (pinned) host memory, and a background thread writes each finished unit
+(with the crops its views drew) while the device computes the next.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from pipeline import store
 from pipeline.datasets import DatasetConfig, open_dataset
+from pipeline.datasets.augment import AugmentedImages, AugmentSpec, view_flipped
 from pipeline.datasets.torch_data import load_images
 from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
@@ -66,6 +69,7 @@ class ExtractConfig:
     conditioning: Literal["none", "class", "null", "null_class"] | None = "none"
     views: int = 1
     flip: bool = False
+    augment: AugmentSpec | None = None
     unit_samples: int | None = None
     num_workers: int = 0
     compression: store.Compression = field(default_factory=store.Compression)
@@ -80,6 +84,13 @@ class ExtractConfig:
                 raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
         if not self.timesteps:
             raise ValueError("'timesteps' must list at least one timestep")
+        if self.augment is not None:
+            if self.views < 2:
+                raise ValueError(f"'augment' draws views 1..views-1 (view 0 is the centre crop): set views >= 2, "
+                                 f"got {self.views}")
+            if self.flip:
+                raise ValueError("'flip' (odd views flipped) and 'augment' (random flips) exclude each other: "
+                                 "drop flip, or set augment.flip")
 
 
 
@@ -87,15 +98,19 @@ class ExtractConfig:
 # ----------------------------------------------------------------- samples & units
 
 
-def sample_table(reader, views: int, flip: bool) -> store.SampleTable:
+def sample_table(reader, views: int, flip: bool, augment: AugmentSpec | None = None,
+                 seed: int = 0) -> store.SampleTable:
+    """Samples in store order, ``views`` per image; with ``augment`` the flips are drawn
+    per (seed, image_id, view) and crop coordinates await the units (-1 until written)."""
     ids, vs, flips, labels = [], [], [], []
     for rec in reader.records:
         for v in range(views):
             ids.append(rec.image_id)
             vs.append(v)
-            flips.append(bool(flip and v % 2 == 1))
+            flips.append(view_flipped(augment, seed, rec.image_id, v) if augment else bool(flip and v % 2 == 1))
             labels.append(rec.label)
-    return store.SampleTable(ids, vs, flips, labels)
+    crops = None if augment is None else np.full((len(ids), len(store.CROP_COORDS)), -1, dtype=np.int32)
+    return store.SampleTable(ids, vs, flips, labels, crops)
 
 
 # ----------------------------------------------------------------- compute
@@ -117,7 +132,7 @@ class Extractor:
             )
         self.reader = open_dataset(cfg.dataset)
         self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
-        self.samples = sample_table(self.reader, cfg.views, cfg.flip)
+        self.samples = sample_table(self.reader, cfg.views, cfg.flip, cfg.augment, cfg.seed)
         self.block_shapes = {b.name: self._stored_shape(b.shape) for b in self.blocks}
         self.layout = store.plan_layout(len(self.samples.image_id), self.block_shapes, self.timesteps,
                                         cfg.dtype, cfg.unit_samples)
@@ -147,14 +162,29 @@ class Extractor:
         return Condition("none")
 
     @torch.no_grad()
-    def compute_unit(self, unit: int) -> tuple[dict[str, np.ndarray], dict[int, str]]:
-        """All blocks x timesteps for one unit: {block: (U, T, C, H, W)}, failures {pos: reason}."""
+    def compute_unit(self, unit: int) -> tuple[dict[str, np.ndarray], dict[int, str], dict[str, np.ndarray]]:
+        """All blocks x timesteps for one unit.
+
+        Returns {block: (U, T, C, H, W)}, failures {position in unit: reason}, and the
+        crops the unit's views drew ({``store.CROP_COORDS`` name: (U,) int32}; empty
+        without ``augment``).
+        """
         cfg, lay = self.cfg, self.layout
         start, stop = lay.unit_range(unit)
         views = cfg.views
         image_idx = sorted({s // views for s in range(start, stop)})
-        arrays, read_failures = load_images(self.reader, self.prep, image_idx, self.cfg.num_workers,
-                                             use_bbox=self.cfg.dataset.crop == "bbox")
+        use_bbox = cfg.dataset.crop == "bbox"
+        dataset = None if cfg.augment is None else AugmentedImages(
+            self.reader, self.prep, cfg.augment, cfg.seed, views, use_bbox)
+        arrays, read_failures = load_images(self.reader, self.prep, image_idx, cfg.num_workers,
+                                             use_bbox=use_bbox, dataset=dataset)
+        coords = {}
+        if cfg.augment is not None:
+            boxes = np.full((stop - start, len(store.CROP_COORDS)), -1, dtype=np.int32)
+            for s in range(start, stop):
+                if s // views in arrays:
+                    boxes[s - start] = arrays[s // views][1][s % views]
+            coords = dict(zip(store.CROP_COORDS, boxes.T))
         if read_failures and self.strict:
             index, reason = next(iter(read_failures.items()))
             raise DatasetError(f"cannot read image {self.reader.records[index].image_id!r}: {reason} (--strict)")
@@ -190,11 +220,13 @@ class Extractor:
                 values = host[name].float().numpy() if host[name].dtype == torch.bfloat16 else host[name].numpy()
                 for row, (s, ti) in enumerate(batch):
                     out[name][s - start, ti] = values[row]
-        return out, failed
+        return out, failed, coords
 
     def _x0(self, s: int, arrays, cache) -> torch.Tensor:
         if s not in cache:
-            x = torch.from_numpy(arrays[s // self.cfg.views])
+            image = arrays[s // self.cfg.views]
+            # with augment an image's entry holds all its views (and their crop boxes)
+            x = torch.from_numpy(image[0][s % self.cfg.views] if self.cfg.augment else image)
             if self.samples.flipped[s]:
                 x = torch.flip(x, dims=[-1])
             cache[s] = self.adapter.encode(x[None].to(self.device))[0].float()
@@ -236,6 +268,7 @@ class Extractor:
             "pool": None if self.cfg.pool is None else {"size": self.cfg.pool.size, "mode": self.cfg.pool.mode},
             "views": self.cfg.views,
             "flip": self.cfg.flip,
+            "augment": None if self.cfg.augment is None else self.cfg.augment.to_attrs(self.prep.size),
             "dataset": {"reader": self.cfg.dataset.reader, "root": self.cfg.dataset.root,
                         "split": self.cfg.dataset.split, "n_images": len(self.reader.records)},
             "block_info": [{"name": b.name, "position": b.position, "shape": list(b.shape),
@@ -263,8 +296,7 @@ def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "ex
     try:
         with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
             for unit in units:
-                data, failed = ex.compute_unit(unit)
-                writer.put(unit, (data, failed))
+                writer.put(unit, ex.compute_unit(unit))
                 start, stop = lay.unit_range(unit)
                 bar.update(stop - start)
     finally:
@@ -312,7 +344,7 @@ class ExtractStage(Stage):
                                          unit_samples=probe_unit_samples)
         ex.layout = probe_layout
         start = time.perf_counter()
-        data, _ = ex.compute_unit(0)
+        data, _, _ = ex.compute_unit(0)
         elapsed = time.perf_counter() - start
         per_pair = elapsed / max(1, probe_unit_samples * n_t)
         compressed = 0
@@ -326,7 +358,8 @@ class ExtractStage(Stage):
         free = shutil.disk_usage(out_parent).free
         rows = [
             ("images", f"{len(ex.reader.records)} ({cfg.dataset.reader}/{cfg.dataset.split})"),
-            ("samples", f"{lay.n_samples} (views={cfg.views})"),
+            ("samples", f"{lay.n_samples} (views={cfg.views}"
+                        + (f"; 1..{cfg.views - 1} {cfg.augment.kind}" if cfg.augment else "") + ")"),
             ("timesteps", ", ".join(map(str, ex.timesteps))),
             ("blocks", "; ".join(f"{n} {tuple(s)}" for n, s in ex.block_shapes.items())),
             ("units", f"{lay.n_units} x {lay.unit_samples} samples"),

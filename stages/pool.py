@@ -154,10 +154,7 @@ class PoolStage(Stage):
         source, src_attrs, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
         if not ctx.output.exists():
             root = store.open_root(source)
-            samples = store.SampleTable(
-                [str(s) for s in root["image_id"][:]], root["view"][:].tolist(),
-                root["flipped"][:].tolist(), root["label"][:].tolist(),
-            )
+            samples = store.read_sample_table(root)
             attrs = ctx.base_attrs() | {
                 "source": {"path": str(source), "stage": src_attrs.get("stage_name"),
                            "stage_hash": src_attrs.get("stage_hash")},

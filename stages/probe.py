@@ -10,7 +10,11 @@ Splits are by image, never by view: the test split is either a second store
 input is an error) or a seeded ``test_fraction`` of the input's images. The
 validation split (early stopping, best epoch) is carved from train by
 ``image_id`` too; standardisation statistics come from the fitting part only.
-Failed samples (``done`` = 2) are never used.
+Failed samples (``done`` = 2) are never used. ``train_views`` / ``test_views``
+then keep only those views on each side (the paper's protocol with an augmented
+store: train on the random views 1..k-1, test on the centre view 0); the split by
+image comes first, so every view of a test image stays out of training whichever
+views are kept.
 
 One read, many heads: the cells sharing a (block, pool) slice form one *group*,
 trained in one ``train_heads`` call on one ``ZarrSource`` whose keys are the
@@ -79,8 +83,15 @@ class ProbeConfig:
     seed: int = 0
     buffer_mib: float = 64
     torch_threads: int = 1
+    train_views: tuple[int, ...] | str = "all"
+    test_views: tuple[int, ...] | str = "all"
 
     def __post_init__(self):
+        for name in ("train_views", "test_views"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "all" or not isinstance(value, str) and (
+                    not value or min(value) < 0):
+                raise ValueError(f"'{name}' must be 'all' or a list of view indices >= 0, got {value!r}")
         names = [h.name for h in self.heads]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"'heads' must list heads with distinct names, got {names}")
@@ -126,6 +137,8 @@ class GroupTask:
     seed: int
     buffer_bytes: int
     torch_threads: int
+    train_views: tuple[int, ...] | None = None  # None: every view
+    test_views: tuple[int, ...] | None = None
 
 
 def split_by_image(image_ids: np.ndarray, usable: np.ndarray, test_fraction: float,
@@ -150,13 +163,29 @@ def split_by_image(image_ids: np.ndarray, usable: np.ndarray, test_fraction: flo
     return np.flatnonzero(usable & ~in_test), np.flatnonzero(usable & in_test)
 
 
+def keep_views(indices: np.ndarray, views: np.ndarray, keep: tuple[int, ...] | None) -> np.ndarray:
+    """The positions of ``indices`` whose view is in ``keep`` (all of them for None)."""
+    return indices if keep is None else indices[np.isin(views[indices], keep)]
+
+
 def group_splits(source, task: GroupTask) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test positions of a task's source: the second store, or a split by image."""
+    """Train and test positions of a task's source: the second store, or a split by image,
+    then the task's ``train_views`` / ``test_views`` on each side."""
     if len(task.parts) == 1:
-        return split_by_image(source.image_ids, source.usable, task.test_fraction, task.seed)
-    positions = np.arange(len(source))
-    (a, b), (c, d) = source.part_range(0), source.part_range(1)
-    return positions[a:b][source.usable[a:b]], positions[c:d][source.usable[c:d]]
+        train_idx, test_idx = split_by_image(source.image_ids, source.usable, task.test_fraction, task.seed)
+    else:
+        positions = np.arange(len(source))
+        (a, b), (c, d) = source.part_range(0), source.part_range(1)
+        train_idx, test_idx = positions[a:b][source.usable[a:b]], positions[c:d][source.usable[c:d]]
+    if task.train_views is None and task.test_views is None:
+        return train_idx, test_idx
+    views = np.concatenate([store_views(path) for path, _ in task.parts])
+    return keep_views(train_idx, views, task.train_views), keep_views(test_idx, views, task.test_views)
+
+
+def store_views(path: str | Path) -> np.ndarray:
+    """(n,) int: the ``view`` coordinate of a store."""
+    return np.asarray(store.open_root(path)["view"][:], dtype=np.int64)
 
 
 def train_group(task: GroupTask) -> list[dict]:
@@ -228,6 +257,8 @@ def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
                 "one image must not straddle train and test: use another split, or drop test_input"
             )
         _select(timesteps, store_timesteps(test_source), "timestep", str(test_source))
+    train_views = _check_views(cfg.train_views, source, "train_views")
+    test_views = _check_views(cfg.test_views, test_source or source, "test_views")
     tasks = []
     for block in blocks:
         for pool in pools:
@@ -248,11 +279,25 @@ def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
             tasks.append(GroupTask(
                 name, block, pool, tuple(parts), tuple(timesteps), heads, len(classes), cfg.test_fraction,
                 cfg.val_fraction, cfg.batch_size, cfg.eval_batch_size, cfg.seed, int(cfg.buffer_mib * 2**20),
-                cfg.torch_threads,
+                cfg.torch_threads, train_views, test_views,
             ))
     if not tasks:
         raise ConfigError("probe: the grid is empty (no head runs at any of the selected pools)")
     return Grid(tasks, blocks, timesteps, pools, {h.name: h.head.kind for h in cfg.heads})
+
+
+def _check_views(requested, source: Path, what: str) -> tuple[int, ...] | None:
+    """``requested`` as a tuple (None for 'all') once every view in it is in ``source``."""
+    if requested == "all":
+        return None
+    stored = sorted(int(v) for v in np.unique(store_views(source)))
+    missing = [v for v in requested if v not in stored]
+    if missing:
+        raise ConfigError(
+            f"probe: {what} asks for view(s) {missing}, but {source} stores views {stored} "
+            "(extract with more views, e.g. views: 4 with augment)"
+        )
+    return tuple(int(v) for v in requested)
 
 
 class ProbeStage(Stage):
@@ -319,10 +364,15 @@ class ProbeStage(Stage):
             ("grid", f"{len(grid.blocks)} block(s) x {len(grid.timesteps)} timestep(s) x pools {grid.pools} "
                      f"x {len(grid.head_kinds)} head(s)"),
             ("cells", f"{n_cells} in {len(grid.tasks)} task(s), one store read stream each"),
-            ("split", f"test from {test_source}" if test_source
-             else f"{cfg.test_fraction:.0%} of images (seed {cfg.seed})"),
+            ("split", (f"test from {test_source}" if test_source
+                       else f"{cfg.test_fraction:.0%} of images (seed {cfg.seed})")
+             + f"; train views {_views_text(cfg.train_views)}, test views {_views_text(cfg.test_views)}"),
             ("memory", _memory_plan(grid.tasks, cfg.buffer_mib)),
         ]
+
+
+def _views_text(views) -> str:
+    return "all" if views == "all" else ", ".join(map(str, views))
 
 
 def _memory_plan(tasks, buffer_mib: float) -> str:

@@ -29,7 +29,7 @@ from pipeline.models.unet2d import UNet2DAdapter
 from pipeline.noise import sample_noise
 from pipeline.workflow.runner import Runner
 from stages.classify import Classifier
-from helpers import TINY_UNET
+from helpers import TINY_UNET, tiny_vae, write_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "data" / "models" / "digits-ddpm"
@@ -42,7 +42,7 @@ def classify_workflow(folder: Path, **params) -> Path:
     (folder / "tiny_unet.json").write_text(json.dumps(TINY_UNET))
     values = {"model": "{config: tiny_unet.json, null_class: 10}",
               "dataset": f"{{reader: digits, split: test, limit: {N_IMAGES}}}",
-              "n_trials": N_TRIALS, "batch_size": 16}
+              "n_timesteps": N_TRIALS, "batch_size": 16}
     values.update(params)
     body = "\n".join(f"    {k}: {v}" for k, v in values.items() if v is not None)
     (folder / "wf.yaml").write_text("name: t\noutput_dir: out\nstages:\n  - name: c\n    stage: classify\n"
@@ -79,7 +79,7 @@ def test_store_opens_with_xarray_and_carries_the_plan(exhaustive):
     path, _ = exhaustive
     ds = xr.open_zarr(path)
     for loss in ("l2", "l1", "huber"):
-        assert ds[f"error_{loss}"].dims == ("sample", "class", "trial")
+        assert ds[f"error_{loss}"].dims == ("sample", "candidate", "trial")
         assert ds[f"error_{loss}"].shape == (N_IMAGES, 10, N_TRIALS)
     assert ds["timestep"].dims == ("trial",) and ds["timestep"].values.tolist() == even_timesteps(N_TRIALS)
     assert ds["class_name"].values.tolist() == [str(d) for d in range(10)]
@@ -134,9 +134,9 @@ def test_every_class_of_a_sample_gets_the_same_t_and_eps(exhaustive):
 
 def test_adaptive_spends_fewer_passes_on_the_same_cells(exhaustive, tmp_path):
     full, _ = exhaustive
-    path = run_classify(tmp_path, schedule="{n_samples: [3, 6], to_keep: [3, 1]}")
+    path = run_classify(tmp_path, schedule="{timesteps_per_round: [3, 6], keep_per_round: [3, 1]}")
     passes = read(path, "forward_passes")
-    # stage 1: trials 1, 3, 5 for all 10 classes; stage 2: trials 0, 2, 4 for the 3 survivors
+    # round 1: trials 1, 3, 5 for all 10 classes; round 2: trials 0, 2, 4 for the 3 survivors
     assert passes.tolist() == [10 * 3 + 3 * 3] * N_IMAGES
     assert passes.sum() < read(full, "forward_passes").sum()
     errors, reference = read(path, "error_l2"), read(full, "error_l2")
@@ -145,7 +145,7 @@ def test_adaptive_spends_fewer_passes_on_the_same_cells(exhaustive, tmp_path):
     assert (evaluated[:, :, [0, 2, 4]].sum(axis=1) == 3).all()
     # same (t, eps) per timestep whatever the schedule: evaluated cells equal the exhaustive ones
     np.testing.assert_allclose(errors[evaluated], reference[evaluated], rtol=1e-5)
-    # elimination recomputed from the exhaustive cache: top 3 on stage 1's trials, then argmin on all
+    # elimination recomputed from the exhaustive cache: top 3 on round 1's trials, then argmin on all
     for s in range(N_IMAGES):
         survivors = np.argsort(reference[s][:, [1, 3, 5]].mean(axis=1), kind="stable")[:3]
         assert set(np.flatnonzero(evaluated[s, :, 0])) == set(survivors)
@@ -155,7 +155,7 @@ def test_adaptive_spends_fewer_passes_on_the_same_cells(exhaustive, tmp_path):
 
 
 def test_plan_counts_the_forward_passes_a_run_spends(tmp_path):
-    runner = Runner(load_workflow(classify_workflow(tmp_path, schedule="{n_samples: [3, 6], to_keep: [3, 1]}"), STAGES),
+    runner = Runner(load_workflow(classify_workflow(tmp_path, schedule="{timesteps_per_round: [3, 6], keep_per_round: [3, 1]}"), STAGES),
                     progress=False)
     entry = runner.wf.stage("c")
     rows = dict(runner.stages["c"].plan(entry.config, runner.context(entry)))
@@ -167,7 +167,7 @@ def test_rescoring_a_trial_subset_equals_running_with_it(exhaustive, tmp_path):
     full, _ = exhaustive
     subset = [0, 2, 5]
     timesteps = [even_timesteps(N_TRIALS)[i] for i in subset]
-    path = run_classify(tmp_path, n_trials=None, timesteps=json.dumps(timesteps))
+    path = run_classify(tmp_path, n_timesteps=None, timesteps=json.dumps(timesteps))
     np.testing.assert_allclose(read(path, "error_l1"), read(full, "error_l1")[:, :, subset], rtol=1e-5)
     ran, rescored = errorstore.score_store(path), errorstore.score_store(full, trials=subset)
     assert rescored["predictions"].tolist() == ran["predictions"].tolist() == read(path, "prediction").tolist()
@@ -247,15 +247,15 @@ def test_trial_selection_parsing_and_bad_inputs(exhaustive, tmp_path):
         errorstore.score_store(path, loss="l3")
     weighted = errorstore.score_store(path, weighting="x0")
     assert 0.0 <= weighted["accuracy"] <= 1.0
-    with pytest.raises(ConfigError, match="to_keep"):
-        Runner(load_workflow(classify_workflow(tmp_path / "a", n_trials=None,
-                                               schedule="{n_samples: [3, 6]}"), STAGES), progress=False)
-    with pytest.raises(ConfigError, match="n_trials"):
-        load_workflow(classify_workflow(tmp_path / "b", n_trials=None), STAGES)
+    with pytest.raises(ConfigError, match="keep_per_round"):
+        Runner(load_workflow(classify_workflow(tmp_path / "a", n_timesteps=None,
+                                               schedule="{timesteps_per_round: [3, 6]}"), STAGES), progress=False)
+    with pytest.raises(ConfigError, match="n_timesteps"):
+        load_workflow(classify_workflow(tmp_path / "b", n_timesteps=None), STAGES)
     with pytest.raises(ConfigError, match="did you mean 'cifar10'"):
         load_workflow(classify_workflow(tmp_path / "c", schedule="{preset: cifar}"), STAGES)
     with pytest.raises(ConfigError, match="'prompt' is for text-conditional"):
-        run_classify(tmp_path / "d", prompt="digits")
+        run_classify(tmp_path / "d", prompt="mnist")
     with pytest.raises(StoreError, match="not a classify store"):
         errorstore.score_store(tmp_path / "d")
 
@@ -269,51 +269,16 @@ def test_unconditional_model_is_refused(tmp_path):
 # ----------------------------------------------------------------- SD and DiT, tiny random
 
 
-def _tokenizer(folder: Path) -> None:
-    """A CLIP tokenizer with no merges (one token per byte), loadable offline."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
-
-
-def _tiny_vae():
-    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-
-    return AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=4, sample_size=16)
-
-
 def test_tiny_stable_diffusion_classifies_with_one_prompt_per_class(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("pipeline.models.sd")
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = tmp_path / "sd"
-    torch.manual_seed(0)
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4).save_pretrained(folder / "unet")
-    _tiny_vae().save_pretrained(folder / "vae")
-    CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                                 vocab_size=1000, max_position_embeddings=77, projection_dim=16, bos_token_id=512,
-                                 eos_token_id=513, pad_token_id=513)).save_pretrained(folder / "text_encoder")
-    _tokenizer(folder / "tokenizer")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
-        folder / "scheduler")
-    path = run_classify(tmp_path / "run", model=f"{{kind: sd, path: {folder}}}", prompt="digits",
-                        dataset="{reader: digits, split: test, limit: 2}", n_trials=2)
+    folder = write_tiny_sd(tmp_path / "sd")
+    path = run_classify(tmp_path / "run", model=f"{{kind: sd, path: {folder}}}", prompt="mnist",
+                        dataset="{reader: digits, split: test, limit: 2}", n_timesteps=2)
     attrs = store.read_attrs(path)
-    prompts = attrs["provenance"]["conditioning"]["prompts"]
-    assert prompts[3] == 'a photo of the number: "3".' and len(prompts) == 10
+    prompts = read(path, "candidate_prompt").tolist()
+    assert prompts[3] == "a photo of the number: '3'." and len(prompts) == 10  # the published MNIST set
+    assert attrs["provenance"]["conditioning"]["class_prompts"][3] == [prompts[3]]
     errors = read(path, "error_l2")
     assert errors.shape == (2, 10, 2) and np.isfinite(errors).all()
     assert len(np.unique(errors[0, :, 0])) == 10  # each class has its own prompt
@@ -342,14 +307,14 @@ def test_tiny_dit_classifies_adaptively(tmp_path):
     torch.manual_seed(1)
     DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
                           sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(folder / "transformer")
-    _tiny_vae().save_pretrained(folder / "vae")
+    tiny_vae().save_pretrained(folder / "vae")
     DDPMScheduler().save_pretrained(folder / "scheduler")
-    path = run_classify(tmp_path / "run", model=f"{{kind: dit, path: {folder}}}", n_trials=None,
+    path = run_classify(tmp_path / "run", model=f"{{kind: dit, path: {folder}}}", n_timesteps=None,
                         dataset="{reader: digits, split: test, limit: 3}",
-                        schedule="{n_samples: [2, 4], to_keep: [2, 1]}")
+                        schedule="{timesteps_per_round: [2, 4], keep_per_round: [2, 1]}")
     errors = read(path, "error_l2")
     assert read(path, "forward_passes").tolist() == [10 * 2 + 2 * 2] * 3
-    # stage 1: trials 1, 3 for all classes; stage 2: trials 0, 2 for the 2 survivors
+    # round 1: trials 1, 3 for all classes; round 2: trials 0, 2 for the 2 survivors
     assert np.isfinite(errors[:, :, [1, 3]]).all()
     assert (np.isfinite(errors[:, :, [0, 2]]).sum(axis=1) == 2).all()
     # one cell recomputed with the DiT called directly (label = class index)
@@ -374,9 +339,119 @@ def test_shipped_digits_model_classifies_well_above_chance(tmp_path):
     """40 held-out digits, 10 trials: exhaustive and adaptive [5, 10] / [3, 1] (chance is 0.1)."""
     common = {"model": f"{{path: {DIGITS_MODEL}, null_class: 10}}", "batch_size": 100,
               "dataset": "{reader: digits, split: test, limit: 40}"}
-    full = run_classify(tmp_path / "full", n_trials=10, **common)
-    adaptive = run_classify(tmp_path / "adaptive", n_trials=None, schedule="{n_samples: [5, 10], to_keep: [3, 1]}",
+    full = run_classify(tmp_path / "full", n_timesteps=10, **common)
+    adaptive = run_classify(tmp_path / "adaptive", n_timesteps=None, schedule="{timesteps_per_round: [5, 10], keep_per_round: [3, 1]}",
                             **common)
     a, b = errorstore.score_store(full), errorstore.score_store(adaptive)
     assert a["accuracy"] >= 0.6 and b["accuracy"] >= 0.6, (a["accuracy"], b["accuracy"])
     assert b["forward_passes_spent"] < a["forward_passes_spent"]
+
+
+# ----------------------------------------------------------------- grid, noise draws, prompts
+
+
+def test_a_preset_runs_on_the_published_grid(tmp_path):
+    """cifar10: [50, 500] / [5, 1] on the reference's grid of 500 (t = 1, 3, ..., 999)."""
+    wf = load_workflow(classify_workflow(tmp_path, n_timesteps=None, schedule="{preset: cifar10}"), STAGES)
+    clf = Classifier(wf.stage("c").config)
+    assert clf.plan.timesteps == tuple(range(1, 1000, 2))
+    rounds = clf.schedule_attrs()["round_trials"]
+    assert [clf.plan.trial_timesteps[i] for i in rounds[0]] == list(range(11, 1000, 20))
+    assert clf.schedule_attrs()["forward_passes_per_sample"] == 10 * 50 + 5 * 450
+    # the same grid given explicitly is accepted
+    same = load_workflow(classify_workflow(tmp_path / "same", n_timesteps=500, schedule="{preset: cifar10}"), STAGES)
+    assert Classifier(same.stage("c").config).plan == clf.plan
+
+
+@pytest.mark.parametrize("params, message", [
+    # 1000 would evaluate t = 10, 30, ... in round 1 and 3000 forwards instead of 2750
+    ({"n_timesteps": 1000, "schedule": "{preset: cifar10}"}, "n_timesteps: 1000 changes the grid of schedule"),
+    ({"n_timesteps": 40, "schedule": "{timesteps_per_round: [10, 20], keep_per_round: [3, 1]}"},
+     r"rounds choose from 20 timesteps"),
+    ({"n_timesteps": None, "timesteps": "[1, 3, 5]", "schedule": "{preset: cifar10}"}, "published grid of 500"),
+    ({"n_timesteps": None, "spacing": "random", "schedule": "{preset: pets}"}, "published grid of 250"),
+    ({"n_timesteps": None, "timesteps": "[1, 3, 5]", "schedule": "{timesteps_per_round: [2, 4], keep_per_round: [2, 1]}"},
+     "needs a grid of 4"),
+    ({"noise_draws": 0}, "'noise_draws' must be >= 1"),
+])
+def test_grids_that_differ_from_the_reference_are_refused_in_one_line(tmp_path, params, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_workflow(classify_workflow(tmp_path, **params), STAGES)
+    assert "\n" not in str(err.value) and "wf.yaml" in str(err.value)
+
+
+def test_several_noise_draws_per_timestep(exhaustive, tmp_path):
+    full, _ = exhaustive
+    path = run_classify(tmp_path, noise_draws=2)
+    ds = xr.open_zarr(path)
+    grid = even_timesteps(N_TRIALS)
+    assert ds["error_l2"].shape == (N_IMAGES, 10, 2 * N_TRIALS)
+    assert ds["timestep"].values.tolist() == [t for t in grid for _ in range(2)]
+    assert ds["draw"].values.tolist() == [0, 1] * N_TRIALS
+    assert (ds["forward_passes"].values == 10 * 2 * N_TRIALS).all()
+    errors, reference = read(path, "error_l2"), read(full, "error_l2")
+    # draw 0 is the one-draw run's eps: the same cells
+    np.testing.assert_allclose(errors[:, :, 0::2], reference, rtol=1e-5)
+    assert not np.allclose(errors[:, :, 1::2], reference)
+    one_draw = errorstore.score_store(path, draws=[0])
+    assert one_draw["predictions"].tolist() == errorstore.score_store(full)["predictions"].tolist()
+    assert one_draw["trials"] == list(range(0, 2 * N_TRIALS, 2))
+    # a draw-1 cell recomputed with its own eps, sample_noise(seed, image_id, view=1, t)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_UNET))
+    unet = load_model(ModelConfig(config=str(tmp_path / "tiny.json"), null_class=10)).module
+    abar = torch.tensor(store.read_attrs(path)["provenance"]["alphas_cumprod"], dtype=torch.float64)
+    reader = open_dataset(DatasetConfig(reader="digits", split="test", limit=N_IMAGES))
+    s, c, trial = 4, 6, 7  # grid timestep 3, draw 1
+    record = reader.records[s]
+    x0 = torch.from_numpy(preprocess(reader.load_image(record), load_model(
+        ModelConfig(config=str(tmp_path / "tiny.json"), null_class=10)).preprocessing))
+    t = grid[3]
+    eps = sample_noise(0, record.image_id, 1, t, x0.shape).double()
+    x_t = (abar[t].sqrt() * x0.double() + (1 - abar[t]).sqrt() * eps).float()
+    with torch.no_grad():
+        pred = unet(x_t[None], torch.tensor([t]), class_labels=torch.tensor([c])).sample[0].double()
+    np.testing.assert_allclose(errors[s, c, trial], ((pred - eps) ** 2).mean().item(), rtol=1e-4)
+    # the score command selects by draw
+    assert errorstore.score_store(path, timesteps=[grid[3]], draws=[1])["trials"] == [7]
+
+
+def test_stable_diffusion_with_several_prompts_per_class(tmp_path):
+    """A class is its best prompt: predictions equal a numpy min-over-prompts recomputation."""
+    pytest.importorskip("transformers")
+    folder = write_tiny_sd(tmp_path / "sd")
+    rows = ["prompt,classname,classidx"]
+    for d in range(10):
+        rows.append(f"a photo of the number: '{d}'.,{d},{d}")
+        if d in (3, 7):
+            rows += [f"a handwritten {d}.,{d},{d}", f"the digit {d} on paper.,{d},{d}"]
+    for run in ("run", "adaptive"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "digits.csv").write_text("\n".join(rows) + "\n")
+    common = {"model": f"{{kind: sd, path: {folder}}}", "prompt_file": "digits.csv",
+              "dataset": "{reader: digits, split: test, limit: 3}", "n_timesteps": 4}
+    path = run_classify(tmp_path / "run", **common)
+    ds = xr.open_zarr(path)
+    candidate_class = ds["candidate_class"].values
+    assert ds["error_l2"].dims == ("sample", "candidate", "trial") and ds["error_l2"].shape == (3, 14, 4)
+    assert candidate_class.tolist() == [0, 1, 2, 3, 3, 3, 4, 5, 6, 7, 7, 7, 8, 9]
+    assert ds["candidate_prompt"].values[4] == "a handwritten 3."
+    conditioning = store.read_attrs(path)["provenance"]["conditioning"]
+    assert conditioning["class_prompts"][7] == ["a photo of the number: '7'.", "a handwritten 7.",
+                                                "the digit 7 on paper."]
+    assert conditioning["class_prompts"][0] == ["a photo of the number: '0'."]
+    assert conditioning["prompt_source"].endswith("digits.csv")
+    errors = ds["error_l2"].values
+    means = errors.mean(axis=2)
+    per_class = np.stack([means[:, candidate_class == k].min(axis=1) for k in range(10)], axis=1)
+    assert ds["prediction"].values.tolist() == per_class.argmin(axis=1).tolist()
+    assert errorstore.score_store(path)["predictions"].tolist() == per_class.argmin(axis=1).tolist()
+    # adaptive over prompts: round 1 keeps the 4 best prompts (as the reference keeps prompt rows)
+    adaptive = run_classify(tmp_path / "adaptive", **(common | {
+        "n_timesteps": None, "schedule": "{timesteps_per_round: [2, 4], keep_per_round: [4, 1]}"}))
+    cells = read(adaptive, "error_l2")
+    assert (np.isfinite(cells[:, :, [1, 3]]).all() and (np.isfinite(cells[:, :, 0]).sum(axis=1) == 4).all())
+    np.testing.assert_allclose(cells[np.isfinite(cells)], errors[np.isfinite(cells)], rtol=1e-5)
+    for s in range(3):
+        first = np.argsort(errors[s][:, [1, 3]].mean(axis=1), kind="stable")[:4]
+        winner = first[np.argmin(errors[s][first].mean(axis=1))]
+        assert read(adaptive, "prediction")[s] == candidate_class[winner]

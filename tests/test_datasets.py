@@ -438,6 +438,8 @@ def test_flowers(tmp_path):
     names = train.class_names
     assert len(names) == 102 and len(set(names)) == 102
     assert names[0] == "pink primrose" and names[101] == "blackberry lily" and names[76] == "passion flower"
+    # the three names where lists differ, as the Diffusion Classifier's flowers_prompts.csv has them
+    assert (names[15], names[59], names[92]) == ("globe flower", "pink and yellow dahlia", "air plant")
     (tmp_path / "setid.mat").unlink()
     with pytest.raises(DatasetError, match=r"missing 'setid\.mat'.*imagelabels\.mat, setid\.mat, jpg/"):
         FlowersReader(tmp_path, "train")

@@ -311,7 +311,7 @@ def test_classify_reads_pixels_by_the_recipe(tmp_path, monkeypatch):
 
     data = _folder(tmp_path / "imgs")
     wf = _workflow(tmp_path / "w", "classify", f"{{reader: imagefolder, root: {data}, split: all, resize: torchvision}}",
-                   "    n_trials: 2\n    class_labels: [0, 1]\n")
+                   "    n_timesteps: 2\n    class_labels: [0, 1]\n")
     seen = _recording(monkeypatch, stages.classify)
     Runner(load_workflow(wf, STAGES), progress=False).run()
     arrays = {k: v for unit in seen for k, v in unit.items()}

@@ -9,16 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.dc.classifier import adaptive_classify, stage_trials
+from pipeline.dc.classifier import Schedule, adaptive_classify, make_plan, round_timesteps
 from pipeline.errors import ConfigError
 from pipeline.dc.scoring import (
-    class_scores,
+    candidate_scores,
     confusion_png,
     rank_classes,
     score,
+    select_trials,
     timestep_weights,
     topk_accuracy,
-    trials_at_timesteps,
 )
 
 
@@ -46,16 +46,16 @@ def test_predictions_are_argmin_of_nanmean_when_classes_are_evaluated_all_or_not
 
 
 def test_plain_nanmean_would_misread_an_adaptive_tensor_but_coverage_ranking_does_not():
-    # class 2 was eliminated on stage-1 trials where errors are low; its mean there (0.7)
+    # class 2 was eliminated on round-1 trials where errors are low; its mean there (0.7)
     # is below the survivor's mean over all trials (0.8), which is not a fair comparison
     table = np.array([[2.0, 0.5, 2.0, 0.5], [1.0, 0.6, 1.0, 0.6], [0.0, 0.7, 0.0, 0.7]])
-    result = adaptive_classify(lambda c, t: table[np.ix_(c, t)], 3, [2, 4], [2, 1])
+    result = adaptive_classify(lambda c, t: table[np.ix_(c, t)], 3, make_plan(4), Schedule((2, 4), (2, 1)))
     cached = result.errors["l2"][None]
     assert nanmean_argmin(cached)[0] == 2
-    assert score(cached, [1])["predictions"][0] == result.prediction == 1
+    assert score(cached, [1])["predictions"][0] == result.winner == 1
     np.testing.assert_array_equal(rank_classes(cached), [[1, 0, 2]])
-    # on the first stage's trials every class competes on its mean
-    first = stage_trials(4, [2, 4])[0]
+    # on the first round's trials every class competes on its mean
+    first = round_timesteps(4, [2, 4])[0]
     assert score(cached, [0], trials=first)["predictions"][0] == 0
 
 
@@ -96,7 +96,7 @@ def test_weights_are_a_weighted_mean_and_zero_weight_drops_a_trial():
     rng = np.random.default_rng(1)
     errors = rng.random((20, 5, 6))
     weights = np.array([1.0, 0.0, 2.0, 0.5, 0.0, 3.0])
-    scores, coverage = class_scores(errors, weighting=weights)
+    scores, coverage = candidate_scores(errors, weighting=weights)
     np.testing.assert_allclose(scores, (errors * weights).sum(axis=2) / weights.sum())
     assert (coverage == 6).all()
     kept = np.flatnonzero(weights)
@@ -104,7 +104,7 @@ def test_weights_are_a_weighted_mean_and_zero_weight_drops_a_trial():
         score(errors, np.zeros(20, int), weighting=np.where(weights > 0, 1.0, 0.0))["predictions"],
         score(errors, np.zeros(20, int), trials=kept)["predictions"])
     # weights index the full trial axis; a subset picks its own weights
-    sub_scores, _ = class_scores(errors, trials=[0, 2], weighting=weights)
+    sub_scores, _ = candidate_scores(errors, trials=[0, 2], weighting=weights)
     np.testing.assert_allclose(sub_scores, (errors[:, :, 0] + 2 * errors[:, :, 2]) / 3)
 
 
@@ -152,25 +152,83 @@ def test_topk_accuracy():
 def test_topk_on_an_adaptive_tensor_needs_trials_every_class_saw():
     rng = np.random.default_rng(2)
     table = rng.random((6, 40))
-    cached = adaptive_classify(lambda c, t: table[np.ix_(c, t)], 6, [10, 40], [3, 1]).errors["l2"][None]
-    first = stage_trials(40, [10, 40])[0]
-    stage_one_order = np.argsort(table[:, first].mean(axis=1))
-    # the last stage evaluates stage 1's 3 survivors on every trial, then keeps 1:
+    cached = adaptive_classify(lambda c, t: table[np.ix_(c, t)], 6, make_plan(40),
+                               Schedule((10, 40), (3, 1))).errors["l2"][None]
+    first = round_timesteps(40, [10, 40])[0]
+    round_one_order = np.argsort(table[:, first].mean(axis=1))
+    # the last round evaluates round 1's 3 survivors on every trial, then keeps 1:
     # the worst of them is still in the top 3 over all trials
-    survivors = stage_one_order[:3]
+    survivors = round_one_order[:3]
     worst_survivor = survivors[np.argmax(table[survivors].mean(axis=1))]
     assert topk_accuracy(cached, [worst_survivor], 3) == 1.0
     assert topk_accuracy(cached, [worst_survivor], 2) == 0.0
-    with pytest.raises(ConfigError, match="an adaptive run's first stage"):
+    with pytest.raises(ConfigError, match="an adaptive run's first round"):
         topk_accuracy(cached, [0], 4)
-    fourth = stage_one_order[3]
+    fourth = round_one_order[3]
     assert topk_accuracy(cached, [fourth], 4, trials=first) == 1.0
     assert topk_accuracy(cached, [fourth], 3, trials=first) == 0.0
 
-def test_trials_at_timesteps():
-    np.testing.assert_array_equal(trials_at_timesteps([10, 30, 50, 70], [50, 10]), [2, 0])
+def test_select_trials_by_timestep_and_draw():
+    np.testing.assert_array_equal(select_trials([10, 30, 50, 70], [50, 10]), [0, 2])
     with pytest.raises(ConfigError, match=r"timesteps \[20\] are not trials"):
-        trials_at_timesteps([10, 30], [20])
+        select_trials([10, 30], [20])
+    # two draws per timestep: a timestep selects both, a draw selects one per timestep
+    t_of, d_of = [10, 10, 30, 30, 50, 50], [0, 1, 0, 1, 0, 1]
+    np.testing.assert_array_equal(select_trials(t_of, [30], d_of), [2, 3])
+    np.testing.assert_array_equal(select_trials(t_of, None, d_of, [1]), [1, 3, 5])
+    np.testing.assert_array_equal(select_trials(t_of, [10, 50], d_of, [0]), [0, 4])
+    with pytest.raises(ConfigError, match=r"noise draws \[2\] are not in the plan"):
+        select_trials(t_of, None, d_of, [2])
+
+
+# ----------------------------------------------------------------- several prompts per class
+
+
+def best_prompt_prediction(errors, candidate_class, trials):
+    """Independent numpy recomputation for fully evaluated tensors: each class's score is the
+    minimum over its prompts of the prompt's mean error; predict the argmin class."""
+    means = errors[:, :, trials].mean(axis=2)                       # (S, P)
+    n_classes = max(candidate_class) + 1
+    per_class = np.stack([means[:, [p for p, c in enumerate(candidate_class) if c == k]].min(axis=1)
+                          for k in range(n_classes)], axis=1)       # (S, K)
+    return per_class.argmin(axis=1), per_class
+
+
+def test_a_class_scores_as_its_best_prompt():
+    rng = np.random.default_rng(5)
+    candidate_class = [0, 1, 1, 2, 0, 2, 2, 3]   # 4 classes, 8 prompts, rows in any order
+    errors = rng.random((50, 8, 10))
+    labels = rng.integers(0, 4, 50)
+    for trials in (None, [1, 4, 7]):
+        chosen = list(range(10)) if trials is None else trials
+        expected, per_class = best_prompt_prediction(errors, candidate_class, chosen)
+        result = score(errors, labels, trials=trials, candidate_class=candidate_class)
+        np.testing.assert_array_equal(result["predictions"], expected)
+        assert result["accuracy"] == pytest.approx(np.mean(expected == labels))
+        assert result["confusion"].shape == (4, 4) and result["confusion"].sum() == 50
+        # the whole class ranking follows the per-class minimum
+        ranking = rank_classes(errors, trials, candidate_class=candidate_class)
+        np.testing.assert_array_equal(ranking, np.argsort(per_class, axis=1, kind="stable"))
+    # top-k counts classes, not prompts
+    _, per_class = best_prompt_prediction(errors, candidate_class, list(range(10)))
+    top2 = np.argsort(per_class, axis=1)[:, :2]
+    assert topk_accuracy(errors, labels, 2, candidate_class=candidate_class) == pytest.approx(
+        np.mean([y in row for y, row in zip(labels, top2)]))
+
+
+def test_an_adaptive_run_over_prompts_rescores_to_the_class_of_the_winning_prompt():
+    rng = np.random.default_rng(6)
+    candidate_class = [0, 0, 1, 1, 2, 2]
+    table = rng.random((6, 20))
+    result = adaptive_classify(lambda c, t: table[np.ix_(c, t)], 6, make_plan(20), Schedule((5, 20), (3, 1)))
+    cached = result.errors["l2"][None]
+    prediction = score(cached, [0], candidate_class=candidate_class)["predictions"][0]
+    assert prediction == candidate_class[result.winner]
+
+
+def test_candidate_class_must_cover_every_class():
+    with pytest.raises(ValueError, match="at least one candidate"):
+        score(np.zeros((1, 3, 2)), [0], candidate_class=[0, 2, 2])
 
 
 @pytest.mark.parametrize("n_classes", [3, 100])

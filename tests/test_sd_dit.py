@@ -26,7 +26,6 @@ from pipeline.datasets import DatasetConfig, open_dataset, preprocess  # noqa: E
 from pipeline.datasets.preprocess import Preprocessing  # noqa: E402
 from pipeline.errors import ModelError  # noqa: E402
 from pipeline.models import Condition, ModelConfig, load_model  # noqa: E402
-from pipeline.models.sd import prompt_templates, prompts_for  # noqa: E402
 from pipeline.noise import sample_noise  # noqa: E402
 from pipeline.workflow.runner import Runner  # noqa: E402
 
@@ -306,7 +305,7 @@ def test_dit_pixel_space_from_config_json(tmp_path):
         load_model(ModelConfig(kind="dit", config=str(config)))
 
 
-# ----------------------------------------------------------------- CLI and prompts
+# ----------------------------------------------------------------- CLI
 
 
 def test_blocks_command_guesses_sd_and_dit(sd_folder, dit_folder):
@@ -320,14 +319,3 @@ def test_blocks_command_guesses_sd_and_dit(sd_folder, dit_folder):
     dit_out = CliRunner().invoke(main, ["blocks", str(dit_folder)])
     assert dit_out.exit_code == 0, dit_out.output
     assert "transformer_blocks.1" in dit_out.output and "(16, 4, 4)" in dit_out.output
-
-
-def test_prompts_for_templates():
-    assert prompts_for(["great_pyrenees", "bombay"], "pets") == [
-        "a photo of a great pyrenees, a type of pet.", "a photo of a bombay, a type of pet."]
-    assert prompts_for(["pizza"], "food") == ["a photo of pizza, a type of food."]
-    assert prompts_for(["cat"], "an image of {}") == ["an image of cat"]
-    assert prompts_for(["cat"]) == ["a photo of a cat."]
-    assert {"pets", "flowers", "aircraft", "food", "cifar10", "imagenet", "default"} <= set(prompt_templates())
-    with pytest.raises(ModelError, match="did you mean 'pets'"):
-        prompts_for(["cat"], "pet")

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import store
 
 from pipeline.store import prefetch as block_reader
 from pipeline.errors import StoreError

@@ -134,7 +134,9 @@ def results(path, top):
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path())
 @click.option("--trials", metavar="SEL", help="Trial indices: 0:10, 0:20:2, 1,3,5 or a mix (default all).")
-@click.option("--timesteps", metavar="T,...", help="Select trials by timestep instead, e.g. 25,75,125.")
+@click.option("--timesteps", metavar="T,...",
+              help="Select trials by timestep instead (all their draws), e.g. 25,75,125.")
+@click.option("--draws", metavar="D,...", help="Keep only these noise draws, e.g. 0 (default all).")
 @click.option("--loss", type=click.Choice(["l2", "l1", "huber"]),
               help="Error array that ranks classes (default: the loss the run eliminated with).")
 @click.option("--weighting", type=click.Choice(["uniform", "snr", "x0", "elbo"]), default="uniform",
@@ -142,7 +144,7 @@ def results(path, top):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Folder for confusion.png, score.json, per_class.csv (default: <STORE stem>-score).")
 @_friendly
-def score(store_path, trials, timesteps, loss, weighting, out_dir):
+def score(store_path, trials, timesteps, draws, loss, weighting, out_dir):
     """Score a classify store from its cached errors: no model, no GPU."""
     from pathlib import Path
 
@@ -151,7 +153,8 @@ def score(store_path, trials, timesteps, loss, weighting, out_dir):
     n_trials = errorstore.open_error_store(store_path)["trial"].shape[0]
     result = errorstore.score_store(
         store_path, loss, errorstore.parse_trials(trials, n_trials) if trials else None,
-        errorstore.parse_ints(timesteps) if timesteps else None, weighting)
+        errorstore.parse_ints(timesteps) if timesteps else None, weighting,
+        errorstore.parse_ints(draws) if draws else None)
     click.echo(errorstore.format_score(result))
     path = Path(store_path)
     paths = errorstore.write_score(result, out_dir or path.parent / f"{path.stem}-score")

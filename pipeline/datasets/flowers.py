@@ -8,20 +8,20 @@ Layout (root is the folder the three downloads were unpacked to)::
 
 Splits ``train`` (trnid, 1020), ``val`` (valid, 1020), ``test`` (tstid, 6149) and
 ``trainval`` (trnid + valid). The official split is deliberately small for
-training: ``test`` is the large one. Class names are the standard list shipped in
-``data/classnames/flowers102.txt`` (label order); the dataset itself ships only
-numbers. image_id is ``jpg/image_NNNNN.jpg``.
+training: ``test`` is the large one. The dataset itself ships only numbers; class
+names (label order) are the list the Diffusion Classifier's code uses (its
+``prompts/flowers_prompts.csv``), shipped as package data in
+``pipeline/datasets/classnames/flowers102.txt``. image_id is ``jpg/image_NNNNN.jpg``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
 
-from pipeline.datasets.annotations import check_options, load_mat, mat_ints, mat_key, read_lines
+from pipeline.datasets.annotations import check_options, load_mat, mat_ints, mat_key
 from pipeline.datasets.base import DatasetReader, Record
 from pipeline.errors import DatasetError
 
-CLASS_NAMES_FILE = Path(__file__).resolve().parents[2] / "data" / "classnames" / "flowers102.txt"
 NUM_CLASSES = 102
 SPLIT_KEYS = {"train": ("trnid",), "val": ("valid",), "test": ("tstid",), "trainval": ("trnid", "valid")}
 LAYOUT = "imagelabels.mat, setid.mat, jpg/image_NNNNN.jpg"
@@ -52,9 +52,9 @@ class FlowersReader(DatasetReader):
 
 
 def flower_names() -> list[str]:
-    """The 102 shipped standard names in label order, or ``class_001``... if the file is absent."""
-    if CLASS_NAMES_FILE.exists():
-        names = read_lines(CLASS_NAMES_FILE)
-        if len(names) == NUM_CLASSES:
-            return names
-    return [f"class_{i:03d}" for i in range(1, NUM_CLASSES + 1)]
+    """The 102 shipped class names in label order (package data)."""
+    text = (resources.files("pipeline.datasets") / "classnames" / "flowers102.txt").read_text(encoding="utf-8")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != NUM_CLASSES:  # a broken installation, not a user error
+        raise RuntimeError(f"pipeline/datasets/classnames/flowers102.txt has {len(names)} names, not {NUM_CLASSES}")
+    return names

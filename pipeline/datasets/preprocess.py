@@ -8,6 +8,7 @@ only: torchvision is not a dependency.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -60,8 +61,13 @@ def preprocess(
     img: Image.Image,
     prep: Preprocessing,
     bbox: tuple[float, float, float, float] | None = None,
+    resize_crop: Callable[[Image.Image], Image.Image] | None = None,
 ) -> np.ndarray:
     """Return a ``(channels, size, size) float32`` array in ``prep.value_range``.
+
+    ``resize_crop`` replaces the recipe's resize + centre crop (the training
+    augmentation's random crop, ``pipeline.datasets.augment``); mode conversion,
+    bbox and scaling stay the recipe's.
 
     For ``value_range`` (-1, 1) the scaling equals both references bit for bit in
     float32: guided-diffusion's ``x / 127.5 - 1`` and torchvision's
@@ -72,7 +78,7 @@ def preprocess(
     if bbox is not None:
         x0, y0, x1, y1 = bbox
         img = img.crop((max(0, int(x0)), max(0, int(y0)), min(img.width, int(round(x1))), min(img.height, int(round(y1)))))
-    img = recipe.resize_crop(img, prep.size, prep.resample)
+    img = recipe.resize_crop(img, prep.size, prep.resample) if resize_crop is None else resize_crop(img)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     if arr.ndim == 2:
         arr = arr[None]

@@ -25,6 +25,14 @@ the third is diffprobe's original behaviour, kept so older stores stay reproduci
     resize with the ``resample`` filter (PIL always antialiases), centre crop at
     offsets ``int(round((dim - size) / 2.0))`` (Python's round: halves go to even).
 
+The training augmentation of 2307.08702 (guided-diffusion's ``random_crop_arr``) lives
+here too, with its random choices passed in (``adm_random_crop``; the draws are
+``pipeline.datasets.augment``'s): the short side is rescaled to ``side`` exactly as
+``adm`` rescales it to ``size`` (box halvings while the short side is at least
+``2 * side``, one bicubic resize by ``round``), then a ``size x size`` window is cut
+at the chosen offsets; ``side`` ranges over ``adm_crop_sides`` (``ceil(size / 1.0) ..
+ceil(size / 0.8)`` by default). ``adm`` is this with ``side = size``, centred.
+
 Both reference recipes take 16-bit grey (PIL modes ``I;16*`` and ``I``) to 8 bits by
 ``round(v / 257)`` before converting: PIL's own conversion clips such images at 255
 (all white), which no reference dataset exercises. Every other mode (P, L, LA, RGBA,
@@ -33,6 +41,7 @@ CMYK, YCbCr, 1) goes through PIL's ``convert`` exactly as the references do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,13 +98,62 @@ def direct_resize_crop(img: Image.Image, size: int, resample: str) -> Image.Imag
     return _crop_square(img, (new_w - size) // 2, (new_h - size) // 2, size)
 
 
-def adm_resize_crop(img: Image.Image, size: int, resample: str) -> Image.Image:
+def adm_rescale(img: Image.Image, side: int) -> Image.Image:
+    """guided-diffusion's resize: the short side becomes ``side`` (the long side by ``round``)."""
     # Repeated 2x BOX reductions first: one bicubic step from far above the target aliases.
-    while min(img.size) >= 2 * size:
+    while min(img.size) >= 2 * side:
         img = img.resize((img.width // 2, img.height // 2), Image.Resampling.BOX)
-    scale = size / min(img.size)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    scale = side / min(img.size)
+    return img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+
+
+def adm_resize_crop(img: Image.Image, size: int, resample: str) -> Image.Image:
+    img = adm_rescale(img, size)
     return _crop_square(img, (img.width - size) // 2, (img.height - size) // 2, size)
+
+
+# -- the training augmentation ----------------------------------------------------------
+
+
+def adm_crop_sides(size: int, min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> tuple[int, int]:
+    """The inclusive range ``random_crop_arr`` draws the resized short side from.
+
+    guided-diffusion: ``ceil(size / max_crop_frac) .. ceil(size / min_crop_frac)``
+    (``random.randrange(lo, hi + 1)``); 224 px at the defaults gives 224 .. 280.
+    """
+    return math.ceil(size / max_crop_frac), math.ceil(size / min_crop_frac)
+
+
+def adm_random_crop(
+    img: Image.Image, size: int, side: int, choose_offsets: Callable[[int, int], tuple[int, int]]
+) -> tuple[Image.Image, tuple[int, int]]:
+    """guided-diffusion's ``random_crop_arr`` with the random choices passed in.
+
+    The image is rescaled by :func:`adm_rescale` so its short side is ``side``
+    (``side >= size``, drawn from :func:`adm_crop_sides`), then a ``size x size``
+    window is cut at ``(x0, y0)``. ``choose_offsets(n_y, n_x)`` returns ``(y0, x0)``
+    with ``0 <= y0 < n_y`` and ``0 <= x0 < n_x``, the counts of possible positions
+    (``randrange(h - size + 1)``, then ``randrange(w - size + 1)`` in the reference).
+    The flip the reference applies afterwards is not part of this function.
+
+    Returns
+    -------
+    (image ``size x size``, (x0, y0)) : the crop and its top-left corner in the
+    rescaled image.
+    """
+    if side < size:
+        raise ValueError(f"the rescaled short side {side} must be >= the crop size {size}")
+    img = adm_rescale(img, side)
+    n_y, n_x = img.height - size + 1, img.width - size + 1
+    y0, x0 = choose_offsets(n_y, n_x)
+    if not (0 <= y0 < n_y and 0 <= x0 < n_x):
+        raise ValueError(f"crop offsets ({x0}, {y0}) outside 0..{n_x - 1} x 0..{n_y - 1}")
+    return _crop_square(img, x0, y0, size), (int(x0), int(y0))
+
+
+def adm_crop_at(img: Image.Image, size: int, side: int, x0: int, y0: int) -> Image.Image:
+    """Re-apply a recorded random crop: rescale to short side ``side``, cut at ``(x0, y0)``."""
+    return adm_random_crop(img, size, side, lambda n_y, n_x: (y0, x0))[0]
 
 
 def torchvision_resize_crop(img: Image.Image, size: int, resample: str) -> Image.Image:

@@ -45,13 +45,17 @@ class PreprocessedImages(Dataset):
         record = self.reader.records[index]
         try:
             img = self.reader.load_image(record)
-            array = preprocess(img, self.prep, record.bbox if self.use_bbox else None)
+            array = self.transform(img, record)
         except ImageReadError as exc:
             return index, self.failed(), exc.reason
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             # Decoding is lazy for some formats: a damaged file can fail here, after open().
             return index, self.failed(), f"{type(exc).__name__}: {exc}"
         return index, array, ""
+
+    def transform(self, img: Image.Image, record) -> np.ndarray:
+        """The model input(s) of one decoded image (``AugmentedImages`` returns every view)."""
+        return preprocess(img, self.prep, record.bbox if self.use_bbox else None)
 
     def failed(self) -> np.ndarray:
         return np.full((self.prep.channels, self.prep.size, self.prep.size), np.nan, dtype=np.float32)
@@ -64,14 +68,16 @@ def make_loader(
     batch_size: int | None = 32,
     num_workers: int = 0,
     use_bbox: bool = False,
+    dataset: PreprocessedImages | None = None,
 ) -> DataLoader:
     """A DataLoader over ``indices`` (default: all records), in that order.
 
     Batches are ``(indices (B,) int64 tensor, images (B, C, S, S) float32 tensor,
     errors list[str])``; failed images are NaN rows with a non-empty error.
     ``batch_size=None`` yields single ``(index, (C, S, S) array, error)`` items.
+    ``dataset`` replaces the plain ``PreprocessedImages(reader, prep, use_bbox)``.
     """
-    dataset = PreprocessedImages(reader, prep, use_bbox)
+    dataset = PreprocessedImages(reader, prep, use_bbox) if dataset is None else dataset
     order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     bad = [i for i in order if not 0 <= i < len(dataset)]
     if bad:
@@ -87,20 +93,23 @@ def make_loader(
 
 
 def load_images(reader: DatasetReader, prep: Preprocessing, indices: Sequence[int], num_workers: int = 0,
-                use_bbox: bool = False) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+                use_bbox: bool = False, dataset: PreprocessedImages | None = None,
+                ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Decode + preprocess ``indices`` of ``reader`` in DataLoader workers.
 
     Returns
     -------
-    arrays : index -> (C, H, W) float32 preprocessed image, for the images that decoded.
+    arrays : index -> (C, H, W) float32 preprocessed image, for the images that decoded
+        (with ``dataset``: what its ``transform`` returns, arrays as numpy).
     failures : index -> reason, for the images that did not (never zero-filled).
     """
     arrays, failures = {}, {}
     workers = num_workers if len(indices) > 1 else 0
-    loader = make_loader(reader, prep, list(indices), batch_size=None, num_workers=workers, use_bbox=use_bbox)
+    loader = make_loader(reader, prep, list(indices), batch_size=None, num_workers=workers, use_bbox=use_bbox,
+                         dataset=dataset)
     for index, arr, reason in loader:
         if reason:
             failures[int(index)] = reason
         else:
-            arrays[int(index)] = np.asarray(arr)
+            arrays[int(index)] = tuple(map(np.asarray, arr)) if isinstance(arr, (tuple, list)) else np.asarray(arr)
     return arrays, failures

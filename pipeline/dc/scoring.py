@@ -1,29 +1,33 @@
 """Scoring the Diffusion Classifier from a cached error tensor, with no model.
 
-The classify stage stores ``errors`` of shape ``(n_samples, n_classes, n_trials)``:
-the denoising error of each class on each trial, NaN where adaptive elimination never
-evaluated the class at that trial. Everything here is numpy (and matplotlib for the
-confusion PNG), so any re-scoring -- another trial subset, another weighting -- runs
-on a CPU.
+The classify stage stores ``errors`` of shape ``(n_samples, n_candidates, n_trials)``:
+the denoising error of each candidate (a class label, or one prompt of a class) on
+each trial, NaN where adaptive elimination never evaluated the candidate at that
+trial; ``candidate_class`` (n_candidates,) says which class each candidate stands
+for. Everything here is numpy (and matplotlib for the confusion PNG), so any
+re-scoring -- another trial subset, another weighting -- runs on a CPU.
 
 Ranking rule
 ------------
-Over the selected trials, a class's *coverage* is the number of trials with a finite
-error and its *score* the (weighted) mean of those errors. Classes rank by coverage,
-highest first, then by score, lowest first, then by class index. On an exhaustive
-tensor every class has full coverage and this is the plain ``argmin`` of the mean
-error. On an adaptive tensor it puts each class at the stage it reached: scoring all
-trials reproduces the adaptive run's prediction (the last stage's classes have the
-most trials, and the last elimination compares their means), and classes never
-evaluated on the selected trials rank last. Means over different trial sets are
-compared only where coverage ties: they are not comparable, since the error depends
-strongly on the timestep. (A plain nanmean argmin can pick a class eliminated early
-whose few trials happened to be easy.)
+Over the selected trials, a candidate's *coverage* is the number of trials with a
+finite error and its *score* the (weighted) mean of those errors. Candidates rank by
+coverage, highest first, then by score, lowest first, then by index; a class ranks
+where its best candidate does (so with several prompts per class, a class scores as
+its best prompt: the minimum error over its prompts, as in the reference code, where
+the winning prompt row maps to its class). On an exhaustive tensor every candidate
+has full coverage and this is the plain ``argmin`` of the mean error. On an adaptive
+tensor it puts each candidate at the round it reached: scoring all trials reproduces
+the adaptive run's prediction (the last round's candidates have the most trials, and
+the last elimination compares their means), and candidates never evaluated on the
+selected trials rank last. Means over different trial sets are compared only where
+coverage ties: they are not comparable, since the error depends strongly on the
+timestep. (A plain nanmean argmin can pick a candidate eliminated early whose few
+trials happened to be easy.)
 
-The subtlety of re-scoring an adaptive run with a trial subset: only classes
-evaluated at all of the subset's trials compete on their mean; which classes those
-are was decided by the elimination, on the trials of earlier stages. The first
-stage's trials were evaluated for every class, so a subset of them is an honest
+The subtlety of re-scoring an adaptive run with a trial subset: only candidates
+evaluated at all of the subset's trials compete on their mean; which ones those are
+was decided by the elimination, on the trials of earlier rounds. The first round's
+trials were evaluated for every candidate, so a subset of them is an honest
 exhaustive re-scoring.
 """
 
@@ -42,7 +46,7 @@ WEIGHTINGS = ("uniform", "snr", "x0", "elbo")
 def _select(errors: np.ndarray, trials: Sequence[int] | None) -> np.ndarray:
     errors = np.asarray(errors, dtype=np.float64)
     if errors.ndim != 3:
-        raise ValueError(f"errors must be (n_samples, n_classes, n_trials); got shape {errors.shape}")
+        raise ValueError(f"errors must be (n_samples, n_candidates, n_trials); got shape {errors.shape}")
     if trials is None:
         return errors
     trials = np.asarray(trials, dtype=np.int64).reshape(-1)
@@ -74,22 +78,23 @@ def _weights(weighting: str | Sequence[float] | np.ndarray, n_trials: int,
     return weights if trials is None else weights[np.asarray(trials).reshape(-1)]
 
 
-def class_scores(errors: np.ndarray, trials: Sequence[int] | None = None,
-                 weighting: str | Sequence[float] | np.ndarray = "uniform") -> tuple[np.ndarray, np.ndarray]:
-    """Per-class score and coverage over the selected trials.
+def candidate_scores(errors: np.ndarray, trials: Sequence[int] | None = None,
+                     weighting: str | Sequence[float] | np.ndarray = "uniform"
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-candidate score and coverage over the selected trials.
 
     Parameters
     ----------
-    errors : (n_samples, n_classes, n_trials) float, NaN where not evaluated.
-    trials : trial indices to use (``trials_at_timesteps`` maps timesteps to them); all if None.
+    errors : (n_samples, n_candidates, n_trials) float, NaN where not evaluated.
+    trials : trial indices to use (``select_trials`` maps timesteps and draws to them); all if None.
     weighting : ``"uniform"`` or (n_trials,) non-negative weights over *all* trials of
         the tensor (``timestep_weights`` builds them).
 
     Returns
     -------
-    scores : (n_samples, n_classes) weighted mean of the finite selected errors; NaN
-        where a class has none (or only zero-weight ones).
-    coverage : (n_samples, n_classes) int, number of finite selected errors.
+    scores : (n_samples, n_candidates) weighted mean of the finite selected errors; NaN
+        where a candidate has none (or only zero-weight ones).
+    coverage : (n_samples, n_candidates) int, number of finite selected errors.
     """
     n_trials = np.shape(errors)[2] if np.ndim(errors) == 3 else 0
     selected = _select(errors, trials)
@@ -102,12 +107,38 @@ def class_scores(errors: np.ndarray, trials: Sequence[int] | None = None,
     return scores, finite.sum(axis=2)
 
 
+def _candidate_class(candidate_class: Sequence[int] | None, n_candidates: int) -> np.ndarray:
+    if candidate_class is None:
+        return np.arange(n_candidates)
+    out = np.asarray(candidate_class, dtype=np.int64).reshape(-1)
+    if out.shape[0] != n_candidates:
+        raise ValueError(f"candidate_class has {out.shape[0]} entries for {n_candidates} candidates")
+    if n_candidates and (out.min() < 0 or set(np.unique(out)) != set(range(int(out.max()) + 1))):
+        raise ValueError("candidate_class must give every class 0..K-1 at least one candidate")
+    return out
+
+
 def rank_classes(errors: np.ndarray, trials: Sequence[int] | None = None,
-                 weighting: str | Sequence[float] | np.ndarray = "uniform") -> np.ndarray:
-    """(n_samples, n_classes) class indices, best first (coverage, then score, then index)."""
-    scores, coverage = class_scores(errors, trials, weighting)
-    # lexsort: last key is primary; it is stable, so equal keys keep the lower class index
-    return np.lexsort((np.where(np.isnan(scores), np.inf, scores), -coverage), axis=-1)
+                 weighting: str | Sequence[float] | np.ndarray = "uniform",
+                 candidate_class: Sequence[int] | None = None) -> np.ndarray:
+    """(n_samples, n_classes) class indices, best first.
+
+    Candidates rank by coverage, then score, then index; a class takes its best
+    candidate's place. ``candidate_class`` (n_candidates,) maps candidates to classes;
+    None means one candidate per class, in class order.
+    """
+    scores, coverage = candidate_scores(errors, trials, weighting)
+    # lexsort: last key is primary; it is stable, so equal keys keep the lower index
+    order = np.lexsort((np.where(np.isnan(scores), np.inf, scores), -coverage), axis=-1)
+    if candidate_class is None:
+        return order
+    owner = _candidate_class(candidate_class, scores.shape[1])
+    n_samples, n_candidates = order.shape
+    place = np.empty_like(order)
+    np.put_along_axis(place, order, np.arange(n_candidates)[None, :].repeat(n_samples, 0), axis=1)
+    best = np.full((int(owner.max()) + 1, n_samples), n_candidates, dtype=np.int64)
+    np.minimum.at(best, owner, place.T)  # best[k, s]: place of class k's best candidate
+    return np.argsort(best.T, axis=1, kind="stable")
 
 
 def _labels(labels: Sequence[int], n_samples: int, n_classes: int) -> np.ndarray:
@@ -120,10 +151,12 @@ def _labels(labels: Sequence[int], n_samples: int, n_classes: int) -> np.ndarray
 
 
 def score(errors: np.ndarray, labels: Sequence[int], trials: Sequence[int] | None = None,
-          weighting: str | Sequence[float] | np.ndarray = "uniform") -> dict:
+          weighting: str | Sequence[float] | np.ndarray = "uniform",
+          candidate_class: Sequence[int] | None = None) -> dict:
     """Accuracy and confusion of the Diffusion Classifier from cached errors.
 
-    Parameters are those of ``class_scores``; ``labels`` is (n_samples,) int.
+    Parameters are those of ``candidate_scores`` and ``rank_classes``; ``labels`` is
+    (n_samples,) int.
 
     Returns
     -------
@@ -133,7 +166,7 @@ def score(errors: np.ndarray, labels: Sequence[int], trials: Sequence[int] | Non
     over the selected trials: the denoiser forwards the selection rests on) and
     ``forward_passes_per_sample``.
     """
-    ranking = rank_classes(errors, trials, weighting)
+    ranking = rank_classes(errors, trials, weighting, candidate_class)
     n_samples, n_classes = ranking.shape
     labels = _labels(labels, n_samples, n_classes)
     predictions = ranking[:, 0].astype(np.int64)
@@ -154,36 +187,59 @@ def score(errors: np.ndarray, labels: Sequence[int], trials: Sequence[int] | Non
 
 
 def topk_accuracy(errors: np.ndarray, labels: Sequence[int], k: int, trials: Sequence[int] | None = None,
-                  weighting: str | Sequence[float] | np.ndarray = "uniform") -> float:
+                  weighting: str | Sequence[float] | np.ndarray = "uniform",
+                  candidate_class: Sequence[int] | None = None) -> float:
     """Fraction of samples whose label is among the ``k`` best-ranked classes.
 
-    Needs at least ``k`` classes evaluated at every selected trial of every sample:
-    beyond them the ranking is the elimination order, not a score. For an adaptive
-    run select the first stage's trials (evaluated for every class).
+    Needs at least ``k`` classes with a candidate evaluated at every selected trial of
+    every sample: beyond them the ranking is the elimination order, not a score. For an
+    adaptive run select the first round's trials (evaluated for every candidate).
     """
-    ranking = rank_classes(errors, trials, weighting)
+    ranking = rank_classes(errors, trials, weighting, candidate_class)
     n_samples, n_classes = ranking.shape
     labels = _labels(labels, n_samples, n_classes)
     if not 1 <= k <= n_classes:
         raise ConfigError(f"k must be between 1 and the {n_classes} classes; got {k}")
-    full = np.isfinite(_select(errors, trials)).all(axis=2).sum(axis=1)
+    complete = np.isfinite(_select(errors, trials)).all(axis=2)  # (S, P)
+    owner = _candidate_class(candidate_class, complete.shape[1])
+    per_class = np.zeros((n_samples, n_classes), dtype=bool)
+    for c in range(complete.shape[1]):
+        per_class[:, owner[c]] |= complete[:, c]
+    full = per_class.sum(axis=1)
     if n_samples and full.min() < k:
         raise ConfigError(
             f"top-{k} needs {k} classes evaluated at every selected trial, but sample {int(full.argmin())} "
             f"has {int(full.min())}; select trials every class was evaluated on "
-            "(an adaptive run's first stage)"
+            "(an adaptive run's first round)"
         )
     return float((ranking[:, :k] == labels[:, None]).any(axis=1).mean()) if n_samples else float("nan")
 
 
-def trials_at_timesteps(plan_timesteps: Sequence[int], timesteps: Sequence[int]) -> np.ndarray:
-    """Trial indices of ``timesteps`` in a plan; ``ConfigError`` naming any not in it."""
-    position = {int(t): i for i, t in enumerate(plan_timesteps)}
-    missing = [int(t) for t in timesteps if int(t) not in position]
-    if missing:
-        raise ConfigError(f"timesteps {missing[:8]} are not trials of the plan; valid: "
-                          f"{list(plan_timesteps)[:4]} ... ({len(position)} in all)")
-    return np.array([position[int(t)] for t in timesteps], dtype=np.int64)
+def select_trials(trial_timesteps: Sequence[int], timesteps: Sequence[int] | None = None,
+                  trial_draws: Sequence[int] | None = None, draws: Sequence[int] | None = None) -> np.ndarray:
+    """Trial indices whose timestep is in ``timesteps`` and whose draw is in ``draws`` (None: any).
+
+    trial_timesteps, trial_draws : (n_trials,) each trial's timestep and noise draw (the
+        store's ``timestep`` and ``draw`` coordinates). ``ConfigError`` names any
+        requested timestep or draw the plan does not have.
+    """
+    t_of = np.asarray(trial_timesteps, dtype=np.int64).reshape(-1)
+    d_of = np.zeros_like(t_of) if trial_draws is None else np.asarray(trial_draws, dtype=np.int64).reshape(-1)
+    keep = np.ones(t_of.shape[0], dtype=bool)
+    if timesteps is not None:
+        missing = sorted({int(t) for t in timesteps} - set(t_of.tolist()))
+        if missing:
+            grid = sorted(set(t_of.tolist()))
+            raise ConfigError(f"timesteps {missing[:8]} are not trials of the plan; valid: "
+                              f"{grid[:4]} ... ({len(grid)} in all)")
+        keep &= np.isin(t_of, np.asarray(list(timesteps), dtype=np.int64))
+    if draws is not None:
+        missing = sorted({int(d) for d in draws} - set(d_of.tolist()))
+        if missing:
+            raise ConfigError(f"noise draws {missing[:8]} are not in the plan, which has draws "
+                              f"0..{int(d_of.max())}")
+        keep &= np.isin(d_of, np.asarray(list(draws), dtype=np.int64))
+    return np.flatnonzero(keep)
 
 
 def timestep_weights(timesteps: Sequence[int], kind: str, alphas_cumprod: Sequence[float] | None = None

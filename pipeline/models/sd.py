@@ -15,60 +15,24 @@ prompt ``""`` (SD's unconditional input); ``Condition("text", text=emb)`` takes
 has them. ``random_init: true`` re-initialises the UNet only; the VAE and text encoder keep
 their weights, so a random twin sees exactly the same latents and prompts.
 
-Prompt templates for class names live in ``data/prompts/<name>.txt``; see
-``prompts_for``.
+Which prompts stand for which class is the classifier's business
+(``pipeline.dc.prompts``); this adapter only encodes the strings it is given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from pipeline.datasets.preprocess import Preprocessing
-from pipeline.errors import ModelError, did_you_mean
+from pipeline.errors import ModelError
 from pipeline.models.base import Condition, ModelAdapter, weights_hash
 from pipeline.models.config import ModelConfig
 from pipeline.models.latent import VaeEncoder, check_epsilon, load_component, local_folder
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
 
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts"
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
-
-
-# ----------------------------------------------------------------- prompt templates
-
-
-def prompt_templates() -> dict[str, str]:
-    """Template name -> template string, from ``data/prompts/*.txt``."""
-    return {p.stem: read_template(p) for p in sorted(PROMPTS_DIR.glob("*.txt"))}
-
-
-def read_template(path: Path) -> str:
-    """The one non-comment line of a template file; it must contain ``{}``."""
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if len(lines) != 1 or "{}" not in lines[0]:
-        raise ModelError(f"prompt template {str(path)!r} must hold exactly one line containing '{{}}'")
-    return lines[0]
-
-
-def prompts_for(class_names: Sequence[str], template: str = "default") -> list[str]:
-    """One prompt per class: ``template`` is a name in ``data/prompts/`` or a string with ``{}``.
-
-    Underscores in class names become spaces ("great_pyrenees" -> "great pyrenees").
-    """
-    if "{}" not in template:
-        path = PROMPTS_DIR / f"{template}.txt"
-        if not path.exists():
-            names = [p.stem for p in sorted(PROMPTS_DIR.glob("*.txt"))]
-            raise ModelError(
-                f"unknown prompt template {template!r}{did_you_mean(template, names)}; "
-                f"valid: {', '.join(names)}, or a string containing '{{}}'"
-            )
-        template = read_template(path)
-    return [template.format(str(name).replace("_", " ")) for name in class_names]
 
 
 # ----------------------------------------------------------------- adapter

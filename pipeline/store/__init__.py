@@ -21,6 +21,7 @@ then ``store.create_store(...)`` reads as the protocol it is.
 
 from pipeline.store.layout import (
     ATTR_KEY,
+    CROP_COORDS,
     DIMS,
     FAILED,
     PENDING,
@@ -46,6 +47,7 @@ from pipeline.store.layout import (
     plan_layout,
     quiet_zarr,
     read_attrs,
+    read_sample_table,
     stored_bytes,
     unit_status,
     write_1d,
@@ -54,10 +56,10 @@ from pipeline.store.layout import (
 )
 
 __all__ = [
-    "ATTR_KEY", "DIMS", "FAILED", "PENDING", "SAMPLE_COORDS", "STORAGE_DTYPES", "WRITTEN",
+    "ATTR_KEY", "CROP_COORDS", "DIMS", "FAILED", "PENDING", "SAMPLE_COORDS", "STORAGE_DTYPES", "WRITTEN",
     "Compression", "Layout", "SampleTable", "UnitRanges", "UnitWriter", "assigned_units",
     "block_names", "codecs_for", "create_status_arrays", "create_store",
     "estimate_compressed_bytes", "finalize", "jsonable", "load_layout", "new_group",
-    "open_root", "plan_layout", "quiet_zarr", "read_attrs", "stored_bytes", "unit_status",
+    "open_root", "plan_layout", "quiet_zarr", "read_attrs", "read_sample_table", "stored_bytes", "unit_status",
     "write_1d", "write_results_dataset", "write_unit",
 ]

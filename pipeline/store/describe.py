@@ -72,6 +72,8 @@ def describe_store(path: str | Path) -> str:
     lines.append(f"dataset   {json.dumps(prov.get('dataset'))}")
     lines.append(f"cond      {prov.get('conditioning')}; views {prov.get('views')} flip {prov.get('flip')}; "
                  f"pool {prov.get('pool')}; device {prov.get('device')}")
+    if prov.get("augment"):
+        lines.append(f"augment   {json.dumps(prov['augment'])}")
     lines.append(f"version   diffprobe {attrs.get('diffprobe_version')} format {attrs.get('format_version')}")
     for item in attrs.get("failed_images", [])[:5]:
         lines.append(f"failed    {item['image_id']}: {item['reason']}")

@@ -1,16 +1,20 @@
 """The Diffusion Classifier's error store: schema, unit writes, and scoring from it.
 
-A classify store holds, per loss, the denoising error of every (sample, class, trial)
-cell, NaN where adaptive elimination never evaluated the class at that trial::
+A classify store holds, per loss, the denoising error of every (sample, candidate,
+trial) cell, NaN where adaptive elimination never evaluated the candidate at that
+trial. A candidate is one conditioning: a class label, or one prompt (a prompt set may
+give a class several); a trial is one (timestep, noise draw) pair::
 
-    error_l2, error_l1, error_huber   (sample, class, trial) float32
+    error_l2, error_l1, error_huber   (sample, candidate, trial) float32
     prediction                        (sample,) int64, the run's predicted class (-1: failed image)
     forward_passes                    (sample,) int64, denoiser forwards spent on the sample
     done, failure                     (sample,) as in every diffprobe store (one chunk per unit)
-    coords: sample, image_id, label (sample); class, class_name (class); trial, timestep (trial)
+    coords: sample, image_id, label (sample); candidate, candidate_class, candidate_prompt
+            (candidate); class, class_name (class); trial, timestep, draw (trial)
 
-The trial plan (``TrialPlan.to_dict()``: timesteps, seed, eps scheme), the schedule
-and the provenance are in the root attrs under ``diffprobe``. It is written by the
+The trial plan (``TrialPlan.to_dict()``: grid, noise draws, seed, eps scheme), the
+schedule, every class's prompts and the provenance are in the root attrs under
+``diffprobe``. It is written by the
 one write protocol of ``pipeline/store/format.py`` (whose ``unit_status`` and ``finalize``
 it reuses): schema created once, atomically; each unit's cells written whole, by one
 writer, into its own shards; then its ``done`` cells; ``finalize`` once at the end.
@@ -36,8 +40,8 @@ from pipeline.dc import scoring
 from pipeline.errors import ConfigError, StoreError, did_you_mean
 
 LOSSES = ("l2", "l1", "huber")
-DIMS = ("sample", "class", "trial")
-COORDINATES = "image_id label class_name timestep"
+DIMS = ("sample", "candidate", "trial")
+COORDINATES = "image_id label candidate_class candidate_prompt class_name timestep draw"
 
 
 def error_array(loss: str) -> str:
@@ -54,24 +58,24 @@ class ErrorLayout(store.UnitRanges):
     """
 
     n_samples: int
-    n_classes: int
+    n_candidates: int
     n_trials: int
     unit_samples: int
     chunk_samples: int
 
 
-def plan_error_layout(n_samples: int, n_classes: int, n_trials: int, unit_samples: int | None = None,
+def plan_error_layout(n_samples: int, n_candidates: int, n_trials: int, unit_samples: int | None = None,
                       unit_bytes: int = 64 << 20, chunk_bytes: int = 4 << 20, max_unit_samples: int = 64
                       ) -> ErrorLayout:
     """Units of a power of two samples, at most ``max_unit_samples`` and ~``unit_bytes``
     of float64 host buffers (3 losses); chunks of ~``chunk_bytes`` float32 that divide the unit.
 
     The unit is also the batch over which a stage's requests are pooled to fill the
-    device, so it stays large for small (class x trial) grids and shrinks for ImageNet-size ones.
+    device, so it stays large for small (candidate x trial) grids and shrinks for ImageNet-size ones.
     """
     if n_samples < 1:
         raise StoreError("the dataset selection has no samples to classify")
-    cell = n_classes * n_trials
+    cell = n_candidates * n_trials
     if unit_samples is None:
         unit = min(store.pow2_floor(unit_bytes / (cell * 8 * len(LOSSES))), max_unit_samples,
                    1 << math.ceil(math.log2(n_samples)))
@@ -80,32 +84,41 @@ def plan_error_layout(n_samples: int, n_classes: int, n_trials: int, unit_sample
     else:
         unit = unit_samples
     chunk = math.gcd(min(store.pow2_floor(chunk_bytes / (cell * 4)), unit), unit)
-    return ErrorLayout(n_samples, n_classes, n_trials, unit, chunk)
+    return ErrorLayout(n_samples, n_candidates, n_trials, unit, chunk)
 
 
 # ----------------------------------------------------------------- writing
 
 
 def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequence[str], labels: Sequence[int],
-                       class_names: Sequence[str], timesteps: Sequence[int], attrs: Mapping,
+                       class_names: Sequence[str], candidate_class: Sequence[int],
+                       candidate_prompt: Sequence[str], trial_timesteps: Sequence[int],
+                       trial_draws: Sequence[int], attrs: Mapping,
                        compression: store.Compression = store.Compression()) -> None:
     """Write the whole schema (arrays, coords, attrs) atomically; error arrays stay NaN.
 
+    candidate_class, candidate_prompt : (n_candidates,) each candidate's class and prompt
+        (``""`` for a class label). trial_timesteps, trial_draws : (n_trials,).
     Built in a temporary folder and renamed into place; a losing racer keeps the
     winner's store (the caller compares the stage hash).
     """
-    n, k, t = layout.n_samples, layout.n_classes, layout.n_trials
-    if not (len(image_ids) == len(labels) == n and len(class_names) == k and len(timesteps) == t):
-        raise ValueError("image_ids/labels, class_names and timesteps must match the layout")
+    n, k, t = layout.n_samples, layout.n_candidates, layout.n_trials
+    if not (len(image_ids) == len(labels) == n and len(candidate_class) == len(candidate_prompt) == k
+            and len(trial_timesteps) == len(trial_draws) == t):
+        raise ValueError("image_ids/labels, candidates and trials must match the layout")
     with store.new_group(path) as root:
         compressors, _ = store.codecs_for(compression)
         store.write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
         store.write_1d(root, "image_id", list(image_ids), "sample", dtype=str)
         store.write_1d(root, "label", np.asarray(labels, dtype=np.int64), "sample")
-        store.write_1d(root, "class", np.arange(k, dtype=np.int64), "class")
+        store.write_1d(root, "candidate", np.arange(k, dtype=np.int64), "candidate")
+        store.write_1d(root, "candidate_class", np.asarray(candidate_class, dtype=np.int64), "candidate")
+        store.write_1d(root, "candidate_prompt", list(candidate_prompt), "candidate", dtype=str)
+        store.write_1d(root, "class", np.arange(len(class_names), dtype=np.int64), "class")
         store.write_1d(root, "class_name", list(class_names), "class", dtype=str)
         store.write_1d(root, "trial", np.arange(t, dtype=np.int64), "trial")
-        store.write_1d(root, "timestep", np.asarray(timesteps, dtype=np.int64), "trial")
+        store.write_1d(root, "timestep", np.asarray(trial_timesteps, dtype=np.int64), "trial")
+        store.write_1d(root, "draw", np.asarray(trial_draws, dtype=np.int64), "trial")
         for loss in LOSSES:
             root.create_array(
                 error_array(loss), shape=(n, k, t), dtype="float32",
@@ -124,7 +137,7 @@ def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequenc
         meta.update({
             "format_version": pipeline.FORMAT_VERSION,
             "diffprobe_version": pipeline.__version__,
-            "layout": {"n_samples": n, "n_classes": k, "n_trials": t, "unit_samples": layout.unit_samples,
+            "layout": {"n_samples": n, "n_candidates": k, "n_trials": t, "unit_samples": layout.unit_samples,
                        "n_units": layout.n_units, "chunk_samples": layout.chunk_samples},
             "complete": False,
         })
@@ -149,7 +162,7 @@ class UnitResult:
 def write_error_unit(root, layout: ErrorLayout, unit: int, result: UnitResult) -> None:
     """Write one unit as whole shards, then its ``done`` cells (the one write protocol)."""
     start, stop = layout.unit_range(unit)
-    expected = (stop - start, layout.n_classes, layout.n_trials)
+    expected = (stop - start, layout.n_candidates, layout.n_trials)
     for loss in LOSSES:
         values = result.errors[loss]
         if values.shape != expected:
@@ -179,7 +192,11 @@ def open_error_store(path: str | Path):
         what = "not a diffprobe store" if attrs is None else f"a {attrs.get('stage')!r} store"
         raise StoreError(f"{str(path)!r} is {what}, not a classify store; "
                          "give the output of a classify stage")
-    return store.open_root(path)
+    root = store.open_root(path)
+    if "candidate_class" not in root:
+        raise StoreError(f"{str(path)!r} was written by an older diffprobe (no candidate axis); "
+                         "re-run its classify stage with --force")
+    return root
 
 
 def parse_trials(text: str, n_trials: int) -> list[int]:
@@ -212,20 +229,24 @@ def parse_ints(text: str) -> list[int]:
 
 
 def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int] | None = None,
-                timesteps: Sequence[int] | None = None, weighting: str = "uniform") -> dict:
+                timesteps: Sequence[int] | None = None, weighting: str = "uniform",
+                draws: Sequence[int] | None = None) -> dict:
     """Score a complete classify store from its cached errors (no model, no torch).
 
     Parameters
     ----------
     loss : which error array ranks the classes; default the loss the run eliminated with.
-    trials : trial indices to use; ``timesteps`` selects them by timestep instead; all if neither.
+    trials : trial indices to use; ``timesteps`` selects them by timestep instead (every
+        draw at those timesteps); all if neither.
     weighting : ``uniform``, ``snr``, ``x0`` or ``elbo`` (``pipeline.dc.scoring.timestep_weights``).
+    draws : keep only these noise draws (e.g. ``[0]``: what a run with ``noise_draws: 1``
+        computes), combined with ``trials`` or ``timesteps``.
 
     Returns
     -------
     ``pipeline.dc.scoring.score``'s dict over the samples whose image was read, plus
     ``forward_passes_spent`` (what the run spent on them, all trials), ``n_samples``,
-    ``n_failed``, ``class_names``, ``trials``, ``timesteps``, ``loss``, ``weighting``.
+    ``n_failed``, ``class_names``, ``trials``, ``timesteps``, ``draws``, ``loss``, ``weighting``.
     Samples are scored one unit-aligned block at a time, so memory stays bounded.
     """
     root = open_error_store(path)
@@ -237,11 +258,15 @@ def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int]
     loss = loss or attrs.get("schedule", {}).get("loss", "l2")
     if loss not in LOSSES:
         raise ConfigError(f"unknown loss {loss!r}{did_you_mean(loss, LOSSES)}; valid: {', '.join(LOSSES)}")
-    plan_timesteps = [int(t) for t in root["timestep"][:]]
+    plan_timesteps = [int(t) for t in root["timestep"][:]]  # per trial
+    plan_draws = [int(d) for d in root["draw"][:]]
     if trials is not None and timesteps is not None:
         raise ConfigError("give --trials or --timesteps, not both")
-    if timesteps is not None:
-        trials = scoring.trials_at_timesteps(plan_timesteps, timesteps).tolist()
+    if timesteps is not None or draws is not None:
+        chosen = scoring.select_trials(plan_timesteps, timesteps, plan_draws, draws).tolist()
+        trials = chosen if trials is None else sorted(set(chosen) & {int(i) for i in trials})
+        if not trials:
+            raise ConfigError("the selected trials and draws have no trial in common")
     selected = list(range(len(plan_timesteps))) if trials is None else sorted({int(i) for i in trials})
     if any(not 0 <= i < len(plan_timesteps) for i in selected):
         raise ConfigError(f"trial indices must lie in [0, {len(plan_timesteps)}); got {selected}")
@@ -253,13 +278,14 @@ def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int]
 
     done, labels = root["done"][:], root["label"][:]
     class_names = [str(c) for c in root["class_name"][:]]
-    n_classes = len(class_names)
+    candidate_class = root["candidate_class"][:]
+    n_classes, n_candidates = len(class_names), len(candidate_class)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     predictions = np.full(len(done), -1, dtype=np.int64)
     passes = 0
     unit = attrs["layout"]["unit_samples"]
     # whole units per read, ~256 MiB of float64 cells at most
-    block = unit * max(1, (256 << 20) // (unit * n_classes * len(plan_timesteps) * 8))
+    block = unit * max(1, (256 << 20) // (unit * n_candidates * len(plan_timesteps) * 8))
     errors = root[error_array(loss)]
     for start in range(0, len(done), block):
         stop = min(start + block, len(done))
@@ -267,7 +293,7 @@ def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int]
         if not len(ok):
             continue
         cells = errors[start:stop][ok]
-        part = scoring.score(cells, labels[start:stop][ok], selected, weights)
+        part = scoring.score(cells, labels[start:stop][ok], selected, weights, candidate_class)
         confusion += part["confusion"]
         predictions[start + ok] = part["predictions"]
         passes += part["forward_passes"]
@@ -289,6 +315,7 @@ def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int]
         "class_names": class_names,
         "trials": selected,
         "timesteps": [plan_timesteps[i] for i in selected],
+        "draws": [plan_draws[i] for i in selected],
         "loss": loss,
         "weighting": weighting,
     }
@@ -296,13 +323,13 @@ def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int]
 
 def format_score(result: Mapping) -> str:
     """A short human-readable report of ``score_store``'s result."""
-    ts = result["timesteps"]
-    shown = ", ".join(map(str, ts[:8])) + (f" ... ({len(ts)} in all)" if len(ts) > 8 else "")
+    ts, grid = result["timesteps"], sorted(set(result["timesteps"]))
+    shown = ", ".join(map(str, grid[:8])) + (f" ... ({len(grid)} in all)" if len(grid) > 8 else "")
     lines = [
         f"accuracy        {result['accuracy']:.4f}  ({result['n_samples']} samples"
         + (f"; {result['n_failed']} unreadable images excluded" if result["n_failed"] else "") + ")",
         f"loss/weighting  {result['loss']} / {result['weighting']}",
-        f"trials          {len(ts)} (timesteps {shown})",
+        f"trials          {len(ts)} (timesteps {shown}; draws {sorted(set(result['draws']))})",
         f"forward passes  {result['forward_passes']} on these trials "
         f"({result['forward_passes_per_sample']:.1f} per sample); "
         f"the run spent {result['forward_passes_spent']}",
@@ -319,7 +346,7 @@ def write_score(result: Mapping, out_dir: str | Path, title: str | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     summary = {k: result[k] for k in ("accuracy", "forward_passes", "forward_passes_per_sample",
                                       "forward_passes_spent", "n_samples", "n_failed", "trials", "timesteps",
-                                      "loss", "weighting")}
+                                      "draws", "loss", "weighting")}
     summary["per_class_accuracy"] = {name: None if np.isnan(a) else float(a)
                                      for name, a in zip(result["class_names"], result["per_class_accuracy"])}
     summary["confusion"] = np.asarray(result["confusion"]).tolist()

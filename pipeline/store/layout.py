@@ -7,6 +7,10 @@ Layout of an activation store (one per model x dataset x split)::
     image_id    (sample)   str   the dataset's own id
     view        (sample)   int   augmented view index (0..k-1)
     flipped     (sample)   bool  horizontally flipped view
+    crop_side, crop_x0, crop_y0 (sample) int32, only with extract's ``augment``: the
+                           random crop each view drew (short side rescaled to
+                           crop_side, window's corner); -1 for view 0 / failed
+                           images. Written with each unit, like ``done``.
     label       (sample)   int   class index
     class_name  (class)    str   class names;  class (class) int
     timestep    (timestep) int
@@ -61,6 +65,8 @@ from pipeline.errors import ConfigError, StoreError
 ATTR_KEY = "diffprobe"
 DIMS = ("sample", "timestep", "channel", "y", "x")
 SAMPLE_COORDS = ("image_id", "view", "flipped", "label")
+#: per-sample crop of an augmented view, known only once its image is decoded
+CROP_COORDS = ("crop_side", "crop_x0", "crop_y0")
 PENDING, WRITTEN, FAILED = 0, 1, 2
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "float32"}
 
@@ -203,6 +209,17 @@ class SampleTable:
     view: list[int]
     flipped: list[bool]
     label: list[int]
+    #: (n, 3) int (crop_side, crop_x0, crop_y0), -1 where none was drawn; None: no crop coords
+    crops: np.ndarray | None = None
+
+
+def read_sample_table(root) -> SampleTable:
+    """The per-sample coordinates of an open store (to give a derived store the same ones)."""
+    crops = None
+    if all(name in root for name in CROP_COORDS):
+        crops = np.stack([root[name][:] for name in CROP_COORDS], axis=1)
+    return SampleTable([str(s) for s in root["image_id"][:]], root["view"][:].tolist(),
+                       root["flipped"][:].tolist(), root["label"][:].tolist(), crops)
 
 
 def create_store(
@@ -227,6 +244,11 @@ def create_store(
         write_1d(root, "class_name", list(class_names), "class", dtype=str)
         write_1d(root, "timestep", np.asarray(layout.timesteps, dtype=np.int64), "timestep")
         create_status_arrays(root, n, layout.unit_samples)
+        if samples.crops is not None:
+            for name, values in zip(CROP_COORDS, np.asarray(samples.crops, dtype=np.int32).T):
+                # one chunk per unit: each unit's writer records the crops it drew
+                root.create_array(name, shape=(n,), dtype="int32", fill_value=-1, chunks=(layout.unit_samples,),
+                                  dimension_names=("sample",))[:] = values
         blocks = root.create_group("blocks")
         for name, (c, h, w) in layout.blocks.items():
             g = blocks.create_group(name)
@@ -259,7 +281,8 @@ def create_store(
             "complete": False,
         })
         meta["blocks"] = list(layout.blocks)
-        root.attrs.update({ATTR_KEY: jsonable(meta), "coordinates": "image_id view flipped label class_name"})
+        coords = "image_id view flipped label" + (" " + " ".join(CROP_COORDS) if samples.crops is not None else "")
+        root.attrs.update({ATTR_KEY: jsonable(meta), "coordinates": f"{coords} class_name"})
 
 
 @contextlib.contextmanager
@@ -360,11 +383,13 @@ def write_unit(
     unit: int,
     data: Mapping[str, np.ndarray],
     failed: Mapping[int, str] | None = None,
+    coords: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Write one unit: every block's ``(U, T, C, H, W)`` data as whole shards, then ``done``.
 
     ``failed`` maps positions within the unit to a reason; those samples keep NaN
-    data and are marked FAILED.
+    data and are marked FAILED. ``coords`` are per-sample coordinates known only
+    now, ``{name: (U,) array}`` (``CROP_COORDS``), written before ``done``.
     """
     start, stop = layout.unit_range(unit)
     for name, arr in data.items():
@@ -372,6 +397,10 @@ def write_unit(
         if arr.shape != expected:
             raise StoreError(f"unit {unit} block {name!r}: data shape {arr.shape} != {expected}")
         root[f"blocks/{name}/activations"][start:stop] = arr
+    for name, values in (coords or {}).items():
+        if name not in CROP_COORDS or len(values) != stop - start:
+            raise StoreError(f"unit {unit}: coordinate {name!r} with {len(values)} values is not a unit's crops")
+        root[name][start:stop] = values
     status = np.full(stop - start, WRITTEN, dtype=np.int8)
     if failed:
         reasons = np.full(stop - start, "", dtype=object)
