@@ -78,8 +78,7 @@ def workflow_text(address: str) -> str:
     stage: classify
 """ + f"    model: {digits}}}" + """
     dataset: {reader: digits, split: test, limit: 40}
-    n_trials: 8
-    schedule: {n_samples: [4, 8], to_keep: [3, 1]}
+    schedule: {timesteps_per_round: [4, 8], keep_per_round: [3, 1]}   # a grid of 8 timesteps
   - name: report
     stage: report
     title: report test
@@ -195,14 +194,14 @@ def test_headline_numbers_equal_values_recomputed_from_the_stores(run):
                                          head=best["head"]))
     assert nums["control.same_cell"][1] == pytest.approx(same, abs=1e-9)
 
-    # the classifier, from the error tensor with numpy: classes that reached the last stage
-    # (most finite trials) compete on their mean error
+    # the classifier, from the error tensor with numpy: candidates that reached the last round
+    # (most finite trials) compete on their mean error; a candidate stands for its class
     root = zarr.open_group(str(out(run, "classify")), mode="r")
     errors, labels, done = root["error_l2"][:], root["label"][:], root["done"][:]
     ok = done == 1
     coverage = np.isfinite(errors).sum(axis=2)
     means = np.where(coverage == coverage.max(axis=1, keepdims=True), np.nanmean(errors, axis=2), np.inf)
-    predicted = means.argmin(axis=1)
+    predicted = root["candidate_class"][:][means.argmin(axis=1)]
     accuracy = float((predicted[ok] == labels[ok]).mean())
     assert accuracy == float((root["prediction"][:][ok] == labels[ok]).mean())
     assert nums["classify.accuracy"][1] == pytest.approx(accuracy, abs=1e-12)
@@ -213,8 +212,10 @@ def test_headline_numbers_equal_values_recomputed_from_the_stores(run):
     passes = root["forward_passes"][:][ok].mean()
     assert passes == np.isfinite(errors[ok]).sum() / ok.sum()  # one pass per evaluated cell
     assert nums["classify.passes_per_image"][1] == pytest.approx(passes)
-    assert nums["classify.exhaustive_per_image"][1] == errors.shape[1] * errors.shape[2]
-    assert nums["classify.saving"][1] == pytest.approx(1 - passes / (errors.shape[1] * errors.shape[2]))
+    exhaustive = errors.shape[1] * int(np.isfinite(errors).any(axis=(0, 1)).sum())  # candidates x trials run
+    assert exhaustive == 10 * 8
+    assert nums["classify.exhaustive_per_image"][1] == exhaustive
+    assert nums["classify.saving"][1] == pytest.approx(1 - passes / exhaustive)
 
     # CKA within the trained model: same block across timesteps vs same timestep across blocks
     cka = xr.open_zarr(out(run, "cka_trained"))["cka"].load()

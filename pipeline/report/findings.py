@@ -142,10 +142,11 @@ class ClassifierFinding:
     n_images: int
     n_failed: int
     passes_per_image: float  # what the run spent, mean over scored images
-    exhaustive_per_image: int  # every class on every trial
+    exhaustive_per_image: int  # every candidate on every trial
     schedule: dict
     n_classes: int
-    n_trials: int
+    n_candidates: int  # conditionings scored: one per class, or several prompts per class
+    n_trials: int  # (timestep, noise draw) pairs in the schedule's rounds
     loss: str
     confusion: np.ndarray
     class_names: list[str]
@@ -163,32 +164,35 @@ def _spread(items: list[int], k: int) -> list[int]:
 def classifier_finding(name: str, path: Path) -> ClassifierFinding:
     """Score a classify store from its errors, plus an accuracy-vs-cost curve.
 
-    The curve re-scores the first elimination stage's trials (every class was
+    The curve re-scores the first elimination round's trials (every candidate was
     evaluated on them, so subsets of them are honest exhaustive classifiers with
     fewer trials) and ends with the run as it was (all trials, adaptive cost).
     """
     from pipeline import store
-    from pipeline.store import error_tensor as errorstore
+    from pipeline.store import error_tensor
 
-    run = errorstore.score_store(path)
+    run = error_tensor.score_store(path)
     attrs = store.read_attrs(path)
+    root = store.open_root(path)
     schedule = attrs.get("schedule", {})
-    n_classes, n_trials = len(run["class_names"]), len(store.open_root(path)["timestep"][:])
-    first = [int(i) for i in (schedule.get("stage_trials") or [list(range(n_trials))])[0]]
+    n_candidates = len(root["candidate_class"][:])
+    rounds = schedule.get("round_trials") or [list(range(len(root["timestep"][:])))]
+    used = sorted({int(i) for r in rounds for i in r})  # a trial in no round is never evaluated
+    first = [int(i) for i in rounds[0]]
     curve = []
     for k in sorted({1, 2, 3, 5, 10, len(first) // 2, len(first)}):
-        if 1 <= k <= len(first) and (k < len(first) or len(first) < n_trials):
-            part = errorstore.score_store(path, trials=_spread(first, k))
-            curve.append(CostPoint(f"{len(part['trials'])} trial(s), every class", part["forward_passes_per_sample"],
-                                   part["accuracy"], len(part["trials"])))
+        if 1 <= k <= len(first) and (k < len(first) or len(rounds) > 1):
+            part = error_tensor.score_store(path, trials=_spread(first, k))
+            curve.append(CostPoint(f"{len(part['trials'])} trial(s), every candidate",
+                                   part["forward_passes_per_sample"], part["accuracy"], len(part["trials"])))
     spent = run["forward_passes_spent"] / max(run["n_samples"], 1)
     kind = schedule.get("kind", "exhaustive")
-    curve.append(CostPoint(f"the run: {n_trials} trials, {kind}", spent, run["accuracy"], n_trials))
+    curve.append(CostPoint(f"the run: {len(used)} trials, {kind}", spent, run["accuracy"], len(used)))
     curve = list({(p.n_trials, round(p.passes_per_image, 6)): p for p in curve}.values())
     return ClassifierFinding(
         name, Path(path), run["accuracy"], int(np.trace(run["confusion"])), run["n_samples"], run["n_failed"],
-        spent, n_classes * n_trials, schedule, n_classes, n_trials, run["loss"], np.asarray(run["confusion"]),
-        run["class_names"], curve,
+        spent, n_candidates * len(used), schedule, len(run["class_names"]), n_candidates, len(used), run["loss"],
+        np.asarray(run["confusion"]), run["class_names"], curve,
     )
 
 

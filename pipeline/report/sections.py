@@ -172,6 +172,12 @@ def cka_findings(page: Page, findings: list[CKAFinding]) -> None:
     page.findings.append(f'<li id="finding-cka"><b>CKA</b> ({e(chosen.name)}): {cka_sentence(chosen)}</li>')
 
 
+def _candidates(f: ClassifierFinding) -> str:
+    if f.n_candidates == f.n_classes:
+        return f"{f.n_classes} classes"
+    return f"{f.n_candidates} prompts for {f.n_classes} classes"
+
+
 def classifier_section(page: Page, f: ClassifierFinding) -> None:
     c = page.confidence
     anchor = f"classify-{f.name}"
@@ -182,7 +188,7 @@ def classifier_section(page: Page, f: ClassifierFinding) -> None:
         f"{num(pct(f.accuracy), 'classify.accuracy', f.accuracy, anchor)} {ci(f, c, 'classify.ci', anchor)} "
         f"on {num(str(f.n_images), 'classify.n_images', f.n_images, anchor)} images, "
         f"{num(f'{f.passes_per_image:.0f}', 'classify.passes_per_image', f.passes_per_image, anchor)} forward "
-        f"passes per image ({e(kind)}); exhaustive ({f.n_classes} classes x {f.n_trials} trials) would be "
+        f"passes per image ({e(kind)}); exhaustive ({_candidates(f)} x {f.n_trials} trials) would be "
         f"{num(str(f.exhaustive_per_image), 'classify.exhaustive_per_image', f.exhaustive_per_image, anchor)}"
         f"{', ' + num(f'{100 * saving:.0f} %', 'classify.saving', saving, anchor) + ' fewer' if saving > 0 else ''}"
         ".</li>")
@@ -191,7 +197,8 @@ def classifier_section(page: Page, f: ClassifierFinding) -> None:
         ["accuracy", f"{pct(f.accuracy)} ({f.correct} of {f.n_images})"],
         [f"{100 * c:.0f} % Wilson interval", pct_range(low, high)],
         ["unreadable images (excluded)", str(f.n_failed)],
-        ["schedule", e(f"{kind}: n_samples {f.schedule.get('n_samples')}, to_keep {f.schedule.get('to_keep')}")],
+        ["schedule", e(f"{kind}: timesteps_per_round {f.schedule.get('timesteps_per_round')}, "
+                       f"keep_per_round {f.schedule.get('keep_per_round')}")],
         ["loss", e(f.loss)],
         ["forward passes per image", f"{f.passes_per_image:.1f} (exhaustive: {f.exhaustive_per_image})"],
     ]
@@ -202,8 +209,8 @@ def classifier_section(page: Page, f: ClassifierFinding) -> None:
                       "(0-100 %), numbers the images.", f"fig-confusion-{f.name}")
             + figure(figures.accuracy_vs_passes(f.curve, f.exhaustive_per_image, f.n_trials),
                       "accuracy against forward passes per image",
-                      "Accuracy against cost: the first elimination stage's trials (every class was evaluated on "
-                      "them) re-scored exhaustively with k of them, from the cached errors; the star is the run "
+                      "Accuracy against cost: the first elimination round's trials (every candidate was evaluated "
+                      "on them) re-scored exhaustively with k of them, from the cached errors; the star is the run "
                       "as it was.", f"fig-passes-{f.name}")
             + table(["scoring", "passes / image", "accuracy"], curve_rows))
     page.section(anchor, f"Diffusion Classifier: {f.name}", body)
