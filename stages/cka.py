@@ -58,6 +58,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline import store
+from pipeline.store.location import as_location, remove
 from pipeline.cka.results import cka_dataset, write_cka_output
 from pipeline.cka.select import Alignment, Representation, align_samples, expand_selections
 from pipeline.errors import ConfigError, DiffprobeError
@@ -161,7 +162,7 @@ class CKATask:
     seed: int = 0
     epochs: int = 1
     sigma_fraction: float = 1.0
-    scratch: str = ""
+    scratch: Path | str = ""  # a location (a URL's carries its storage options)
 
 
 def cka_tile(task: CKATask) -> dict:
@@ -172,7 +173,7 @@ def cka_tile(task: CKATask) -> dict:
 
     out = {"rows": [r.label for r in task.rows], "cols": [c.label for c in task.cols]}
     if task.method == "gram-dot":
-        files = [str(cka_select.gram_file(task.scratch, c)) for c in task.cols]
+        files = [cka_select.gram_file(task.scratch, c) for c in task.cols]
         values = cka_select.gram_inner_products(cka_select.gram_file(task.scratch, task.rows[0]), files,
                                                 task.read_bytes)
         return out | {"values": [values]}
@@ -180,16 +181,16 @@ def cka_tile(task: CKATask) -> dict:
     sigma = task.sigma_fraction if task.estimator == "rbf" else None
     if task.method == "gram-write":
         rep = task.rows[0]
-        path = cka_select.write_normalised_gram(rep, pos[rep.path], task.read_bytes, task.scratch, sigma)
-        return out | {"values": [], "gram": str(path)}
+        path = cka_select.write_normalised_gram(rep, pos[str(rep.path)], task.read_bytes, task.scratch, sigma)
+        return out | {"values": [], "gram": path.name}
     if task.method == "stream":
         rx, ry = task.rows[0], task.cols[0]
-        value, route = cka_select.stream_pair_cka(rx, ry, pos[rx.path], pos[ry.path],
+        value, route = cka_select.stream_pair_cka(rx, ry, pos[str(rx.path)], pos[str(ry.path)],
                                                   task.memory_bytes - task.read_bytes, task.read_bytes)
         return out | {"values": [[value]], "route": route}
     if task.method == "minibatch":
         union = list(dict.fromkeys(task.rows + task.cols))
-        acc = cka_select.minibatch_accumulate(union, [pos[r.path] for r in union], task.batch_size, task.seed,
+        acc = cka_select.minibatch_accumulate(union, [pos[str(r.path)] for r in union], task.batch_size, task.seed,
                                               task.epochs, task.read_bytes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a constant slice gives NaN, kept as NaN
@@ -200,7 +201,7 @@ def cka_tile(task: CKATask) -> dict:
 
     def grams(reps):
         for rep in reps:
-            g = cka_select.representation_gram(rep, pos[rep.path], task.read_bytes)
+            g = cka_select.representation_gram(rep, pos[str(rep.path)], task.read_bytes)
             yield g if sigma is None else cka.rbf_gram_from_linear(g, sigma)
 
     with warnings.catch_warnings():
@@ -305,7 +306,7 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
 
     def task(name, r, c, kind, sym=False):
         return CKATask(name, tuple(r), tuple(c), sym, kind, stores, cfg.view, budget, read, cfg.estimator,
-                       cfg.batch_size, cfg.seed, cfg.epochs, cfg.sigma_fraction, str(scratch or ""),
+                       cfg.batch_size, cfg.seed, cfg.epochs, cfg.sigma_fraction, scratch or "",
                        )
 
     if method == "gram":
@@ -337,7 +338,7 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
 # ----------------------------------------------------------------- output
 
 
-def _finished_tasks(cache, tasks: list[CKATask]) -> dict[str, dict]:
+def _finished_tasks(cache, tasks: list[CKATask], scratch) -> dict[str, dict]:
     """Results kept by an earlier run of the same config (resume); a saved Gram must still exist."""
     finished = {}
     for task in tasks:
@@ -346,7 +347,7 @@ def _finished_tasks(cache, tasks: list[CKATask]) -> dict[str, dict]:
             continue
         if result["rows"] != [r.label for r in task.rows] or result["cols"] != [c.label for c in task.cols]:
             continue
-        if "gram" in result and not Path(result["gram"]).exists():
+        if "gram" in result and not (scratch / Path(str(result["gram"])).name).exists():
             continue
         finished[task.name] = result
     return finished
@@ -374,18 +375,15 @@ class CKAStage(Stage):
     output_suffix = ".cka"
 
     def _paths(self, cfg: CKAConfig, ctx: RunContext) -> dict[str, Path]:
-        return {name: Path(p) for name, p in zip(cfg.inputs, ctx.inputs["inputs"])}
+        return {name: as_location(p) for name, p in zip(cfg.inputs, ctx.inputs["inputs"])}
 
     def run(self, cfg: CKAConfig, ctx: RunContext) -> None:
-        import shutil
-
-
         from pipeline.cluster.client import get_client, run_tasks
 
         out = ctx.output
         plan = plan_cka(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=out / "grams")
         cache = ctx.open_results_output()
-        finished = _finished_tasks(cache, plan.tasks)
+        finished = _finished_tasks(cache, plan.tasks, out / "grams")
         todo = [[t for t in phase if t.name not in finished] for phase in plan.phases]
         ctx.log(f"{len(plan.rows)} x {len(plan.cols)} {cfg.estimator} CKA over {plan.align.n} samples "
                 f"(view {cfg.view}; {plan.align.n_excluded} excluded as failed in a store); {plan.method}: "
@@ -424,7 +422,7 @@ class CKAStage(Stage):
             first = failed[0]
             raise DiffprobeError(f"cka: {len(failed)} task(s) failed twice ({first['task']}: "
                                  f"{first['error']}); their entries are NaN in {out}; re-run to retry them")
-        shutil.rmtree(out / "grams", ignore_errors=True)  # scratch Grams of gram-cache: n^2 x 8 bytes each
+        remove(out / "grams")  # scratch Grams of gram-cache: n^2 x 8 bytes each
         ctx.log(f"CKA matrix in {out} (cka.csv, cka.png)")
 
     def _attrs(self, cfg: CKAConfig, ctx: RunContext, plan: Plan, finished: dict, failed: list) -> dict:

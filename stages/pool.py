@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline import store
+from pipeline.store.location import as_location, zarr_store
 from pipeline.errors import ConfigError, StoreError, select_or_error
 from pipeline.workflow.stage import RunContext, Stage, input_field
 
@@ -70,11 +71,12 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class PoolTask:
-    """One unit of pooling; only paths and selectors travel to the worker."""
+    """One unit of pooling; only locations (a URL's carry its storage options) and selectors
+    travel to the worker, which opens the stores itself."""
 
     name: str
-    source: str
-    output: str
+    source: Path
+    output: Path
     unit: int
     blocks: tuple[str, ...]
     timesteps: tuple[int, ...]
@@ -106,7 +108,7 @@ def pool_unit(task: PoolTask) -> dict:
     data, bytes_read = {}, 0
     for block in task.blocks:
         with store.quiet_zarr():
-            ds = xr.open_zarr(task.source, group=f"blocks/{block}")
+            ds = xr.open_zarr(zarr_store(task.source, read_only=True), group=f"blocks/{block}")
         maps = ds["activations"].isel(sample=slice(start, stop)).sel(timestep=list(task.timesteps)).data
         bytes_read += maps.nbytes
         pooled = dask.compute(*[pool_dask(maps, s, task.mode) for s in task.sizes], scheduler="synchronous")
@@ -134,7 +136,7 @@ class PoolStage(Stage):
     output_suffix = ".zarr"
 
     def _plan(self, cfg: PoolConfig, ctx: RunContext):
-        source = Path(ctx.inputs["input"])
+        source = as_location(ctx.inputs["input"])
         attrs = store.read_attrs(source) or {}
         if attrs.get("pooled"):
             raise ConfigError(f"pool: input {source} is already pooled; pool an extract stage's store")
@@ -152,7 +154,7 @@ class PoolStage(Stage):
         """Create the output store (once) and return a task per unit not yet done."""
 
         source, src_attrs, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
-        if not ctx.output.exists():
+        if store.read_attrs(ctx.output) is None:
             root = store.open_root(source)
             samples = store.read_sample_table(root)
             attrs = ctx.base_attrs() | {
@@ -166,7 +168,7 @@ class PoolStage(Stage):
         ctx.check_same_config()
         done = store.unit_status(ctx.output)
         return [
-            PoolTask(f"unit-{u}", str(source), str(ctx.output), u, tuple(blocks), tuple(timesteps),
+            PoolTask(f"unit-{u}", source, ctx.output, u, tuple(blocks), tuple(timesteps),
                      tuple(cfg.sizes), cfg.mode)
             for u in range(layout.n_units) if not done[u]
         ]
@@ -194,7 +196,7 @@ class PoolStage(Stage):
         store.finalize(ctx.output)
 
     def plan(self, cfg: PoolConfig, ctx: RunContext) -> list[tuple[str, str]]:
-        source = Path(ctx.inputs["input"])
+        source = as_location(ctx.inputs["input"])
         if store.read_attrs(source) is None:
             return [("input", f"{source} (not written yet: plan it after its stage has run)")]
         source, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)

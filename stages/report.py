@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pipeline import store
 from pipeline.errors import ConfigError
+from pipeline.store.location import zarr_store
 from pipeline.workflow.stage import RunContext, Stage, input_field
 
 
@@ -67,6 +68,6 @@ class ReportStage(Stage):
                             max_rows=cfg.max_rows)
         # Stamp the folder like every output, so the runner can skip an up-to-date report.
         with store.quiet_zarr():
-            root = zarr.open_group(str(ctx.output), mode="a", zarr_format=3)
+            root = zarr.open_group(zarr_store(ctx.output), mode="a", zarr_format=3)
             root.attrs[store.ATTR_KEY] = ctx.base_attrs() | {"complete": True, "page": str(page)}
         ctx.log(f"report: {page}")

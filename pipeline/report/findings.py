@@ -117,7 +117,7 @@ def best_by_validation(ds, **fixed) -> tuple[Cell, int]:
 def probe_finding(name: str, path: Path) -> ProbeFinding:
     ds = open_probe(path)
     best, n_tied = best_by_validation(ds)
-    return ProbeFinding(name, Path(path), best, n_tied, int(np.isfinite(ds["accuracy"].values).sum()))
+    return ProbeFinding(name, path, best, n_tied, int(np.isfinite(ds["accuracy"].values).sum()))
 
 
 # ----------------------------------------------------------------- Diffusion Classifier
@@ -190,7 +190,7 @@ def classifier_finding(name: str, path: Path) -> ClassifierFinding:
     curve.append(CostPoint(f"the run: {len(used)} trials, {kind}", spent, run["accuracy"], len(used)))
     curve = list({(p.n_trials, round(p.passes_per_image, 6)): p for p in curve}.values())
     return ClassifierFinding(
-        name, Path(path), run["accuracy"], int(np.trace(run["confusion"])), run["n_samples"], run["n_failed"],
+        name, path, run["accuracy"], int(np.trace(run["confusion"])), run["n_samples"], run["n_failed"],
         spent, n_candidates * len(used), schedule, len(run["class_names"]), n_candidates, len(used), run["loss"],
         np.asarray(run["confusion"]), run["class_names"], curve,
     )
@@ -264,15 +264,15 @@ def cka_finding(name: str, path: Path) -> CKAFinding:
                 verdict = "the timestep shapes the representation more than the block does"
             template = ("Between timesteps of one block CKA averages {same_block}, between blocks at one timestep "
                         f"{{same_timestep}}: {verdict}.")
-            return CKAFinding(name, Path(path), mode, da, template,
+            return CKAFinding(name, path, mode, da, template,
                               {"same_block": same_block, "same_timestep": same_t}, estimator)
-        return CKAFinding(name, Path(path), mode, da, "CKA between different slices averages {off_diagonal}.",
+        return CKAFinding(name, path, mode, da, "CKA between different slices averages {off_diagonal}.",
                           {"off_diagonal": _mean(values, off_diagonal)}, estimator)
     matched = (rb == cb) & (rt == ct) & (rs != cs)
     if matched.any():
         template = (f"At the same block and timestep, {da['row_stage'].values[0]} and {da['col_stage'].values[0]} "
                     "have a mean CKA of {matched}.")
-        return CKAFinding(name, Path(path), mode, da, template, {"matched": _mean(values, matched)}, estimator)
+        return CKAFinding(name, path, mode, da, template, {"matched": _mean(values, matched)}, estimator)
     i, j = np.unravel_index(int(np.argmax(np.where(np.isfinite(values), values, -np.inf))), values.shape)
     template = f"The most similar pair is {da['row'].values[i]} and {da['col'].values[j]} (CKA {{best}})."
-    return CKAFinding(name, Path(path), mode, da, template, {"best": float(values[i, j])}, estimator)
+    return CKAFinding(name, path, mode, da, template, {"best": float(values[i, j])}, estimator)

@@ -25,6 +25,7 @@ from pipeline.report.findings import (
 )
 from pipeline.report.markup import CSS, Page, e
 from pipeline.report.provenance import stage_record
+from pipeline.store.location import as_location
 
 
 def build_report(inputs: Mapping[str, Path], output: Path, *, title: str = "diffprobe report",
@@ -43,7 +44,7 @@ def build_report(inputs: Mapping[str, Path], output: Path, *, title: str = "diff
     """
     from pipeline import store
 
-    output = Path(output)
+    output = as_location(output)
     output.mkdir(parents=True, exist_ok=True)
     kinds = {name: (store.read_attrs(path) or {}).get("stage", "?") for name, path in inputs.items()}
     probes = [n for n, k in kinds.items() if k == "probe"]

@@ -51,7 +51,7 @@ def stage_record(name: str, path: Path) -> StageRecord:
     except (DiffprobeError, KeyError, OSError) as exc:  # a missing summary must not sink the report
         summary = f"(no summary: {exc})"
     return StageRecord(
-        name, str(attrs.get("stage", "?")), Path(path), str(attrs.get("stage_hash", "")), bool(attrs.get("complete")),
+        name, str(attrs.get("stage", "?")), path, str(attrs.get("stage_hash", "")), bool(attrs.get("complete")),
         attrs.get("wall_time_s"), store.stored_bytes(path), seed,
         (attrs.get("provenance") or {}).get("device"), summary,
     )

@@ -21,7 +21,9 @@ def human_bytes(n: float) -> str:
 
 
 def describe_store(path: str | Path) -> str:
-    path = Path(path)
+    from pipeline.store.location import as_location
+
+    path = as_location(path)
     if not path.exists():
         raise StoreError(f"store {str(path)!r} does not exist")
     attrs = store.read_attrs(path)

@@ -36,6 +36,7 @@ import numpy as np
 
 import pipeline
 from pipeline.store import layout as store
+from pipeline.store.location import as_location
 from pipeline.dc import scoring
 from pipeline.errors import ConfigError, StoreError, did_you_mean
 
@@ -184,7 +185,7 @@ def write_error_unit(root, layout: ErrorLayout, unit: int, result: UnitResult) -
 
 def open_error_store(path: str | Path):
     """The zarr root of a classify store; StoreError if it is not one."""
-    path = Path(path)
+    path = as_location(path)
     if not path.exists():
         raise StoreError(f"store {str(path)!r} does not exist")
     attrs = store.read_attrs(path)
@@ -342,7 +343,7 @@ def format_score(result: Mapping) -> str:
 
 def write_score(result: Mapping, out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
     """Write ``score.json``, ``per_class.csv`` and ``confusion.png`` into ``out_dir``."""
-    out = Path(out_dir)
+    out = as_location(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {k: result[k] for k in ("accuracy", "forward_passes", "forward_passes_per_sample",
                                       "forward_passes_spent", "n_samples", "n_failed", "trials", "timesteps",

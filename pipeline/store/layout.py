@@ -39,6 +39,10 @@ shard; concurrent partial shard writes silently lose data, zarr-python #3682,
    per unit, so no two writers touch the same chunk.
 4. ``finalize`` (one process, behind a lock file) consolidates metadata and
    stamps ``complete`` once every unit is done.
+
+On object storage (an ``s3://``/``gs://``/``az://`` location) there is no rename and no
+lock file; steps 1 and 4 use conditional writes instead (put-if-absent), as
+``pipeline/store/location.py`` describes.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import numpy as np
 
 import pipeline
 from pipeline.errors import ConfigError, StoreError
+from pipeline.store import location
 
 ATTR_KEY = "diffprobe"
 DIMS = ("sample", "timestep", "channel", "y", "x")
@@ -295,7 +300,13 @@ def new_group(path: str | Path):
     """
     import zarr
 
-    path = Path(path)
+    path = location.as_location(path)
+    if location.is_remote(path):  # no rename on object storage: see location.py's protocol
+        memory = zarr.storage.MemoryStore()
+        with quiet_zarr():
+            yield zarr.open_group(memory, mode="w", zarr_format=3)
+        location.commit_remote_group(path, memory)
+        return
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -327,7 +338,7 @@ def jsonable(obj):
 
 def read_attrs(path: str | Path) -> dict | None:
     """The diffprobe attrs of a store or results folder, or None when it is not ours."""
-    meta = Path(path) / "zarr.json"
+    meta = location.as_location(path) / "zarr.json"
     if not meta.exists():
         return None
     try:
@@ -343,7 +354,7 @@ def open_root(path: str | Path, mode: str = "r"):
     if read_attrs(path) is None:
         raise StoreError(f"{str(path)!r} is not a diffprobe store (no zarr.json with diffprobe attrs)")
     with quiet_zarr():
-        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+        return zarr.open_group(location.zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
 def load_layout(path: str | Path) -> Layout:
@@ -416,14 +427,21 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
 
     Returns True if this call (or an earlier one) completed the store.
     """
-    import zarr
-
-    path = Path(path)
+    path = location.as_location(path)
     attrs = read_attrs(path) or {}
     if attrs.get("complete"):
         return True
     if not unit_status(path).all():
         return False
+    if location.is_remote(path):
+        claim = location.claim_finalize(path)
+        if claim is None:
+            return True  # another process is finalizing
+        try:
+            _stamp_complete(path, extra_attrs)
+        finally:
+            location.remove(claim)
+        return True
     lock = path.parent / f".{path.name}.finalize.lock"  # outside the hierarchy
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -431,23 +449,29 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
         return True  # another process is finalizing
     try:
         os.close(fd)
-        root = open_root(path, mode="r+")
-        meta = dict(root.attrs[ATTR_KEY])
-        failure = root["failure"][:]
-        failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
-        meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
-        meta.update(extra_attrs or {})
-        meta["complete"] = True
-        root.attrs[ATTR_KEY] = jsonable(meta)
-        with quiet_zarr():
-            zarr.consolidate_metadata(str(path))
+        _stamp_complete(path, extra_attrs)
     finally:
         lock.unlink(missing_ok=True)
     return True
 
 
+def _stamp_complete(path, extra_attrs: dict | None) -> None:
+    import zarr
+
+    root = open_root(path, mode="r+")
+    meta = dict(root.attrs[ATTR_KEY])
+    failure = root["failure"][:]
+    failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
+    meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
+    meta.update(extra_attrs or {})
+    meta["complete"] = True
+    root.attrs[ATTR_KEY] = jsonable(meta)
+    with quiet_zarr():
+        zarr.consolidate_metadata(location.zarr_store(path))
+
+
 def stored_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return location.stored_bytes(location.as_location(path))
 
 
 def estimate_compressed_bytes(layout: Layout, sample: np.ndarray | None = None,
@@ -516,12 +540,13 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
     """
     import zarr
 
+    zarr_store = location.zarr_store
     meta = dict(ds.attrs.get(ATTR_KEY, {}))
     ds = ds.copy()
     ds.attrs[ATTR_KEY] = meta | {"complete": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr notes the plain files while listing the folder
-        ds.to_zarr(output, mode="a", consolidated=False)
-        group = zarr.open_group(str(output), mode="r+", zarr_format=3)
+        ds.to_zarr(zarr_store(output), mode="a", consolidated=False)
+        group = zarr.open_group(zarr_store(output), mode="r+", zarr_format=3)
         group.attrs[ATTR_KEY] = jsonable(meta | {"complete": complete})
-        zarr.consolidate_metadata(str(output))
+        zarr.consolidate_metadata(zarr_store(output))

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.workflow.config import StageEntry, Workflow, stage_hash
 from pipeline.errors import ConfigError, StoreError
-from pipeline.workflow.stage import RunContext
 from pipeline.store.layout import ATTR_KEY, read_attrs
+from pipeline.store.location import as_location, is_remote, remove
+from pipeline.workflow.config import StageEntry, Workflow, stage_hash
+from pipeline.workflow.stage import RunContext
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,10 @@ class OutputState:
 
 
 def output_state(path: Path, expected_hash: str) -> OutputState:
-    if not path.exists():
-        return OutputState("missing")
     attrs = read_attrs(path)
+    # On object storage a prefix without a root zarr.json holds at most an uncommitted schema.
+    if attrs is None and (not path.exists() or (is_remote(path) and not (path / "zarr.json").exists())):
+        return OutputState("missing")
     if attrs is None:
         return OutputState("foreign", f"{path} exists and is not a diffprobe output")
     if attrs.get("stage_hash") != expected_hash:
@@ -56,21 +57,25 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def record_wall_time(path: Path, seconds: float) -> None:
+def record_wall_time(path, seconds: float) -> None:
     """Add ``wall_time_s`` (this run of the stage, seconds) to an output's diffprobe attrs.
 
     The report's cost table reads it; it is not part of the hash, and a resumed stage
-    records the run that completed it. The root ``zarr.json`` is edited in place
-    (temp file + rename): root attributes are not part of the consolidated metadata,
-    which stays valid as it is.
+    records the run that completed it. The root ``zarr.json`` is replaced whole (temp
+    file + rename locally, one PUT on object storage): root attributes are not part of
+    the consolidated metadata, which stays valid as it is.
     """
     if read_attrs(path) is None:
         return
-    meta = Path(path) / "zarr.json"
+    meta = as_location(path) / "zarr.json"
     doc = json.loads(meta.read_text())
     doc["attributes"][ATTR_KEY]["wall_time_s"] = round(seconds, 3)
+    text = json.dumps(doc, indent=2)
+    if is_remote(path):
+        meta.write_text(text)
+        return
     tmp = meta.with_name(f".zarr.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, meta)
 
 
@@ -167,7 +172,7 @@ class Runner:
                 continue
             self.check_inputs(entry)
             if action.startswith("replace"):
-                shutil.rmtree(entry.output) if entry.output.is_dir() else entry.output.unlink()
+                remove(entry.output)
             self.echo(f"[{entry.name}] {action}: {entry.kind} -> {entry.output}")
             start = time.perf_counter()
             self.stages[entry.name].run(entry.config, self.context(entry))
