@@ -7,6 +7,8 @@ Two hooks, both off unless their environment variable is set:
   stage submits, so payloads carry only their work.
 - ``DIFFPROBE_FAULT_KILL_AFTER_UNITS=N``: the process SIGKILLs itself after its unit
   writer has written N units (how the tests kill a run mid-way, at a known point).
+- ``DIFFPROBE_FAULT_UNIT_DELAY=S``: extract and classify sleep S seconds before computing
+  each unit (so tests can run two processes on one output at the same time).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 FAIL_TASKS_ENV = "DIFFPROBE_FAULT_FAIL_TASKS"
 KILL_AFTER_UNITS_ENV = "DIFFPROBE_FAULT_KILL_AFTER_UNITS"
+UNIT_DELAY_ENV = "DIFFPROBE_FAULT_UNIT_DELAY"
 
 
 def injected_failures(name: str) -> int:
@@ -53,3 +56,12 @@ def with_kill_after_units(write: Callable[..., None]) -> Callable[..., None]:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return write_then_maybe_die
+
+
+def unit_delay() -> None:
+    """Sleep :data:`UNIT_DELAY_ENV` seconds (if set) before a unit is computed."""
+    delay = os.environ.get(UNIT_DELAY_ENV)
+    if delay:
+        import time
+
+        time.sleep(float(delay))

@@ -13,8 +13,11 @@ images); a sample that failed in any store is dropped from every entry, and stor
 that hold different ids are an error that counts them.
 
 Estimators (``pipeline.cka.estimators``), and how the work is cut into dask tasks (each
-receives only paths and selectors, re-derives the sample alignment and reads its
-slices itself; ``memory_limit`` bounds what one task holds):
+receives only paths and selectors and reads its slices itself; the sample alignment is
+matched once, when the run is planned, and saved beside the output for the tasks to
+load; ``memory_limit`` bounds what one task holds). Only what the matrix needs is
+computed: an entry of a representation with itself is 1 by definition (no task reads
+it), and in ``across`` mode a pair listed both ways is computed once and mirrored:
 
 - ``linear`` (exact). With ``route: gram`` (or ``auto`` when two n x n float64
   arrays fit a task) every representation's centred Gram is computed once from
@@ -60,8 +63,9 @@ import numpy as np
 from pipeline import store
 from pipeline.store.location import as_location, remove
 from pipeline.cka.results import cka_dataset, write_cka_output
-from pipeline.cka.select import Alignment, Representation, align_samples, expand_selections
+from pipeline.cka.select import Alignment, Representation, align_samples, expand_selections, save_alignment
 from pipeline.errors import ConfigError, DiffprobeError
+from pipeline.workflow.config import not_hashed
 from pipeline.workflow.stage import RunContext, Stage, input_field
 
 #: Share of a task's memory for reading (column groups, row blocks, batch groups).
@@ -101,7 +105,7 @@ class CKAConfig:
     cols: tuple[Selection, ...] = ()
     estimator: Literal["linear", "minibatch", "rbf"] = "linear"
     route: Literal["auto", "gram", "stream"] = "auto"
-    memory_limit: str = "auto"
+    memory_limit: str = not_hashed("auto")
     batch_size: int = 256
     seed: int = 0
     epochs: int = 1
@@ -163,6 +167,7 @@ class CKATask:
     epochs: int = 1
     sigma_fraction: float = 1.0
     scratch: Path | str = ""  # a location (a URL's carries its storage options)
+    alignment: Path | str = ""  # the planned alignment's .npz (save_alignment); "" = match the stores again
 
 
 def cka_tile(task: CKATask) -> dict:
@@ -177,7 +182,8 @@ def cka_tile(task: CKATask) -> dict:
         values = cka_select.gram_inner_products(cka_select.gram_file(task.scratch, task.rows[0]), files,
                                                 task.read_bytes)
         return out | {"values": [values]}
-    pos = align_samples(task.stores, task.view).positions
+    pos = cka_select.load_alignment(task.alignment) if task.alignment else \
+        align_samples(task.stores, task.view).positions
     sigma = task.sigma_fraction if task.estimator == "rbf" else None
     if task.method == "gram-write":
         rep = task.rows[0]
@@ -288,10 +294,13 @@ def _choose_method(cfg: CKAConfig, rows, cols, n: int, budget: int, read: int) -
                       f"centred copy, over memory_limit {budget / 2**30:.2f} GiB; raise memory_limit{fix}")
 
 
-def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | None = None) -> Plan:
+def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | None = None,
+             alignment_file: Path | None = None) -> Plan:
     """Representations, sample alignment, method and tasks; every user error is raised here, up front.
 
     ``scratch``: folder for the saved Grams of the ``gram-cache`` method.
+    ``alignment_file``: where to save the alignment for the tasks to load (else each
+    task matches the stores' ids again).
     """
 
     rows = expand_selections(cfg.selections or cfg.rows, paths)
@@ -303,22 +312,25 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
     method = _choose_method(cfg, rows, cols, align.n, budget, read)
     symmetric = cfg.mode == "within"
     plan = Plan(rows, cols, align, method, budget, read)
+    if alignment_file is not None:
+        save_alignment(align, alignment_file)
 
     def task(name, r, c, kind, sym=False):
         return CKATask(name, tuple(r), tuple(c), sym, kind, stores, cfg.view, budget, read, cfg.estimator,
                        cfg.batch_size, cfg.seed, cfg.epochs, cfg.sigma_fraction, scratch or "",
-                       )
+                       alignment_file or "")
 
     if method == "gram":
         plan.phases = [[task("all", rows, cols, "gram", symmetric)]]
     elif method == "gram-cache":
         union = list(dict.fromkeys(rows + cols))
+        needed = needed_pairs(rows, cols)
+        dots = [(i, [cols[j] for j in range(len(cols)) if (i, j) in needed]) for i in range(len(rows))]
         plan.phases = [[task(f"gram-{k}", [rep], [], "gram-write") for k, rep in enumerate(union)],
-                       [task(f"row-{i}", [r], cols[i:] if symmetric else cols, "gram-dot")
-                        for i, r in enumerate(rows)]]
+                       [task(f"row-{i}", [rows[i]], needs, "gram-dot") for i, needs in dots if needs]]
     elif method == "stream":
         plan.phases = [[task(f"r{i}_c{j}", [rows[i]], [cols[j]], "stream")
-                        for i in range(len(rows)) for j in range(len(cols)) if not (symmetric and j < i)]]
+                        for i, j in sorted(needed_pairs(rows, cols))]]
     else:
         b = cfg.batch_size
         p_max = max(r.n_features for r in rows + cols)
@@ -333,6 +345,33 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
                              [cols[j] for j in ci], "minibatch", symmetric and ri == ci)
                         for ri, ci in _tiles(len(rows), len(cols), symmetric, capacity)]]
     return plan
+
+
+def needed_pairs(rows: list[Representation], cols: list[Representation]) -> set[tuple[int, int]]:
+    """Entries ``(i, j)`` that need computing: not a representation with itself (CKA = 1), and of
+    a pair listed both ways (``within`` mode, or overlapping ``across`` selections) only the first."""
+    needed, seen = set(), set()
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            key = frozenset((r.label, c.label))
+            if r.label != c.label and key not in seen:
+                seen.add(key)
+                needed.add((i, j))
+    return needed
+
+
+def fill_implied(matrix: np.ndarray, rows: list[Representation], cols: list[Representation],
+                 computed: np.ndarray) -> None:
+    """Entries no task computed (``~computed``): 1 on a representation with itself, else the mirrored
+    entry where that was computed (CKA is symmetric); left NaN otherwise (a failed task)."""
+    where = {(r.label, c.label): (i, j) for i, r in enumerate(rows) for j, c in enumerate(cols)}
+    for (row, col), (i, j) in where.items():
+        if computed[i, j]:
+            continue
+        if row == col:
+            matrix[i, j] = 1.0
+        elif (col, row) in where and computed[where[(col, row)]]:
+            matrix[i, j] = matrix[where[(col, row)]]
 
 
 # ----------------------------------------------------------------- output
@@ -381,8 +420,9 @@ class CKAStage(Stage):
         from pipeline.cluster.client import get_client, run_tasks
 
         out = ctx.output
-        plan = plan_cka(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=out / "grams")
-        cache = ctx.open_results_output()
+        cache = ctx.open_results_output()  # before the alignment file is saved inside it
+        plan = plan_cka(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=out / "grams",
+                        alignment_file=out / "grams" / "alignment.npz")
         finished = _finished_tasks(cache, plan.tasks, out / "grams")
         todo = [[t for t in phase if t.name not in finished] for phase in plan.phases]
         ctx.log(f"{len(plan.rows)} x {len(plan.cols)} {cfg.estimator} CKA over {plan.align.n} samples "
@@ -405,14 +445,15 @@ class CKAStage(Stage):
                     if failed:
                         break  # a later phase needs every result of this one
         matrix = np.full((len(plan.rows), len(plan.cols)), np.nan)
+        computed = np.zeros(matrix.shape, dtype=bool)
         index_r = {r.label: i for i, r in enumerate(plan.rows)}
         index_c = {c.label: j for j, c in enumerate(plan.cols)}
         for result in finished.values():
             for i, row in enumerate(result["rows"] if result["values"] else []):
                 for j, col in enumerate(result["cols"]):
                     matrix[index_r[row], index_c[col]] = result["values"][i][j]
-                    if cfg.mode == "within":
-                        matrix[index_c[col], index_r[row]] = result["values"][i][j]
+                    computed[index_r[row], index_c[col]] = True
+        fill_implied(matrix, plan.rows, plan.cols, computed)
         attrs = self._attrs(cfg, ctx, plan, finished, failed) | {"summary": best_matches(matrix, plan, cfg.mode)}
         ds = cka_dataset(matrix, plan.rows, plan.cols, {store.ATTR_KEY: attrs})
         title = f"{cfg.estimator} CKA, n={plan.align.n}" + (

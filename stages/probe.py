@@ -41,7 +41,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.store.location import as_location
-from pipeline.workflow.config import Where, build_dataclass, config_dict
+from pipeline.workflow.config import Where, build_dataclass, config_dict, not_hashed
 from pipeline.errors import ConfigError, DiffprobeError, select_or_error
 from pipeline.probing.heads import HeadSpec
 from pipeline.probing.splits import split_groups
@@ -80,10 +80,10 @@ class ProbeConfig:
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     batch_size: int = 32
-    eval_batch_size: int = 512
+    eval_batch_size: int = not_hashed(512)
     seed: int = 0
-    buffer_mib: float = 64
-    torch_threads: int = 1
+    buffer_mib: float = not_hashed(64)
+    torch_threads: int = not_hashed(1)
     train_views: tuple[int, ...] | str = "all"
     test_views: tuple[int, ...] | str = "all"
 
@@ -203,7 +203,7 @@ def train_group(task: GroupTask) -> list[dict]:
     torch.set_num_threads(task.torch_threads)  # same arithmetic on every kind of worker
     with ZarrSource(task.parts, task.timesteps, buffer_bytes=task.buffer_bytes) as source:
         train_idx, test_idx = group_splits(source, task)
-        groups = np.unique(source.image_ids, return_inverse=True)[1]
+        groups = np.unique(source.image_ids.astype(str), return_inverse=True)[1]  # str: C-speed sort
         cells = [(t, name, head, recipe) for t in task.timesteps for name, head, recipe in task.heads]
         jobs = [HeadJob(head, recipe, timestep_key(t)) for t, _, head, recipe in cells]
         results = train_heads(source, train_idx, test_idx, jobs, batch_size=task.batch_size,
@@ -250,11 +250,11 @@ def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
         test_root = store.open_root(test_source)
         if [str(c) for c in test_root["class_name"][:]] != classes:
             raise ConfigError(f"probe: {test_source} and {source} have different class lists")
-        shared = np.intersect1d(np.asarray(root["image_id"][:], dtype=object),
-                                np.asarray(test_root["image_id"][:], dtype=object))
+        shared = np.intersect1d(np.asarray(root["image_id"][:], dtype=object).astype(str),
+                                np.asarray(test_root["image_id"][:], dtype=object).astype(str))
         if len(shared):
             raise ConfigError(
-                f"probe: test_input shares {len(shared)} image(s) with input (e.g. {shared[0]!r}); views of "
+                f"probe: test_input shares {len(shared)} image(s) with input (e.g. {str(shared[0])!r}); views of "
                 "one image must not straddle train and test: use another split, or drop test_input"
             )
         _select(timesteps, store_timesteps(test_source), "timestep", str(test_source))

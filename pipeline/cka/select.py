@@ -191,6 +191,41 @@ def align_samples(paths: Sequence[str | Path], view: int = 0) -> Alignment:
     return Alignment(n, positions, view, int((~usable).sum()), ref_ids[usable])
 
 
+def save_alignment(align: Alignment, path) -> Path:
+    """Save ``align.positions`` (one int64 array per store) for tasks to load.
+
+    Matching ids sorts every store's ids; saved once per run, a task loads n int64 per
+    store. Local files are written atomically (temp + rename); on object storage one PUT
+    is atomic by itself.
+    """
+    import io
+
+    from pipeline.store.location import as_location, is_remote
+
+    path = as_location(path)
+    stores = list(align.positions)
+    buffer = io.BytesIO()
+    np.savez(buffer, stores=np.asarray(stores, dtype=str), **{f"p{k}": align.positions[s] for k, s in enumerate(stores)})
+    if is_remote(path):
+        path.write_bytes(buffer.getvalue())
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def load_alignment(path) -> dict[str, np.ndarray]:
+    """``{store path: (n,) int64 positions}`` as saved by :func:`save_alignment`."""
+    import io
+
+    from pipeline.store.location import as_location
+
+    with np.load(io.BytesIO(as_location(path).read_bytes())) as saved:
+        return {str(s): saved[f"p{k}"] for k, s in enumerate(saved["stores"])}
+
+
 # ------------------------------------------------------------------ reading
 
 

@@ -13,11 +13,14 @@ import click
 
 
 def _friendly(fn):
-    """Turn DiffprobeError into one line + exit code; -v re-raises for the traceback."""
+    """Turn DiffprobeError into one line + exit code; -v re-raises for the traceback.
+
+    An interruption (SIGINT, SIGTERM, Ctrl-C) is one line too, exit 128 + signal."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from pipeline.errors import DiffprobeError
+        from pipeline.interrupts import Interrupted
 
         ctx = click.get_current_context()
         verbose = (ctx.find_root().params or {}).get("verbose", False)
@@ -28,6 +31,15 @@ def _friendly(fn):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            if verbose:
+                raise
+            code = exc.exit_code if isinstance(exc, Interrupted) else 130
+            name = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+            resume = (" finished units are kept; run the same command again to resume"
+                      if ctx.command.name == "run" else "")
+            click.echo(f"interrupted ({name}):{resume or ' nothing was changed'}", err=True)
+            sys.exit(code)
 
     return wrapper
 
@@ -43,7 +55,8 @@ def main(verbose: bool) -> None:
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--only", metavar="STAGE", help="Run just this stage (its inputs must be complete).")
 @click.option("--until", metavar="STAGE", help="Run stages up to and including this one.")
-@click.option("--force", is_flag=True, help="Replace outputs written by another config.")
+@click.option("--force", is_flag=True,
+              help="Replace outputs written by another config (and the --only stage); never up-to-date inputs.")
 @click.option("--dry-run", is_flag=True, help="Say what would run, skip or be refused; run nothing.")
 @click.option("--shard", metavar="i/N", help="Do units u with u % N == i (default: RANK/WORLD_SIZE).")
 @click.option("--strict", is_flag=True, help="Unreadable images are fatal instead of masked.")
@@ -51,9 +64,11 @@ def main(verbose: bool) -> None:
 @_friendly
 def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
     """Run a workflow's stages in order, skipping up-to-date outputs."""
+    from pipeline.interrupts import install_handlers
+
+    install_handlers()
     from pipeline.workflow.config import load_workflow
     from pipeline.workflow.runner import Runner, parse_shard
-
     from stages import STAGES
 
     wf = load_workflow(workflow, STAGES)
@@ -69,7 +84,6 @@ def plan(workflow, only):
     """Before spending GPU time: samples, shapes, forward passes, bytes, time."""
     from pipeline.workflow.config import load_workflow
     from pipeline.workflow.runner import Runner
-
     from stages import STAGES
 
     wf = load_workflow(workflow, STAGES)
@@ -115,9 +129,18 @@ def blocks(model, size, kind, options):
 @_friendly
 def inspect(store_path):
     """Blocks, shapes, dtype, timesteps, completion, compression and provenance of a store."""
+    from pathlib import Path
+
     from pipeline.store.describe import describe_store
+    from pipeline.store.layout import read_attrs, unit_status
+    from pipeline.workflow.claims import lease_report
 
     click.echo(describe_store(store_path))
+    attrs = read_attrs(store_path) or {}
+    if "layout" in attrs and not attrs.get("complete"):
+        pending = [int(u) for u in (~unit_status(store_path)).nonzero()[0]]
+        for line in lease_report(Path(store_path), pending):
+            click.echo(line)
 
 
 @main.command()

@@ -95,13 +95,14 @@ def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequenc
                        class_names: Sequence[str], candidate_class: Sequence[int],
                        candidate_prompt: Sequence[str], trial_timesteps: Sequence[int],
                        trial_draws: Sequence[int], attrs: Mapping,
-                       compression: store.Compression = store.Compression()) -> None:
+                       compression: store.Compression = store.Compression(cname="zstd")) -> None:
     """Write the whole schema (arrays, coords, attrs) atomically; error arrays stay NaN.
 
     candidate_class, candidate_prompt : (n_candidates,) each candidate's class and prompt
         (``""`` for a class label). trial_timesteps, trial_draws : (n_trials,).
     Built in a temporary folder and renamed into place; a losing racer keeps the
-    winner's store (the caller compares the stage hash).
+    winner's store (the caller compares the stage hash). Compressed by default, unlike
+    activations: eliminated classes leave most of an adaptive run's errors NaN.
     """
     n, k, t = layout.n_samples, layout.n_candidates, layout.n_trials
     if not (len(image_ids) == len(labels) == n and len(candidate_class) == len(candidate_prompt) == k

@@ -80,13 +80,18 @@ STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "float
 class Compression:
     """Codec settings for activations.
 
-    Defaults use only codecs of the Zarr v3 spec (Blosc zstd + bitshuffle, crc32c),
-    so TensorStore and zarrs read the stores too. ``bitround_keepbits`` adds the
-    numcodecs BitRound filter (lossy, opt-in, not a v3 spec codec: other
-    implementations may not read it and zarr-python warns when reading).
+    The default stores the values as they are, with a crc32c checksum per chunk: on
+    the trained digits model's float16 activations Blosc zstd + bitshuffle saves 4 %
+    (ratio 1.04) for ~13x the CPU of a plain copy, lz4 + bitshuffle 2 % for ~3x, and
+    lz4 + byte shuffle nothing (benchmarks/RESULTS.md, "Codecs"): on a GPU node that CPU
+    is better left to the writer and decoding. ``cname: zstd`` (``clevel``, ``shuffle``)
+    turns compression on, e.g. with ``bitround_keepbits: 7`` (1.30x, lossy), which adds
+    the numcodecs BitRound filter (opt-in, not a v3 spec codec: other implementations
+    may not read it and zarr-python warns when reading). Everything else is a Zarr v3
+    spec codec (Blosc, crc32c), so TensorStore and zarrs read the stores too.
     """
 
-    cname: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"] = "zstd"
+    cname: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"] = "none"
     clevel: int = 3
     shuffle: str = "bitshuffle"
     bitround_keepbits: int | None = None
@@ -128,6 +133,19 @@ def pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
 
 
+def bounded_padding(chunk: int, n_samples: int) -> int:
+    """Halve a power-of-two chunk (down to 8 samples) until the last chunk's padding is <= 1/16 of the store.
+
+    Zarr's regular chunk grid pads the last chunk with the fill value (NaN) to its full
+    size, and without a compressor the padding is stored as it is: a 360-sample store
+    in 512-sample chunks took 1.42x its data. Large stores and stores that fill their
+    last chunk keep their chunk size.
+    """
+    while chunk > 8 and (-n_samples) % chunk > n_samples / 16:
+        chunk //= 2
+    return chunk
+
+
 def plan_layout(
     n_samples: int,
     blocks: Mapping[str, tuple[int, int, int]],
@@ -145,13 +163,13 @@ def plan_layout(
     what keeps one unit's buffer (all blocks, all timesteps) under ``unit_bytes``
     (capped at ``max_unit_samples`` so resume and ``--shard`` stay fine-grained).
     An explicit ``unit_samples`` must be a multiple of every chunk n it implies
-    (chunks are shrunk to divide it).
+    (chunks are shrunk to divide it). See ``bounded_padding`` for the last chunk.
     """
     if dtype not in STORAGE_DTYPES:
         raise StoreError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
     item = np.dtype(STORAGE_DTYPES[dtype]).itemsize
     per_block = {name: int(np.prod(shape)) * item for name, shape in blocks.items()}
-    chunk_n = {name: pow2_floor(chunk_bytes / b) for name, b in per_block.items()}
+    chunk_n = {name: bounded_padding(pow2_floor(chunk_bytes / b), n_samples) for name, b in per_block.items()}
     if unit_samples is None:
         per_sample_all = sum(per_block.values()) * len(timesteps)
         unit = min(pow2_floor(unit_bytes / max(1, per_sample_all)), max_unit_samples)
@@ -168,8 +186,8 @@ def plan_layout(
 def codecs_for(comp: Compression):
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    # cname "none": no compressor (pooled features barely compress; reading them raw is
-    # several times cheaper than zstd for probes that stream the store every epoch).
+    # cname "none": no compressor (activations barely compress; reading them raw is several
+    # times cheaper than zstd for probes that stream the store every epoch).
     compressors = [] if comp.cname == "none" else [BloscCodec(cname=comp.cname, clevel=comp.clevel,
                                                               shuffle=comp.shuffle)]
     if comp.checksum:
@@ -483,6 +501,8 @@ def estimate_compressed_bytes(layout: Layout, sample: np.ndarray | None = None,
         return raw
     import numcodecs
 
+    if compression.cname == "none":
+        return raw
     buf = np.ascontiguousarray(sample.astype(STORAGE_DTYPES[layout.dtype]))
     codec = numcodecs.Blosc(cname=compression.cname, clevel=compression.clevel,
                             shuffle=numcodecs.Blosc.BITSHUFFLE if compression.shuffle == "bitshuffle"
