@@ -4,8 +4,8 @@ Small shared basics at the top (``errors``, ``noise``, ``hooks``, ``faults``, ``
 ``workflow`` (YAML, hashing, the Stage contract, the runner), ``store`` (the Zarr
 format, its one write protocol and readers), ``models`` (adapters and their registry),
 ``datasets`` (readers in native layouts, preprocessing recipes), ``probing`` (heads,
-training, results), ``cka``, ``dc`` (the Diffusion Classifier), ``cluster`` (dask
-clients and task running) and ``cli``. Only ``cli`` imports ``stages`` (the registry);
+training, results), ``cka``, ``dc`` (the Diffusion Classifier), ``report`` (the
+findings page), ``cluster`` (dask clients and task running) and ``cli``. Only ``cli`` imports ``stages`` (the registry);
 the stages in ``stages/`` import from here, never the other way round.
 """
 

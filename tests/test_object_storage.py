@@ -276,7 +276,7 @@ def test_demo_like_workflow_runs_with_output_dir_on_s3(tmp_path, s3_server, capf
     scored = error_tensor.score_store(out["cls"], None, None, None, "uniform")
     assert scored["n_samples"] == 6
     page = (out["report"] / "index.html").read_text()
-    assert "heatmap_linear.png" in page and (out["report"] / "probe-heatmap_linear.png").exists()
-    assert (out["report"] / "cka-cka.png").exists()
+    assert 'id="findings"' in page and 'src="data:image/svg+xml;base64,' in page  # figures embedded
+    assert (out["report"] / "findings.json").exists()
     assert s3_server.secret not in bucket_text(s3_server, bucket) + page + capfd.readouterr().err
     assert run_wf(wf) == [(name, "skip (up to date)") for name in out]

@@ -16,6 +16,7 @@ in the grid (a head limited to some pools) or failed:
 ``val_accuracy``  best validation top-1 (NaN without validation)
 ``train_time_s``  the head's own compute time, seconds
 ``epochs_run``, ``best_epoch``
+``n_test``, ``n_val``  samples the cell was scored / validated on (for confidence intervals)
 
 ``head_kind (head)`` names each head's kind (linear, mlp, cnn, attention).
 Readers use the consolidated metadata, so the plain files beside it are never listed.
@@ -41,6 +42,8 @@ METRICS = {
     "train_time_s": "train_time_s",
     "epochs_run": "epochs_run",
     "best_epoch": "best_epoch",
+    "n_test": "n_test",
+    "n_val": "n_val",
 }
 DIMS = ("block", "timestep", "pool", "head")
 

@@ -21,6 +21,7 @@ with the holder's pid and host.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import sys
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError, DatasetError, StoreError
-from pipeline.store.layout import read_attrs
-from pipeline.store.location import is_remote, remove
+from pipeline.store.layout import ATTR_KEY, read_attrs
+from pipeline.store.location import as_location, is_remote, remove
 from pipeline.workflow.config import StageEntry, Workflow, hash_document, stage_hash
 from pipeline.workflow.stage import RunContext
 
@@ -102,6 +103,28 @@ def parse_shard(text: str | None) -> tuple[int, int]:
             raise ConfigError(f"{what}: need 0 <= RANK < WORLD_SIZE; fix them, or pass --shard i/N")
         raise ConfigError(f"--shard {text!r}: need 0 <= i < N")
     return i, n
+
+
+def record_wall_time(path, seconds: float) -> None:
+    """Add ``wall_time_s`` (this run of the stage, seconds) to an output's diffprobe attrs.
+
+    The report's cost table reads it; it is not part of the hash, and a resumed stage
+    records the run that completed it. The root ``zarr.json`` is replaced whole (temp
+    file + rename locally, one PUT on object storage): root attributes are not part of
+    the consolidated metadata, which stays valid as it is.
+    """
+    if read_attrs(path) is None:
+        return
+    meta = as_location(path) / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"][ATTR_KEY]["wall_time_s"] = round(seconds, 3)
+    text = json.dumps(doc, indent=2)
+    if is_remote(path):
+        meta.write_text(text)
+        return
+    tmp = meta.with_name(f".zarr.json.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, meta)
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -319,7 +342,10 @@ class Runner:
                 if exc.errno in STORAGE_ERRNOS:
                     raise storage_error(entry, exc) from exc
                 raise
-            self.echo(f"[{entry.name}] finished in {time.perf_counter() - start:.1f} s")
+            elapsed = time.perf_counter() - start
+            if self.shard[1] == 1:  # shards finish at different times; no one wall time to record
+                record_wall_time(entry.output, elapsed)
+            self.echo(f"[{entry.name}] finished in {elapsed:.1f} s")
         return report
 
     def _run_stage(self, entry: StageEntry, replace: bool) -> None:
