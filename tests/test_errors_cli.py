@@ -80,3 +80,16 @@ def test_inspect_blocks_plan_dry_run(extract_workflow, tiny_unet_json):
     assert code == 0 and "down_blocks.1.attentions.0" in out and "(16, 8, 8)" in out
     line = one_error_line(*invoke("inspect", wf.parent / "nothing.zarr"))
     assert "does not exist" in line
+
+
+def test_top_level_help_lists_every_command_without_truncation():
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["--help"], terminal_width=80)
+    assert result.exit_code == 0
+    listed = [line for line in result.output.splitlines() if line.startswith("  ") and not line.lstrip().startswith("-")]
+    assert {line.split()[0] for line in listed} >= {"run", "plan", "blocks", "inspect", "results", "score",
+                                                     "verify", "diff"}
+    assert not any(line.rstrip().endswith("...") for line in listed), result.output

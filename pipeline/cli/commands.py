@@ -51,7 +51,7 @@ def main(verbose: bool) -> None:
     """diffprobe: extract diffusion activations once, analyse them many times."""
 
 
-@main.command()
+@main.command(short_help="Run a workflow's stages in order, skipping up-to-date outputs.")
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--only", metavar="STAGE", help="Run just this stage (its inputs must be complete).")
 @click.option("--until", metavar="STAGE", help="Run stages up to and including this one.")
@@ -76,7 +76,7 @@ def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
     runner.run(only=only, until=until, dry_run=dry_run)
 
 
-@main.command()
+@main.command(short_help='Samples, bytes, forward passes and time, before any GPU time.')
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--only", metavar="STAGE", help="Plan just this stage.")
 @_friendly
@@ -99,7 +99,7 @@ def plan(workflow, only):
             click.echo(f"   {key:<{width}}  {value}")
 
 
-@main.command()
+@main.command(short_help="List a model's capturable blocks with their output shapes.")
 @click.argument("model")
 @click.option("--size", type=int, help="Input size in pixels (default: the model's own).")
 @click.option("--kind", default=None, help="Model kind (unet2d, factory, sd, dit); guessed from MODEL.")
@@ -124,7 +124,7 @@ def blocks(model, size, kind, options):
                f"{adapter.num_train_timesteps} timesteps")
 
 
-@main.command()
+@main.command(short_help='Summarise a store: blocks, shapes, completion, codecs.')
 @click.argument("store_path", metavar="STORE", type=click.Path())
 @_friendly
 def inspect(store_path):
@@ -143,7 +143,7 @@ def inspect(store_path):
             click.echo(line)
 
 
-@main.command()
+@main.command(short_help="Print a probe stage's results table, best cells first.")
 @click.argument("path", type=click.Path())
 @click.option("--top", type=int, default=None, metavar="N", help="Show only the N best cells.")
 @_friendly
@@ -154,7 +154,7 @@ def results(path, top):
     click.echo(format_results(path, top=top))
 
 
-@main.command()
+@main.command(short_help='Re-score a classify store from its cached errors (no model).')
 @click.argument("store_path", metavar="STORE", type=click.Path())
 @click.option("--trials", metavar="SEL", help="Trial indices: 0:10, 0:20:2, 1,3,5 or a mix (default all).")
 @click.option("--timesteps", metavar="T,...",
@@ -183,7 +183,7 @@ def score(store_path, trials, timesteps, draws, loss, weighting, out_dir):
     click.echo(f"wrote {paths['png']}, {paths['json'].name}, {paths['csv'].name}")
 
 
-@main.command()
+@main.command(short_help='Check every chunk of an output; --repair marks damage.')
 @click.argument("store_path", metavar="STORE", type=click.Path())
 @click.option("--repair", is_flag=True,
               help="Mark damaged units pending (rebuild a lost done mask from the data) so the next run "
@@ -208,7 +208,7 @@ def verify(store_path, repair):
     sys.exit(1 if any(line.startswith("cannot repair") for line in actions) else 0)
 
 
-@main.command()
+@main.command(short_help='Max abs / rel difference of two outputs, per block and t.')
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
