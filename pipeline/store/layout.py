@@ -502,12 +502,7 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
         if not held or (read_attrs(path) or {}).get("complete"):
             return True
         root = open_root(path, mode="r+")
-        meta = dict(root.attrs[ATTR_KEY])
-        failure = root["failure"][:]
-        failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
-        meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
-        meta.update(extra_attrs or {})
-        meta["complete"] = False
+        meta = _final_attrs(root, extra_attrs, complete=False)
         root.attrs[ATTR_KEY] = jsonable(meta)
         kill_point("finalize:consolidate")
         with quiet_zarr():
@@ -535,18 +530,23 @@ def stamp_attrs(path: str | Path, update: Mapping[str, Any]) -> None:
     fsync_path(meta_path.parent)
 
 
-def _stamp_complete(path, extra_attrs: dict | None) -> None:
-    """Object storage's finalize (``location.claim_finalize`` holds the claim)."""
-    import zarr
-
-    root = open_root(path, mode="r+")
+def _final_attrs(root, extra_attrs: dict | None, complete: bool) -> dict:
+    """The root attrs a finished store carries: the failed images listed, extras merged."""
     meta = dict(root.attrs[ATTR_KEY])
     failure = root["failure"][:]
     failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
     meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
     meta.update(extra_attrs or {})
-    meta["complete"] = True
-    root.attrs[ATTR_KEY] = jsonable(meta)
+    meta["complete"] = complete
+    return meta
+
+
+def _stamp_complete(path, extra_attrs: dict | None) -> None:
+    """Object storage's finalize (``location.claim_finalize`` holds the claim)."""
+    import zarr
+
+    root = open_root(path, mode="r+")
+    root.attrs[ATTR_KEY] = jsonable(_final_attrs(root, extra_attrs, complete=True))
     with quiet_zarr():
         zarr.consolidate_metadata(location.zarr_store(path))
 
