@@ -12,10 +12,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
-import cloudpickle
 import pytest
 
 from pipeline.cluster.client import get_client, run_tasks
@@ -26,20 +25,23 @@ pytest.importorskip("dask_jobqueue")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parent.parent
 
-# Workers cannot import this test module by name: ship its functions by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@dataclass(frozen=True)
-class Square:
-    name: str
-    x: int
-    sleep: float = 0.0
+def Square(name: str, x: int, sleep: float = 0.0) -> SimpleNamespace:
+    # A stdlib type: task arguments are pickled by reference, and workers cannot import this module.
+    return SimpleNamespace(name=name, x=x, sleep=sleep)
 
 
-def slow_square(p: Square) -> int:
-    time.sleep(p.sleep)
-    return p.x * p.x
+def _make_slow_square():
+    # A nested function: pickled by value (a module-level one is pickled by its module's name).
+    def slow_square(p: SimpleNamespace) -> int:
+        time.sleep(p.sleep)
+        return p.x * p.x
+
+    return slow_square
+
+
+slow_square = _make_slow_square()
 
 
 def _cfg(slurm, tmp_path, n_workers=2, wait_s=60.0, replacements=4, **overrides) -> ClusterConfig:
