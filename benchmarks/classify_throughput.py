@@ -66,7 +66,8 @@ def run_classify(cfg: ClassifyConfig, out: Path) -> dict:
              "schedule": clf.schedule_attrs(), "provenance": clf.provenance()}
     shutil.rmtree(out, ignore_errors=True)
     errorstore.create_error_store(out, clf.layout, [r.image_id for r in records], [r.label for r in records],
-                                  clf.class_names, clf.plan.timesteps, attrs)
+                                  clf.class_names, clf.candidate_class, clf.candidate_prompt,
+                                  clf.plan.trial_timesteps, clf.plan.trial_draws, attrs)
     in_forward = [0.0]
     if clf.device.type == "cpu":  # synchronous: time inside the model's forward is measurable
         forward = clf.adapter.forward

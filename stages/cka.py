@@ -13,8 +13,11 @@ images); a sample that failed in any store is dropped from every entry, and stor
 that hold different ids are an error that counts them.
 
 Estimators (``pipeline.cka.estimators``), and how the work is cut into dask tasks (each
-receives only paths and selectors, re-derives the sample alignment and reads its
-slices itself; ``memory_limit`` bounds what one task holds):
+receives only paths and selectors and reads its slices itself; the sample alignment is
+matched once, when the run is planned, and saved beside the output for the tasks to
+load; ``memory_limit`` bounds what one task holds). Only what the matrix needs is
+computed: an entry of a representation with itself is 1 by definition (no task reads
+it), and in ``across`` mode a pair listed both ways is computed once and mirrored:
 
 - ``linear`` (exact). With ``route: gram`` (or ``auto`` when two n x n float64
   arrays fit a task) every representation's centred Gram is computed once from
@@ -58,8 +61,9 @@ from typing import Literal
 import numpy as np
 
 from pipeline import store
+from pipeline.store.location import as_location, remove
 from pipeline.cka.results import cka_dataset, write_cka_output
-from pipeline.cka.select import Alignment, Representation, align_samples, expand_selections
+from pipeline.cka.select import Alignment, Representation, align_samples, expand_selections, save_alignment
 from pipeline.errors import ConfigError, DiffprobeError
 from pipeline.workflow.stage import RunContext, Stage, input_field
 
@@ -161,7 +165,8 @@ class CKATask:
     seed: int = 0
     epochs: int = 1
     sigma_fraction: float = 1.0
-    scratch: str = ""
+    scratch: Path | str = ""  # a location (a URL's carries its storage options)
+    alignment: Path | str = ""  # the planned alignment's .npz (save_alignment); "" = match the stores again
 
 
 def cka_tile(task: CKATask) -> dict:
@@ -172,24 +177,25 @@ def cka_tile(task: CKATask) -> dict:
 
     out = {"rows": [r.label for r in task.rows], "cols": [c.label for c in task.cols]}
     if task.method == "gram-dot":
-        files = [str(cka_select.gram_file(task.scratch, c)) for c in task.cols]
+        files = [cka_select.gram_file(task.scratch, c) for c in task.cols]
         values = cka_select.gram_inner_products(cka_select.gram_file(task.scratch, task.rows[0]), files,
                                                 task.read_bytes)
         return out | {"values": [values]}
-    pos = align_samples(task.stores, task.view).positions
+    pos = cka_select.load_alignment(task.alignment) if task.alignment else \
+        align_samples(task.stores, task.view).positions
     sigma = task.sigma_fraction if task.estimator == "rbf" else None
     if task.method == "gram-write":
         rep = task.rows[0]
-        path = cka_select.write_normalised_gram(rep, pos[rep.path], task.read_bytes, task.scratch, sigma)
-        return out | {"values": [], "gram": str(path)}
+        path = cka_select.write_normalised_gram(rep, pos[str(rep.path)], task.read_bytes, task.scratch, sigma)
+        return out | {"values": [], "gram": path.name}
     if task.method == "stream":
         rx, ry = task.rows[0], task.cols[0]
-        value, route = cka_select.stream_pair_cka(rx, ry, pos[rx.path], pos[ry.path],
+        value, route = cka_select.stream_pair_cka(rx, ry, pos[str(rx.path)], pos[str(ry.path)],
                                                   task.memory_bytes - task.read_bytes, task.read_bytes)
         return out | {"values": [[value]], "route": route}
     if task.method == "minibatch":
         union = list(dict.fromkeys(task.rows + task.cols))
-        acc = cka_select.minibatch_accumulate(union, [pos[r.path] for r in union], task.batch_size, task.seed,
+        acc = cka_select.minibatch_accumulate(union, [pos[str(r.path)] for r in union], task.batch_size, task.seed,
                                               task.epochs, task.read_bytes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a constant slice gives NaN, kept as NaN
@@ -200,7 +206,7 @@ def cka_tile(task: CKATask) -> dict:
 
     def grams(reps):
         for rep in reps:
-            g = cka_select.representation_gram(rep, pos[rep.path], task.read_bytes)
+            g = cka_select.representation_gram(rep, pos[str(rep.path)], task.read_bytes)
             yield g if sigma is None else cka.rbf_gram_from_linear(g, sigma)
 
     with warnings.catch_warnings():
@@ -287,10 +293,13 @@ def _choose_method(cfg: CKAConfig, rows, cols, n: int, budget: int, read: int) -
                       f"centred copy, over memory_limit {budget / 2**30:.2f} GiB; raise memory_limit{fix}")
 
 
-def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | None = None) -> Plan:
+def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | None = None,
+             alignment_file: Path | None = None) -> Plan:
     """Representations, sample alignment, method and tasks; every user error is raised here, up front.
 
     ``scratch``: folder for the saved Grams of the ``gram-cache`` method.
+    ``alignment_file``: where to save the alignment for the tasks to load (else each
+    task matches the stores' ids again).
     """
 
     rows = expand_selections(cfg.selections or cfg.rows, paths)
@@ -302,22 +311,25 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
     method = _choose_method(cfg, rows, cols, align.n, budget, read)
     symmetric = cfg.mode == "within"
     plan = Plan(rows, cols, align, method, budget, read)
+    if alignment_file is not None:
+        save_alignment(align, alignment_file)
 
     def task(name, r, c, kind, sym=False):
         return CKATask(name, tuple(r), tuple(c), sym, kind, stores, cfg.view, budget, read, cfg.estimator,
-                       cfg.batch_size, cfg.seed, cfg.epochs, cfg.sigma_fraction, str(scratch or ""),
-                       )
+                       cfg.batch_size, cfg.seed, cfg.epochs, cfg.sigma_fraction, scratch or "",
+                       alignment_file or "")
 
     if method == "gram":
         plan.phases = [[task("all", rows, cols, "gram", symmetric)]]
     elif method == "gram-cache":
         union = list(dict.fromkeys(rows + cols))
+        needed = needed_pairs(rows, cols)
+        dots = [(i, [cols[j] for j in range(len(cols)) if (i, j) in needed]) for i in range(len(rows))]
         plan.phases = [[task(f"gram-{k}", [rep], [], "gram-write") for k, rep in enumerate(union)],
-                       [task(f"row-{i}", [r], cols[i:] if symmetric else cols, "gram-dot")
-                        for i, r in enumerate(rows)]]
+                       [task(f"row-{i}", [rows[i]], needs, "gram-dot") for i, needs in dots if needs]]
     elif method == "stream":
         plan.phases = [[task(f"r{i}_c{j}", [rows[i]], [cols[j]], "stream")
-                        for i in range(len(rows)) for j in range(len(cols)) if not (symmetric and j < i)]]
+                        for i, j in sorted(needed_pairs(rows, cols))]]
     else:
         b = cfg.batch_size
         p_max = max(r.n_features for r in rows + cols)
@@ -334,10 +346,37 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
     return plan
 
 
+def needed_pairs(rows: list[Representation], cols: list[Representation]) -> set[tuple[int, int]]:
+    """Entries ``(i, j)`` that need computing: not a representation with itself (CKA = 1), and of
+    a pair listed both ways (``within`` mode, or overlapping ``across`` selections) only the first."""
+    needed, seen = set(), set()
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            key = frozenset((r.label, c.label))
+            if r.label != c.label and key not in seen:
+                seen.add(key)
+                needed.add((i, j))
+    return needed
+
+
+def fill_implied(matrix: np.ndarray, rows: list[Representation], cols: list[Representation],
+                 computed: np.ndarray) -> None:
+    """Entries no task computed (``~computed``): 1 on a representation with itself, else the mirrored
+    entry where that was computed (CKA is symmetric); left NaN otherwise (a failed task)."""
+    where = {(r.label, c.label): (i, j) for i, r in enumerate(rows) for j, c in enumerate(cols)}
+    for (row, col), (i, j) in where.items():
+        if computed[i, j]:
+            continue
+        if row == col:
+            matrix[i, j] = 1.0
+        elif (col, row) in where and computed[where[(col, row)]]:
+            matrix[i, j] = matrix[where[(col, row)]]
+
+
 # ----------------------------------------------------------------- output
 
 
-def _finished_tasks(cache, tasks: list[CKATask]) -> dict[str, dict]:
+def _finished_tasks(cache, tasks: list[CKATask], scratch) -> dict[str, dict]:
     """Results kept by an earlier run of the same config (resume); a saved Gram must still exist."""
     finished = {}
     for task in tasks:
@@ -346,7 +385,7 @@ def _finished_tasks(cache, tasks: list[CKATask]) -> dict[str, dict]:
             continue
         if result["rows"] != [r.label for r in task.rows] or result["cols"] != [c.label for c in task.cols]:
             continue
-        if "gram" in result and not Path(result["gram"]).exists():
+        if "gram" in result and not (scratch / Path(str(result["gram"])).name).exists():
             continue
         finished[task.name] = result
     return finished
@@ -374,18 +413,16 @@ class CKAStage(Stage):
     output_suffix = ".cka"
 
     def _paths(self, cfg: CKAConfig, ctx: RunContext) -> dict[str, Path]:
-        return {name: Path(p) for name, p in zip(cfg.inputs, ctx.inputs["inputs"])}
+        return {name: as_location(p) for name, p in zip(cfg.inputs, ctx.inputs["inputs"])}
 
     def run(self, cfg: CKAConfig, ctx: RunContext) -> None:
-        import shutil
-
-
         from pipeline.cluster.client import get_client, run_tasks
 
         out = ctx.output
-        plan = plan_cka(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=out / "grams")
-        cache = ctx.open_results_output()
-        finished = _finished_tasks(cache, plan.tasks)
+        cache = ctx.open_results_output()  # before the alignment file is saved inside it
+        plan = plan_cka(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=out / "grams",
+                        alignment_file=out / "grams" / "alignment.npz")
+        finished = _finished_tasks(cache, plan.tasks, out / "grams")
         todo = [[t for t in phase if t.name not in finished] for phase in plan.phases]
         ctx.log(f"{len(plan.rows)} x {len(plan.cols)} {cfg.estimator} CKA over {plan.align.n} samples "
                 f"(view {cfg.view}; {plan.align.n_excluded} excluded as failed in a store); {plan.method}: "
@@ -407,14 +444,15 @@ class CKAStage(Stage):
                     if failed:
                         break  # a later phase needs every result of this one
         matrix = np.full((len(plan.rows), len(plan.cols)), np.nan)
+        computed = np.zeros(matrix.shape, dtype=bool)
         index_r = {r.label: i for i, r in enumerate(plan.rows)}
         index_c = {c.label: j for j, c in enumerate(plan.cols)}
         for result in finished.values():
             for i, row in enumerate(result["rows"] if result["values"] else []):
                 for j, col in enumerate(result["cols"]):
                     matrix[index_r[row], index_c[col]] = result["values"][i][j]
-                    if cfg.mode == "within":
-                        matrix[index_c[col], index_r[row]] = result["values"][i][j]
+                    computed[index_r[row], index_c[col]] = True
+        fill_implied(matrix, plan.rows, plan.cols, computed)
         attrs = self._attrs(cfg, ctx, plan, finished, failed) | {"summary": best_matches(matrix, plan, cfg.mode)}
         ds = cka_dataset(matrix, plan.rows, plan.cols, {store.ATTR_KEY: attrs})
         title = f"{cfg.estimator} CKA, n={plan.align.n}" + (
@@ -424,7 +462,7 @@ class CKAStage(Stage):
             first = failed[0]
             raise DiffprobeError(f"cka: {len(failed)} task(s) failed twice ({first['task']}: "
                                  f"{first['error']}); their entries are NaN in {out}; re-run to retry them")
-        shutil.rmtree(out / "grams", ignore_errors=True)  # scratch Grams of gram-cache: n^2 x 8 bytes each
+        remove(out / "grams")  # scratch Grams of gram-cache: n^2 x 8 bytes each
         ctx.log(f"CKA matrix in {out} (cka.csv, cka.png)")
 
     def _attrs(self, cfg: CKAConfig, ctx: RunContext, plan: Plan, finished: dict, failed: list) -> dict:

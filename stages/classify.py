@@ -403,7 +403,7 @@ class ClassifyStage(Stage):
         if clf.name_mismatches:
             ctx.log(f"prompt set names {len(clf.name_mismatches)} classes differently from the dataset "
                     f"(matched by class index), e.g. {clf.name_mismatches[0]}")
-        if not ctx.output.exists():
+        if store.read_attrs(ctx.output) is None:
             attrs = ctx.base_attrs() | {"plan": clf.plan.to_dict(), "schedule": clf.schedule_attrs(),
                                         "provenance": clf.provenance()}
             records = clf.reader.records

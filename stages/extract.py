@@ -13,7 +13,6 @@ copy to (pinned) host memory, and a background thread writes each finished unit
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from pipeline.datasets.torch_data import load_images
 from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
 from pipeline.store.describe import human_bytes
+from pipeline.store.location import free_bytes
 from pipeline.models.fingerprint import model_fingerprint
 from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import NOISE_SCHEME, batch_noise
@@ -319,7 +319,7 @@ class ExtractStage(Stage):
         ex = Extractor(cfg)
         ex.strict = ctx.strict
         lay = ex.layout
-        if not ctx.output.exists():
+        if store.read_attrs(ctx.output) is None:
             attrs = ctx.base_attrs() | {"provenance": ex.provenance()}
             store.create_store(ctx.output, lay, ex.samples, ex.reader.class_names, attrs, cfg.compression)
         todo = ctx.pending_units(lay.n_units)
@@ -352,10 +352,9 @@ class ExtractStage(Stage):
             one = store.Layout(lay.n_samples, lay.unit_samples, lay.timesteps, {name: lay.blocks[name]}, lay.dtype)
             compressed += store.estimate_compressed_bytes(one, arr.reshape(-1, *arr.shape[2:]), cfg.compression)
         raw = lay.bytes_per_sample() * lay.n_samples
-        out_parent = ctx.output.parent
-        while not out_parent.exists():
-            out_parent = out_parent.parent
-        free = shutil.disk_usage(out_parent).free
+        free = free_bytes(ctx.output)
+        space = (f"unknown on object storage ({ctx.output}); check the bucket's quota" if free is None else
+                 f"{human_bytes(free)} at {ctx.output.parent}" + ("  ** NOT ENOUGH **" if compressed > free else ""))
         rows = [
             ("images", f"{len(ex.reader.records)} ({cfg.dataset.reader}/{cfg.dataset.split})"),
             ("samples", f"{lay.n_samples} (views={cfg.views}"
@@ -366,7 +365,7 @@ class ExtractStage(Stage):
             ("forward passes", f"{passes} (batch {cfg.batch_size}; {pairs} sample-timesteps)"),
             ("bytes raw", human_bytes(raw)),
             ("bytes on disk (est.)", f"{human_bytes(compressed)} (ratio {raw / max(1, compressed):.2f} measured on one batch)"),
-            ("free space", f"{human_bytes(free)} at {out_parent}" + ("  ** NOT ENOUGH **" if compressed > free else "")),
+            ("free space", space),
             ("time (est.)", f"{_duration(per_pair * pairs)} at {1 / per_pair:.1f} sample-timesteps/s on {cfg.device}"),
         ]
         return rows

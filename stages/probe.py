@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import store
+from pipeline.store.location import as_location
 from pipeline.workflow.config import Where, build_dataclass, config_dict
 from pipeline.errors import ConfigError, DiffprobeError, select_or_error
 from pipeline.probing.heads import HeadSpec
@@ -126,7 +127,7 @@ class GroupTask:
     name: str
     block: str
     pool: int
-    parts: tuple[tuple[str, str], ...]  # (store, array path): the input [, the test input]
+    parts: tuple[tuple[Path, str], ...]  # (store location, array path): the input [, the test input]
     timesteps: tuple[int, ...]
     heads: tuple[tuple[str, HeadSpec, TrainSpec], ...]
     num_classes: int
@@ -202,7 +203,7 @@ def train_group(task: GroupTask) -> list[dict]:
     torch.set_num_threads(task.torch_threads)  # same arithmetic on every kind of worker
     with ZarrSource(task.parts, task.timesteps, buffer_bytes=task.buffer_bytes) as source:
         train_idx, test_idx = group_splits(source, task)
-        groups = np.unique(source.image_ids, return_inverse=True)[1]
+        groups = np.unique(source.image_ids.astype(str), return_inverse=True)[1]  # str: C-speed sort
         cells = [(t, name, head, recipe) for t in task.timesteps for name, head, recipe in task.heads]
         jobs = [HeadJob(head, recipe, timestep_key(t)) for t, _, head, recipe in cells]
         results = train_heads(source, train_idx, test_idx, jobs, batch_size=task.batch_size,
@@ -249,11 +250,11 @@ def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
         test_root = store.open_root(test_source)
         if [str(c) for c in test_root["class_name"][:]] != classes:
             raise ConfigError(f"probe: {test_source} and {source} have different class lists")
-        shared = np.intersect1d(np.asarray(root["image_id"][:], dtype=object),
-                                np.asarray(test_root["image_id"][:], dtype=object))
+        shared = np.intersect1d(np.asarray(root["image_id"][:], dtype=object).astype(str),
+                                np.asarray(test_root["image_id"][:], dtype=object).astype(str))
         if len(shared):
             raise ConfigError(
-                f"probe: test_input shares {len(shared)} image(s) with input (e.g. {shared[0]!r}); views of "
+                f"probe: test_input shares {len(shared)} image(s) with input (e.g. {str(shared[0])!r}); views of "
                 "one image must not straddle train and test: use another split, or drop test_input"
             )
         _select(timesteps, store_timesteps(test_source), "timestep", str(test_source))
@@ -268,13 +269,13 @@ def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
                           for h in cfg.heads if not h.pools or pool in h.pools)
             if not heads:
                 continue
-            parts = [(str(source), slices[(block, pool)].array_path)]
+            parts = [(source, slices[(block, pool)].array_path)]
             if test_source is not None:
                 if (block, pool) not in test_slices:
                     raise ConfigError(
                         f"probe: test_input {test_source} has no block {block!r} at pool {pool}"
                     )
-                parts.append((str(test_source), test_slices[(block, pool)].array_path))
+                parts.append((test_source, test_slices[(block, pool)].array_path))
             name = f"{block}/p{pool}"
             tasks.append(GroupTask(
                 name, block, pool, tuple(parts), tuple(timesteps), heads, len(classes), cfg.test_fraction,
@@ -311,7 +312,7 @@ class ProbeStage(Stage):
         from pipeline.probing.results import best_cells, describe_best, results_dataset, write_results
 
         test_source = ctx.inputs.get("test_input")
-        grid = plan_grid(cfg, Path(ctx.inputs["input"]), Path(test_source) if test_source else None)
+        grid = plan_grid(cfg, as_location(ctx.inputs["input"]), as_location(test_source) if test_source else None)
         out = ctx.output
         cache = ctx.open_results_output()
         finished = {t.name: rows for t in grid.tasks if (rows := cache.load(t.name)) is not None}
@@ -354,11 +355,11 @@ class ProbeStage(Stage):
             )
 
     def plan(self, cfg: ProbeConfig, ctx: RunContext) -> list[tuple[str, str]]:
-        source = Path(ctx.inputs["input"])
+        source = as_location(ctx.inputs["input"])
         test_source = ctx.inputs.get("test_input")
         if store.read_attrs(source) is None or (test_source and store.read_attrs(test_source) is None):
             return [("input", f"{source} (not written yet: plan it after its stage has run)")]
-        grid = plan_grid(cfg, source, Path(test_source) if test_source else None)
+        grid = plan_grid(cfg, source, as_location(test_source) if test_source else None)
         n_cells = sum(len(t.timesteps) * len(t.heads) for t in grid.tasks)
         return [
             ("grid", f"{len(grid.blocks)} block(s) x {len(grid.timesteps)} timestep(s) x pools {grid.pools} "
@@ -379,12 +380,12 @@ def _memory_plan(tasks, buffer_mib: float) -> str:
     """How each task's slice compares with ``buffer_mib``: decoded once, or streamed every pass."""
     from pipeline.store.describe import human_bytes
 
-    roots = {path: store.open_root(path) for task in tasks for path, _ in task.parts}  # each store once
+    roots = {str(path): store.open_root(path) for task in tasks for path, _ in task.parts}  # each store once
     sizes = []
     for task in tasks:
         nbytes = 0
         for path, array_path in task.parts:
-            array = roots[path][array_path]
+            array = roots[str(path)][array_path]
             nbytes += int(np.prod(array.shape[:1] + array.shape[2:])) * array.dtype.itemsize
         sizes.append(nbytes * len(task.timesteps))
     streamed = sum(size > buffer_mib * 2**20 for size in sizes)

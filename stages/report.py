@@ -13,12 +13,13 @@ from __future__ import annotations
 import datetime
 import html
 import json
-import shutil
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import pipeline
 from pipeline import store
+from pipeline.store.location import as_location, zarr_store
 from pipeline.workflow.stage import RunContext, Stage, input_field
 
 CSS = """
@@ -43,7 +44,7 @@ class ReportConfig:
 def _table(csv_path: Path, max_rows: int) -> str:
     import pandas as pd
 
-    frame = pd.read_csv(csv_path)
+    frame = pd.read_csv(io.StringIO(csv_path.read_text()))  # a URL's storage options stay in csv_path
     for key in ("accuracy", "top1", "test_top1"):
         if key in frame.columns:
             frame = frame.sort_values(key, ascending=False)
@@ -56,6 +57,7 @@ def build_report(inputs: dict[str, Path], output: Path, title: str, max_rows: in
     """Write ``output/index.html`` (+ copied PNGs) for the given stage outputs; returns the page path."""
     from pipeline.store.describe import describe_store
 
+    inputs = {name: as_location(path) for name, path in inputs.items()}
     output.mkdir(parents=True, exist_ok=True)
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p class=meta>diffprobe {pipeline.__version__}, written {datetime.datetime.now():%Y-%m-%d %H:%M}, "
@@ -75,7 +77,7 @@ def build_report(inputs: dict[str, Path], output: Path, title: str, max_rows: in
             parts.append(f"<h3>{html.escape(csv_path.name)}</h3>{_table(csv_path, max_rows)}")
         for png in sorted(path.rglob("*.png")):
             target = output / f"{name}-{png.name}"
-            shutil.copyfile(png, target)
+            target.write_bytes(png.read_bytes())
             parts.append(f"<h3>{html.escape(png.stem)}</h3><img src='{html.escape(target.name)}' alt='{html.escape(png.stem)}'>")
         summary = sub.get("summary")
         if summary:
@@ -101,6 +103,6 @@ class ReportStage(Stage):
                             ctx.base_attrs())
         # Stamp the folder like every output, so the runner can skip an up-to-date report.
         with store.quiet_zarr():
-            root = zarr.open_group(str(ctx.output), mode="a", zarr_format=3)
+            root = zarr.open_group(zarr_store(ctx.output), mode="a", zarr_format=3)
             root.attrs[store.ATTR_KEY] = ctx.base_attrs() | {"complete": True, "page": str(page)}
         ctx.log(f"report: {page}")

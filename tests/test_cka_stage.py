@@ -129,6 +129,17 @@ def wf(tmp_path_factory, cluster_address):
             stage: cka
             memory_limit: 64KiB
             selections: [{{input: ex32}}]
+          - name: overlap_stream
+            stage: cka
+            mode: across
+            route: stream
+            rows: [{{input: pooled, blocks: [mid_block], pool: 1}}]
+            cols: [{{input: pooled, blocks: [mid_block], pool: 1}}, {{input: ex32, blocks: [mid_block], timesteps: [10]}}]
+          - name: overlap_gram
+            stage: cka
+            mode: across
+            rows: [{{input: pooled, blocks: [mid_block], pool: 1}}]
+            cols: [{{input: pooled, blocks: [mid_block], pool: 1}}, {{input: ex32, blocks: [mid_block], timesteps: [10]}}]
         """))
     workflow = load_workflow(folder / "wf.yaml", STAGES)
     Runner(workflow, progress=False).run(until="rbf")
@@ -259,7 +270,8 @@ def test_a_task_that_fails_twice_leaves_nan_and_a_rerun_redoes_only_it(wf, monke
     out = wf.stage("resumable").output
     assert store.read_attrs(out)["complete"] is False
     partial = xr.open_zarr(out)["cka"].values
-    assert np.isnan(partial[1, 1:]).all() and np.isnan(partial[1:, 1]).all() and np.isfinite(partial[0]).all()
+    assert np.isnan(partial[1, 2:]).all() and np.isnan(partial[2:, 1]).all() and np.isfinite(partial[0]).all()
+    assert partial[1, 1] == 1.0  # the diagonal is no task's: CKA(X, X) = 1
     monkeypatch.delenv("DIFFPROBE_FAULT_FAIL_TASKS")
     capsys.readouterr()
     assert Runner(wf, progress=False).run(only="resumable") == [("resumable", "resume")]
@@ -323,3 +335,52 @@ def test_failed_samples_are_dropped_from_every_store_and_ids_matched_not_positio
     ex_ids = np.asarray(zarr.open_group(str(ex))["image_id"][:], dtype=object)
     ref_ids = np.asarray(root["image_id"][:], dtype=object)
     np.testing.assert_array_equal(ex_ids[align.positions[str(ex)]], ref_ids[align.positions[str(ref)]])
+
+
+def test_only_needed_entries_are_tasks_and_the_rest_are_implied(wf):
+    """Across two overlapping selections: the diagonal (CKA(X, X) = 1) and the mirrored pair are not
+    computed again, and every entry still equals a direct computation and the one-task Gram method."""
+    cfg = wf.stage("overlap_stream").config
+    paths = {name: wf.stage(name).output for name in cfg.inputs}
+    plan = plan_cka(cfg, paths, ClusterConfig())
+    assert plan.method == "stream"
+    assert sorted(t.name for t in plan.tasks) == ["r0_c1", "r0_c2", "r1_c2"]  # of 2 x 3 entries
+    Runner(wf, progress=False).run(only="overlap_stream")
+    Runner(wf, progress=False).run(only="overlap_gram")
+    streamed, gram = open_output(wf, "overlap_stream"), open_output(wf, "overlap_gram")
+    assert store.read_attrs(wf.stage("overlap_gram").output)["cka"]["method"] == "gram"
+    assert list(streamed["col"].values) == ["pooled/mid_block/t10/p1", "pooled/mid_block/t100/p1",
+                                            "ex32/mid_block/t10"]
+    reps = [stored(wf, "pooled", "blocks/mid_block/p1/activations", t) for t in (0, 1)]
+    cols = [*reps, stored(wf, "ex32", "blocks/mid_block/activations", 0)]
+    for i in range(2):
+        for j in range(3):
+            assert streamed.values[i, j] == pytest.approx(linear_cka(reps[i], cols[j]), abs=1e-10)
+    np.testing.assert_allclose(streamed.values, gram.values, atol=1e-12)
+    assert streamed.values[0, 0] == streamed.values[1, 1] == 1.0
+    assert streamed.values[1, 0] == streamed.values[0, 1]
+    assert not (wf.stage("overlap_stream").output / "grams").exists()  # the saved alignment went too
+
+
+def test_tasks_load_the_planned_alignment_instead_of_matching_ids_again(wf, tmp_path, monkeypatch):
+    from pipeline.cka import select as cka_select
+
+    cfg = wf.stage("stream").config
+    paths = {name: wf.stage(name).output for name in cfg.inputs}
+    plan = plan_cka(cfg, paths, ClusterConfig(), alignment_file=tmp_path / "alignment.npz")
+    saved = cka_select.load_alignment(tmp_path / "alignment.npz")
+    assert saved.keys() == plan.align.positions.keys()
+    for path, positions in plan.align.positions.items():
+        np.testing.assert_array_equal(saved[path], positions)
+        assert saved[path].dtype == np.int64
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a task matched the stores' image ids again")
+
+    monkeypatch.setattr("stages.cka.align_samples", refuse)
+    task = plan.tasks[0]
+    rx, ry = task.rows[0], task.cols[0]
+    value = cka_tile(task)["values"][0][0]
+    x = stored(wf, rx.stage, rx.array_path, rx.t_index)[plan.align.positions[rx.path]]
+    y = stored(wf, ry.stage, ry.array_path, ry.t_index)[plan.align.positions[ry.path]]
+    assert value == pytest.approx(linear_cka(x, y), abs=1e-10)

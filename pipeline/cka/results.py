@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.cka.select import Representation
 from pipeline.errors import StoreError
 from pipeline.store.layout import read_attrs, write_results_dataset
+from pipeline.store.location import save_figure, write_csv, zarr_store
 
 
 def _coords(prefix: str, reps: list[Representation]) -> dict:
@@ -85,7 +86,7 @@ def save_matrix_png(ds, rows: list[Representation], cols: list[Representation], 
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="CKA", fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -99,7 +100,7 @@ def write_cka_output(output: Path, ds, rows: list[Representation], cols: list[Re
               "row_stage": r.stage, "row_block": r.block, "row_timestep": r.timestep, "row_pool": r.pool,
               "col_stage": c.stage, "col_block": c.block, "col_timestep": c.timestep, "col_pool": c.pool}
              for i, r in enumerate(rows) for j, c in enumerate(cols)]
-    pd.DataFrame(table).to_csv(output / "cka.csv", index=False)
+    write_csv(pd.DataFrame(table), output / "cka.csv")
     save_matrix_png(ds, rows, cols, output / "cka.png", title)
     write_results_dataset(ds, output, complete)
 
@@ -111,4 +112,4 @@ def open_cka(path: str | Path):
     attrs = read_attrs(path)
     if attrs is None or attrs.get("stage") != "cka" or not attrs.get("complete"):
         raise StoreError(f"{str(path)!r} is not a finished cka stage output; run the stage first")
-    return xr.open_zarr(path)["cka"].load()
+    return xr.open_zarr(zarr_store(path, read_only=True))["cka"].load()

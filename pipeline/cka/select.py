@@ -42,6 +42,7 @@ from pipeline.cka.estimators import MinibatchCKA, rbf_gram_from_linear
 from pipeline.errors import ConfigError, StoreError, select_or_error
 from pipeline.store.slices import feature_slices, store_timesteps
 from pipeline.store.layout import PENDING, WRITTEN, open_root, read_attrs
+from pipeline.store.location import as_location, is_remote
 
 #: Stage kinds whose outputs hold representations.
 STORE_STAGES = ("extract", "pool")
@@ -56,7 +57,7 @@ class Representation:
     """One slice of a store, flattened to ``(n, n_features)``."""
 
     stage: str
-    path: str
+    path: Path  # a location: a URL's carries its storage options to the worker
     array_path: str
     block: str
     pool: int
@@ -91,7 +92,7 @@ def expand_selections(selections: Sequence, paths: dict[str, Path | str]) -> lis
     """
     out: list[Representation] = []
     for sel in selections:
-        path = Path(paths[sel.input])
+        path = as_location(paths[sel.input])
         attrs = read_attrs(path) or {}
         if attrs.get("stage") not in STORE_STAGES:
             raise ConfigError(f"cka: input {sel.input!r} is a {attrs.get('stage')!r} stage; "
@@ -107,7 +108,7 @@ def expand_selections(selections: Sequence, paths: dict[str, Path | str]) -> lis
             for pool in pools:
                 fs = slices[(block, pool)]
                 for t in chosen_t:
-                    out.append(Representation(sel.input, str(path), fs.array_path, block, pool, int(t),
+                    out.append(Representation(sel.input, path, fs.array_path, block, pool, int(t),
                                               timesteps.index(t), int(np.prod(fs.shape)), itemsize,
                                               bool(attrs.get("pooled"))))
     labels = [r.label for r in out]
@@ -131,7 +132,7 @@ class Alignment:
     image_ids: np.ndarray  # (n,) the aligned ids
 
 
-def _view_table(path: str, view: int):
+def _view_table(path, view: int):
     root = open_root(path)
     ids = np.asarray(root["image_id"][:], dtype=object).astype(str)
     views = root["view"][:]
@@ -159,8 +160,9 @@ def align_samples(paths: Sequence[str | Path], view: int = 0) -> Alignment:
     Raises ``ConfigError`` when the stores' id sets differ, saying how many ids
     differ and naming the first few.
     """
-    paths = list(dict.fromkeys(str(p) for p in paths))
-    tables = {p: _view_table(p, view) for p in paths}
+    locations = {str(p): p for p in paths}  # keyed by URL / path text; a URL's location keeps its options
+    paths = list(locations)
+    tables = {p: _view_table(locations[p], view) for p in paths}
     ref = paths[0]
     ref_ids, ref_pos, usable = tables[ref]
     ref_order = np.argsort(ref_ids, kind="stable")
@@ -187,6 +189,41 @@ def align_samples(paths: Sequence[str | Path], view: int = 0) -> Alignment:
         raise ConfigError(f"cka: only {n} sample(s) are written in every store; CKA needs at least 4")
     positions = {p: np.ascontiguousarray(m[usable], dtype=np.int64) for p, m in maps.items()}
     return Alignment(n, positions, view, int((~usable).sum()), ref_ids[usable])
+
+
+def save_alignment(align: Alignment, path) -> Path:
+    """Save ``align.positions`` (one int64 array per store) for tasks to load.
+
+    Matching ids sorts every store's ids; saved once per run, a task loads n int64 per
+    store. Local files are written atomically (temp + rename); on object storage one PUT
+    is atomic by itself.
+    """
+    import io
+
+    from pipeline.store.location import as_location, is_remote
+
+    path = as_location(path)
+    stores = list(align.positions)
+    buffer = io.BytesIO()
+    np.savez(buffer, stores=np.asarray(stores, dtype=str), **{f"p{k}": align.positions[s] for k, s in enumerate(stores)})
+    if is_remote(path):
+        path.write_bytes(buffer.getvalue())
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def load_alignment(path) -> dict[str, np.ndarray]:
+    """``{store path: (n,) int64 positions}`` as saved by :func:`save_alignment`."""
+    import io
+
+    from pipeline.store.location import as_location
+
+    with np.load(io.BytesIO(as_location(path).read_bytes())) as saved:
+        return {str(s): saved[f"p{k}"] for k, s in enumerate(saved["stores"])}
 
 
 # ------------------------------------------------------------------ reading
@@ -308,7 +345,7 @@ def gram_file(folder: str | Path, rep: Representation) -> Path:
     import re
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", rep.label)
-    return Path(folder) / f"{safe}-{hashlib.sha1(rep.label.encode()).hexdigest()[:8]}.npy"
+    return as_location(folder) / f"{safe}-{hashlib.sha1(rep.label.encode()).hexdigest()[:8]}.npy"
 
 
 def write_normalised_gram(rep: Representation, positions: np.ndarray, read_bytes: int, folder: str | Path,
@@ -332,11 +369,23 @@ def write_normalised_gram(rep: Representation, positions: np.ndarray, read_bytes
     else:
         centred.fill(np.nan)
     path = gram_file(folder, rep)
+    if is_remote(path):  # one PUT: atomic already
+        with path.open("wb") as f:
+            np.save(f, centred)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, centred)
     os.replace(tmp, path)
     return path
+
+
+def _load_gram(path, mmap_mode: str | None = None) -> np.ndarray:
+    path = as_location(path)
+    if is_remote(path):
+        with path.open("rb") as f:
+            return np.load(f)
+    return np.load(path, mmap_mode=mmap_mode)
 
 
 def gram_inner_products(row_file: str | Path, col_files: Sequence[str | Path],
@@ -345,12 +394,12 @@ def gram_inner_products(row_file: str | Path, col_files: Sequence[str | Path],
 
     Holds the row Gram and ``read_bytes`` of each column Gram at a time (memory-mapped).
     """
-    a = np.load(row_file)
+    a = _load_gram(row_file)
     n = a.shape[0]
     rows = max(1, read_bytes // (8 * n))
     out = []
     for f in col_files:
-        b = np.load(f, mmap_mode="r")
+        b = _load_gram(f, mmap_mode="r")
         if b.shape != a.shape:
             raise StoreError(f"Gram files {row_file} and {f} differ in shape; "
                              f"delete the scratch folder and re-run")

@@ -146,9 +146,8 @@ def results(path, top):
 @_friendly
 def score(store_path, trials, timesteps, draws, loss, weighting, out_dir):
     """Score a classify store from its cached errors: no model, no GPU."""
-    from pathlib import Path
-
     from pipeline.store import error_tensor as errorstore
+    from pipeline.store.location import as_location
 
     n_trials = errorstore.open_error_store(store_path)["trial"].shape[0]
     result = errorstore.score_store(
@@ -156,8 +155,8 @@ def score(store_path, trials, timesteps, draws, loss, weighting, out_dir):
         errorstore.parse_ints(timesteps) if timesteps else None, weighting,
         errorstore.parse_ints(draws) if draws else None)
     click.echo(errorstore.format_score(result))
-    path = Path(store_path)
-    paths = errorstore.write_score(result, out_dir or path.parent / f"{path.stem}-score")
+    path = as_location(store_path)
+    paths = errorstore.write_score(result, as_location(out_dir) if out_dir else path.parent / f"{path.stem}-score")
     click.echo(f"wrote {paths['png']}, {paths['json'].name}, {paths['csv'].name}")
 
 

@@ -306,6 +306,6 @@ def confusion_png(confusion: np.ndarray, class_names: Sequence[str], path: str |
             if count:
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
                         color="white" if rates[i, j] > 0.5 else "black")
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    from pipeline.store.location import save_figure
+
+    return save_figure(fig, path, dpi=110)

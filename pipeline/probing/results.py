@@ -32,6 +32,7 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.store.layout import ATTR_KEY, read_attrs, write_results_dataset
+from pipeline.store.location import as_location, save_figure, write_csv, zarr_store
 
 #: Dataset variable -> key of ``pipeline.probing.training.train_heads``' result dicts.
 METRICS = {
@@ -99,7 +100,7 @@ def save_heatmaps(ds, folder: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder = Path(folder)
+    folder = as_location(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for head in ds["head"].values:
@@ -125,7 +126,7 @@ def save_heatmaps(ds, folder: str | Path) -> list[Path]:
         fig.colorbar(image, ax=ax, label="top-1 %")
         fig.tight_layout()
         path = folder / f"heatmap_{_safe(str(head))}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -139,8 +140,8 @@ def write_results(output: str | Path, ds, rows: Sequence[Mapping], complete: boo
     """
     import pandas as pd
 
-    output = Path(output)
-    pd.DataFrame(list(rows)).to_csv(output / "results.csv", index=False)
+    output = as_location(output)
+    write_csv(pd.DataFrame(list(rows)), output / "results.csv")
     save_heatmaps(ds, output / "figures")
     write_results_dataset(ds, output, complete)
 
@@ -152,11 +153,11 @@ def open_results(path: str | Path):
     attrs = read_attrs(path)
     if attrs is None or attrs.get("stage") != "probe":
         raise StoreError(f"{str(path)!r} is not a probe stage's output (a <name>.probe folder)")
-    if not (Path(path) / "accuracy").exists():
+    if not (as_location(path) / "accuracy").exists():
         raise StoreError(f"{str(path)!r} has no results yet (the probe stage has not finished); run it first")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
-        return xr.open_zarr(path).load()
+        return xr.open_zarr(zarr_store(path, read_only=True)).load()
 
 
 def results_table(ds):

@@ -11,8 +11,10 @@ What lives here
 - ``prefetch``: the helper that builds the source's blocks of rows ahead of use.
 - ``slices``: names of stored feature slices (block, timestep, pool size).
 - ``describe``: the human summary printed by ``diffprobe inspect``.
+- ``location``: local paths and fsspec URLs (``s3://`` ...) as one kind of path, zarr
+  stores on them, and the write protocol's object-storage steps (put-if-absent).
 
-May import: ``pipeline.errors``, ``pipeline.noise``, numpy, zarr, xarray. Never
+May import: ``pipeline.errors``, ``pipeline.noise``, numpy, zarr, xarray, fsspec, upath. Never
 ``stages``, the workflow machinery, models or the science packages.
 
 The package namespace is the layout's public API, so ``from pipeline import store``

@@ -21,7 +21,9 @@ def human_bytes(n: float) -> str:
 
 
 def describe_store(path: str | Path) -> str:
-    path = Path(path)
+    from pipeline.store.location import as_location
+
+    path = as_location(path)
     if not path.exists():
         raise StoreError(f"store {str(path)!r} does not exist")
     attrs = store.read_attrs(path)
@@ -47,7 +49,8 @@ def describe_store(path: str | Path) -> str:
     lines.append(f"timesteps {', '.join(map(str, root['timestep'][:].tolist()))}")
     lines.append(f"classes   {root['class_name'].shape[0]}; dtype {layout['dtype']} (stored {layout['storage_dtype']})")
     comp = attrs.get("compression", {})
-    codec = f"blosc {comp.get('cname')} L{comp.get('clevel')} {comp.get('shuffle')}" + \
+    codec = ("no compressor" if comp.get("cname") == "none" else
+             f"blosc {comp.get('cname')} L{comp.get('clevel')} {comp.get('shuffle')}") + \
         (" + crc32c" if comp.get("checksum") else "") + \
         (f" + BitRound(keepbits={comp['bitround_keepbits']})" if comp.get("bitround_keepbits") is not None else "")
     lines.append(f"codecs    {codec}")

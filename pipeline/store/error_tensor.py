@@ -36,6 +36,7 @@ import numpy as np
 
 import pipeline
 from pipeline.store import layout as store
+from pipeline.store.location import as_location
 from pipeline.dc import scoring
 from pipeline.errors import ConfigError, StoreError, did_you_mean
 
@@ -94,13 +95,14 @@ def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequenc
                        class_names: Sequence[str], candidate_class: Sequence[int],
                        candidate_prompt: Sequence[str], trial_timesteps: Sequence[int],
                        trial_draws: Sequence[int], attrs: Mapping,
-                       compression: store.Compression = store.Compression()) -> None:
+                       compression: store.Compression = store.Compression(cname="zstd")) -> None:
     """Write the whole schema (arrays, coords, attrs) atomically; error arrays stay NaN.
 
     candidate_class, candidate_prompt : (n_candidates,) each candidate's class and prompt
         (``""`` for a class label). trial_timesteps, trial_draws : (n_trials,).
     Built in a temporary folder and renamed into place; a losing racer keeps the
-    winner's store (the caller compares the stage hash).
+    winner's store (the caller compares the stage hash). Compressed by default, unlike
+    activations: eliminated classes leave most of an adaptive run's errors NaN.
     """
     n, k, t = layout.n_samples, layout.n_candidates, layout.n_trials
     if not (len(image_ids) == len(labels) == n and len(candidate_class) == len(candidate_prompt) == k
@@ -184,7 +186,7 @@ def write_error_unit(root, layout: ErrorLayout, unit: int, result: UnitResult) -
 
 def open_error_store(path: str | Path):
     """The zarr root of a classify store; StoreError if it is not one."""
-    path = Path(path)
+    path = as_location(path)
     if not path.exists():
         raise StoreError(f"store {str(path)!r} does not exist")
     attrs = store.read_attrs(path)
@@ -342,7 +344,7 @@ def format_score(result: Mapping) -> str:
 
 def write_score(result: Mapping, out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
     """Write ``score.json``, ``per_class.csv`` and ``confusion.png`` into ``out_dir``."""
-    out = Path(out_dir)
+    out = as_location(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {k: result[k] for k in ("accuracy", "forward_passes", "forward_passes_per_sample",
                                       "forward_passes_spent", "n_samples", "n_failed", "trials", "timesteps",

@@ -39,6 +39,10 @@ shard; concurrent partial shard writes silently lose data, zarr-python #3682,
    per unit, so no two writers touch the same chunk.
 4. ``finalize`` (one process, behind a lock file) consolidates metadata and
    stamps ``complete`` once every unit is done.
+
+On object storage (an ``s3://``/``gs://``/``az://`` location) there is no rename and no
+lock file; steps 1 and 4 use conditional writes instead (put-if-absent), as
+``pipeline/store/location.py`` describes.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import numpy as np
 
 import pipeline
 from pipeline.errors import ConfigError, StoreError
+from pipeline.store import location
 
 ATTR_KEY = "diffprobe"
 DIMS = ("sample", "timestep", "channel", "y", "x")
@@ -75,13 +80,18 @@ STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "float
 class Compression:
     """Codec settings for activations.
 
-    Defaults use only codecs of the Zarr v3 spec (Blosc zstd + bitshuffle, crc32c),
-    so TensorStore and zarrs read the stores too. ``bitround_keepbits`` adds the
-    numcodecs BitRound filter (lossy, opt-in, not a v3 spec codec: other
-    implementations may not read it and zarr-python warns when reading).
+    The default stores the values as they are, with a crc32c checksum per chunk: on
+    the trained digits model's float16 activations Blosc zstd + bitshuffle saves 4 %
+    (ratio 1.04) for ~13x the CPU of a plain copy, lz4 + bitshuffle 2 % for ~3x, and
+    lz4 + byte shuffle nothing (benchmarks/RESULTS.md, "Codecs"): on a GPU node that CPU
+    is better left to the writer and decoding. ``cname: zstd`` (``clevel``, ``shuffle``)
+    turns compression on, e.g. with ``bitround_keepbits: 7`` (1.30x, lossy), which adds
+    the numcodecs BitRound filter (opt-in, not a v3 spec codec: other implementations
+    may not read it and zarr-python warns when reading). Everything else is a Zarr v3
+    spec codec (Blosc, crc32c), so TensorStore and zarrs read the stores too.
     """
 
-    cname: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"] = "zstd"
+    cname: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"] = "none"
     clevel: int = 3
     shuffle: str = "bitshuffle"
     bitround_keepbits: int | None = None
@@ -123,6 +133,19 @@ def pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
 
 
+def bounded_padding(chunk: int, n_samples: int) -> int:
+    """Halve a power-of-two chunk (down to 8 samples) until the last chunk's padding is <= 1/16 of the store.
+
+    Zarr's regular chunk grid pads the last chunk with the fill value (NaN) to its full
+    size, and without a compressor the padding is stored as it is: a 360-sample store
+    in 512-sample chunks took 1.42x its data. Large stores and stores that fill their
+    last chunk keep their chunk size.
+    """
+    while chunk > 8 and (-n_samples) % chunk > n_samples / 16:
+        chunk //= 2
+    return chunk
+
+
 def plan_layout(
     n_samples: int,
     blocks: Mapping[str, tuple[int, int, int]],
@@ -140,13 +163,13 @@ def plan_layout(
     what keeps one unit's buffer (all blocks, all timesteps) under ``unit_bytes``
     (capped at ``max_unit_samples`` so resume and ``--shard`` stay fine-grained).
     An explicit ``unit_samples`` must be a multiple of every chunk n it implies
-    (chunks are shrunk to divide it).
+    (chunks are shrunk to divide it). See ``bounded_padding`` for the last chunk.
     """
     if dtype not in STORAGE_DTYPES:
         raise StoreError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
     item = np.dtype(STORAGE_DTYPES[dtype]).itemsize
     per_block = {name: int(np.prod(shape)) * item for name, shape in blocks.items()}
-    chunk_n = {name: pow2_floor(chunk_bytes / b) for name, b in per_block.items()}
+    chunk_n = {name: bounded_padding(pow2_floor(chunk_bytes / b), n_samples) for name, b in per_block.items()}
     if unit_samples is None:
         per_sample_all = sum(per_block.values()) * len(timesteps)
         unit = min(pow2_floor(unit_bytes / max(1, per_sample_all)), max_unit_samples)
@@ -163,8 +186,8 @@ def plan_layout(
 def codecs_for(comp: Compression):
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    # cname "none": no compressor (pooled features barely compress; reading them raw is
-    # several times cheaper than zstd for probes that stream the store every epoch).
+    # cname "none": no compressor (activations barely compress; reading them raw is several
+    # times cheaper than zstd for probes that stream the store every epoch).
     compressors = [] if comp.cname == "none" else [BloscCodec(cname=comp.cname, clevel=comp.clevel,
                                                               shuffle=comp.shuffle)]
     if comp.checksum:
@@ -295,7 +318,13 @@ def new_group(path: str | Path):
     """
     import zarr
 
-    path = Path(path)
+    path = location.as_location(path)
+    if location.is_remote(path):  # no rename on object storage: see location.py's protocol
+        memory = zarr.storage.MemoryStore()
+        with quiet_zarr():
+            yield zarr.open_group(memory, mode="w", zarr_format=3)
+        location.commit_remote_group(path, memory)
+        return
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -327,7 +356,7 @@ def jsonable(obj):
 
 def read_attrs(path: str | Path) -> dict | None:
     """The diffprobe attrs of a store or results folder, or None when it is not ours."""
-    meta = Path(path) / "zarr.json"
+    meta = location.as_location(path) / "zarr.json"
     if not meta.exists():
         return None
     try:
@@ -343,7 +372,7 @@ def open_root(path: str | Path, mode: str = "r"):
     if read_attrs(path) is None:
         raise StoreError(f"{str(path)!r} is not a diffprobe store (no zarr.json with diffprobe attrs)")
     with quiet_zarr():
-        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+        return zarr.open_group(location.zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
 def load_layout(path: str | Path) -> Layout:
@@ -416,14 +445,21 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
 
     Returns True if this call (or an earlier one) completed the store.
     """
-    import zarr
-
-    path = Path(path)
+    path = location.as_location(path)
     attrs = read_attrs(path) or {}
     if attrs.get("complete"):
         return True
     if not unit_status(path).all():
         return False
+    if location.is_remote(path):
+        claim = location.claim_finalize(path)
+        if claim is None:
+            return True  # another process is finalizing
+        try:
+            _stamp_complete(path, extra_attrs)
+        finally:
+            location.remove(claim)
+        return True
     lock = path.parent / f".{path.name}.finalize.lock"  # outside the hierarchy
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -431,23 +467,29 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
         return True  # another process is finalizing
     try:
         os.close(fd)
-        root = open_root(path, mode="r+")
-        meta = dict(root.attrs[ATTR_KEY])
-        failure = root["failure"][:]
-        failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
-        meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
-        meta.update(extra_attrs or {})
-        meta["complete"] = True
-        root.attrs[ATTR_KEY] = jsonable(meta)
-        with quiet_zarr():
-            zarr.consolidate_metadata(str(path))
+        _stamp_complete(path, extra_attrs)
     finally:
         lock.unlink(missing_ok=True)
     return True
 
 
+def _stamp_complete(path, extra_attrs: dict | None) -> None:
+    import zarr
+
+    root = open_root(path, mode="r+")
+    meta = dict(root.attrs[ATTR_KEY])
+    failure = root["failure"][:]
+    failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
+    meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
+    meta.update(extra_attrs or {})
+    meta["complete"] = True
+    root.attrs[ATTR_KEY] = jsonable(meta)
+    with quiet_zarr():
+        zarr.consolidate_metadata(location.zarr_store(path))
+
+
 def stored_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return location.stored_bytes(location.as_location(path))
 
 
 def estimate_compressed_bytes(layout: Layout, sample: np.ndarray | None = None,
@@ -459,6 +501,8 @@ def estimate_compressed_bytes(layout: Layout, sample: np.ndarray | None = None,
         return raw
     import numcodecs
 
+    if compression.cname == "none":
+        return raw
     buf = np.ascontiguousarray(sample.astype(STORAGE_DTYPES[layout.dtype]))
     codec = numcodecs.Blosc(cname=compression.cname, clevel=compression.clevel,
                             shuffle=numcodecs.Blosc.BITSHUFFLE if compression.shuffle == "bitshuffle"
@@ -516,12 +560,13 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
     """
     import zarr
 
+    zarr_store = location.zarr_store
     meta = dict(ds.attrs.get(ATTR_KEY, {}))
     ds = ds.copy()
     ds.attrs[ATTR_KEY] = meta | {"complete": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr notes the plain files while listing the folder
-        ds.to_zarr(output, mode="a", consolidated=False)
-        group = zarr.open_group(str(output), mode="r+", zarr_format=3)
+        ds.to_zarr(zarr_store(output), mode="a", consolidated=False)
+        group = zarr.open_group(zarr_store(output), mode="r+", zarr_format=3)
         group.attrs[ATTR_KEY] = jsonable(meta | {"complete": complete})
-        zarr.consolidate_metadata(str(output))
+        zarr.consolidate_metadata(zarr_store(output))

@@ -38,6 +38,7 @@ from pipeline.store.prefetch import BlockPlan, ProcessBuilder, ThreadBuilder, in
 from pipeline.errors import StoreError
 from pipeline.store.slices import timestep_key
 from pipeline.store.layout import WRITTEN, open_root
+from pipeline.store.location import is_remote
 
 #: Default shuffle buffer / slab cache of a :class:`ZarrSource`.
 DEFAULT_BUFFER_BYTES = 64 << 20
@@ -251,7 +252,9 @@ class ZarrSource:
         """The block builder of streamed passes: a helper process where allowed, else a thread."""
         if self._block_builder is None:
             dtype = self.parts[0].array.dtype
-            if process_allowed():
+            # A forked child would inherit the remote stores' async HTTP clients, bound to the
+            # parent's event loop thread; object-store reads wait on the network anyway.
+            if process_allowed() and not any(is_remote(p.path) for p in self.parts):
                 # A block holds block_rows(k) rows of k keys, or one slab's rows if more.
                 slab = max(p.chunk for p in self.parts) * self.item_bytes * len(self.shapes)
                 self._block_builder = ProcessBuilder(self._read_slabs, self.map_shape, dtype,

@@ -35,6 +35,8 @@ import yaml
 
 import pipeline
 from pipeline.errors import ConfigError, did_you_mean
+from pipeline.store import location
+from pipeline.store.location import is_url
 
 # ---------------------------------------------------------------- YAML with line numbers
 
@@ -166,6 +168,9 @@ def coerce(value: Any, tp: Any, where: Where, base_dir: Path | None = None, path
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
+        if path_kind and is_url(value):
+            raise ConfigError(f"{where}: {value!r}: models and datasets are read from local paths only; "
+                              "copy them to a local disk (stores may be URLs: output_dir, output)")
         return resolve_path(value, base_dir, path_kind) if path_kind else value
     raise TypeError(f"unsupported config type {tp!r} at {where}")  # a diffprobe bug, not user input
 
@@ -263,6 +268,8 @@ class Workflow:
     output_dir: Path
     cluster: ClusterConfig
     stages: tuple[StageEntry, ...]
+    #: fsspec options for every URL of the workflow (never hashed, stored or logged).
+    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def stage(self, name: str) -> StageEntry:
         for entry in self.stages:
@@ -287,12 +294,17 @@ def load_workflow(path: str | Path, registry: Mapping[str, type]) -> Workflow:
     top = Where(path, 1, "")
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a workflow is a mapping with 'name', 'output_dir' and 'stages'")
-    allowed = ("name", "output_dir", "cluster", "stages")
+    allowed = ("name", "output_dir", "storage_options", "cluster", "stages")
     for key in doc:
         if key not in allowed:
             raise ConfigError(f"{top.child(key, doc)}: unknown key{did_you_mean(key, allowed)}; valid keys: {', '.join(allowed)}")
     name = coerce(doc.get("name", path.stem), str, top.child("name", doc))
-    output_dir = Path(resolve_path(coerce(doc.get("output_dir", f"runs/{name}"), str, top.child("output_dir", doc)), base, "path"))
+    storage_options = _plain(doc.get("storage_options") or {})
+    if not isinstance(storage_options, dict):
+        raise ConfigError(f"{top.child('storage_options', doc)}: must be a mapping of fsspec options, "
+                          f"e.g. {{endpoint_url: https://...}}")
+    output_dir = location.parse(coerce(doc.get("output_dir", f"runs/{name}"), str, top.child("output_dir", doc)),
+                                base, storage_options)
     cluster = build_dataclass(ClusterConfig, doc.get("cluster"), top.child("cluster", doc), base)
     raw_stages = doc.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
@@ -333,9 +345,9 @@ def load_workflow(path: str | Path, registry: Mapping[str, type]) -> Workflow:
                             f"earlier stages: {', '.join(earlier) or 'none'}"
                         )
                 inputs[f.name] = refs
-        out = Path(resolve_path(output, base, "path")) if output else output_dir / f"{sname}{stage_cls.output_suffix}"
+        out = location.parse(coerce(output, str, where.child("output", raw)), base, storage_options) if output else output_dir / f"{sname}{stage_cls.output_suffix}"
         entries.append(StageEntry(sname, kind, cfg, inputs, out, raw.line, stage_cls))
-    return Workflow(name, path, base, output_dir, cluster, tuple(entries))
+    return Workflow(name, path, base, output_dir, cluster, tuple(entries), storage_options)
 
 
 # ---------------------------------------------------------------- hashing

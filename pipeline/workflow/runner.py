@@ -9,7 +9,6 @@ incomplete), refuses (different hash, unless ``--force``) or runs.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pipeline.workflow.config import StageEntry, Workflow, stage_hash
 from pipeline.errors import ConfigError, StoreError
 from pipeline.workflow.stage import RunContext
 from pipeline.store.layout import read_attrs
+from pipeline.store.location import is_remote, remove
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,10 @@ class OutputState:
 
 
 def output_state(path: Path, expected_hash: str) -> OutputState:
-    if not path.exists():
-        return OutputState("missing")
     attrs = read_attrs(path)
+    # On object storage a prefix without a root zarr.json holds at most an uncommitted schema.
+    if attrs is None and (not path.exists() or (is_remote(path) and not (path / "zarr.json").exists())):
+        return OutputState("missing")
     if attrs is None:
         return OutputState("foreign", f"{path} exists and is not a diffprobe output")
     if attrs.get("stage_hash") != expected_hash:
@@ -148,7 +149,7 @@ class Runner:
                 continue
             self.check_inputs(entry)
             if action.startswith("replace"):
-                shutil.rmtree(entry.output) if entry.output.is_dir() else entry.output.unlink()
+                remove(entry.output)
             self.echo(f"[{entry.name}] {action}: {entry.kind} -> {entry.output}")
             start = time.perf_counter()
             self.stages[entry.name].run(entry.config, self.context(entry))

@@ -64,8 +64,10 @@ class RunContext:
 
         from pipeline.store import layout as store
 
-        if not self.output.exists():
-            group = zarr.open_group(str(self.output), mode="w-", zarr_format=3)
+        from pipeline.store.location import zarr_store
+
+        if store.read_attrs(self.output) is None:
+            group = zarr.open_group(zarr_store(self.output), mode="w-", zarr_format=3)
             group.attrs[store.ATTR_KEY] = self.base_attrs() | {"complete": False}
         self.check_same_config()
         return TaskResults(self.output / "tasks")
@@ -104,7 +106,9 @@ class TaskResults:
     """
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
+        from pipeline.store.location import as_location
+
+        self.folder = as_location(folder)
 
     def path(self, name: str) -> Path:
         return self.folder / (name.replace("/", "__") + ".json")
@@ -115,7 +119,12 @@ class TaskResults:
         return json.loads(path.read_text()) if path.exists() else None
 
     def save(self, name: str, result: Any) -> None:
+        from pipeline.store.location import is_remote
+
         path = self.path(name)
+        if is_remote(path):  # an object PUT is atomic already
+            path.write_text(json.dumps(result, default=float))
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, default=float))

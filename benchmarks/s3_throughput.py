@@ -1,0 +1,189 @@
+"""Stores on object storage vs local disk: extraction efficiency and probe streaming throughput.
+
+Starts moto's S3 server on 127.0.0.1 (as the tests do; ``pip install -e ".[test]"``) and
+measures, in one run, alternating local and S3 so both see the same machine load:
+
+- *extract*: the extract stage's pipeline (``Extractor`` + ``extract_units``: decode,
+  noise, hooked forward, float16 check, background writer) on the digits UNet
+  config, writing to a local store and to ``s3://``; sample-timesteps per second and
+  their ratio S3 / local. The writer thread overlaps the PUTs with the next unit's
+  forward, so the target is a ratio near 1.
+- *probe stream*: ``train_heads`` (linear head) over a ``ZarrSource`` streamed from a
+  synthetic pooled store (slice 4x the read buffer, so every epoch re-reads and decodes
+  it), the same bytes locally and on S3; training samples per second and the ratio.
+  Also the bytes one (block, timestep) slice read fetched from S3 against that
+  slice's stored size (range reads of its inner chunks, not whole shards).
+
+A local S3 server measures the protocol's overhead (request count, no rename, HTTP and
+the s3fs/zarr async path), not a network: real S3 adds latency and bandwidth limits.
+
+    .venv/bin/python benchmarks/s3_throughput.py                # ~3-6 min on 2 shared cores
+    .venv/bin/python benchmarks/s3_throughput.py --samples 128 --n 4096   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from pipeline import store
+from pipeline.store import location
+
+#: The digits UNet's shape (1.1 M parameters, 16x16), random weights.
+UNET = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [64, 128, 128],
+        "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8,
+        "num_class_embeds": 11}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def extract_rate(work: Path, output, samples: int, unit: int) -> float:
+    """Sample-timesteps per second of the extract pipeline writing ``output``."""
+    from pipeline.datasets import DatasetConfig
+    from pipeline.models import ModelConfig
+    from stages.extract import ExtractConfig, Extractor, extract_units
+
+    cfg = ExtractConfig(model=ModelConfig(config=str(work / "unet.json"), null_class=10),
+                        dataset=DatasetConfig(reader="digits", split="all", limit=samples),
+                        blocks=("down_blocks.1", "mid_block", "up_blocks.1"), timesteps=(10, 100, 400),
+                        conditioning="class", batch_size=64, unit_samples=unit)
+    ex = Extractor(cfg)
+    location.remove(location.as_location(output))
+    store.create_store(output, ex.layout, ex.samples, ex.reader.class_names, {"stage": "extract",
+                                                                              "stage_hash": "bench"})
+    start = time.perf_counter()
+    extract_units(ex, output, list(range(ex.layout.n_units)), progress=False)
+    assert store.unit_status(output).all()
+    return ex.layout.n_samples * len(cfg.timesteps) / (time.perf_counter() - start)
+
+
+def write_pooled(path, n: int, channels: int, p: int) -> None:
+    from probe_throughput import write_store
+
+    write_store(path, n, channels, p, store.Compression())
+
+
+def probe_rate(path, n: int, epochs: int, buffer_mib: int) -> tuple[float, int]:
+    """Training samples per second of a linear head streamed from ``path``; and bytes read."""
+    import torch
+
+    from pipeline.probing.heads import HeadSpec
+    from pipeline.probing.training import HeadJob, TrainSpec, train_heads
+    from pipeline.store.source import ZarrSource
+
+    torch.set_num_threads(1)
+    labels = store.open_root(path)["label"][:]
+    perm = np.random.default_rng(1).permutation(len(labels))
+    train_idx, test_idx = np.sort(perm[n // 5:]), np.sort(perm[:n // 5])
+    jobs = [HeadJob(HeadSpec("linear"), TrainSpec("adamw", lr=1e-3, epochs=epochs), key="t100")]
+    with ZarrSource([(path, "blocks/b/p/activations")], [100], buffer_bytes=buffer_mib << 20) as source:
+        start = time.perf_counter()
+        result = train_heads(source, train_idx, test_idx, jobs, batch_size=256, val_fraction=0.1, seed=0,
+                             num_classes=10)
+        seconds = time.perf_counter() - start
+        read = source.bytes_read
+    return result[0]["n_train"] * epochs / seconds, read
+
+
+def slice_fetch_bytes(server, url: str) -> tuple[int, int]:
+    """(bytes fetched over HTTP to read one timestep of a 2-timestep block, bytes stored for the block)."""
+    import zarr
+    from zarr.storage import FsspecStore
+
+    zstore = FsspecStore.from_url(url, storage_options=dict(server.storage_options, skip_instance_cache=True),
+                                  read_only=True)
+    fs = zstore.fs
+    fetched = {"n": 0}
+    original = fs._cat_file
+
+    async def counting(path, start=None, end=None, **kw):
+        data = await original(path, start=start, end=end, **kw)
+        fetched["n"] += len(data)
+        return data
+
+    fs._cat_file = counting
+    array = zarr.open_group(zstore, mode="r")["blocks/b/activations"]
+    before = fetched["n"]
+    array[:, 0]
+    stored = server.filesystem().du(f"{url.removeprefix('s3://')}/blocks/b/activations", total=True)
+    return fetched["n"] - before, int(stored)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=256, help="digits extracted per run")
+    parser.add_argument("--n", type=int, default=8192, help="samples of the synthetic pooled store")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; best kept")
+    parser.add_argument("--parts", default="extract,probe,slice", help="comma-separated subset to run")
+    args = parser.parse_args()
+    from servers.s3 import start_s3_server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "unet.json").write_text(json.dumps(UNET))
+        server = start_s3_server(work / "moto.log")
+        try:
+            bucket = server.new_bucket("bench")
+            remote = location.parse(f"s3://{bucket}", storage_options=server.storage_options)
+            print(f"load average at start: {load_average()} ({os.cpu_count()} cores)")
+            parts = args.parts.split(",")
+            rates = {"local": [], "s3": []}
+            for _ in range(args.repeats if "extract" in parts else 0):
+                rates["local"].append(extract_rate(work, work / "ex.zarr", args.samples, 64))
+                rates["s3"].append(extract_rate(work, remote / "ex.zarr", args.samples, 64))
+            ext = {k: max(v, default=float("nan")) for k, v in rates.items()}
+            print(f"extract: local {ext['local']:.0f}, s3 {ext['s3']:.0f} sample-timesteps/s; "
+                  f"ratio s3/local **{ext['s3'] / ext['local']:.2f}** (runs: {rates})")
+
+            if "probe" in parts:
+                write_pooled(work / "pooled.zarr", args.n, 512, 4)
+                write_pooled(remote / "pooled.zarr", args.n, 512, 4)
+            slice_mib = args.n * 512 * 16 * 2 / 2**20
+            buffer_mib = max(1, int(slice_mib / 4))
+            probe = {"local": [], "s3": []}
+            read = {}
+            for _ in range(args.repeats if "probe" in parts else 0):
+                for side, path in (("local", work / "pooled.zarr"), ("s3", remote / "pooled.zarr")):
+                    rate, read[side] = probe_rate(path, args.n, args.epochs, buffer_mib)
+                    probe[side].append(rate)
+            best = {k: max(v, default=float("nan")) for k, v in probe.items()}
+            print(f"probe stream (linear, slice {slice_mib:.0f} MiB, buffer {buffer_mib} MiB): local "
+                  f"{best['local']:.0f}, s3 {best['s3']:.0f} train samples/s; ratio s3/local "
+                  f"**{best['s3'] / best['local']:.2f}**; read {read.get('s3', 0) / 2**20:.0f} MiB from S3 "
+                  f"(runs: {probe})")
+
+            slice_url = f"s3://{bucket}/slice.zarr"
+            layout = store.plan_layout(1024, {"b": (64, 8, 8)}, [10, 400], unit_samples=512)
+            samples = store.SampleTable([f"im{i}" for i in range(1024)], [0] * 1024, [False] * 1024,
+                                        [0] * 1024)
+            path = location.parse(slice_url, storage_options=server.storage_options)
+            store.create_store(path, layout, samples, ["a"], {"stage": "extract", "stage_hash": "bench"})
+            root = store.open_root(path, mode="r+")
+            rng = np.random.default_rng(0)
+            for u in range(layout.n_units):
+                store.write_unit(root, layout, u, {"b": rng.standard_normal((512, 2, 64, 8, 8)).astype(np.float16)})
+            got, stored = slice_fetch_bytes(server, slice_url)
+            print(f"one (block, timestep) slice of a 2-timestep block: fetched {got / 2**20:.2f} MiB of "
+                  f"{stored / 2**20:.2f} MiB stored ({got / stored:.2f}; 0.5 + index = range reads)")
+            print(f"load average at end: {load_average()}")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Where a store lives: a local path or an fsspec URL (``s3://``, ``gs://``, ``az://``, ``memory://``).
+
+A *location* is a :class:`pathlib.Path` for local paths and a ``upath.UPath``
+(universal-pathlib: the pathlib API over fsspec) for URLs, so code that joins,
+tests and reads paths (``/``, ``.exists()``, ``.read_text()``, ``.mkdir()``) works
+on both. universal-pathlib rather than bare fsspec because most of diffprobe's path
+code then stays as it is; zarr opens the same locations through
+``zarr.storage.FsspecStore`` (:func:`zarr_store`), whose reads are byte-range GETs,
+so a (block, timestep) slice still reads only its inner chunks (the shard index
+gives their ranges).
+
+Credentials come from the backend's usual places (``AWS_*`` variables,
+``~/.aws/credentials``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...) and from the
+workflow's top-level ``storage_options:`` mapping (e.g. ``endpoint_url``). A
+location's ``str()`` is its bare URL: storage options travel inside the UPath (it
+pickles with them, so a dask worker opens the store itself) and are never written
+into attrs, logs or reports, which only ever see ``str(location)``.
+
+The write protocol on object storage, where there is no rename and no lock file
+(the local protocol is described in ``pipeline/store/layout.py``):
+
+1. **Atomic schema creation.** The schema is built in memory, then every object but
+   the root ``zarr.json`` is uploaded, then the root ``zarr.json`` is put *if absent*
+   (``If-None-Match: *``). That conditional put is the commit point: without the
+   root ``zarr.json`` there is no group for zarr, xarray or diffprobe, and a racer
+   whose put loses opens the winner's store. The objects a loser uploaded are the
+   schema's metadata and coordinates, the same bytes as the winner's (a stage hash
+   fixes them), never data. A build killed before its commit leaves only such
+   objects, which the next build overwrites.
+2. **One writer per shard**: unchanged, units are split by ``--shard i/N``; each unit's
+   shards are written whole by one PUT each (no read-modify-write).
+3. **``done`` after data**: ``done`` is chunked per unit (one object per unit), put
+   after the unit's data PUTs have returned (S3 PUTs are durable and
+   read-after-write consistent when they return).
+4. **A single finalizer**: the process that finds every unit done puts a claim
+   object beside the store if absent (``.<name>.finalize-claim``: owner + time);
+   the winner stamps ``complete`` and writes consolidated metadata once, then
+   deletes the claim. A claim older than :data:`STALE_CLAIM_S` (its owner died) is
+   taken over by the next finalizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Union
+
+from pipeline.errors import ConfigError, StoreError
+
+#: A finalize claim older than this (seconds) belongs to a dead finalizer.
+STALE_CLAIM_S = 600
+CLOUD_HINT = "pip install 'diffprobe[cloud]'"
+
+Location = Union[Path, "UPath"]  # noqa: F821 -- upath is imported lazily
+
+
+def is_url(text: str) -> bool:
+    """True for ``scheme://...`` (not ``file://``, and not a Windows drive letter)."""
+    scheme, sep, _ = str(text).partition("://")
+    return bool(sep) and len(scheme) > 1 and scheme != "file"
+
+
+def is_remote(path: Any) -> bool:
+    """True when ``path`` is a URL location (a UPath, or a URL string)."""
+    return not isinstance(path, Path) and (is_url(str(path)) or hasattr(path, "storage_options"))
+
+
+def parse(text: str | os.PathLike, base_dir: Path | None = None,
+          storage_options: Mapping[str, Any] | None = None) -> Location:
+    """A config string -> a location: a UPath for URLs, else a Path relative to ``base_dir``.
+
+    Raises ConfigError naming the extra to install when the URL's fsspec backend is
+    missing (e.g. gcsfs for ``gs://``), or when the scheme is unknown.
+    """
+    if hasattr(text, "storage_options"):
+        return text
+    text = os.fspath(text) if not isinstance(text, str) else text
+    text = text.removeprefix("file://")
+    if not is_url(text):
+        p = Path(text).expanduser()
+        return p if p.is_absolute() or base_dir is None else (base_dir / p).resolve()
+    import fsspec
+    from upath import UPath
+
+    protocol = text.partition("://")[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        raise ConfigError(f"{text}: the fsspec backend for {protocol}:// is not installed "
+                          f"({str(exc).splitlines()[0]}); {CLOUD_HINT}") from None
+    except ValueError:
+        raise ConfigError(f"{text}: unknown URL scheme {protocol}://; use a local path or "
+                          f"s3://, gs://, az://, memory://") from None
+    return UPath(text, **dict(storage_options or {}))
+
+
+def as_location(path: str | os.PathLike | Location) -> Location:
+    """``parse`` for values already resolved (a Path, UPath or absolute string); idempotent."""
+    if isinstance(path, Path) or hasattr(path, "storage_options"):
+        return path
+    return parse(path)
+
+
+def zarr_store(path: Location | str, read_only: bool = False):
+    """What ``zarr.open_group`` / ``xr.open_zarr`` take for ``path``: a str locally, an FsspecStore remotely."""
+    path = as_location(path)
+    if not is_remote(path):
+        return str(path)
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(str(path), storage_options=dict(path.storage_options), read_only=read_only)
+
+
+def put_if_absent(path: Location, data: bytes) -> bool:
+    """Write ``data`` at ``path`` only if nothing is there; True if this call wrote it.
+
+    Atomic on S3 (``If-None-Match: *``), GCS and Azure, and with ``O_EXCL`` locally.
+    """
+    if not is_remote(path):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    try:
+        path.fs.pipe_file(path.path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        # Some servers answer a lost conditional put with 412 rather than the mapped error.
+        if "PreconditionFailed" in str(exc) or "412" in str(exc):
+            return False
+        raise
+    return True
+
+
+def remove(path: Location) -> None:
+    """Delete a store (folder or prefix) or a file."""
+    import shutil
+
+    if is_remote(path):
+        if path.fs.exists(path.path):
+            path.fs.rm(path.path, recursive=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def stored_bytes(path: Location) -> int:
+    """Bytes of every file (object) under ``path``."""
+    if is_remote(path):
+        return int(path.fs.du(path.path, total=True))
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def free_bytes(path: Location) -> int | None:
+    """Free space where ``path`` would be written; None on object storage (unknown there)."""
+    import shutil
+
+    if is_remote(path):
+        return None
+    parent = Path(path)
+    while not parent.exists():
+        parent = parent.parent
+    return shutil.disk_usage(parent).free
+
+
+def commit_remote_group(path: Location, memory) -> None:
+    """Step 1 of the object-storage protocol: upload the schema built in the zarr
+    ``MemoryStore`` ``memory``, the root ``zarr.json`` last and only if absent (the commit point)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    if (path / "zarr.json").exists():
+        return  # committed by another process already
+    proto = default_buffer_prototype()
+
+    async def items():
+        return {k: (await memory.get(k, prototype=proto)).to_bytes() async for k in memory.list()}
+
+    objects = sync(items())
+    root = objects.pop("zarr.json")
+    fs, base = path.fs, path.path.rstrip("/")
+    if objects:
+        fs.pipe({f"{base}/{key}": value for key, value in objects.items()})
+    if not put_if_absent(path / "zarr.json", root) and not (path / "zarr.json").exists():
+        raise StoreError(f"{path}: lost the schema commit but no root zarr.json is there")
+
+
+def claim_finalize(store_path: Location) -> Location | None:
+    """Step 4: the claim object for finalizing ``store_path``, or None if another live process holds it."""
+    claim = store_path.parent / f".{store_path.name}.finalize-claim"
+    body = json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}", "time": time.time()}).encode()
+    if put_if_absent(claim, body):
+        return claim
+    try:
+        held = json.loads(claim.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if time.time() - float(held.get("time", 0)) < STALE_CLAIM_S:
+        return None
+    remove(claim)  # its owner died mid-finalize; finalizing is idempotent, so take over
+    return claim if put_if_absent(claim, body) else None
+
+
+def save_figure(fig, path: Location | str, dpi: int) -> Location:
+    """``fig.savefig`` as PNG at a local path or URL (matplotlib writes only to local files)."""
+    import io
+
+    path = as_location(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def write_csv(frame, path: Location | str) -> None:
+    """``frame.to_csv(path, index=False)`` at a local path or URL (pandas would drop the storage options)."""
+    as_location(path).write_text(frame.to_csv(index=False))
