@@ -222,6 +222,24 @@ def _completed(queue, client: Client):
         yield from batch
 
 
+def _result(future, client: Client):
+    """``future.result()``, polling the SLURM watch while it waits.
+
+    A finished future whose data lived on a worker that is gone is recomputed by
+    ``result()``; without workers that would wait for ever.
+    """
+    watch = _WATCHES.get(id(client))
+    if watch is None:
+        return future.result()
+    while True:
+        try:
+            return future.result(timeout=2)
+        except TimeoutError:
+            if future.status == "error":
+                raise  # the task's own TimeoutError
+            watch.check(client)
+
+
 # ----------------------------------------------------------------- tasks
 
 
@@ -289,7 +307,7 @@ def run_tasks(
         outcome = outcomes[payload.name]
         outcome.attempts = attempt
         try:
-            result = future.result()
+            result = _result(future, client)
         except Exception as exc:  # noqa: BLE001 -- any task error is reported, then retried once
             message = f"{type(exc).__name__}: {exc}"
             if attempt < MAX_ATTEMPTS:
