@@ -1,6 +1,6 @@
 """diffprobe's library: everything the stages compose, one subpackage per concern.
 
-Small shared basics at the top (``errors``, ``noise``, ``hooks``, ``faults``); then
+Small shared basics at the top (``errors``, ``noise``, ``hooks``, ``faults``, ``interrupts``); then
 ``workflow`` (YAML, hashing, the Stage contract, the runner), ``store`` (the Zarr
 format, its one write protocol and readers), ``models`` (adapters and their registry),
 ``datasets`` (readers in native layouts, preprocessing recipes), ``probing`` (heads,

@@ -1,12 +1,18 @@
 """Fault injection for tests, in one place: production code only passes through here.
 
-Two hooks, both off unless their environment variable is set:
+Hooks, each off unless its environment variable is set:
 
 - ``DIFFPROBE_FAULT_FAIL_TASKS="name[:n],..."``: task ``name`` of :func:`run_tasks`
   fails its first ``n`` attempts (default 1). :func:`run_attempt` wraps every task a
   stage submits, so payloads carry only their work.
 - ``DIFFPROBE_FAULT_KILL_AFTER_UNITS=N``: the process SIGKILLs itself after its unit
   writer has written N units (how the tests kill a run mid-way, at a known point).
+- ``DIFFPROBE_FAULT_UNIT_DELAY=S``: extract and classify sleep S seconds before computing
+  each unit (so tests can run two processes on one output at the same time).
+- ``DIFFPROBE_FAULT_KILL_AT=point``: the process SIGKILLs itself when it reaches the
+  named point (:func:`kill_point`), e.g. ``finalize:consolidate`` (between a store's
+  attrs and its consolidated metadata) or ``schema:build`` (inside the temp folder of
+  a schema being built).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any
 
 FAIL_TASKS_ENV = "DIFFPROBE_FAULT_FAIL_TASKS"
 KILL_AFTER_UNITS_ENV = "DIFFPROBE_FAULT_KILL_AFTER_UNITS"
+UNIT_DELAY_ENV = "DIFFPROBE_FAULT_UNIT_DELAY"
+KILL_AT_ENV = "DIFFPROBE_FAULT_KILL_AT"
 
 
 def injected_failures(name: str) -> int:
@@ -53,3 +61,18 @@ def with_kill_after_units(write: Callable[..., None]) -> Callable[..., None]:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return write_then_maybe_die
+
+
+def unit_delay() -> None:
+    """Sleep :data:`UNIT_DELAY_ENV` seconds (if set) before a unit is computed."""
+    delay = os.environ.get(UNIT_DELAY_ENV)
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
+def kill_point(point: str) -> None:
+    """SIGKILL this process if :data:`KILL_AT_ENV` names ``point`` (a no-op otherwise)."""
+    if os.environ.get(KILL_AT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -65,6 +65,7 @@ from pipeline.store.location import as_location, remove
 from pipeline.cka.results import cka_dataset, write_cka_output
 from pipeline.cka.select import Alignment, Representation, align_samples, expand_selections, save_alignment
 from pipeline.errors import ConfigError, DiffprobeError
+from pipeline.workflow.config import not_hashed
 from pipeline.workflow.stage import RunContext, Stage, input_field
 
 #: Share of a task's memory for reading (column groups, row blocks, batch groups).
@@ -104,7 +105,7 @@ class CKAConfig:
     cols: tuple[Selection, ...] = ()
     estimator: Literal["linear", "minibatch", "rbf"] = "linear"
     route: Literal["auto", "gram", "stream"] = "auto"
-    memory_limit: str = "auto"
+    memory_limit: str = not_hashed("auto")
     batch_size: int = 256
     seed: int = 0
     epochs: int = 1

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline import store
+from pipeline import faults, store
 
 from pipeline.store import error_tensor as errorstore
 from pipeline.datasets import DatasetConfig, open_dataset
@@ -43,6 +43,7 @@ from pipeline.errors import ConfigError, DatasetError, ModelError, did_you_mean
 from pipeline.models.fingerprint import model_fingerprint
 from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import q_sample
+from pipeline.workflow.config import device_field, not_hashed
 from pipeline.workflow.stage import RunContext, Stage
 
 
@@ -126,14 +127,14 @@ class ClassifyConfig:
     seed: int = 0
     schedule: ScheduleConfig = ScheduleConfig()
     loss: Literal["l2", "l1", "huber"] = "l2"
-    batch_size: int = 64
-    device: str = "cpu"
+    batch_size: int = not_hashed(64)
+    device: str = device_field("cpu")
     compute_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     prompt: str | None = None
     prompt_file: str | None = field(default=None, metadata={"path": "path"})
     class_labels: tuple[int, ...] | None = None
     unit_samples: int | None = None
-    num_workers: int = 0
+    num_workers: int = not_hashed(0)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -255,7 +256,7 @@ class Classifier:
         out = []
         for start in range(0, len(arrays), self.cfg.batch_size):
             pixels = torch.from_numpy(np.stack(arrays[start:start + self.cfg.batch_size])).to(self.device)
-            out.append(self.adapter.encode(pixels.to(self.dtype)).float())
+            out.append(self.adapter.encode(pixels.to(self.adapter.precision.input_dtype)).float())
         return torch.cat(out)
 
     def compute_unit(self, unit: int, strict: bool = False) -> errorstore.UnitResult:
@@ -324,7 +325,7 @@ class Classifier:
             item_ids, t_pairs, local, candidates = ints.split([len(items), len(ts), len(rows), len(rows)])
             eps = eps.to(self.device, non_blocking=pin)
             x_t = q_sample(x0[item_ids], eps, self.alphas, t_pairs)
-            pred = self.adapter.forward(x_t[local].to(self.dtype), t_pairs[local], self.condition(candidates))
+            pred = self.adapter.run(x_t[local], t_pairs[local], self.condition(candidates))
             for loss, values in denoising_losses(eps[local], pred).items():
                 losses[loss].append(values)
         self.forward_passes += len(pair_of)
@@ -365,20 +366,36 @@ class Classifier:
 
 
 def classify_units(clf: Classifier, output: Path, units: list[int], desc: str = "classify",
-                   progress: bool = True, strict: bool = False) -> None:
-    """Compute ``units`` while a background thread writes the previous one (the write protocol)."""
+                   progress: bool = True, strict: bool = False, claims=None) -> int:
+    """Compute ``units`` while a background thread writes the previous one (the write protocol).
+
+    With ``claims`` (a ``UnitClaims``) each unit is taken under a lease first and skipped
+    if another process holds it; returns the number of units computed.
+    """
     from tqdm.auto import tqdm
 
     root = store.open_root(output, mode="r+")
-    writer = store.UnitWriter(lambda unit, result: errorstore.write_error_unit(root, clf.layout, unit, result),
-                              name="diffprobe-classify-writer")
+
+    def write(unit, result):
+        if claims is not None:
+            claims.confirm(unit)
+        errorstore.write_error_unit(root, clf.layout, unit, result)
+        if claims is not None:
+            claims.finish(unit)
+
+    writer = store.UnitWriter(write, name="diffprobe-classify-writer")
+    taken = units if claims is None else claims.take(units, lambda u: store.unit_status(output)[u])
+    computed = 0
     try:
         with tqdm(total=len(units), unit="unit", desc=desc, disable=not progress) as bar:
-            for unit in units:
+            for unit in taken:
+                faults.unit_delay()
                 writer.put(unit, clf.compute_unit(unit, strict))
+                computed += 1
                 bar.update(1)
     finally:
         writer.close()
+    return computed
 
 
 # ----------------------------------------------------------------- stage
@@ -397,6 +414,9 @@ class ClassifyStage(Stage):
             out = out | {"prompts_sha256": digest}  # an edited prompt file is a new configuration
         return out
 
+    def dataset_records(self, cfg: ClassifyConfig) -> list:
+        return open_dataset(cfg.dataset).records
+
     def run(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
         clf = Classifier(cfg)
         lay = clf.layout
@@ -411,6 +431,7 @@ class ClassifyStage(Stage):
                                           [r.label for r in records], clf.class_names, clf.candidate_class,
                                           clf.candidate_prompt, clf.plan.trial_timesteps,
                                           clf.plan.trial_draws, attrs)
+        ctx.check_same_samples([r.image_id for r in clf.reader.records])
         todo = ctx.pending_units(lay.n_units)
         sched = clf.schedule_attrs()
         ctx.log(f"{lay.n_samples} samples x {clf.n_candidates} candidates x {clf.plan.n_trials} trials "
@@ -419,8 +440,11 @@ class ClassifyStage(Stage):
                 f"{lay.n_units} units of {lay.unit_samples}; {len(todo)} to do"
                 + ctx.shard_note())
         start = time.perf_counter()
-        classify_units(clf, ctx.output, todo, desc=ctx.entry.name, progress=ctx.progress, strict=ctx.strict)
-        if todo:
+        units = ctx.unit_claims()
+        computed = classify_units(clf, ctx.output, todo, desc=ctx.entry.name, progress=ctx.progress,
+                                  strict=ctx.strict, claims=units)
+        ctx.report_skipped(computed, units)
+        if computed:
             elapsed = time.perf_counter() - start
             ctx.log(f"{clf.forward_passes} forward passes in {elapsed:.1f} s "
                     f"({clf.forward_passes / max(elapsed, 1e-9):.0f}/s)")

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline import store
+from pipeline import faults, store
 from pipeline.datasets import DatasetConfig, open_dataset
 from pipeline.datasets.augment import AugmentedImages, AugmentSpec, view_flipped
 from pipeline.datasets.torch_data import load_images
@@ -32,6 +32,7 @@ from pipeline.store.location import free_bytes
 from pipeline.models.fingerprint import model_fingerprint
 from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model
 from pipeline.noise import NOISE_SCHEME, batch_noise
+from pipeline.workflow.config import device_field, not_hashed
 from pipeline.workflow.stage import RunContext, Stage
 
 
@@ -60,8 +61,8 @@ class ExtractConfig:
     blocks: tuple[str | int, ...] | str = "all"
     timesteps: tuple[int, ...] = (100,)
     seed: int = 0
-    batch_size: int = 32
-    device: str = "cpu"
+    batch_size: int = not_hashed(32)
+    device: str = device_field("cpu")
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     compute_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     pool: PoolSpec | None = None
@@ -71,7 +72,7 @@ class ExtractConfig:
     flip: bool = False
     augment: AugmentSpec | None = None
     unit_samples: int | None = None
-    num_workers: int = 0
+    num_workers: int = not_hashed(0)
     compression: store.Compression = field(default_factory=store.Compression)
 
     def __post_init__(self):
@@ -130,6 +131,12 @@ class Extractor:
             raise ConfigError(
                 "the model is class-conditional: set conditioning: class (image labels) or null (null class)"
             )
+        if cfg.conditioning in ("class", "null") and not self.adapter.label_conditional:
+            raise ConfigError(f"conditioning {cfg.conditioning!r} needs a class-conditional model; "
+                              "this one takes no class labels: set conditioning: none")
+        if cfg.conditioning == "null" and self.adapter.null_class is None:
+            raise ConfigError("conditioning 'null' needs model.null_class (the null class embedding index), "
+                              "e.g. model: {..., null_class: 10}")
         self.reader = open_dataset(cfg.dataset)
         self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.samples = sample_table(self.reader, cfg.views, cfg.flip, cfg.augment, cfg.seed)
@@ -208,10 +215,9 @@ class Extractor:
                 eps = batch_noise(cfg.seed, [self.samples.image_id[s] for s, _ in batch],
                                   [self.samples.view[s] for s, _ in batch], ts, x0.shape[1:])
                 x_t = self.adapter.add_noise(x0, eps.to(self.device), t)
-            x_t = x_t.to(TORCH_DTYPES[cfg.compute_dtype])
             cond = self.condition([self.samples.label[s] for s, _ in batch])
             with capture(self.adapter.module, names, stop_after=last, transform=self._transform) as got:
-                run_truncated(lambda: self.adapter.forward(x_t, t, cond))
+                run_truncated(lambda: self.adapter.run(x_t, t, cond))  # casts x_t for the model's precision
             self._check_finite(got, batch)
             host = {name: self._to_host(got[name]) for name in names}
             if self.pinned:
@@ -285,22 +291,40 @@ def _device_name(device: torch.device) -> str:
 # ----------------------------------------------------------------- writing
 
 
-def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "extract", progress: bool = True) -> None:
-    """Compute ``units`` on the device while a background thread writes the previous one."""
+def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "extract", progress: bool = True,
+                  claims=None) -> int:
+    """Compute ``units`` on the device while a background thread writes the previous one.
+
+    With ``claims`` (a ``UnitClaims``) each unit is taken under a lease first and
+    skipped if another process holds it; returns the number of units computed.
+    """
     from tqdm.auto import tqdm
 
     lay = ex.layout
     root = store.open_root(output, mode="r+")
-    writer = store.UnitWriter(lambda unit, payload: store.write_unit(root, lay, unit, *payload))
+
+    def write(unit, payload):
+        if claims is not None:
+            claims.confirm(unit)
+        store.write_unit(root, lay, unit, *payload)
+        if claims is not None:
+            claims.finish(unit)
+
+    writer = store.UnitWriter(write)
     total = sum(lay.unit_range(u)[1] - lay.unit_range(u)[0] for u in units)
+    taken = units if claims is None else claims.take(units, lambda u: store.unit_status(output)[u])
+    computed = 0
     try:
         with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
-            for unit in units:
+            for unit in taken:
+                faults.unit_delay()
                 writer.put(unit, ex.compute_unit(unit))
+                computed += 1
                 start, stop = lay.unit_range(unit)
                 bar.update(stop - start)
     finally:
         writer.close()
+    return computed
 
 
 # ----------------------------------------------------------------- stage
@@ -315,20 +339,26 @@ class ExtractStage(Stage):
     def fingerprint(self, cfg: ExtractConfig, base_dir: Path) -> dict:
         return model_fingerprint(cfg.model)
 
+    def dataset_records(self, cfg: ExtractConfig) -> list:
+        return open_dataset(cfg.dataset).records
+
     def run(self, cfg: ExtractConfig, ctx: RunContext) -> None:
-        ex = Extractor(cfg)
+        ex = Extractor(cfg)  # every check that can fail on the config runs before the store exists
         ex.strict = ctx.strict
         lay = ex.layout
         if store.read_attrs(ctx.output) is None:
             attrs = ctx.base_attrs() | {"provenance": ex.provenance()}
             store.create_store(ctx.output, lay, ex.samples, ex.reader.class_names, attrs, cfg.compression)
+        ctx.check_same_samples(ex.samples.image_id)
         todo = ctx.pending_units(lay.n_units)
         ctx.log(
             f"{lay.n_samples} samples x {len(ex.timesteps)} timesteps x {len(ex.blocks)} blocks; "
             f"{lay.n_units} units of {lay.unit_samples}; {len(todo)} to do"
             + ctx.shard_note()
         )
-        extract_units(ex, ctx.output, todo, desc=ctx.entry.name, progress=ctx.progress)
+        units = ctx.unit_claims()
+        computed = extract_units(ex, ctx.output, todo, desc=ctx.entry.name, progress=ctx.progress, claims=units)
+        ctx.report_skipped(computed, units)
         ctx.finalize_store()
 
     def plan(self, cfg: ExtractConfig, ctx: RunContext) -> list[tuple[str, str]]:

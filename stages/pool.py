@@ -32,8 +32,9 @@ from typing import Literal
 import numpy as np
 
 from pipeline import store
+from pipeline.errors import ConfigError, DiffprobeError, StoreError, select_or_error
+from pipeline.store.checks import Integrity
 from pipeline.store.location import as_location
-from pipeline.errors import ConfigError, StoreError, select_or_error
 from pipeline.workflow.stage import RunContext, Stage, input_field
 
 
@@ -96,7 +97,8 @@ def pool_unit(task: PoolTask) -> dict:
     layout = store.load_layout(task.output)
     start, stop = layout.unit_range(task.unit)
     src_root = store.open_root(task.source)
-    done = src_root["done"][start:stop]
+    checks = Integrity(src_root, task.source)
+    done = checks.done()[start:stop]
     if (done == store.PENDING).any():
         raise StoreError(
             f"source {task.source} has unwritten samples in {start}..{stop - 1}; finish its extract stage"
@@ -108,15 +110,22 @@ def pool_unit(task: PoolTask) -> dict:
     stored_t = [int(t) for t in src_root["timestep"][:]]
     t_index = [stored_t.index(int(t)) for t in task.timesteps]
     for block in task.blocks:
+        array_path = f"blocks/{block}/activations"
+        checks.check_present([array_path], start, stop)  # a lost shard is not NaN maps
         # The unit's own chunks only: opening the whole block lazily (xr.open_zarr) built a
         # graph of every chunk and decoded every image id, once per unit: O(N) per task.
-        src = src_root[f"blocks/{block}/activations"]
+        src = checks.array(array_path)  # a damaged chunk is named, not a bare codec error
         # basic slices: zarr 3.1's orthogonal selection of a timestep list is ~40x slower here
         values = src[start:stop] if t_index == list(range(src.shape[1])) else \
             np.stack([src[start:stop, i] for i in t_index], axis=1)
         maps = da.from_array(values, chunks=(src.chunks[0], 1, *src.shape[2:]))
         bytes_read += maps.nbytes
-        pooled = dask.compute(*[pool_dask(maps, s, task.mode) for s in task.sizes], scheduler="synchronous")
+        try:
+            pooled = dask.compute(*[pool_dask(maps, s, task.mode) for s in task.sizes], scheduler="synchronous")
+        except DiffprobeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a codec failure: name the damaged chunk
+            raise checks.damage_error(src_root[array_path], (slice(start, stop),), exc) from None
         for size, values in zip(task.sizes, pooled):
             values = values.astype(storage, copy=False)
             if not np.isfinite(values[written]).all():

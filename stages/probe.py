@@ -41,7 +41,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.store.location import as_location
-from pipeline.workflow.config import Where, build_dataclass, config_dict
+from pipeline.workflow.config import Where, build_dataclass, config_dict, not_hashed
 from pipeline.errors import ConfigError, DiffprobeError, select_or_error
 from pipeline.probing.heads import HeadSpec
 from pipeline.probing.splits import split_groups
@@ -80,10 +80,10 @@ class ProbeConfig:
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     batch_size: int = 32
-    eval_batch_size: int = 512
+    eval_batch_size: int = not_hashed(512)
     seed: int = 0
-    buffer_mib: float = 64
-    torch_threads: int = 1
+    buffer_mib: float = not_hashed(64)
+    torch_threads: int = not_hashed(1)
     train_views: tuple[int, ...] | str = "all"
     test_views: tuple[int, ...] | str = "all"
 

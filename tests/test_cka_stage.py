@@ -381,6 +381,6 @@ def test_tasks_load_the_planned_alignment_instead_of_matching_ids_again(wf, tmp_
     task = plan.tasks[0]
     rx, ry = task.rows[0], task.cols[0]
     value = cka_tile(task)["values"][0][0]
-    x = stored(wf, rx.stage, rx.array_path, rx.t_index)[plan.align.positions[rx.path]]
-    y = stored(wf, ry.stage, ry.array_path, ry.t_index)[plan.align.positions[ry.path]]
+    x = stored(wf, rx.stage, rx.array_path, rx.t_index)[plan.align.positions[str(rx.path)]]
+    y = stored(wf, ry.stage, ry.array_path, ry.t_index)[plan.align.positions[str(ry.path)]]
     assert value == pytest.approx(linear_cka(x, y), abs=1e-10)

@@ -319,3 +319,41 @@ def test_blocks_command_guesses_sd_and_dit(sd_folder, dit_folder):
     dit_out = CliRunner().invoke(main, ["blocks", str(dit_folder)])
     assert dit_out.exit_code == 0, dit_out.output
     assert "transformer_blocks.1" in dit_out.output and "(16, 4, 4)" in dit_out.output
+
+
+# ----------------------------------------------------------------- precision and block discovery
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_compute_is_diffusers_whole_module_cast(sd_folder, dit_folder, kind, dtype):
+    """diffusers' own convention: the module in the dtype (its forward casts the timestep
+    embedding), x_t fed in it; the VAE and text encoder stay float32."""
+    folder = sd_folder if kind == "sd" else dit_folder
+    half = load_model(ModelConfig(kind=kind, path=str(folder)), dtype=dtype)
+    full = load_model(ModelConfig(kind=kind, path=str(folder)))
+    want = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    assert {p.dtype for p in half.module.parameters()} == {want} and half.precision.input_dtype == want
+    assert next(half.vae.vae.parameters()).dtype == torch.float32
+    block = half.blocks()[len(half.blocks()) // 2]
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([50, 600])
+    cond = Condition("none") if kind == "sd" else Condition("class", labels=torch.tensor([1, 4]))
+    outs = []
+    for adapter in (half, full):
+        captured, handles = hooked(adapter.module, [block.name])
+        with torch.no_grad():
+            adapter.run(x, t, cond)
+        for h in handles:
+            h.remove()
+        outs.append(captured[block.name].float())
+    assert outs[0].dtype == torch.float32 and outs[0].shape == outs[1].shape
+    error = float((outs[0] - outs[1]).abs().max() / outs[1].abs().max())
+    assert 0 < error < {"float16": 5e-3, "bfloat16": 4e-2}[dtype], error
+
+
+def test_meta_discovery_of_sd_and_dit_equals_a_real_forward(sd, dit):
+    for adapter in (sd, dit):
+        on_meta = adapter.find_blocks()
+        assert adapter.discovery == "meta"
+        assert on_meta == adapter.find_blocks(meta=False)
+    assert next(sd.text_encoder.parameters()).device.type == "cpu"  # never moved to meta

@@ -41,6 +41,7 @@ from pipeline.cka.estimators import GramAccumulator, LinearCKAAccumulator
 from pipeline.cka.estimators import MinibatchCKA, rbf_gram_from_linear
 from pipeline.errors import ConfigError, StoreError, select_or_error
 from pipeline.store.slices import feature_slices, store_timesteps
+from pipeline.store.checks import Integrity
 from pipeline.store.layout import PENDING, WRITTEN, open_root, read_attrs
 from pipeline.store.location import as_location, is_remote
 
@@ -136,7 +137,7 @@ def _view_table(path, view: int):
     root = open_root(path)
     ids = np.asarray(root["image_id"][:], dtype=object).astype(str)
     views = root["view"][:]
-    done = root["done"][:]
+    done = Integrity(root, path).done()
     chosen = np.flatnonzero(views == view)
     if len(chosen) == 0:
         raise ConfigError(f"cka: store {path} has no samples of view {view}; it has views "
@@ -230,7 +231,11 @@ def load_alignment(path) -> dict[str, np.ndarray]:
 
 
 def open_array(rep: Representation):
-    return open_root(rep.path)[rep.array_path]
+    """The representation's array; reads of damaged chunks, and a done unit's missing shard, are
+    StoreErrors naming them (``pipeline.store.checks``)."""
+    checks = Integrity(open_root(rep.path), rep.path)
+    checks.check_present([rep.array_path])
+    return checks.array(rep.array_path)
 
 
 def _slabs(array, positions: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:

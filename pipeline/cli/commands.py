@@ -13,11 +13,14 @@ import click
 
 
 def _friendly(fn):
-    """Turn DiffprobeError into one line + exit code; -v re-raises for the traceback."""
+    """Turn DiffprobeError into one line + exit code; -v re-raises for the traceback.
+
+    An interruption (SIGINT, SIGTERM, Ctrl-C) is one line too, exit 128 + signal."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from pipeline.errors import DiffprobeError
+        from pipeline.interrupts import Interrupted
 
         ctx = click.get_current_context()
         verbose = (ctx.find_root().params or {}).get("verbose", False)
@@ -28,6 +31,15 @@ def _friendly(fn):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            if verbose:
+                raise
+            code = exc.exit_code if isinstance(exc, Interrupted) else 130
+            name = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+            resume = (" finished units are kept; run the same command again to resume"
+                      if ctx.command.name == "run" else "")
+            click.echo(f"interrupted ({name}):{resume or ' nothing was changed'}", err=True)
+            sys.exit(code)
 
     return wrapper
 
@@ -43,7 +55,8 @@ def main(verbose: bool) -> None:
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--only", metavar="STAGE", help="Run just this stage (its inputs must be complete).")
 @click.option("--until", metavar="STAGE", help="Run stages up to and including this one.")
-@click.option("--force", is_flag=True, help="Replace outputs written by another config.")
+@click.option("--force", is_flag=True,
+              help="Replace outputs written by another config (and the --only stage); never up-to-date inputs.")
 @click.option("--dry-run", is_flag=True, help="Say what would run, skip or be refused; run nothing.")
 @click.option("--shard", metavar="i/N", help="Do units u with u % N == i (default: RANK/WORLD_SIZE).")
 @click.option("--strict", is_flag=True, help="Unreadable images are fatal instead of masked.")
@@ -51,9 +64,11 @@ def main(verbose: bool) -> None:
 @_friendly
 def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
     """Run a workflow's stages in order, skipping up-to-date outputs."""
+    from pipeline.interrupts import install_handlers
+
+    install_handlers()
     from pipeline.workflow.config import load_workflow
     from pipeline.workflow.runner import Runner, parse_shard
-
     from stages import STAGES
 
     wf = load_workflow(workflow, STAGES)
@@ -69,7 +84,6 @@ def plan(workflow, only):
     """Before spending GPU time: samples, shapes, forward passes, bytes, time."""
     from pipeline.workflow.config import load_workflow
     from pipeline.workflow.runner import Runner
-
     from stages import STAGES
 
     wf = load_workflow(workflow, STAGES)
@@ -115,9 +129,18 @@ def blocks(model, size, kind, options):
 @_friendly
 def inspect(store_path):
     """Blocks, shapes, dtype, timesteps, completion, compression and provenance of a store."""
+    from pathlib import Path
+
     from pipeline.store.describe import describe_store
+    from pipeline.store.layout import read_attrs, unit_status
+    from pipeline.workflow.claims import lease_report
 
     click.echo(describe_store(store_path))
+    attrs = read_attrs(store_path) or {}
+    if "layout" in attrs and not attrs.get("complete"):
+        pending = [int(u) for u in (~unit_status(store_path)).nonzero()[0]]
+        for line in lease_report(Path(store_path), pending):
+            click.echo(line)
 
 
 @main.command()
@@ -158,6 +181,47 @@ def score(store_path, trials, timesteps, draws, loss, weighting, out_dir):
     path = as_location(store_path)
     paths = errorstore.write_score(result, as_location(out_dir) if out_dir else path.parent / f"{path.stem}-score")
     click.echo(f"wrote {paths['png']}, {paths['json'].name}, {paths['csv'].name}")
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE", type=click.Path())
+@click.option("--repair", is_flag=True,
+              help="Mark damaged units pending (rebuild a lost done mask from the data) so the next run "
+                   "recomputes only them; rewrite lost metadata; remove leftovers of killed writers.")
+@_friendly
+def verify(store_path, repair):
+    """Read every chunk of STORE (any stage's output) and name what is damaged.
+
+    Exit 0 if nothing is damaged, 1 if something is (with --repair: 0 once everything
+    found was repaired, 1 if something could not be)."""
+    from pipeline.store.repair import repair_store
+    from pipeline.store.verify import verify_store
+
+    report = verify_store(store_path)
+    for line in report.lines():
+        click.echo(line)
+    if not (repair and report.findings):
+        sys.exit(1 if report.damage else 0)
+    actions = repair_store(store_path, report)
+    for line in actions:
+        click.echo(f"repair      {line}")
+    sys.exit(1 if any(line.startswith("cannot repair") for line in actions) else 0)
+
+
+@main.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance.")
+@_friendly
+def diff(a, b, atol, rtol):
+    """Max abs / rel difference of two outputs per block and timestep (or per results variable);
+    exit 0 if they agree within the tolerances, 1 otherwise."""
+    from pipeline.store.diff import diff_outputs, format_rows
+
+    rows = diff_outputs(a, b, atol, rtol)
+    click.echo(format_rows(rows, atol, rtol))
+    sys.exit(1 if any(r.n_outside for r in rows) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

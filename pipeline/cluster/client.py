@@ -69,6 +69,18 @@ class ZarrConcurrency(WorkerPlugin):
         zarr.config.set({"async.concurrency": self.concurrency})
 
 
+class IgnoreSigint(WorkerPlugin):
+    """Workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and the
+    client stops the workers itself (otherwise each prints a traceback of its own)."""
+
+    def setup(self, worker) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -103,8 +115,13 @@ def _start_cluster(cfg: ClusterConfig):
             )
         return None
     if cfg.kind == "slurm":
+        from pipeline.interrupts import keep_handlers
+
         try:
-            from dask_jobqueue import SLURMCluster
+            # dask_jobqueue's import replaces SIGINT's handler with sys.exit() (exit status 0
+            # after Ctrl-C); keep ours, which stops the run with 130.
+            with keep_handlers():
+                from dask_jobqueue import SLURMCluster
         except ImportError:
             raise ConfigError(
                 "cluster kind 'slurm' needs dask-jobqueue: pip install diffprobe[slurm]"
@@ -153,6 +170,8 @@ def get_client(cfg: ClusterConfig, log: Callable[[str], None] | None = None) -> 
             ) from None
         try:
             client.register_plugin(ZarrConcurrency(), name="diffprobe-zarr-concurrency")
+            if cluster is not None:  # workers we started; an external cluster's are its own
+                client.register_plugin(IgnoreSigint(), name="diffprobe-ignore-sigint")
             where = cfg.address if cluster is None else cfg.kind
             if watch is not None:
                 log(f"dask cluster (slurm): {cfg.n_workers} worker job(s) submitted")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from pipeline.errors import ModelError, did_you_mean
 from pipeline.models.base import BlockInfo, Condition, ModelAdapter
@@ -63,17 +64,21 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def load_model(cfg: ModelConfig, device: str = "cpu", dtype: str = "float32") -> ModelAdapter:
-    """Build the adapter for ``cfg`` on ``device`` with parameters in ``dtype``."""
+    """Build the adapter for ``cfg`` on ``device``, computing in ``dtype``.
+
+    The module is moved to the device, then the adapter applies ``dtype`` the way the
+    model's own code expects (see ``pipeline.models.precision``); ``adapter.precision``
+    says what was done and ``adapter.run`` feeds inputs accordingly.
+    """
     if cfg.kind not in MODEL_KINDS:
         raise ModelError(
             f"unknown model kind {cfg.kind!r}{did_you_mean(cfg.kind, MODEL_KINDS)}; valid: {', '.join(MODEL_KINDS)}"
         )
     dev = resolve_device(device)
     adapter = MODEL_KINDS[cfg.kind](cfg)
-    torch_dtype = TORCH_DTYPES[dtype]
-    param = next(adapter.module.parameters())
-    if param.device != dev or param.dtype != torch_dtype:
-        adapter.module.to(device=dev, dtype=torch_dtype)
+    if next(adapter.module.parameters()).device != dev:
+        nn.Module.to(adapter.module, device=dev)  # diffusers' ModelMixin.to warns on any call with a dtype
+    adapter.precision = adapter.set_compute_dtype(TORCH_DTYPES[dtype])
     return adapter
 
 

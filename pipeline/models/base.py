@@ -6,14 +6,22 @@ which submodules are capturable blocks, and (for latent models) how to encode
 pixels. Blocks are discovered by one dry forward with hooks on every candidate
 module: a candidate is a top-level child, or a child of a ``ModuleList`` /
 ``Sequential``, whose output is a ``(B, C, H, W)`` map (or ``(B, N, D)`` tokens that
-the adapter reshapes to a grid, for DiT).
+the adapter reshapes to a grid, for DiT). The dry forward runs on the ``meta`` device
+(parameters swapped for meta tensors with ``torch.func.functional_call``), so only
+shapes are computed; a model whose forward cannot run on meta tensors gets a real
+forward at batch 1 instead.
+
+Stages call the model through :meth:`ModelAdapter.run`, which feeds x_t in the dtype
+the model's precision wants (``pipeline.models.precision``) and turns a RuntimeError
+raised inside the model's code into a one-line ``ModelError`` naming the model, the
+dtype and the setting to change.
 """
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +29,7 @@ from torch import nn
 from pipeline.datasets.preprocess import Preprocessing
 from pipeline.errors import ModelError, did_you_mean, list_choices
 from pipeline.hooks import capture, run_truncated
+from pipeline.models.precision import FLOAT32, Precision, cast_like_diffusers
 from pipeline.noise import q_sample
 
 
@@ -99,6 +108,9 @@ class ModelAdapter:
         self.null_class: int | None = None
         self.scheduler_config: dict = {}
         self.source: dict = {}
+        self.precision: Precision = FLOAT32
+        self.discovery: str | None = None  # how blocks() found the shapes: "meta" or "forward"
+        self._pinned_device: torch.device | None = None
         self._blocks: list[BlockInfo] | None = None
 
     # ---- what subclasses implement -------------------------------------------------
@@ -127,10 +139,46 @@ class ModelAdapter:
         """Prompts -> (K, L, D) embeddings; only text-conditional adapters implement it."""
         raise ModelError(f"this {self.kind} model is not text-conditional: it takes no prompts")
 
+    def set_compute_dtype(self, dtype: torch.dtype) -> Precision:
+        """Put ``module`` in ``dtype`` the way the model's own code expects; diffusers' rule by default."""
+        return cast_like_diffusers(self.module, dtype)
+
     # ---- shared ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        # during the meta dry forward the parameters are meta tensors; the model still lives here
+        return getattr(self, "_pinned_device", None) or next(self.module.parameters()).device
+
+    @property
+    def label(self) -> str:
+        """How messages name the model: its kind and where it came from."""
+        where = self.source.get("factory") or self.source.get("path") or self.source.get("config")
+        return f"{self.kind} model {str(where)!r}" if where else f"{self.kind} model"
+
+    def run(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """``forward`` as the stages call it: x_t cast to the precision's input dtype, the
+        forward under the precision's context, and a RuntimeError from model code turned
+        into a one-line ModelError (a capture hook's stop signal passes through)."""
+        x_t = x_t.to(self.precision.input_dtype)
+        try:
+            with self.precision.context(x_t.device):
+                return self.forward(x_t, t, cond)
+        except RuntimeError as exc:
+            raise ModelError(self.failure_message(exc, tuple(x_t.shape))) from exc
+
+    def failure_message(self, exc: BaseException, input_shape: tuple[int, ...]) -> str:
+        """One line: which model failed, in which dtype, on what input, and what to change."""
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        dtype = str(self.precision.dtype).removeprefix("torch.")
+        where = f"{self.label} failed in {dtype} on input {input_shape}: {first}"
+        if isinstance(exc, torch.OutOfMemoryError):
+            return f"{where}; lower batch_size"
+        if self.precision.dtype != torch.float32:
+            return (f"{where}; set compute_dtype: float32, or make the model's forward run in {dtype} "
+                    f"(diffprobe used: {self.precision.method})")
+        return (f"{where}; check the input size and channels the model takes "
+                "(model.size / --size, options.image_size and options.in_channels for a factory)")
 
     def provenance(self) -> dict:
         return {
@@ -141,6 +189,7 @@ class ModelAdapter:
             "scheduler": self.scheduler_config,
             "num_classes": self.num_classes,
             "null_class": self.null_class,
+            "precision": self.precision.to_attrs(),
         }
 
     def _candidates(self) -> list[str]:
@@ -160,24 +209,27 @@ class ModelAdapter:
         return names
 
     def blocks(self) -> list[BlockInfo]:
-        """Every capturable block in forward order, with its (C, H, W) output shape."""
-        if self._blocks is not None:
-            return self._blocks
+        """Every capturable block in forward order, with its (C, H, W) output shape (cached)."""
+        if self._blocks is None:
+            self._blocks = self.find_blocks()
+        return self._blocks
+
+    def find_blocks(self, meta: bool = True) -> list[BlockInfo]:
+        """Discover the blocks: on the meta device where the forward allows it (``meta``), else
+        by a real batch-1 forward. ``self.discovery`` says which one ran."""
         candidates = self._candidates()
-        order: list[str] = []
-
-        def record(name, tensor):
-            order.append(name)
-            return tensor
-
-        device = self.device
-        x = torch.zeros(1, self.latent_channels, self.latent_size, self.latent_size, device=device,
-                        dtype=next(self.module.parameters()).dtype)
-        t = torch.zeros(1, dtype=torch.long, device=device)
-        cond = self.dry_condition(1)
+        found = None
+        if meta:
+            try:
+                found = self._dry_forward(candidates, meta=True)
+                self.discovery = "meta"
+            except Exception:  # noqa: BLE001 -- an op without a meta kernel, data-dependent flow: run it for real
+                found = None
+        if found is None:
+            found = self._dry_forward(candidates, meta=False)
+            self.discovery = "forward"
+        order, got = found
         shapes: dict[str, tuple[int, ...]] = {}
-        with torch.no_grad(), capture(self.module, candidates, transform=record) as got:
-            run_truncated(lambda: self.forward(x, t, cond))
         for name in order:
             try:
                 fmap = self.feature_map(name, got[name])
@@ -190,12 +242,39 @@ class ModelAdapter:
         for name in dict.fromkeys(order):  # a module called twice keeps its first position
             if name in shapes:
                 seen.append(BlockInfo(name, len(seen), shapes[name], paper.get(name)))
-        self._blocks = seen
         return seen
 
-    def dry_condition(self, batch: int) -> Condition:
+    def _dry_forward(self, candidates: list[str], meta: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """One batch-1 forward with hooks on ``candidates``: (names in call order, outputs)."""
+        from torch.func import functional_call
+
+        order: list[str] = []
+
+        def record(name, tensor):
+            order.append(name)
+            return tensor
+
+        device = torch.device("meta") if meta else self.device
+        x = torch.zeros(1, self.latent_channels, self.latent_size, self.latent_size, device=device,
+                        dtype=self.precision.input_dtype)
+        t = torch.zeros(1, dtype=torch.long, device=device)
+        cond = self.dry_condition(1, device)
+        with torch.no_grad(), capture(self.module, candidates, transform=record) as got:
+            if meta:
+                tensors = {f"net.{name}": torch.empty_like(value, device="meta") for name, value in
+                           [*self.module.named_parameters(), *self.module.named_buffers()]}
+                self._pinned_device = self.device
+                try:
+                    run_truncated(lambda: functional_call(_AdapterForward(self), tensors, (x, t, cond)))
+                finally:
+                    self._pinned_device = None
+            else:
+                run_truncated(lambda: self.run(x, t, cond))
+        return order, got
+
+    def dry_condition(self, batch: int, device: torch.device | None = None) -> Condition:
         if self.label_conditional:
-            return Condition("label", labels=torch.zeros(batch, dtype=torch.long, device=self.device))
+            return Condition("label", labels=torch.zeros(batch, dtype=torch.long, device=device or self.device))
         return Condition("none")
 
     def resolve_blocks(self, requested) -> list[BlockInfo]:
@@ -210,7 +289,14 @@ class ModelAdapter:
         chosen = []
         for item in requested:
             key = str(item)
-            if key.isdigit() and paper:
+            if key.isdigit() and not paper:
+                top = [n for n in by_name if n.count(".") <= 1] or list(by_name)
+                raise ModelError(
+                    f"block {key}: numbers are the paper's block numbering, which exists for guided-diffusion "
+                    f"layouts (input_blocks / middle_block / output_blocks); this {self.kind} model has none: "
+                    f"name blocks by module path, e.g. {list_choices(top, limit=8)}; see `diffprobe blocks MODEL`"
+                )
+            if key.isdigit():
                 number = int(key)
                 if number not in paper:
                     raise ModelError(f"paper block number {number} out of range; valid: 1-{max(paper)}")
@@ -238,3 +324,16 @@ class ModelAdapter:
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x_0) with this model's schedule (see ``pipeline.noise.q_sample``)."""
         return q_sample(x0, eps, self.alphas_cumprod, t)
+
+
+class _AdapterForward(nn.Module):
+    """``adapter.forward`` as a module whose only child is the network (``net``), so
+    ``functional_call`` can swap the network's tensors while the adapter's own code runs."""
+
+    def __init__(self, adapter: ModelAdapter):
+        super().__init__()
+        self.net = adapter.module
+        self._call = adapter.forward
+
+    def forward(self, x_t, t, cond):
+        return self._call(x_t, t, cond)

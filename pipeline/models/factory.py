@@ -7,7 +7,16 @@ either a ready ``ModelAdapter`` or an ``nn.Module`` called as ``module(x_t, t)``
 ``module(x_t, t, y=labels)`` (guided-diffusion's signature). A learned-sigma output
 (2x the input channels) is split and the eps half kept. A network without a timestep
 (a reference CNN for CKA) sets ``timestep_free: true``; it is called as ``module(x)``.
-The adapter-only options :data:`ADAPTER_OPTIONS` are not passed to the function.
+
+Options: the adapter-only options :data:`ADAPTER_OPTIONS` are not passed to the
+function; :data:`SHARED_OPTIONS` (the model's input and classes) are read by the
+adapter and passed when the function takes them; every other option must be a
+parameter of the function (one with ``**kwargs`` takes anything). An option the
+function does not take is an error naming the accepted ones, never dropped.
+
+Precision (``compute_dtype``): a module in guided-diffusion's convention is converted
+with its own ``convert_to_fp16``; any other module keeps float32 parameters and runs
+under ``torch.autocast`` (see ``pipeline.models.precision``).
 
 For models in guided-diffusion's layout (``input_blocks`` / ``middle_block`` /
 ``output_blocks``) the paper's 1-based block numbers are accepted: 1..len(input_blocks)
@@ -27,13 +36,21 @@ import torch
 from torch import nn
 
 from pipeline.datasets.preprocess import Preprocessing
-from pipeline.errors import ModelError
+from pipeline.errors import DiffprobeError, ModelError, did_you_mean
 from pipeline.models.base import Condition, ModelAdapter
 from pipeline.models.config import ModelConfig
+from pipeline.models.precision import (
+    Precision,
+    autocast_precision,
+    guided_diffusion_precision,
+    is_guided_diffusion,
+)
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
 
 #: Options the adapter reads and the factory function does not receive.
 ADAPTER_OPTIONS = ("timestep_free", "value_range")
+#: Options the adapter reads that are also passed to a function taking them.
+SHARED_OPTIONS = ("image_size", "in_channels", "num_classes")
 
 
 def resolve_callable(spec: str):
@@ -93,6 +110,16 @@ class FactoryAdapter(ModelAdapter):
         num_classes = opts.get("num_classes") or getattr(module, "num_classes", None)
         self.num_classes = int(num_classes) if num_classes else None
         self.null_class = cfg.null_class
+        if cfg.null_class is not None:
+            if not self.num_classes:
+                raise ModelError(f"factory {cfg.factory!r}: null_class is set but the model has no classes "
+                                 "(no num_classes); drop model.null_class")
+            if not 0 <= cfg.null_class < self.num_classes:
+                raise ModelError(
+                    f"null_class {cfg.null_class} is outside factory {cfg.factory!r}'s {self.num_classes} class "
+                    f"labels (valid: 0-{self.num_classes - 1}); set model.null_class to the index of the "
+                    "null (unconditional) label, or drop it"
+                )
         self.scheduler_config = {} if self.timestep_free else load_scheduler_config(None, cfg.scheduler)
         self.num_train_timesteps = 1 if self.timestep_free else int(self.scheduler_config["num_train_timesteps"])
         self.alphas_cumprod = (
@@ -127,17 +154,52 @@ class FactoryAdapter(ModelAdapter):
     def paper_block_names(self) -> dict[int, str] | None:
         return paper_numbering(self.module)
 
+    def set_compute_dtype(self, dtype: torch.dtype) -> Precision:
+        """guided-diffusion's own fp16 conversion where the module has it, else autocast."""
+        if is_guided_diffusion(self.module):
+            return guided_diffusion_precision(self.module, dtype)
+        return autocast_precision(dtype)
+
+
+def factory_kwargs(fn, spec: str, options: dict) -> dict:
+    """The options ``fn`` receives; an option it does not take is a ModelError naming the accepted ones."""
+    kwargs = {k: v for k, v in options.items() if k not in ADAPTER_OPTIONS}
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check against
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in accepted and k not in SHARED_OPTIONS]
+    if unknown:
+        adapter_own = [o for o in ADAPTER_OPTIONS + SHARED_OPTIONS if o not in accepted]
+        raise ModelError(
+            f"factory {spec!r} takes no option {unknown[0]!r}{did_you_mean(unknown[0], accepted)}; accepted: "
+            f"{', '.join(accepted) or '(none)'} (the function's), {', '.join(adapter_own)} (the adapter's)"
+        )
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing:
+        raise ModelError(f"factory {spec!r} needs option(s) {', '.join(missing)}: set them under model.options")
+    return kwargs
+
 
 def build_factory_adapter(cfg: ModelConfig) -> ModelAdapter:
     if not cfg.factory:
         raise ModelError("model kind 'factory' needs 'factory: package.module:function'")
     fn = resolve_callable(cfg.factory)
+    kwargs = factory_kwargs(fn, cfg.factory, cfg.options)
     torch.manual_seed(cfg.seed)
-    kwargs = {k: v for k, v in cfg.options.items() if k not in ADAPTER_OPTIONS}
     try:
         obj = fn(**kwargs)
-    except TypeError as exc:
-        raise ModelError(f"factory {cfg.factory!r} rejected options {sorted(kwargs)}: {exc}") from None
+    except DiffprobeError:
+        raise
+    except Exception as exc:  # the user's code: one line here, -v shows the traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelError(f"factory {cfg.factory!r} failed with options {sorted(kwargs)}: "
+                         f"{type(exc).__name__}: {first}") from exc
     if isinstance(obj, ModelAdapter):
         return obj
     if not isinstance(obj, nn.Module):

@@ -23,7 +23,17 @@ class UNet2DAdapter(ModelAdapter):
         self.module = module.eval().requires_grad_(False)
         conf = module.config
         size = cfg.size or conf.sample_size
+        if size is None:
+            raise ModelError(f"{self.source.get('config') or self.source.get('path')!r}: the UNet2DModel config "
+                             "has no sample_size; set sample_size in it, or model.size (--size)")
         size = size if isinstance(size, int) else size[0]
+        factor = 2 ** (len(conf.block_out_channels) - 1)  # every down block but the last halves the map
+        if size % factor:
+            lower, upper = max(factor, size - size % factor), size - size % factor + factor
+            raise ModelError(
+                f"input size {size} is not a multiple of {factor} (the UNet's downsampling), so its skip "
+                f"connections would not line up; use size {lower} or {upper} (model.size / --size)"
+            )
         self.latent_channels = conf.in_channels
         self.latent_size = size
         self.preprocessing = Preprocessing(size=size, channels=conf.in_channels if conf.in_channels in (1, 3) else 3)
@@ -33,11 +43,16 @@ class UNet2DAdapter(ModelAdapter):
         embeds = conf.num_class_embeds
         if embeds:
             if cfg.null_class is not None and not 0 <= cfg.null_class < embeds:
-                raise ModelError(f"null_class {cfg.null_class} outside the model's {embeds} class embeddings")
+                raise ModelError(
+                    f"null_class {cfg.null_class} is outside the model's {embeds} class embeddings (valid: "
+                    f"0-{embeds - 1}); set model.null_class to the null embedding's index (often the last, "
+                    f"{embeds - 1}), or drop it if the model has no null class"
+                )
             self.null_class = cfg.null_class
             self.num_classes = embeds - (1 if cfg.null_class is not None else 0)
         elif cfg.null_class is not None:
-            raise ModelError("null_class is set but the model has no class embedding (num_class_embeds is empty)")
+            raise ModelError("null_class is set but the model has no class embedding (num_class_embeds is empty); "
+                             "drop model.null_class")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         labels = None

@@ -11,6 +11,13 @@ What lives here
 - ``prefetch``: the helper that builds the source's blocks of rows ahead of use.
 - ``slices``: names of stored feature slices (block, timestep, pool size).
 - ``describe``: the human summary printed by ``diffprobe inspect``.
+- ``schema: the names every store shares (attrs key, ``done`` flags, block order).
+- ``durable``: fsync of a unit's objects before and after its ``done`` cells.
+- ``locks``: the finalize lock and schema temp folders, which name their owner and
+  are taken over / removed once that owner is gone.
+- ``checks``: what readers check (a damaged ``done``, a done unit's missing shard, a
+  chunk failing its checksum), each one line naming block, timestep and samples.
+- ``verify``, ``repair`` and ``diff``: ``diffprobe verify [--repair]`` and ``diffprobe diff``.
 - ``location``: local paths and fsspec URLs (``s3://`` ...) as one kind of path, zarr
   stores on them, and the write protocol's object-storage steps (put-if-absent).
 
@@ -44,12 +51,14 @@ from pipeline.store.layout import (
     finalize,
     jsonable,
     load_layout,
+    mark_done,
     new_group,
     open_root,
     plan_layout,
     quiet_zarr,
     read_attrs,
     read_sample_table,
+    stamp_attrs,
     stored_bytes,
     unit_status,
     write_1d,
@@ -61,7 +70,8 @@ __all__ = [
     "ATTR_KEY", "CROP_COORDS", "DIMS", "FAILED", "PENDING", "SAMPLE_COORDS", "STORAGE_DTYPES", "WRITTEN",
     "Compression", "Layout", "SampleTable", "UnitRanges", "UnitWriter", "assigned_units",
     "block_names", "codecs_for", "create_status_arrays", "create_store",
-    "estimate_compressed_bytes", "finalize", "jsonable", "load_layout", "new_group",
-    "open_root", "plan_layout", "quiet_zarr", "read_attrs", "read_sample_table", "stored_bytes", "unit_status",
+    "estimate_compressed_bytes", "finalize", "jsonable", "load_layout", "mark_done", "new_group",
+    "open_root", "plan_layout", "quiet_zarr", "read_attrs", "read_sample_table", "stamp_attrs", "stored_bytes",
+    "unit_status",
     "write_1d", "write_results_dataset", "write_unit",
 ]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.store import layout as store
+from pipeline.store.checks import Integrity
 from pipeline.errors import StoreError
 
 
@@ -40,7 +41,7 @@ def describe_store(path: str | Path) -> str:
         lines.append(f"config    {json.dumps(attrs.get('config'), default=str)[:1500]}")
         return "\n".join(lines)
     layout = attrs["layout"]
-    done = root["done"][:]
+    done = Integrity(root, path).done()
     n = len(done)
     written, failed = int((done == store.WRITTEN).sum()), int((done == store.FAILED).sum())
     units = store.unit_status(path)

@@ -15,7 +15,7 @@ give a class several); a trial is one (timestep, noise draw) pair::
 The trial plan (``TrialPlan.to_dict()``: grid, noise draws, seed, eps scheme), the
 schedule, every class's prompts and the provenance are in the root attrs under
 ``diffprobe``. It is written by the
-one write protocol of ``pipeline/store/format.py`` (whose ``unit_status`` and ``finalize``
+one write protocol of ``pipeline/store/layout.py`` (whose ``unit_status`` and ``finalize``
 it reuses): schema created once, atomically; each unit's cells written whole, by one
 writer, into its own shards; then its ``done`` cells; ``finalize`` once at the end.
 
@@ -36,6 +36,7 @@ import numpy as np
 
 import pipeline
 from pipeline.store import layout as store
+from pipeline.store.checks import Integrity
 from pipeline.store.location import as_location
 from pipeline.dc import scoring
 from pipeline.errors import ConfigError, StoreError, did_you_mean
@@ -172,13 +173,8 @@ def write_error_unit(root, layout: ErrorLayout, unit: int, result: UnitResult) -
         root[error_array(loss)][start:stop] = values.astype(np.float32)
     root["prediction"][start:stop] = result.prediction
     root["forward_passes"][start:stop] = result.forward_passes
-    status = np.full(stop - start, store.WRITTEN, dtype=np.int8)
-    if result.failed:
-        reasons = np.full(stop - start, "", dtype=object)
-        for pos, reason in result.failed.items():
-            status[pos], reasons[pos] = store.FAILED, reason
-        root["failure"][start:stop] = reasons
-    root["done"][start:stop] = status
+    written = [root[error_array(loss)] for loss in LOSSES] + [root["prediction"], root["forward_passes"]]
+    store.mark_done(root, start, stop, result.failed, written)
 
 
 # ----------------------------------------------------------------- reading and scoring
@@ -278,7 +274,10 @@ def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int]
         alphas = attrs.get("provenance", {}).get("alphas_cumprod")
         weights = scoring.timestep_weights(plan_timesteps, weighting, alphas)
 
-    done, labels = root["done"][:], root["label"][:]
+    checks = Integrity(root, path)
+    done, labels = checks.done(), root["label"][:]
+    # A lost shard reads as NaN, which scoring would take for "eliminated": refuse instead.
+    checks.check_present()
     class_names = [str(c) for c in root["class_name"][:]]
     candidate_class = root["candidate_class"][:]
     n_classes, n_candidates = len(class_names), len(candidate_class)
@@ -288,13 +287,19 @@ def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int]
     unit = attrs["layout"]["unit_samples"]
     # whole units per read, ~256 MiB of float64 cells at most
     block = unit * max(1, (256 << 20) // (unit * n_candidates * len(plan_timesteps) * 8))
-    errors = root[error_array(loss)]
+    errors = checks.array(error_array(loss))
     for start in range(0, len(done), block):
         stop = min(start + block, len(done))
         ok = np.flatnonzero(done[start:stop] == store.WRITTEN)
         if not len(ok):
             continue
         cells = errors[start:stop][ok]
+        empty = np.flatnonzero(np.isnan(cells).all(axis=(1, 2)))
+        if len(empty):  # every class is evaluated on the first trials: an all-NaN row is lost data
+            first = start + int(ok[empty[0]])
+            raise StoreError(f"store {path}: {error_array(loss)} has no finite error for {len(empty)} written "
+                             f"sample(s) (first: sample {first}, {root['image_id'][first]!r}); its data is "
+                             f"lost, not eliminated; 'diffprobe verify {path}' lists the damage")
         part = scoring.score(cells, labels[start:stop][ok], selected, weights, candidate_class)
         confusion += part["confusion"]
         predictions[start + ok] = part["predictions"]
@@ -311,7 +316,7 @@ def score_store(path: str | Path, loss: str | None = None, trials: Sequence[int]
         "predictions": predictions,
         "forward_passes": passes,
         "forward_passes_per_sample": passes / n_scored if n_scored else float("nan"),
-        "forward_passes_spent": int(root["forward_passes"][:][scored].sum()),
+        "forward_passes_spent": int(checks.array("forward_passes")[:][scored].sum()),
         "n_samples": n_scored,
         "n_failed": int((done == store.FAILED).sum()),
         "class_names": class_names,

@@ -66,13 +66,12 @@ import numpy as np
 import pipeline
 from pipeline.errors import ConfigError, StoreError
 from pipeline.store import location
+from pipeline.store.schema import ATTR_KEY, FAILED, PENDING, WRITTEN, block_names
 
-ATTR_KEY = "diffprobe"
 DIMS = ("sample", "timestep", "channel", "y", "x")
 SAMPLE_COORDS = ("image_id", "view", "flipped", "label")
 #: per-sample crop of an augmented view, known only once its image is decoded
 CROP_COORDS = ("crop_side", "crop_x0", "crop_y0")
-PENDING, WRITTEN, FAILED = 0, 1, 2
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "float32"}
 
 
@@ -314,9 +313,13 @@ def new_group(path: str | Path):
 
     The write protocol's atomic schema step, for every store kind: readers never see
     a half-built schema. If another process renamed its group into place first, its
-    group is kept (the caller compares the stage hash); a failed build leaves nothing.
+    group is kept (the caller compares the stage hash); a failed build leaves nothing,
+    and the temp folders of builders that were killed are removed by the next build.
     """
     import zarr
+
+    from pipeline.faults import kill_point
+    from pipeline.store.locks import remove_stale_temps, temp_path
 
     path = location.as_location(path)
     if location.is_remote(path):  # no rename on object storage: see location.py's protocol
@@ -325,11 +328,13 @@ def new_group(path: str | Path):
             yield zarr.open_group(memory, mode="w", zarr_format=3)
         location.commit_remote_group(path, memory)
         return
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = temp_path(path)
     try:
         with quiet_zarr():
             yield zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        kill_point("schema:build")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -343,8 +348,12 @@ def new_group(path: str | Path):
 
 def create_status_arrays(root, n: int, unit_samples: int) -> None:
     """The per-sample ``done`` flag (pending / written / failed) and ``failure`` reason, one chunk per unit."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
     per_unit = {"chunks": (unit_samples,), "dimension_names": ("sample",)}
+    # crc32c: a flipped byte in a zstd frame without checksum can decode to a wrong flag
     root.create_array("done", shape=(n,), dtype="int8", fill_value=PENDING, **per_unit,
+                      compressors=[ZstdCodec(), Crc32cCodec()],
                       attributes={"flag_values": [PENDING, WRITTEN, FAILED],
                                   "flag_meanings": "pending written failed"})
     root.create_array("failure", shape=(n,), dtype=str, fill_value="", **per_unit)
@@ -383,14 +392,6 @@ def load_layout(path: str | Path) -> Layout:
                   blocks, meta["dtype"], meta["chunk_samples"])
 
 
-def block_names(root) -> list[str]:
-    """Block groups in the order they were written (forward order)."""
-    order = root.attrs.get(ATTR_KEY, {}).get("blocks")
-    if order:
-        return list(order)
-    return sorted(name for name, _ in root["blocks"].groups())
-
-
 def assigned_units(n_units: int, shard: tuple[int, int]) -> list[int]:
     """Units this process owns under ``--shard i/N``: u % N == i (disjoint, covering)."""
     i, n = shard
@@ -399,9 +400,11 @@ def assigned_units(n_units: int, shard: tuple[int, int]) -> list[int]:
 
 def unit_status(path: str | Path) -> np.ndarray:
     """(n_units,) bool: which units are complete (every sample written or failed)."""
+    from pipeline.store.checks import Integrity
+
     root = open_root(path)
     layout = root.attrs[ATTR_KEY]["layout"]
-    done = root["done"][:]
+    done = Integrity(root, path).done()
     unit = layout["unit_samples"]
     return np.array([bool(np.all(done[s : s + unit] != PENDING)) for s in range(0, len(done), unit)])
 
@@ -430,21 +433,48 @@ def write_unit(
         if name not in CROP_COORDS or len(values) != stop - start:
             raise StoreError(f"unit {unit}: coordinate {name!r} with {len(values)} values is not a unit's crops")
         root[name][start:stop] = values
+    written = [root[f"blocks/{name}/activations"] for name in data] + [root[name] for name in coords or {}]
+    mark_done(root, start, stop, failed, written)
+
+
+def mark_done(root, start: int, stop: int, failed: Mapping[int, str] | None, written: Sequence) -> None:
+    """Step 3 of the write protocol for samples ``[start, stop)``: make the data durable, then ``done``.
+
+    ``written``: the zarr arrays the unit's data went to; their objects are fsynced
+    (``pipeline.store.durable``), then ``failure`` and ``done`` are written and
+    fsynced, so a ``done`` unit has its data on disk even after a power cut.
+    ``failed`` maps positions within the range to a reason (marked FAILED).
+    """
+    from pipeline.store.durable import sync_unit
+
     status = np.full(stop - start, WRITTEN, dtype=np.int8)
+    flags = [root["done"]]
     if failed:
         reasons = np.full(stop - start, "", dtype=object)
         for pos, reason in failed.items():
             status[pos] = FAILED
             reasons[pos] = reason
         root["failure"][start:stop] = reasons
+        flags.append(root["failure"])
+    sync_unit(written, start, stop)
     root["done"][start:stop] = status
+    sync_unit(flags, start, stop)
 
 
 def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
     """If every unit is done: consolidate metadata and stamp ``complete``. One process wins.
 
-    Returns True if this call (or an earlier one) completed the store.
+    Safe to repeat: every step rewrites the same content, and ``complete`` is set last,
+    in one atomic replace of the root ``zarr.json``, so a process killed at any point
+    leaves a store that the next ``finalize`` completes. Finishers take turns through
+    a lock file beside the store (``pipeline.store.locks``); a lock left by a dead
+    process is taken over. Returns True if this call (or an earlier one) completed the store.
     """
+    import zarr
+
+    from pipeline.faults import kill_point
+    from pipeline.store.locks import finalize_lock, remove_stale_temps
+
     path = location.as_location(path)
     attrs = read_attrs(path) or {}
     if attrs.get("complete"):
@@ -460,20 +490,46 @@ def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
         finally:
             location.remove(claim)
         return True
-    lock = path.parent / f".{path.name}.finalize.lock"  # outside the hierarchy
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return True  # another process is finalizing
-    try:
-        os.close(fd)
-        _stamp_complete(path, extra_attrs)
-    finally:
-        lock.unlink(missing_ok=True)
+    remove_stale_temps(path)
+    with finalize_lock(path, finished=lambda: bool((read_attrs(path) or {}).get("complete"))) as held:
+        if not held or (read_attrs(path) or {}).get("complete"):
+            return True
+        root = open_root(path, mode="r+")
+        meta = dict(root.attrs[ATTR_KEY])
+        failure = root["failure"][:]
+        failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
+        meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
+        meta.update(extra_attrs or {})
+        meta["complete"] = False
+        root.attrs[ATTR_KEY] = jsonable(meta)
+        kill_point("finalize:consolidate")
+        with quiet_zarr():
+            zarr.consolidate_metadata(str(path))
+        kill_point("finalize:stamp")
+        stamp_attrs(path, {"complete": True})
     return True
 
 
+def stamp_attrs(path: str | Path, update: Mapping[str, Any]) -> None:
+    """Merge ``update`` into the root's diffprobe attrs in one atomic, durable replace of ``zarr.json``
+    (consolidated metadata and everything else in it kept as they are)."""
+    from pipeline.store.durable import fsync_path
+
+    meta_path = Path(path) / "zarr.json"
+    doc = json.loads(meta_path.read_text())
+    attributes = doc.setdefault("attributes", {})
+    attributes[ATTR_KEY] = jsonable({**attributes.get(ATTR_KEY, {}), **update})
+    tmp = meta_path.with_name(f"zarr.json.{uuid.uuid4().hex}.partial")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, meta_path)
+    fsync_path(meta_path.parent)
+
+
 def _stamp_complete(path, extra_attrs: dict | None) -> None:
+    """Object storage's finalize (``location.claim_finalize`` holds the claim)."""
     import zarr
 
     root = open_root(path, mode="r+")
@@ -554,19 +610,34 @@ class UnitWriter:
 def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
     """Write a results Dataset (probe, cka) into the stage output folder ``output``.
 
-    The stamp in ``ds.attrs["diffprobe"]`` is written with ``complete=False`` first and
-    set to ``complete`` only after the data, then metadata is consolidated last, so
-    readers never list the plain files (CSV, PNG) kept beside the arrays.
+    The stamp in ``ds.attrs["diffprobe"]`` is written with ``complete=False`` first,
+    metadata is consolidated (so readers never list the plain files, CSV and PNG, kept
+    beside the arrays), and ``complete`` is set last, atomically (``stamp_attrs``): a
+    kill at any point leaves an incomplete output that a re-run rewrites.
     """
     import zarr
+
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    from pipeline.faults import kill_point
 
     zarr_store = location.zarr_store
     meta = dict(ds.attrs.get(ATTR_KEY, {}))
     ds = ds.copy()
     ds.attrs[ATTR_KEY] = meta | {"complete": False}
+    # crc32c on new arrays (a flipped byte in a bare zstd frame can decode to a wrong number),
+    # and every chunk stored, NaN-only ones too, so `diffprobe verify` can require them all.
+    fresh = [name for name in ds.variables
+             if not (location.as_location(output) / str(name) / "zarr.json").exists()]
+    encoding = {name: {"compressors": (ZstdCodec(), Crc32cCodec())} for name in fresh}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr notes the plain files while listing the folder
-        ds.to_zarr(zarr_store(output), mode="a", consolidated=False)
-        group = zarr.open_group(zarr_store(output), mode="r+", zarr_format=3)
-        group.attrs[ATTR_KEY] = jsonable(meta | {"complete": complete})
-        zarr.consolidate_metadata(zarr_store(output))
+        ds.to_zarr(zarr_store(output), mode="a", consolidated=False, encoding=encoding, write_empty_chunks=True)
+        if location.is_remote(output):  # no atomic replace of zarr.json there: stamp, then consolidate
+            group = zarr.open_group(zarr_store(output), mode="r+", zarr_format=3)
+            group.attrs[ATTR_KEY] = jsonable(meta | {"complete": complete})
+            zarr.consolidate_metadata(zarr_store(output))
+            return
+        kill_point("results:consolidate")
+        zarr.consolidate_metadata(str(output))
+    stamp_attrs(output, {"complete": complete})

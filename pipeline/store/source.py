@@ -37,6 +37,7 @@ import numpy as np
 from pipeline.store.prefetch import BlockPlan, ProcessBuilder, ThreadBuilder, in_background, process_allowed
 from pipeline.errors import StoreError
 from pipeline.store.slices import timestep_key
+from pipeline.store.checks import Integrity
 from pipeline.store.layout import WRITTEN, open_root
 from pipeline.store.location import is_remote
 
@@ -51,10 +52,8 @@ class _Part:
 
     def __init__(self, path: str | Path, array_path: str, timesteps: Sequence[int]):
         root = open_root(path)
-        try:
-            self.array = root[array_path]
-        except KeyError:
-            raise StoreError(f"store {str(path)!r} has no array {array_path!r}") from None
+        checks = Integrity(root, path)
+        self.array = checks.array(array_path)  # reads name damaged chunks
         stored = [int(t) for t in root["timestep"][:]]
         missing = [t for t in timesteps if t not in stored]
         if missing:
@@ -64,7 +63,8 @@ class _Part:
         self.chunk = int(self.array.chunks[0])
         self.labels = root["label"][:].astype(np.int64)
         self.image_ids = np.asarray(root["image_id"][:], dtype=object)
-        self.done = root["done"][:]
+        self.done = checks.done()
+        checks.check_present([array_path])  # a done unit's shard is never read as NaN
         self.path = str(path)
 
 

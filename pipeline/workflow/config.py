@@ -26,9 +26,9 @@ import json
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -357,15 +357,27 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def config_dict(cfg: Any, base_dir: Path | None = None) -> dict:
-    """``asdict`` with path fields made relative to ``base_dir`` (so a moved clone hashes alike)."""
+def config_dict(cfg: Any, base_dir: Path | None = None, hashed: bool = False) -> dict:
+    """``asdict`` with path fields made relative to ``base_dir`` (so a moved clone hashes alike).
+
+    ``hashed=True`` gives the part of the config that is the output's identity: fields
+    marked ``metadata={"hash": False}`` (settings that cannot change a stored value:
+    batch size, loader workers) are left out, and ``{"hash": "device"}`` fields keep
+    only the device type (``cuda:1`` -> ``cuda``: kernels differ between CPU and GPU,
+    not between two GPUs of one kind).
+    """
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        rule = f.metadata.get("hash", True)
+        if hashed and rule is False:
+            continue
+        if hashed and rule == "device" and isinstance(value, str):
+            value = value.split(":", 1)[0]
         if dataclasses.is_dataclass(value):
-            value = config_dict(value, base_dir)
+            value = config_dict(value, base_dir, hashed)
         elif isinstance(value, tuple):
-            value = [config_dict(v, base_dir) if dataclasses.is_dataclass(v) else v for v in value]
+            value = [config_dict(v, base_dir, hashed) if dataclasses.is_dataclass(v) else v for v in value]
         elif f.metadata.get("path") and isinstance(value, str) and base_dir is not None:
             target, sep, func = value.rpartition(":") if f.metadata["path"] == "factory" else ("", "", value)
             p = target if sep else value
@@ -376,13 +388,31 @@ def config_dict(cfg: Any, base_dir: Path | None = None) -> dict:
     return out
 
 
-def stage_hash(kind: str, cfg: Any, input_hashes: dict, extra: dict | None = None, base_dir: Path | None = None) -> str:
-    """sha256 of canonical JSON: stage kind, config (defaults included), input hashes, format version."""
-    doc = {
+def not_hashed(default: Any) -> Any:
+    """A config field that cannot change stored values (batch size, workers): not in the stage hash,
+    so a run resumed with another value continues the same output."""
+    return field(default=default, metadata={"hash": False})
+
+
+def device_field(default: str = "cpu") -> Any:
+    """The ``device`` field: only its type (cpu / cuda / mps) is in the stage hash, not its index."""
+    return field(default=default, metadata={"hash": "device"})
+
+
+def hash_document(kind: str, cfg: Any, input_hashes: dict, extra: dict | None = None,
+                  base_dir: Path | None = None) -> dict:
+    """What :func:`stage_hash` hashes (also stamped in outputs, so a refusal can say what changed)."""
+    return {
         "stage": kind,
-        "config": config_dict(cfg, base_dir),
+        "config": config_dict(cfg, base_dir, hashed=True),
         "inputs": input_hashes,
         "extra": extra or {},
         "format_version": pipeline.FORMAT_VERSION,
     }
+
+
+def stage_hash(kind: str, cfg: Any, input_hashes: dict, extra: dict | None = None, base_dir: Path | None = None) -> str:
+    """sha256 of canonical JSON: stage kind, hashed config (defaults included), input hashes,
+    extra identity (model files, the dataset's ordered image ids), format version."""
+    doc = hash_document(kind, cfg, input_hashes, extra, base_dir)
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()

@@ -1,30 +1,63 @@
 """Workflow runner: stage order, skip-by-hash, refuse on changed config, --force.
 
-For each stage the runner computes the content hash (config with defaults, input
-hashes, fingerprints, format version), compares it with the hash stamped in the
-existing output, and then skips (same hash, complete), resumes (same hash,
-incomplete), refuses (different hash, unless ``--force``) or runs.
+For each stage the runner computes the content hash (hashed config with defaults,
+input hashes, model files, the dataset's ordered image ids, format version), compares
+it with the hash stamped in the existing output, and then
+
+- skips it (same hash, complete), resumes it (same hash, incomplete),
+- replaces it without asking when it holds no finished work (an output another
+  config created and then failed in, before any unit was done),
+- refuses, naming what changed (another hash, unless ``--force``),
+- refuses always when the path is not a diffprobe output (a user's file or folder
+  is never deleted, not even with ``--force``).
+
+``--force`` replaces only outputs whose hash changed, plus the stage named with
+``--only``; an up-to-date input of a changed stage is never deleted. Each stage run
+holds a lease (``pipeline.workflow.claims``): its ``--shard i/N`` share, or the whole
+stage for stages that do not shard; a second process on the same share is refused
+with the holder's pid and host.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.workflow.config import StageEntry, Workflow, stage_hash
-from pipeline.errors import ConfigError, StoreError
-from pipeline.workflow.stage import RunContext
+from pipeline.errors import ConfigError, DatasetError, StoreError
 from pipeline.store.layout import read_attrs
 from pipeline.store.location import is_remote, remove
+from pipeline.workflow.config import StageEntry, Workflow, hash_document, stage_hash
+from pipeline.workflow.stage import RunContext
+
+#: Errors of the output's file system that a user fixes outside diffprobe.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
 class OutputState:
-    status: str  # missing | complete | partial | changed | foreign
+    status: str  # missing | complete | partial | changed | stale | foreign
     detail: str = ""
+
+
+def has_finished_work(path: Path, attrs: dict) -> bool:
+    """Whether an output holds anything a replace would lose: a done unit (unit stores),
+    a finished task (probe / cka results), or a completed stamp."""
+    if attrs.get("complete"):
+        return True
+    if "layout" in attrs:
+        from pipeline.store.layout import unit_status
+
+        try:
+            return bool(unit_status(path).any())
+        except Exception:  # noqa: BLE001 -- an unreadable store is not known to be empty
+            return True
+    tasks = path / "tasks"
+    return tasks.is_dir() and any(tasks.glob("*.json"))
 
 
 def output_state(path: Path, expected_hash: str) -> OutputState:
@@ -33,8 +66,14 @@ def output_state(path: Path, expected_hash: str) -> OutputState:
     if attrs is None and (not path.exists() or (is_remote(path) and not (path / "zarr.json").exists())):
         return OutputState("missing")
     if attrs is None:
+        if not is_remote(path) and not path.is_dir():
+            return OutputState("foreign", f"{path} is a file, not a diffprobe output")
+        if not is_remote(path) and not any(path.iterdir()):
+            return OutputState("missing")  # an empty folder: nothing to lose
         return OutputState("foreign", f"{path} exists and is not a diffprobe output")
     if attrs.get("stage_hash") != expected_hash:
+        if not has_finished_work(path, attrs):
+            return OutputState("stale", f"{path} holds no finished work of another config")
         return OutputState("changed", f"{path} was written by stage config {str(attrs.get('stage_hash'))[:12]}")
     return OutputState("complete" if attrs.get("complete") else "partial")
 
@@ -56,6 +95,39 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two hash documents, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if old != new:
+        short = lambda v: (repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "...")
+        return [f"{prefix}: {short(old)} -> {short(new)}"]
+    return []
+
+
+def _tree_size(path: Path) -> tuple[int, int]:
+    if is_remote(path):
+        return 0, 0
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+class _LazyHashes(dict):
+    """stage name -> stage hash, computed (with its inputs') when first asked for."""
+
+    def __init__(self, runner: Runner):
+        super().__init__()
+        self.runner = runner
+
+    def __missing__(self, name: str) -> str:
+        value = self.runner._hash(self.runner.wf.stage(name))
+        self[name] = value
+        return value
+
+
 class Runner:
     def __init__(self, workflow: Workflow, force: bool = False, shard: tuple[int, int] = (0, 1),
                  strict: bool = False, progress: bool = True, echo=None):
@@ -66,18 +138,64 @@ class Runner:
         self.progress = progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.stages = {e.name: e.stage_class() for e in workflow.stages}
-        self.hashes: dict[str, str] = {}
-        for entry in workflow.stages:
-            self.hashes[entry.name] = self._hash(entry)
+        # Hashed on first use: a stage's hash opens its dataset (for the image ids), so
+        # only the stages a command touches, and their inputs, need their data here.
+        self.hashes: dict[str, str] = _LazyHashes(self)
+        self.identities: dict[str, dict] = {}
+        self.records: dict[str, list] = {}
         if force and shard[1] > 1:
             raise ConfigError("--force with --shard would let every shard delete the output; "
                               "delete it once, then launch the shards without --force")
 
+    def _data_identity(self, entry: StageEntry) -> dict | None:
+        """The dataset identity of a stage that computes rows of a dataset (None otherwise).
+
+        Where the dataset cannot be opened (analysis on a machine without it), the
+        identity stamped in the existing output stands in, so later stages still hash.
+        """
+        from pipeline.workflow.identity import dataset_identity
+
+        try:
+            records = self.stages[entry.name].dataset_records(entry.config)
+        except DatasetError:
+            stamped = ((read_attrs(entry.output) if entry.output.is_dir() else None) or {}).get("identity", {})
+            if "data" in stamped.get("extra", {}):
+                return stamped["extra"]["data"]
+            raise
+        if records is None:
+            return None
+        self.records[entry.name] = records
+        return dataset_identity(records)
+
     def _hash(self, entry: StageEntry) -> str:
         inputs = {f: ([self.hashes[r] for r in refs] if isinstance(refs, tuple) else self.hashes[refs])
                   for f, refs in entry.inputs.items() if refs is not None}
-        extra = self.stages[entry.name].fingerprint(entry.config, self.wf.base_dir)
+        extra = dict(self.stages[entry.name].fingerprint(entry.config, self.wf.base_dir))
+        data = self._data_identity(entry)
+        if data is not None:
+            extra["data"] = data
+        self.identities[entry.name] = hash_document(entry.kind, entry.config, inputs, extra, self.wf.base_dir)
         return stage_hash(entry.kind, entry.config, inputs, extra, self.wf.base_dir)
+
+    def explain_change(self, entry: StageEntry) -> str:
+        """What differs between the config that wrote ``entry.output`` and this one, in words."""
+        from pipeline.workflow.identity import first_difference, stored_image_ids
+
+        stamped = (read_attrs(entry.output) or {}).get("identity")
+        if not stamped:
+            return "it was written by an older diffprobe or another config"
+        new = self.identities[entry.name]
+        if stamped.get("extra", {}).get("data") != new.get("extra", {}).get("data") and entry.name in self.records:
+            try:
+                ids = stored_image_ids(entry.output)
+            except Exception:  # noqa: BLE001 -- fall back to the generic difference
+                ids = None
+            if ids is not None:
+                where = first_difference(ids, [r.image_id for r in self.records[entry.name]])
+                return f"the dataset changed: {where or 'the image labels differ'}"
+        diffs = _differences(stamped, new)
+        more = f" (and {len(diffs) - 2} more)" if len(diffs) > 2 else ""
+        return "; ".join(diffs[:2]) + more if diffs else "the stage hash differs"
 
     def select(self, only: str | None = None, until: str | None = None) -> list[StageEntry]:
         if only:
@@ -96,7 +214,8 @@ class Runner:
             paths = tuple(self.wf.stage(r).output for r in (refs if isinstance(refs, tuple) else (refs,)))
             inputs[f] = paths if isinstance(refs, tuple) else paths[0]
         return RunContext(self.wf, entry, entry.output, inputs, self.hashes[entry.name],
-                          shard=self.shard, strict=self.strict, progress=self.progress)
+                          shard=self.shard, strict=self.strict, progress=self.progress,
+                          identity=self.identities[entry.name])
 
     def check_inputs(self, entry: StageEntry) -> None:
         for refs in entry.inputs.values():
@@ -107,11 +226,43 @@ class Runner:
                 state = output_state(src.output, self.hashes[ref])
                 if state.status != "complete":
                     why = {"missing": "has not been run", "partial": "is incomplete",
-                           "changed": "was written with another config", "foreign": "is not a diffprobe output"}
+                           "changed": "was written with another config", "stale": "was written with another config",
+                           "foreign": "is not a diffprobe output"}
                     raise StoreError(
                         f"stage {entry.name!r} needs {ref!r}, whose output {src.output} {why[state.status]}; "
                         f"run it first: diffprobe run {self.wf.file} --only {ref}"
                     )
+
+    def check_output_paths(self, selected: list[StageEntry]) -> None:
+        """An output folder whose parent is a file: one line, before anything runs."""
+        for entry in selected:
+            for parent in entry.output.parents:
+                if parent.exists():
+                    if not parent.is_dir():
+                        raise ConfigError(f"stage {entry.name!r}: {parent} (on the way to {entry.output}) is a "
+                                          "file, not a folder; set output_dir (or 'output:') to a folder")
+                    break
+
+    def decide(self, entry: StageEntry, only: str | None) -> str:
+        """The action for one stage: run, resume, skip, replace; or a refusal (StoreError)."""
+        state = output_state(entry.output, self.hashes[entry.name])
+        named = only == entry.name
+        if state.status == "foreign":
+            raise StoreError(f"stage {entry.name!r}: {state.detail}; diffprobe never deletes what it did not "
+                             f"write (not even with --force): move it away, or set another 'output:'")
+        if state.status == "missing":
+            return "run"
+        if state.status == "stale":
+            return "replace (holds no finished work of another config)"
+        if state.status == "changed":
+            if not self.force:
+                raise StoreError(
+                    f"stage {entry.name!r}: {entry.output} was written by another config "
+                    f"({self.explain_change(entry)}); re-run with --force to replace it, or set another 'output:'")
+            return "replace (--force)"
+        if self.force and named:
+            return "replace (--force)"
+        return "skip (up to date)" if state.status == "complete" else "resume"
 
     def run(self, only: str | None = None, until: str | None = None, dry_run: bool = False) -> list[tuple[str, str]]:
         """Run the selected stages in order; returns (stage, action) rows."""
@@ -127,31 +278,106 @@ class Runner:
                     f"whole in every shard. Shard {', '.join(shardable) or 'none of them'} (--only NAME or "
                     f"--until NAME), then run the rest once without --shard"
                 )
+        self.check_output_paths(selected)
         for entry in selected:
-            state = output_state(entry.output, self.hashes[entry.name])
-            if state.status == "complete" and not self.force:
-                action = "skip (up to date)"
-            elif state.status in ("changed", "foreign") and not self.force:
-                raise StoreError(
-                    f"stage {entry.name!r}: {state.detail}, not by this config (hash {self.hashes[entry.name][:12]}); "
-                    f"re-run with --force to replace it, or set another 'output:'"
-                )
-            elif state.status == "partial" and not self.force:
-                action = "resume"
-            else:
-                action = "run" if state.status == "missing" else "replace (--force)"
+            action = self.decide(entry, only)
             report.append((entry.name, action))
             if dry_run:
-                self.echo(f"{entry.name} ({entry.kind}) -> {entry.output}: {action}")
+                line = f"{entry.name} ({entry.kind}) -> {entry.output}: {action}"
+                if action.startswith("replace"):
+                    n_files, size = _tree_size(entry.output)
+                    from pipeline.store.describe import human_bytes
+
+                    line += f"; would delete {entry.output} ({n_files} files, {human_bytes(size)})"
+                self.echo(line)
                 continue
             if action.startswith("skip"):
                 self.echo(f"[{entry.name}] up to date, skipped ({entry.output})")
                 continue
             self.check_inputs(entry)
-            if action.startswith("replace"):
-                remove(entry.output)
             self.echo(f"[{entry.name}] {action}: {entry.kind} -> {entry.output}")
             start = time.perf_counter()
-            self.stages[entry.name].run(entry.config, self.context(entry))
+            try:
+                self._run_stage(entry, replace=action.startswith("replace"))
+            except OSError as exc:
+                if exc.errno in STORAGE_ERRNOS:
+                    raise storage_error(entry, exc) from exc
+                raise
             self.echo(f"[{entry.name}] finished in {time.perf_counter() - start:.1f} s")
         return report
+
+    def _run_stage(self, entry: StageEntry, replace: bool) -> None:
+        """Run one stage under its lease; replace (delete) the old output first if asked."""
+        from pipeline.workflow.claims import Claims, remove_claims, shard_lease
+
+        stage = self.stages[entry.name]
+        if is_remote(entry.output):  # leases are files beside a local output; not yet on object storage
+            if replace:
+                remove(entry.output)
+            stage.run(entry.config, self.context(entry))
+            return
+        claims = Claims(entry.output)
+        if stage.shardable and self.shard[1] > 1:
+            lease, label = shard_lease(self.shard), f"stage {entry.name}, shard {self.shard[0]}/{self.shard[1]}"
+        elif not stage.shardable:
+            lease, label = "stage", f"stage {entry.name}"
+        else:
+            lease = label = None  # unsharded extract / classify: units are claimed one by one
+        with claims:
+            if lease is not None:
+                holder = claims.try_claim(lease, label)
+                if holder is not None:
+                    raise StoreError(f"{label} is already running: {holder.describe(claims.timeout)}; "
+                                     "wait for it (or run another shard)")
+            if replace:
+                others = claims.live_others()
+                if others:
+                    holder = next(iter(others.values()))
+                    raise StoreError(f"stage {entry.name!r}: not replacing {entry.output}: another process "
+                                     f"is writing it ({holder.describe(claims.timeout)})")
+                remove(entry.output)
+            ctx = self.context(entry)
+            ctx.claims = claims
+            stage.run(entry.config, ctx)
+        if (read_attrs(entry.output) or {}).get("complete"):
+            remove_claims(entry.output)
+
+
+def storage_error(entry: StageEntry, exc: OSError) -> StoreError:
+    """A full, read-only or forbidden output file system, as one line naming what to do."""
+    from pipeline.store.describe import human_bytes
+
+    where = entry.output
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        free = shutil.disk_usage(probe).free
+        need = _bytes_still_needed(where)
+        more = f"; about {human_bytes(need)} more are needed for the rest" if need else ""
+        what = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file size limit reached"}[exc.errno]
+        return StoreError(f"stage {entry.name!r}: {what} writing {where} ({human_bytes(free)} free{more}); "
+                          "free space (or set another output_dir) and run again: finished units are kept")
+    return StoreError(f"stage {entry.name!r}: cannot write {where}: {os.strerror(exc.errno)}"
+                      f"{f' ({exc.filename})' if exc.filename else ''}; make it writable, "
+                      "or set another output_dir / 'output:'")
+
+
+def _bytes_still_needed(path: Path) -> int:
+    """Bytes the units not yet done will take, at the size of the units done so far
+    (uncompressed size when none is done); 0 when unknown."""
+    from pipeline.store.layout import load_layout, unit_status
+
+    try:
+        status = unit_status(path)
+        layout = load_layout(path)
+    except Exception:  # noqa: BLE001 -- not a unit store, or not created yet
+        return 0
+    done, left = int(status.sum()), int((~status).sum())
+    if done:
+        per_unit = sum(f.stat().st_size for f in (path / "blocks").rglob("*") if f.is_file()) / done \
+            if (path / "blocks").exists() else 0
+        if per_unit:
+            return int(per_unit * left)
+    return layout.bytes_per_sample() * layout.unit_samples * left

@@ -32,6 +32,10 @@ class RunContext:
     strict: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    #: What the stage hash was computed from (config, inputs, model files, dataset identity).
+    identity: dict = field(default_factory=dict)
+    #: This process's leases on the output (set by the runner; None in direct calls).
+    claims: Any = None
 
     def base_attrs(self) -> dict:
         """Attrs every output carries: stage kind, name, hash, config, input hashes."""
@@ -42,6 +46,7 @@ class RunContext:
             "config": config_dict(self.entry.config, self.workflow.base_dir),
             "inputs": {k: str(v) if not isinstance(v, tuple) else [str(p) for p in v] for k, v in self.inputs.items()},
             "workflow": str(self.workflow.file),
+            "identity": self.identity,
         }
 
     def log(self, message: str) -> None:
@@ -57,13 +62,12 @@ class RunContext:
                              "re-run with --force to replace it, or set another 'output:'")
 
     # -- for stages that write a results folder of finished tasks (probe, cka) ------
-    def open_results_output(self) -> "TaskResults":
+    def open_results_output(self) -> TaskResults:
         """Create the results group (``complete: False``) or check an existing one is ours;
         the returned cache holds the tasks an interrupted run already finished."""
         import zarr
 
         from pipeline.store import layout as store
-
         from pipeline.store.location import zarr_store
 
         if store.read_attrs(self.output) is None:
@@ -81,6 +85,49 @@ class RunContext:
         self.check_same_config()
         done = store.unit_status(self.output)
         return [u for u in store.assigned_units(n_units, self.shard) if not done[u]]
+
+    def check_same_samples(self, image_ids: list[str]) -> None:
+        """Refuse to write into a store whose rows belong to other images.
+
+        ``image_ids`` is the run's per-row id list. The stage hash already holds the
+        dataset's identity; this is the last guard before any row is written.
+        """
+        import zarr
+
+        from pipeline.workflow.identity import first_difference
+
+        stored = [str(i) for i in zarr.open_group(str(self.output), mode="r")["image_id"][:]]
+        if stored != list(image_ids):
+            raise StoreError(f"{self.output}: the dataset changed since this store was written: "
+                             f"{first_difference(stored, list(image_ids)) or 'labels differ'}; "
+                             "re-run with --force to replace it, or set another 'output:'")
+
+    def unit_claims(self):
+        """Units taken one at a time under a lease (see ``pipeline.workflow.claims``)."""
+        from pipeline.store.location import is_remote
+        from pipeline.workflow.claims import Claims, UnitClaims
+
+        if is_remote(self.output):
+            return None  # leases live beside local outputs only (for now)
+        if self.claims is None:
+            self.claims = Claims(self.output).start()
+        return UnitClaims(self.claims, f"stage {self.entry.name}{self.shard_note()}")
+
+    def report_skipped(self, computed: int, units) -> None:
+        """After a run: refuse if every pending unit was held by another live process,
+        else say which units another process is still computing."""
+        self.log(f"{computed} unit(s) computed by this process{self.shard_note()}")
+        if units is None or not units.skipped:
+            return
+        unit, holder = next(iter(units.skipped.items()))
+        who = holder.describe(units.claims.timeout)
+        if computed == 0:
+            raise StoreError(
+                f"stage {self.entry.name!r}: all {len(units.skipped)} pending unit(s) of {self.output} are "
+                f"being computed by another process, e.g. unit {unit} by {who}; nothing to do here "
+                f"(a dead holder's lease expires after {units.claims.timeout:.0f} s)")
+        self.log(f"{len(units.skipped)} unit(s) are being computed by another process (unit {unit}: {who}); "
+                 "the store completes when it finishes")
 
     def shard_note(self) -> str:
         return f" in shard {self.shard[0]}/{self.shard[1]}" if self.shard[1] > 1 else ""
@@ -127,8 +174,12 @@ class TaskResults:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, default=float))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(result, default=float))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+            raise
 
 
 def input_field(**kwargs):
@@ -149,6 +200,17 @@ class Stage:
     def fingerprint(self, cfg: Any, base_dir: Path) -> dict:
         """Extra content for the hash that the config alone does not capture (e.g. weights)."""
         return {}
+
+    def dataset_records(self, cfg: Any) -> list | None:
+        """The ordered dataset records a stage computes rows for (extract, classify), or None.
+
+        Their identity (``pipeline.workflow.identity``) joins the stage hash: a store's
+        rows are positions in this list."""
+        return None
+
+    def validate(self, cfg: Any, ctx: RunContext) -> None:
+        """Checks that need more than the config's types (e.g. the model's null class),
+        run before an output is created, so a wrong config never leaves a store behind."""
 
     def run(self, cfg: Any, ctx: RunContext) -> None:
         raise NotImplementedError

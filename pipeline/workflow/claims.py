@@ -1,0 +1,381 @@
+"""Leases: one writer per unit (and per ``--shard``), surviving crashes, expiring.
+
+Two processes on one output must never compute the same unit (zarr-python loses data
+when two writers touch one shard, and GPU hours are spent twice), and a process that
+dies must not block its units for ever. So every unit a process works on is *claimed*
+with a lease, kept alive by a heartbeat and taken over once it expires.
+
+Storage: a folder beside the output, ``.<output name>.claims/`` (outside the store's
+hierarchy, so readers and consolidation never see it), holding one small JSON object
+per lease generation::
+
+    unit-00005.000000.json   {"owner", "pid", "host", "label", "created", "heartbeat"}
+    shard-1-of-2.000000.json
+
+The protocol uses only two primitives of the storage, so it can be re-implemented
+on object storage with a conditional PUT (S3 ``If-None-Match: *``):
+
+- *put-if-absent*: a lease is taken by creating generation ``g`` of its name
+  exclusively (``O_CREAT | O_EXCL`` here). Exactly one of several racers succeeds.
+- *overwrite own object*: the holder refreshes ``heartbeat`` in its own generation
+  file (write a temp file, rename over it; on S3 a plain PUT).
+
+A lease is live while ``now - heartbeat < timeout`` (``DIFFPROBE_LEASE_TIMEOUT``
+seconds, default 600; hosts must agree on the time to well within it). On the same
+host a holder whose pid no longer exists is dead at once. An expired or dead
+generation ``g`` is taken over by creating generation ``g + 1`` exclusively, so two
+processes taking over the same lease cannot both win; a creator that then lists a
+higher generation than its own backs off (it lost a race), and the winner deletes
+the older generations. A holder learns it lost a lease (it stalled past the timeout) when a
+higher generation exists; it checks before writing a unit (``confirm``) and stops.
+
+Nothing here touches the store: the runner and the stages decide what a lease
+guards (a unit of work, a shard's share, a whole stage run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Self
+
+TIMEOUT_ENV = "DIFFPROBE_LEASE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def lease_timeout() -> float:
+    """Seconds without a heartbeat after which a lease is expired (``DIFFPROBE_LEASE_TIMEOUT``)."""
+    value = os.environ.get(TIMEOUT_ENV)
+    try:
+        return float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds") from None
+
+
+def claims_folder(output: Path) -> Path:
+    """Where the leases of ``output`` live (beside it, outside its hierarchy)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.claims"
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease, as written in its object."""
+
+    owner: str
+    pid: int
+    host: str
+    label: str
+    created: float
+    heartbeat: float
+
+    def alive(self, timeout: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        if now - self.heartbeat >= timeout:
+            return False
+        if self.host == socket.gethostname() and self.pid > 0:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # a live process of another user
+                pass
+        return True
+
+    def describe(self, timeout: float, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        state = "" if self.alive(timeout, now) else ", expired"
+        return f"pid {self.pid} on {self.host} ({self.label}, heartbeat {now - self.heartbeat:.0f} s ago{state})"
+
+
+class Claims:
+    """The leases of one output, from the point of view of one process.
+
+    Parameters
+    ----------
+    output : the stage output the leases guard.
+    timeout : seconds without heartbeat before a lease expires (default :func:`lease_timeout`).
+    """
+
+    def __init__(self, output: Path, timeout: float | None = None):
+        self.folder = claims_folder(output)
+        self.timeout = lease_timeout() if timeout is None else float(timeout)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.owner = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:12]}"
+        self._held: dict[str, tuple[int, str]] = {}  # name -> (generation, label)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: set[str] = set()
+
+    # -- objects --------------------------------------------------------------
+    def _path(self, name: str, gen: int) -> Path:
+        return self.folder / f"{name}.{gen:06d}.json"
+
+    def _generations(self, name: str) -> list[int]:
+        try:
+            entries = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        gens = []
+        for entry in entries:
+            stem, _, ext = entry.rpartition(".")
+            base, _, gen = stem.rpartition(".")
+            if ext == "json" and base == name and gen.isdigit():
+                gens.append(int(gen))
+        return sorted(gens)
+
+    def _read(self, name: str, gen: int) -> Holder | None:
+        path = self._path(name, gen)
+        try:
+            text = path.read_text()
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            return Holder(**json.loads(text))
+        except (ValueError, TypeError):
+            # Created but not yet written (or cut short by a crash): live until it ages out.
+            return Holder("?", -1, "?", name, mtime, mtime)
+
+    def _document(self, label: str, created: float) -> bytes:
+        holder = Holder(self.owner, self.pid, self.host, label, created, time.time())
+        return json.dumps(asdict(holder)).encode()
+
+    # -- the protocol ---------------------------------------------------------
+    def holder(self, name: str) -> Holder | None:
+        """The current (highest-generation) holder of ``name``, live or not; None if unclaimed."""
+        gens = self._generations(name)
+        return self._read(name, gens[-1]) if gens else None
+
+    def try_claim(self, name: str, label: str) -> Holder | None:
+        """Take lease ``name``; None on success (or if already ours), else the live holder."""
+        if name in self._held:
+            return None
+        gens = self._generations(name)
+        gen = 0
+        if gens:
+            current = self._read(name, gens[-1])
+            if current is not None:
+                if current.alive(self.timeout):
+                    return current
+                gen = gens[-1] + 1
+            else:
+                gen = gens[-1] + 1  # released (or superseded) between listing and reading
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self._path(name, gen), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            winner = self._read(name, gen)
+            return winner or Holder("?", -1, "?", label, time.time(), time.time())
+        try:
+            os.write(fd, self._document(label, time.time()))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        newest = self._generations(name)[-1]
+        if newest != gen:
+            # A racer created a higher generation meanwhile: it supersedes ours.
+            self._path(name, gen).unlink(missing_ok=True)
+            return self._read(name, newest) or Holder("?", -1, "?", label, time.time(), time.time())
+        with self._lock:
+            self._held[name] = (gen, label)
+        for old in gens:
+            if old < gen:
+                self._path(name, old).unlink(missing_ok=True)
+        return None
+
+    def confirm(self, name: str) -> bool:
+        """Whether this process still holds ``name`` (no one took it over after a stall)."""
+        if name not in self._held or name in self.lost:
+            return False
+        return self.confirm_generation(name, self._held[name][0])
+
+    def release(self, name: str) -> None:
+        """Give ``name`` up (its work is done, or abandoned). Never deletes another's lease."""
+        with self._lock:
+            entry = self._held.pop(name, None)
+        if entry is not None and self.confirm_generation(name, entry[0]):
+            self._path(name, entry[0]).unlink(missing_ok=True)
+
+    def confirm_generation(self, name: str, gen: int) -> bool:
+        """Generation ``gen`` of ``name`` is the newest and its object names this process."""
+        gens = self._generations(name)
+        if not gens or gens[-1] != gen:
+            return False
+        current = self._read(name, gen)
+        return current is not None and current.owner == self.owner
+
+    def heartbeat(self) -> None:
+        """Refresh every held lease; a lease someone took over goes to ``lost``."""
+        with self._lock:
+            held = dict(self._held)
+        for name, (gen, label) in held.items():
+            if not self.confirm_generation(name, gen):
+                self.lost.add(name)
+                continue
+            current = self._read(name, gen)
+            path = self._path(name, gen)
+            tmp = path.with_name(f".{path.name}.{self.owner.rsplit(':', 1)[-1]}.tmp")
+            tmp.write_bytes(self._document(label, current.created if current else time.time()))
+            os.replace(tmp, path)
+
+    # -- lifetime -------------------------------------------------------------
+    def start(self) -> Claims:
+        """Heartbeat every ``timeout / 4`` seconds in a daemon thread until :meth:`close`."""
+        if self._thread is None:
+            interval = max(0.05, self.timeout / 4)
+
+            def beat():
+                while not self._stop.wait(interval):
+                    with contextlib.suppress(OSError):
+                        self.heartbeat()
+
+            self._thread = threading.Thread(target=beat, name="diffprobe-lease-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the heartbeat and release every lease still held."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for name in list(self._held):
+            with contextlib.suppress(OSError):
+                self.release(name)
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()  # only when empty
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- for messages and inspect --------------------------------------------
+    def holders(self) -> dict[str, Holder]:
+        """Every lease in the folder: name -> current holder (live or not)."""
+        try:
+            entries = os.listdir(self.folder)
+        except FileNotFoundError:
+            return {}
+        names = {e.rpartition(".")[0].rpartition(".")[0] for e in entries if e.endswith(".json")}
+        out = {}
+        for name in sorted(names):
+            holder = self.holder(name)
+            if holder is not None:
+                out[name] = holder
+        return out
+
+    def live_others(self) -> dict[str, Holder]:
+        """Leases held by other processes that are still alive."""
+        return {n: h for n, h in self.holders().items() if h.owner != self.owner and h.alive(self.timeout)}
+
+
+def unit_lease(unit: int) -> str:
+    return f"unit-{unit:06d}"
+
+
+def shard_lease(shard: tuple[int, int]) -> str:
+    return f"shard-{shard[0]}-of-{shard[1]}"
+
+
+def remove_claims(output: Path) -> None:
+    """Delete the lease folder of a completed output (no one may hold a lease on it any more)."""
+    import shutil
+
+    shutil.rmtree(claims_folder(output), ignore_errors=True)
+
+
+class UnitClaims:
+    """Units of one run, taken one at a time under a unit lease.
+
+    ``take(units, is_done)`` yields each unit this process claimed and that is still
+    not done (checked after the claim: another process may have finished it since
+    the run started); units held by a live process are skipped and listed in
+    ``skipped``. ``finish(unit)`` (after the unit's ``done`` is durable) and
+    ``abandon(unit)`` release the lease.
+    """
+
+    def __init__(self, claims: Claims, label: str):
+        self.claims = claims
+        self.label = label
+        self.skipped: dict[int, Holder] = {}
+
+    def take(self, units: Iterable[int], is_done) -> Iterator[int]:
+        for unit in units:
+            holder = self.claims.try_claim(unit_lease(unit), f"{self.label}, unit {unit}")
+            if holder is not None:
+                self.skipped[unit] = holder
+                continue
+            if is_done(unit):
+                self.claims.release(unit_lease(unit))
+                continue
+            yield unit
+
+    def confirm(self, unit: int) -> None:
+        """Raise if this process lost the unit's lease (it stalled past the timeout and
+        another process took the unit over): the unit must not be written twice."""
+        if not self.claims.confirm(unit_lease(unit)):
+            from pipeline.errors import StoreError
+
+            holder = self.claims.holder(unit_lease(unit))
+            who = holder.describe(self.claims.timeout) if holder else "another process"
+            raise StoreError(f"lost the lease on unit {unit} to {who} after a stall longer than "
+                             f"{self.claims.timeout:.0f} s; not writing it. Run again to finish the rest")
+
+    def finish(self, unit: int) -> None:
+        self.claims.release(unit_lease(unit))
+
+
+def _ranges(units: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts, start = [], None
+    for i, u in enumerate(units):
+        if start is None:
+            start = u
+        if i + 1 == len(units) or units[i + 1] != u + 1:
+            parts.append(str(start) if start == u else f"{start}-{u}")
+            start = None
+    return ", ".join(parts)
+
+
+def lease_report(output: Path, pending: list[int]) -> list[str]:
+    """Lines for ``diffprobe inspect``: which units are missing, and who held them.
+
+    A shard that died leaves its ``shard-i-of-N`` lease behind (expired), so the units
+    of its share are attributed to it; a unit lease left behind names the unit that
+    was being computed.
+    """
+    claims = Claims(output)
+    holders = claims.holders()
+    if not pending and not holders:
+        return []
+    lines = []
+    if pending:
+        lines.append(f"missing   {len(pending)} unit(s) not done: {_ranges(pending)}")
+    for name, holder in holders.items():
+        if name.startswith("shard-"):
+            i, n = (int(x) for x in name[len("shard-"):].split("-of-"))
+            mine = [u for u in pending if u % n == i]
+            lines.append(f"          shard {i}/{n} ({len(mine)} of them: {_ranges(mine) or 'none'}) "
+                         f"held by {holder.describe(claims.timeout)}")
+        elif name.startswith("unit-"):
+            lines.append(f"          unit {int(name[len('unit-'):])} claimed by {holder.describe(claims.timeout)}")
+        else:
+            lines.append(f"          {name} held by {holder.describe(claims.timeout)}")
+    if pending and not any(h.alive(claims.timeout) for h in holders.values()):
+        lines.append("          no live process holds them: run the stage again (with the same --shard) to finish")
+    return lines

@@ -1,0 +1,125 @@
+"""The output's file system fails: full, read-only, or the output dir is a file. Each is one
+line naming what, where and what to do; only whole units are left; a resume finishes.
+
+The small and read-only file systems are tmpfs mounts the test makes (root only; the
+tests skip where mounting is not permitted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from helpers import write_extract_workflow
+
+from pipeline import store
+from pipeline.workflow.config import load_workflow
+from pipeline.workflow.runner import Runner
+from stages import STAGES
+
+DIFFPROBE = [sys.executable, "-m", "pipeline.cli.commands"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs folder of that size; remount(path, options) changes it."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              check=False, capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+def remount(where: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True)
+
+
+def cli_run(wf: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress", *args], check=False, capture_output=True, text=True,
+                          timeout=300)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr
+    return last
+
+
+def workflow_in(folder: Path, code_dir: Path, **kw) -> Path:
+    """The tiny extract workflow with its output under ``folder`` (the file itself elsewhere)."""
+    wf = write_extract_workflow(code_dir, dataset="{reader: digits, split: test, limit: 32}",
+                                blocks="[up_blocks.1]", **kw)
+    wf.write_text(wf.read_text().replace("output_dir: out", f"output_dir: {folder / 'out'}"))
+    return wf
+
+
+def test_a_full_disk_is_one_line_leaves_whole_units_and_resumes(tmp_path, tmpfs):
+    small = tmpfs("420k")
+    wf = workflow_in(small, tmp_path / "wf")
+    line = one_error_line(cli_run(wf))
+    out = small / "out/ex.zarr"
+    assert "no space left writing" in line and str(out) in line and "free" in line, line
+    assert "more are needed for the rest" in line and "run again: finished units are kept" in line, line
+    if out.exists():  # the schema fit: every unit marked done has all its data
+        root = zarr.open_group(str(out), mode="r")
+        done = store.unit_status(out)
+        acts = root["blocks/up_blocks.1/activations"]
+        for u in np.flatnonzero(done):
+            assert np.isfinite(acts[u * 8:(u + 1) * 8]).all()
+    assert not list(small.glob("out/.*.tmp-*"))  # a failed schema build leaves no temp folder
+    remount(small, "size=8m")
+    proc = cli_run(wf)
+    assert proc.returncode == 0, proc.stderr
+    assert store.read_attrs(out)["complete"] is True
+    ref = workflow_in(tmp_path / "ref", tmp_path / "ref")
+    Runner(load_workflow(ref, STAGES), progress=False).run()
+    a = zarr.open_group(str(out), mode="r")["blocks/up_blocks.1/activations"][:]
+    b = zarr.open_group(str(tmp_path / "ref/out/ex.zarr"), mode="r")["blocks/up_blocks.1/activations"][:]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_read_only_output_is_one_line_fresh_partial_or_holding_inputs(tmp_path, tmpfs):
+    import os
+    import signal
+
+    fs = tmpfs("16m")
+    wf = workflow_in(fs, tmp_path / "wf")
+    # partial: killed after 2 units, then the file system goes read-only
+    env = dict(os.environ, DIFFPROBE_FAULT_KILL_AFTER_UNITS="2")
+    killed = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], env=env, check=False, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    remount(fs, "ro")
+    line = one_error_line(cli_run(wf))
+    assert "cannot write" in line and "Read-only file system" in line and "make it writable" in line, line
+    # holding a finished input for a next stage that writes beside it
+    remount(fs, "rw")
+    assert cli_run(wf).returncode == 0
+    wf.write_text(wf.read_text() + "  - {name: again, stage: extract, model: {config: tiny_unet.json, "
+                  "null_class: 10}, conditioning: class, dataset: {reader: digits, split: test, limit: 4}, "
+                  "blocks: [mid_block], timesteps: [10]}\n")
+    remount(fs, "ro")
+    proc = cli_run(wf)
+    line = one_error_line(proc)
+    assert "stage 'again'" in line and "Read-only file system" in line, line
+    assert "[ex] up to date, skipped" in proc.stderr
+    # fresh: nothing there yet
+    fresh = tmpfs("1m")
+    remount(fresh, "ro")
+    line = one_error_line(cli_run(workflow_in(fresh, tmp_path / "fresh")))
+    assert "cannot write" in line and "Read-only file system" in line, line
