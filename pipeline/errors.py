@@ -72,3 +72,7 @@ def select_or_error(requested, available: list, what: str, where: str, stage: st
             f"valid: {list_choices(map(str, available))}"
         )
     return list(requested)
+
+
+class ClusterError(DiffprobeError, RuntimeError):
+    """Dask workers cannot be had or kept: a scheduler refused the jobs, they never start, or they run other code."""

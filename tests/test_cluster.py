@@ -130,45 +130,24 @@ def test_cluster_config_errors_say_the_fix(monkeypatch):
             pass
 
 
-FAKE_SBATCH = """#!/bin/bash
-# sbatch stand-in: keep the job script, run it detached, answer as SLURM does.
-cp "$1" "$FAKE_SLURM/job-$$.sh"
-setsid bash "$FAKE_SLURM/job-$$.sh" > "$FAKE_SLURM/job-$$.log" 2>&1 < /dev/null &
-echo "Submitted batch job $!"
-"""
-FAKE_SCANCEL = """#!/bin/bash
-for job in "$@"; do kill -TERM -- "-$job" 2>/dev/null || kill -TERM "$job" 2>/dev/null; done
-echo "$@" >> "$FAKE_SLURM/cancelled"
-exit 0
-"""
-
-
-def test_slurm_cluster_runs_the_grid_through_sbatch(tmp_path, monkeypatch, capsys):
-    """The `slurm` kind end to end, with sbatch/scancel stand-ins that run jobs on this machine."""
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_slurm_cluster_runs_the_grid_through_real_sbatch(tmp_path, slurm, capsys):
+    """The `slurm` kind end to end on the real SLURM: same numbers as a local cluster, no job left."""
     import xarray as xr
 
     pytest.importorskip("dask_jobqueue")
-    fake = tmp_path / "slurm"
-    fake.mkdir()
-    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL)):
-        (fake / name).write_text(text)
-        (fake / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_SLURM", str(fake))
-    slurm = json.dumps({
-        "cores": 1, "memory": "2GB", "processes": 1, "walltime": "00:20:00", "queue": "cpu",
-        "scheduler_options": {"host": "127.0.0.1", "dashboard_address": ":0"},
-        "worker_extra_args": ["--host", "127.0.0.1"], "log_directory": str(tmp_path / "logs"),
-    })
-    wf = load_workflow(_workflow(tmp_path, f"{{kind: slurm, n_workers: 2, slurm: {slurm}}}", "slurm"), STAGES)
+    before = set(slurm.new_jobs())
+    options = slurm.jobqueue_options(tmp_path, memory="2GiB", walltime="00:20:00")
+    wf = load_workflow(_workflow(tmp_path, f"{{kind: slurm, n_workers: 2, slurm_wait_s: 120, "
+                                           f"slurm: {json.dumps(options)}}}", "slurm"), STAGES)
     Runner(wf, progress=False).run()
-    assert "dask cluster (slurm): 2 worker job(s) submitted" in capsys.readouterr().err
-    scripts = sorted(fake.glob("job-*.sh"))
-    assert len(scripts) == 4  # two worker jobs for each dask stage: pool and probe
-    text = scripts[0].read_text()
-    assert "#SBATCH -p cpu" in text and "#SBATCH -t 00:20:00" in text and "--cpus-per-task=1" in text
-    assert "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in text and "tcp://127.0.0.1:" in text
-    assert len((fake / "cancelled").read_text().split()) == 4  # every job cancelled when its stage ends
+    err = capsys.readouterr().err
+    assert err.count("dask cluster (slurm): 2 worker job(s) submitted") == 2  # pool and probe
+    assert "dask cluster (slurm): 2 worker(s)" in err
+    logs = sorted((tmp_path / "slurm-logs").glob("*.err"))
+    assert len(logs) == 4  # two worker jobs for each dask stage
+    assert slurm.wait_until_gone([j for j in slurm.new_jobs() if j not in before], timeout=60) == []
     local = load_workflow(_workflow(tmp_path, "{kind: local, n_workers: 1, threads_per_worker: 1}", "local"), STAGES)
     Runner(local, progress=False).run()
     a, b = (xr.open_zarr(w.stage("probe").output).load() for w in (wf, local))

@@ -29,7 +29,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import signal
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +44,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.workflow.config import ClusterConfig
 from pipeline import faults
+from pipeline.cluster.slurm import NEUTRAL_CWD
+from pipeline.cluster.identity import check_workers
 from pipeline.errors import ConfigError
 
 #: zarr ``async.concurrency`` on workers (4-8 when workers run many threads: each call's default of 10
@@ -122,14 +127,15 @@ def _start_cluster(cfg: ClusterConfig):
                 "cluster kind 'slurm' needs dask-jobqueue: pip install diffprobe[slurm]"
             ) from None
         options = dict(cfg.slurm)
-        # Worker processes that may fork the probe's block-reader helper (the batch
+        # A neutral working directory first (a user's prologue may still cd elsewhere),
+        # then worker processes that may fork the probe's block-reader helper (the batch
         # job's cgroup ends them with the job either way).
-        options["job_script_prologue"] = [*options.get("job_script_prologue", []), SLURM_WORKER_ENV]
+        options["job_script_prologue"] = [*NEUTRAL_CWD, *options.get("job_script_prologue", []),
+                                          SLURM_WORKER_ENV]
         try:
             cluster = SLURMCluster(**options)
         except TypeError as exc:
             raise ConfigError(f"cluster.slurm: {exc} (keys are SLURMCluster's arguments)") from None
-        cluster.scale(n=cfg.n_workers)
         return cluster
     raise ConfigError(f"unknown cluster kind {cfg.kind!r}; valid: local, address, slurm")
 
@@ -146,7 +152,15 @@ def get_client(cfg: ClusterConfig, log: Callable[[str], None] | None = None) -> 
     """
     log = log or _stderr
     cluster = _start_cluster(cfg)
+    watch = None
+    restore = _exit_on_sigterm() if cfg.kind == "slurm" else None
     try:
+        if cfg.kind == "slurm":
+            from pipeline.cluster.slurm import SlurmWorkers
+
+            watch = SlurmWorkers(cluster, cfg.n_workers, cfg.slurm_wait_s, cfg.slurm_replacements, log)
+            watch.preflight()
+            watch.start()
         try:
             client = Client(cluster if cluster is not None else cfg.address, timeout="30s")
         except (OSError, TimeoutError) as exc:
@@ -158,13 +172,15 @@ def get_client(cfg: ClusterConfig, log: Callable[[str], None] | None = None) -> 
             client.register_plugin(ZarrConcurrency(), name="diffprobe-zarr-concurrency")
             if cluster is not None:  # workers we started; an external cluster's are its own
                 client.register_plugin(IgnoreSigint(), name="diffprobe-ignore-sigint")
-            workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
             where = cfg.address if cluster is None else cfg.kind
-            if cfg.kind == "slurm":
-                log(f"dask cluster (slurm): {cfg.n_workers} worker job(s) submitted, {workers} connected "
-                    f"so far; tasks start as the jobs do (squeue shows them)")
+            if watch is not None:
+                log(f"dask cluster (slurm): {cfg.n_workers} worker job(s) submitted")
+                watch.wait(client)
+                _WATCHES[id(client)] = watch
             else:
-                log(f"dask cluster ({where}): {workers} worker(s)")
+                check_workers(client)
+            workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            log(f"dask cluster ({where}): {workers} worker(s)")
             if cfg.dashboard and client.dashboard_link:
                 if importlib.util.find_spec("bokeh") is None:
                     log("dask dashboard: not served (pip install bokeh to get one)")
@@ -172,10 +188,75 @@ def get_client(cfg: ClusterConfig, log: Callable[[str], None] | None = None) -> 
                     log(f"dask dashboard: {client.dashboard_link}")
             yield client
         finally:
+            _WATCHES.pop(id(client), None)
             client.close()
     finally:
-        if cluster is not None:
-            cluster.close()
+        try:
+            if cluster is not None:
+                cluster.close()
+        finally:
+            if watch is not None:
+                left = watch.cancel_all()
+                if left:
+                    log(f"cancelled SLURM worker job(s) {' '.join(left)} left after closing the cluster")
+            if restore is not None:
+                restore()
+
+
+#: Watches of the SLURM clients open now, by ``id(client)``: ``run_tasks`` polls them.
+_WATCHES: dict[int, Any] = {}
+
+
+def _exit_on_sigterm() -> Callable[[], None] | None:
+    """Make SIGTERM unwind the stack (so worker jobs are cancelled); returns the undo, or None.
+
+    Python's default SIGTERM ends the process without running ``finally`` blocks, which
+    would leave the worker jobs queued until their walltime.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        return None  # someone (the CLI) already handles it
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _completed(queue, client: Client):
+    """Futures of ``queue`` as they finish; polls the client's SLURM watch in between, if any."""
+    watch = _WATCHES.get(id(client))
+    if watch is None:
+        yield from queue
+        return
+    while not queue.is_empty():
+        batch = queue.next_batch(block=False)
+        if not batch:
+            watch.check(client)
+            time.sleep(0.2)
+            continue
+        yield from batch
+
+
+def _result(future, client: Client):
+    """``future.result()``, polling the SLURM watch while it waits.
+
+    A finished future whose data lived on a worker that is gone is recomputed by
+    ``result()``; without workers that would wait for ever.
+    """
+    watch = _WATCHES.get(id(client))
+    if watch is None:
+        return future.result()
+    while True:
+        try:
+            return future.result(timeout=2)
+        except TimeoutError:
+            if future.status == "error":
+                raise  # the task's own TimeoutError
+            watch.check(client)
 
 
 # ----------------------------------------------------------------- tasks
@@ -240,12 +321,12 @@ def run_tasks(
 
     for payload in payloads:
         submit(payload, 1)
-    for future in queue:
+    for future in _completed(queue, client):
         payload, attempt = pending.pop(future.key)
         outcome = outcomes[payload.name]
         outcome.attempts = attempt
         try:
-            result = future.result()
+            result = _result(future, client)
         except Exception as exc:  # noqa: BLE001 -- any task error is reported, then retried once
             message = f"{type(exc).__name__}: {exc}"
             if attempt < MAX_ATTEMPTS:

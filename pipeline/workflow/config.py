@@ -248,6 +248,10 @@ class ClusterConfig:
 
     kind: ``local`` (LocalCluster), ``address`` (a running ``dask scheduler``),
         ``slurm`` (dask-jobqueue SLURMCluster; extra ``diffprobe[slurm]``).
+    slurm_wait_s: how long a ``slurm`` run may be without any connected worker (at start,
+        or after its jobs ended) before it stops with a line saying why.
+    slurm_replacements: how many lost worker jobs (cancelled, pre-empted, failed) are
+        resubmitted in all.
     """
 
     kind: Literal["local", "address", "slurm"] = "local"
@@ -256,6 +260,8 @@ class ClusterConfig:
     memory_limit: str = "4GiB"
     address: str | None = None
     slurm: dict = field(default_factory=dict)
+    slurm_wait_s: float = 600.0
+    slurm_replacements: int = 4
     dashboard: bool = True
 
 
