@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import store  # noqa: E402
 from pipeline.store import error_tensor as errorstore  # noqa: E402
+from pipeline.dc import rescore  # noqa: E402
 from pipeline.datasets import DatasetConfig  # noqa: E402
 from pipeline.models import ModelConfig  # noqa: E402
 from stages.classify import ClassifyConfig, Classifier, ScheduleConfig, classify_units  # noqa: E402
@@ -84,7 +85,7 @@ def run_classify(cfg: ClassifyConfig, out: Path) -> dict:
     classify_units(clf, out, list(range(clf.layout.n_units)), progress=False)
     wall = time.perf_counter() - start
     store.finalize(out)
-    result = errorstore.score_store(out)
+    result = rescore.score_store(out)
     n = len(records)
     return {"accuracy": result["accuracy"], "forwards": clf.forward_passes, "wall": wall,
             "forwards_per_image": clf.forward_passes / n, "seconds_per_image": wall / n,

@@ -1,4 +1,4 @@
-"""Why the probe's block reader is a process: zarr reads in a thread slow training beside them.
+"""Why the probe's window reader is a process: zarr reads in a thread slow training beside them.
 
 Times the same in-memory ``train_heads`` call (one linear head, 8 epochs, torch on
 one thread) alone, beside a thread that keeps reading the store's slabs through

@@ -18,7 +18,8 @@ import zarr
 
 from pipeline import store
 
-from pipeline.store import error_tensor as errorstore
+
+from pipeline.dc import rescore
 from pipeline.workflow.config import load_workflow
 from stages import STAGES
 from pipeline.datasets import DatasetConfig, open_dataset, preprocess
@@ -151,7 +152,7 @@ def test_adaptive_spends_fewer_passes_on_the_same_cells(exhaustive, tmp_path):
         assert set(np.flatnonzero(evaluated[s, :, 0])) == set(survivors)
         expected = survivors[np.argmin(reference[s][survivors].mean(axis=1))]
         assert read(path, "prediction")[s] == expected
-    assert errorstore.score_store(path)["predictions"].tolist() == read(path, "prediction").tolist()
+    assert rescore.score_store(path)["predictions"].tolist() == read(path, "prediction").tolist()
 
 
 def test_plan_counts_the_forward_passes_a_run_spends(tmp_path):
@@ -169,11 +170,11 @@ def test_rescoring_a_trial_subset_equals_running_with_it(exhaustive, tmp_path):
     timesteps = [even_timesteps(N_TRIALS)[i] for i in subset]
     path = run_classify(tmp_path, n_timesteps=None, timesteps=json.dumps(timesteps))
     np.testing.assert_allclose(read(path, "error_l1"), read(full, "error_l1")[:, :, subset], rtol=1e-5)
-    ran, rescored = errorstore.score_store(path), errorstore.score_store(full, trials=subset)
+    ran, rescored = rescore.score_store(path), rescore.score_store(full, trials=subset)
     assert rescored["predictions"].tolist() == ran["predictions"].tolist() == read(path, "prediction").tolist()
     assert rescored["accuracy"] == ran["accuracy"]
     np.testing.assert_array_equal(rescored["confusion"], ran["confusion"])
-    by_time = errorstore.score_store(full, timesteps=timesteps)
+    by_time = rescore.score_store(full, timesteps=timesteps)
     assert by_time["predictions"].tolist() == ran["predictions"].tolist()
     assert rescored["forward_passes"] == ran["forward_passes_spent"] == N_IMAGES * 10 * len(subset)
 
@@ -196,7 +197,7 @@ def test_interrupted_run_resumes_and_skips_units_already_done(exhaustive, tmp_pa
     path = tmp_path / "out" / "c.zarr"
     assert store.unit_status(path).tolist() == [True, False, False]
     with pytest.raises(StoreError, match="incomplete"):
-        errorstore.score_store(path)
+        rescore.score_store(path)
     written = {p: p.stat().st_mtime_ns for p in (path / "error_l2" / "c").rglob("*") if p.is_file()}
     assert len(written) == 1  # unit 0 is one shard
 
@@ -229,7 +230,7 @@ def test_score_command_needs_no_torch(exhaustive, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout
     summary = json.loads((tmp_path / "score.json").read_text())
-    expected = errorstore.score_store(path, loss="l1", trials=[0, 2, 4])
+    expected = rescore.score_store(path, loss="l1", trials=[0, 2, 4])
     assert summary["accuracy"] == expected["accuracy"] and summary["trials"] == [0, 2, 4]
     assert summary["confusion"] == expected["confusion"].tolist()
     assert (tmp_path / "confusion.png").stat().st_size > 0 and (tmp_path / "per_class.csv").exists()
@@ -237,15 +238,15 @@ def test_score_command_needs_no_torch(exhaustive, tmp_path):
 
 def test_trial_selection_parsing_and_bad_inputs(exhaustive, tmp_path):
     path, _ = exhaustive
-    assert errorstore.parse_trials("0:4,7,-1", 10) == [0, 1, 2, 3, 7, 9]
-    assert errorstore.parse_trials("::3", 10) == [0, 3, 6, 9]
+    assert rescore.parse_trials("0:4,7,-1", 10) == [0, 1, 2, 3, 7, 9]
+    assert rescore.parse_trials("::3", 10) == [0, 3, 6, 9]
     with pytest.raises(ConfigError, match="outside 0..9"):
-        errorstore.parse_trials("12", 10)
+        rescore.parse_trials("12", 10)
     with pytest.raises(ConfigError, match="not trials of the plan"):
-        errorstore.score_store(path, timesteps=[999])
+        rescore.score_store(path, timesteps=[999])
     with pytest.raises(ConfigError, match="unknown loss"):
-        errorstore.score_store(path, loss="l3")
-    weighted = errorstore.score_store(path, weighting="x0")
+        rescore.score_store(path, loss="l3")
+    weighted = rescore.score_store(path, weighting="x0")
     assert 0.0 <= weighted["accuracy"] <= 1.0
     with pytest.raises(ConfigError, match="keep_per_round"):
         Runner(load_workflow(classify_workflow(tmp_path / "a", n_timesteps=None,
@@ -257,7 +258,7 @@ def test_trial_selection_parsing_and_bad_inputs(exhaustive, tmp_path):
     with pytest.raises(ConfigError, match="'prompt' is for text-conditional"):
         run_classify(tmp_path / "d", prompt="mnist")
     with pytest.raises(StoreError, match="not a classify store"):
-        errorstore.score_store(tmp_path / "d")
+        rescore.score_store(tmp_path / "d")
 
 
 def test_unconditional_model_is_refused(tmp_path):
@@ -342,7 +343,7 @@ def test_shipped_digits_model_classifies_well_above_chance(tmp_path):
     full = run_classify(tmp_path / "full", n_timesteps=10, **common)
     adaptive = run_classify(tmp_path / "adaptive", n_timesteps=None, schedule="{timesteps_per_round: [5, 10], keep_per_round: [3, 1]}",
                             **common)
-    a, b = errorstore.score_store(full), errorstore.score_store(adaptive)
+    a, b = rescore.score_store(full), rescore.score_store(adaptive)
     assert a["accuracy"] >= 0.6 and b["accuracy"] >= 0.6, (a["accuracy"], b["accuracy"])
     assert b["forward_passes_spent"] < a["forward_passes_spent"]
 
@@ -393,8 +394,8 @@ def test_several_noise_draws_per_timestep(exhaustive, tmp_path):
     # draw 0 is the one-draw run's eps: the same cells
     np.testing.assert_allclose(errors[:, :, 0::2], reference, rtol=1e-5)
     assert not np.allclose(errors[:, :, 1::2], reference)
-    one_draw = errorstore.score_store(path, draws=[0])
-    assert one_draw["predictions"].tolist() == errorstore.score_store(full)["predictions"].tolist()
+    one_draw = rescore.score_store(path, draws=[0])
+    assert one_draw["predictions"].tolist() == rescore.score_store(full)["predictions"].tolist()
     assert one_draw["trials"] == list(range(0, 2 * N_TRIALS, 2))
     # a draw-1 cell recomputed with its own eps, sample_noise(seed, image_id, view=1, t)
     (tmp_path / "tiny.json").write_text(json.dumps(TINY_UNET))
@@ -412,7 +413,7 @@ def test_several_noise_draws_per_timestep(exhaustive, tmp_path):
         pred = unet(x_t[None], torch.tensor([t]), class_labels=torch.tensor([c])).sample[0].double()
     np.testing.assert_allclose(errors[s, c, trial], ((pred - eps) ** 2).mean().item(), rtol=1e-4)
     # the score command selects by draw
-    assert errorstore.score_store(path, timesteps=[grid[3]], draws=[1])["trials"] == [7]
+    assert rescore.score_store(path, timesteps=[grid[3]], draws=[1])["trials"] == [7]
 
 
 def test_stable_diffusion_with_several_prompts_per_class(tmp_path):
@@ -444,7 +445,7 @@ def test_stable_diffusion_with_several_prompts_per_class(tmp_path):
     means = errors.mean(axis=2)
     per_class = np.stack([means[:, candidate_class == k].min(axis=1) for k in range(10)], axis=1)
     assert ds["prediction"].values.tolist() == per_class.argmin(axis=1).tolist()
-    assert errorstore.score_store(path)["predictions"].tolist() == per_class.argmin(axis=1).tolist()
+    assert rescore.score_store(path)["predictions"].tolist() == per_class.argmin(axis=1).tolist()
     # adaptive over prompts: round 1 keeps the 4 best prompts (as the reference keeps prompt rows)
     adaptive = run_classify(tmp_path / "adaptive", **(common | {
         "n_timesteps": None, "schedule": "{timesteps_per_round: [2, 4], keep_per_round: [4, 1]}"}))

@@ -156,14 +156,14 @@ def test_slurm_cluster_runs_the_grid_through_real_sbatch(tmp_path, slurm, capsys
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
 
 
-def test_local_cluster_workers_may_fork_the_block_reader():
+def test_local_cluster_workers_may_fork_the_window_reader():
     from pipeline.store.prefetch import process_allowed
 
     with get_client(ClusterConfig(kind="local", n_workers=1, threads_per_worker=1), log=lambda _: None) as client:
         assert list(client.run(process_allowed).values()) == [True]
 
 
-def test_streamed_probe_in_two_thread_workers_is_the_same_with_either_block_reader(tmp_path, monkeypatch):
+def test_streamed_probe_in_two_thread_workers_is_the_same_with_either_window_reader(tmp_path, monkeypatch):
     """A buffer far smaller than the slices: every pass streams through forked helpers (or threads)."""
     import pandas as pd
     import xarray as xr

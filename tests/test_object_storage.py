@@ -256,7 +256,7 @@ def test_demo_like_workflow_runs_with_output_dir_on_s3(tmp_path, s3_server, capf
 
     from pipeline.cka.results import open_cka
     from pipeline.probing.results import open_results
-    from pipeline.store import error_tensor
+    from pipeline.dc import rescore
 
     bucket = s3_server.new_bucket()
     (tmp_path / "tiny_unet.json").write_text(json.dumps(TINY_UNET))
@@ -273,7 +273,7 @@ def test_demo_like_workflow_runs_with_output_dir_on_s3(tmp_path, s3_server, capf
     assert np.isfinite(probe["accuracy"].values).sum() == 2 * 2 * 2  # blocks x timesteps x pools, one head
     cka = open_cka(out["cka"]).values
     np.testing.assert_allclose(np.diag(cka), 1.0, atol=1e-6)
-    scored = error_tensor.score_store(out["cls"], None, None, None, "uniform")
+    scored = rescore.score_store(out["cls"], None, None, None, "uniform")
     assert scored["n_samples"] == 6
     page = (out["report"] / "index.html").read_text()
     assert 'id="findings"' in page and 'src="data:image/svg+xml;base64,' in page  # figures embedded

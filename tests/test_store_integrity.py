@@ -247,7 +247,7 @@ def classify_store(path: Path) -> np.ndarray:
 
 
 def test_a_lost_classify_shard_is_refused_not_scored_as_eliminated(tmp_path):
-    from pipeline.store.error_tensor import score_store
+    from pipeline.dc.rescore import score_store
 
     path = tmp_path / "clf.zarr"
     classify_store(path)
@@ -269,7 +269,7 @@ def test_a_lost_classify_shard_is_refused_not_scored_as_eliminated(tmp_path):
 
 
 def test_a_flipped_classify_byte_names_array_chunk_and_samples(tmp_path):
-    from pipeline.store.error_tensor import score_store
+    from pipeline.dc.rescore import score_store
 
     path = tmp_path / "clf.zarr"
     classify_store(path)

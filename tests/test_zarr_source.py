@@ -1,4 +1,4 @@
-"""ZarrSource: streamed passes within the buffer, and the block builders (helper process or thread)."""
+"""ZarrSource: streamed passes within the buffer, and the window builders (helper process or thread)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 
-from pipeline.store import prefetch as block_reader
+from pipeline.store import prefetch
 from pipeline.errors import StoreError
 from pipeline.store.source import ZarrSource
 
@@ -23,12 +23,12 @@ from helpers import synthetic_store as _synthetic
 
 @pytest.fixture(params=["process", "thread"])
 def builder_kind(request, monkeypatch):
-    monkeypatch.setenv(block_reader.BUILDER_ENV, request.param)
+    monkeypatch.setenv(prefetch.BUILDER_ENV, request.param)
     return request.param
 
 
 def _kind(source: ZarrSource) -> str:
-    return "process" if isinstance(source._block_builder, block_reader.ProcessBuilder) else "thread"
+    return "process" if isinstance(source._window_builder, prefetch.ProcessBuilder) else "thread"
 
 
 def test_zarr_source_streams_every_sample_once_within_its_buffer(tmp_path, builder_kind):
@@ -72,7 +72,7 @@ def test_zarr_source_streams_every_sample_once_within_its_buffer(tmp_path, build
 
 def test_training_from_a_store_larger_than_the_buffer_stays_within_it(tmp_path, monkeypatch):
     # Thread builder: tracemalloc sees every allocation of the pass in this process.
-    monkeypatch.setenv(block_reader.BUILDER_ENV, "thread")
+    monkeypatch.setenv(prefetch.BUILDER_ENV, "thread")
     part = _synthetic(tmp_path / "big.zarr", n=4096)  # 4 MiB per timestep
     source = ZarrSource([part], [1], buffer_bytes=128 << 10)
     idx = np.arange(4096)
@@ -102,12 +102,12 @@ def test_process_and_thread_builders_serve_identical_batches(tmp_path, monkeypat
     idx = np.arange(3, 1000, 3)
     runs = {}
     for kind in ("process", "thread"):
-        monkeypatch.setenv(block_reader.BUILDER_ENV, kind)
+        monkeypatch.setenv(prefetch.BUILDER_ENV, kind)
         with ZarrSource([part], [1, 2], buffer_bytes=24 << 10) as source:
             runs[kind] = _passes(source, idx, ["t2", "t1"])
             assert _kind(source) == kind
             reads = source.bytes_read
-        assert source._block_builder is None  # closed by the with block
+        assert source._window_builder is None  # closed by the with block
         runs[kind + "_reads"] = reads
     assert runs["process_reads"] == runs["thread_reads"]
     assert len(runs["process"]) == len(runs["thread"])
@@ -120,15 +120,15 @@ def test_process_and_thread_builders_serve_identical_batches(tmp_path, monkeypat
     assert rows[-len(idx):].tolist() == idx[::-1].tolist()  # the ordered pass keeps the order asked
 
 
-def test_the_next_epochs_first_blocks_are_built_ahead(tmp_path, monkeypatch):
-    monkeypatch.setenv(block_reader.BUILDER_ENV, "process")
+def test_the_next_epochs_first_windows_are_built_ahead(tmp_path, monkeypatch):
+    monkeypatch.setenv(prefetch.BUILDER_ENV, "process")
     part = _synthetic(tmp_path / "s.zarr", n=1024)
     idx = np.arange(1024)
     with ZarrSource([part], [1], buffer_bytes=64 << 10) as source:
         first = [y for _, y in source.iter_batches(idx, 64, keys=["t1"], shuffle=True, seed=0, epoch=0)]
-        builder = source._block_builder
+        builder = source._window_builder
         guesses = builder._ahead[0]
-        assert len(guesses) == 2 and source._next_pass[0][-1] == 1  # epoch 1's first two blocks
+        assert len(guesses) == 2 and source._next_pass[0][-1] == 1  # epoch 1's first two windows
         second = [y for _, y in source.iter_batches(idx, 64, keys=["t1"], shuffle=True, seed=0, epoch=1)]
         # A pass nobody guessed (an ordered one) waits for the guesses, drops them and reads right.
         ordered = np.concatenate([x["t1"][:, 0, 0, 0] for x, _ in source.iter_batches(
@@ -138,35 +138,35 @@ def test_the_next_epochs_first_blocks_are_built_ahead(tmp_path, monkeypatch):
     assert not np.array_equal(np.concatenate(first), np.concatenate(second))
 
 
-def test_a_killed_or_failing_block_reader_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv(block_reader.BUILDER_ENV, "process")
+def test_a_killed_or_failing_window_reader_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(prefetch.BUILDER_ENV, "process")
     part = _synthetic(tmp_path / "s.zarr", n=1024)
     idx = np.arange(1024)
     with ZarrSource([part], [1], buffer_bytes=16 << 10) as source:
         batches = source.iter_batches(idx, 32, keys=["t1"], shuffle=True, seed=0, epoch=0)
         next(batches)
-        os.kill(source._block_builder.process.pid, signal.SIGKILL)
-        with pytest.raises(StoreError, match=r"block reader process died .*DIFFPROBE_BLOCK_READER=thread"):
+        os.kill(source._window_builder.process.pid, signal.SIGKILL)
+        with pytest.raises(StoreError, match=r"window reader process died .*DIFFPROBE_WINDOW_READER=thread"):
             for _ in batches:
                 pass
     # A damaged chunk: the helper's error comes back as the error of the pass.
     shard = next(p for p in sorted(Path(part[0], "blocks/b/activations/c").rglob("*")) if p.is_file())
     shard.write_bytes(shard.read_bytes()[:100])
     with ZarrSource([part], [1], buffer_bytes=16 << 10) as source:
-        with pytest.raises(StoreError, match="reading the store failed in the block reader"):
+        with pytest.raises(StoreError, match="reading the store failed in the window reader"):
             list(source.iter_batches(idx, 32, keys=["t1"], shuffle=False, seed=0, epoch=0))
-        assert source._block_builder.process.is_alive()  # still serving: the next pass reads again
+        assert source._window_builder.process.is_alive()  # still serving: the next pass reads again
     assert not [p for p in multiprocessing.active_children() if p.name == "diffprobe-block-reader"]
 
 
 def test_daemonic_processes_and_a_bad_setting_fall_back_or_fail_clearly(monkeypatch):
-    monkeypatch.delenv(block_reader.BUILDER_ENV, raising=False)
-    assert block_reader.process_allowed()
+    monkeypatch.delenv(prefetch.BUILDER_ENV, raising=False)
+    assert prefetch.process_allowed()
     monkeypatch.setitem(multiprocessing.current_process()._config, "daemon", True)  # as in a dask nanny's worker
-    assert not block_reader.process_allowed()
-    monkeypatch.setenv(block_reader.BUILDER_ENV, "fork")
+    assert not prefetch.process_allowed()
+    monkeypatch.setenv(prefetch.BUILDER_ENV, "fork")
     with pytest.raises(StoreError, match="must be 'thread' or 'process'"):
-        block_reader.process_allowed()
+        prefetch.process_allowed()
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def store_512(tmp_path_factory):
        shuffle=st.booleans(), seed=st.integers(0, 3), reverse=st.booleans())
 def test_any_buffer_and_batch_serve_each_position_once_in_full_batches(
         store_512, monkeypatch, buffer_kib, batch, keep, shuffle, seed, reverse):
-    monkeypatch.setenv(block_reader.BUILDER_ENV, "thread")  # same plans as the process; no fork per example
+    monkeypatch.setenv(prefetch.BUILDER_ENV, "thread")  # same plans as the process; no fork per example
     rng = np.random.default_rng(seed)
     idx = np.flatnonzero(rng.random(512) < keep)
     if not len(idx):

@@ -170,16 +170,17 @@ def results(path, top):
 def score(store_path, trials, timesteps, draws, loss, weighting, out_dir):
     """Score a classify store from its cached errors: no model, no GPU."""
     from pipeline.store import error_tensor as errorstore
+    from pipeline.dc import rescore
     from pipeline.store.location import as_location
 
     n_trials = errorstore.open_error_store(store_path)["trial"].shape[0]
-    result = errorstore.score_store(
-        store_path, loss, errorstore.parse_trials(trials, n_trials) if trials else None,
-        errorstore.parse_ints(timesteps) if timesteps else None, weighting,
-        errorstore.parse_ints(draws) if draws else None)
-    click.echo(errorstore.format_score(result))
+    result = rescore.score_store(
+        store_path, loss, rescore.parse_trials(trials, n_trials) if trials else None,
+        rescore.parse_ints(timesteps) if timesteps else None, weighting,
+        rescore.parse_ints(draws) if draws else None)
+    click.echo(rescore.format_score(result))
     path = as_location(store_path)
-    paths = errorstore.write_score(result, as_location(out_dir) if out_dir else path.parent / f"{path.stem}-score")
+    paths = rescore.write_score(result, as_location(out_dir) if out_dir else path.parent / f"{path.stem}-score")
     click.echo(f"wrote {paths['png']}, {paths['json'].name}, {paths['csv'].name}")
 
 

@@ -169,9 +169,9 @@ def classifier_finding(name: str, path: Path) -> ClassifierFinding:
     fewer trials) and ends with the run as it was (all trials, adaptive cost).
     """
     from pipeline import store
-    from pipeline.store import error_tensor
+    from pipeline.dc import rescore
 
-    run = error_tensor.score_store(path)
+    run = rescore.score_store(path)
     attrs = store.read_attrs(path)
     root = store.open_root(path)
     schedule = attrs.get("schedule", {})
@@ -182,7 +182,7 @@ def classifier_finding(name: str, path: Path) -> ClassifierFinding:
     curve = []
     for k in sorted({1, 2, 3, 5, 10, len(first) // 2, len(first)}):
         if 1 <= k <= len(first) and (k < len(first) or len(rounds) > 1):
-            part = error_tensor.score_store(path, trials=_spread(first, k))
+            part = rescore.score_store(path, trials=_spread(first, k))
             curve.append(CostPoint(f"{len(part['trials'])} trial(s), every candidate",
                                    part["forward_passes_per_sample"], part["accuracy"], len(part["trials"])))
     spent = run["forward_passes_spent"] / max(run["n_samples"], 1)

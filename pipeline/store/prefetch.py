@@ -1,13 +1,13 @@
-"""Blocks of rows gathered from a :class:`~pipeline.store.source.ZarrSource`'s slabs, built ahead.
+"""Windows of rows gathered from a :class:`~pipeline.store.source.ZarrSource`'s slabs, built ahead.
 
-A streamed pass over a store is cut into *blocks* of about a quarter of the
-source's buffer: a :class:`BlockPlan` lists, per slab, which rows of the slab go
-to which rows of the block (a shuffled pass scatters them through a seeded
+A streamed pass over a store is cut into *windows* of about a quarter of the
+source's buffer: a :class:`WindowPlan` lists, per slab, which rows of the slab go
+to which rows of the window (a shuffled pass scatters them through a seeded
 permutation, an ordered pass keeps them in order). While the consumer serves one
-block, the next is read and decoded by a *builder*:
+window, the next is read and decoded by a *builder*:
 
 - :class:`ProcessBuilder`: a forked helper process that reads the slabs and fills
-  the block into one of two shared-memory segments. zarr-python's read path is
+  the window into one of two shared-memory segments. zarr-python's read path is
   mostly Python (asyncio, the sharding index, crc32c under the GIL): in a thread
   it holds the GIL for ~60 % of its time, and training beside it took 1.39x as
   long; beside the same reads in a process, 1.17x (benchmarks/reader_contention.py,
@@ -16,8 +16,8 @@ block, the next is read and decoded by a *builder*:
   fork children (dask's nanny starts workers as daemonic processes) and for
   platforms without ``fork``.
 
-Both run :func:`fill_block`, and plans carry their permutations, so the two give
-identical blocks. torch's ``DataLoader`` would fork a worker per pass (~40 ms each,
+Both run :func:`fill_window`, and plans carry their permutations, so the two give
+identical windows. torch's ``DataLoader`` would fork a worker per pass (~40 ms each,
 a dozen passes per head group) and cannot take a new plan into a persistent worker;
 hence this small pool of one.
 """
@@ -39,21 +39,21 @@ import numpy as np
 from pipeline.errors import StoreError
 
 #: Force a builder kind: ``thread`` or ``process`` (default: process where allowed).
-BUILDER_ENV = "DIFFPROBE_BLOCK_READER"
+BUILDER_ENV = "DIFFPROBE_WINDOW_READER"
 
 #: ``read(first, last, keys)``: ``{key: rows of slabs first..last}``.
 ReadSlabs = Callable[[int, int, Sequence[str]], dict]
 
 
 @dataclass(frozen=True)
-class BlockPlan:
-    """Rows of one block: ``pieces`` of (first slab, last slab, rows within them, rows within the block)."""
+class WindowPlan:
+    """Rows of one window: ``pieces`` of (first slab, last slab, rows within them, rows within the window)."""
 
     pieces: tuple[tuple[int, int, np.ndarray, np.ndarray], ...]
     n_rows: int
 
 
-def fill_block(read_slabs: ReadSlabs, plan: BlockPlan, keys: Sequence[str],
+def fill_window(read_slabs: ReadSlabs, plan: WindowPlan, keys: Sequence[str],
                out: dict[str, np.ndarray]) -> None:
     """Read each run of slabs of ``plan`` once and scatter its rows into ``out[key][:plan.n_rows]``."""
     for first, last, local, dest in plan.pieces:
@@ -122,18 +122,18 @@ def in_background(items: Iterator, alive: int) -> Iterator:
 
 
 class ThreadBuilder:
-    """Builds blocks in one background thread; each block is a fresh array."""
+    """Builds windows in one background thread; each window is a fresh array."""
 
     def __init__(self, read_slabs: ReadSlabs, row_shape: tuple[int, ...], dtype):
         self.read_slabs, self.row_shape, self.dtype = read_slabs, row_shape, np.dtype(dtype)
 
-    def blocks(self, plans: Sequence[BlockPlan], keys: Sequence[str],
-               ahead: Sequence[BlockPlan] = ()) -> Iterator[dict[str, np.ndarray]]:
+    def windows(self, plans: Sequence[WindowPlan], keys: Sequence[str],
+               ahead: Sequence[WindowPlan] = ()) -> Iterator[dict[str, np.ndarray]]:
         """Serve ``plans`` in order (``ahead`` is ignored: a thread builds nothing ahead)."""
 
-        def build(plan: BlockPlan) -> dict[str, np.ndarray]:
+        def build(plan: WindowPlan) -> dict[str, np.ndarray]:
             out = {k: np.empty((plan.n_rows, *self.row_shape), dtype=self.dtype) for k in keys}
-            fill_block(self.read_slabs, plan, keys, out)
+            fill_window(self.read_slabs, plan, keys, out)
             return out
 
         yield from in_background(map(build, plans), alive=2)
@@ -158,7 +158,7 @@ def _child(conn, read_slabs: ReadSlabs, segments: list[mmap.mmap], row_shape, dt
             return
         slot, plan, keys = job
         try:
-            fill_block(read_slabs, plan, keys, _views(segments[slot], keys, row_shape, dtype))
+            fill_window(read_slabs, plan, keys, _views(segments[slot], keys, row_shape, dtype))
             conn.send(None)
         except BaseException:  # reported to the parent, which raises it as a StoreError
             conn.send(traceback.format_exc(limit=4).strip().splitlines()[-1])
@@ -173,12 +173,12 @@ def _views(segment: mmap.mmap, keys, row_shape, dtype) -> dict[str, np.ndarray]:
 
 
 class ProcessBuilder:
-    """Builds blocks in a forked helper process into two shared-memory segments.
+    """Builds windows in a forked helper process into two shared-memory segments.
 
     The segments are anonymous shared mappings made before the fork: nothing is
     named in ``/dev/shm``, so nothing can leak there if either process is killed.
 
-    Each segment holds ``nbytes`` (a block of every key asked). Blocks are served as
+    Each segment holds ``nbytes`` (a window of every key asked). Windows are served as
     views of the segment until the consumer asks for the next one, when the helper
     may overwrite it: consumers copy what they keep (``ZarrSource`` yields copies).
     """
@@ -193,12 +193,12 @@ class ProcessBuilder:
         # copy: the parent's Process object (which multiprocessing keeps until reaped)
         # must not keep the source alive through read_slabs.
         job = [child_conn, read_slabs, self.segments, row_shape, self.dtype]
-        self.process = ctx.Process(target=_child_of, name="diffprobe-block-reader", daemon=True, args=(job,))
+        self.process = ctx.Process(target=_child_of, name="diffprobe-window-reader", daemon=True, args=(job,))
         self.process.start()
         job.clear()
         child_conn.close()
         self._finalizer = weakref.finalize(self, _shutdown, self.conn, self.process, self.segments)
-        self._ahead: tuple[list[BlockPlan], int, list[str]] | None = None
+        self._ahead: tuple[list[WindowPlan], int, list[str]] | None = None
 
     def _wait(self) -> str | None:
         """The helper's reply to the oldest job sent: None when done, else the error's text."""
@@ -215,19 +215,19 @@ class ProcessBuilder:
 
     def _died(self) -> StoreError:
         self.process.join(timeout=1)
-        return StoreError(f"the block reader process died (exit code {self.process.exitcode}); "
+        return StoreError(f"the window reader process died (exit code {self.process.exitcode}); "
                           f"set {BUILDER_ENV}=thread to read in this process")
 
     @staticmethod
     def _check(error: str | None) -> None:
         if error is not None:
-            raise StoreError(f"reading the store failed in the block reader: {error}")
+            raise StoreError(f"reading the store failed in the window reader: {error}")
 
-    def blocks(self, plans: Sequence[BlockPlan], keys: Sequence[str],
-               ahead: Sequence[BlockPlan] = ()) -> Iterator[dict[str, np.ndarray]]:
+    def windows(self, plans: Sequence[WindowPlan], keys: Sequence[str],
+               ahead: Sequence[WindowPlan] = ()) -> Iterator[dict[str, np.ndarray]]:
         """Serve ``plans`` in order; once done, start building ``ahead[:2]`` (same keys).
 
-        ``ahead`` is a guess at the next pass's first blocks (the next epoch of a
+        ``ahead`` is a guess at the next pass's first windows (the next epoch of a
         shuffled pass): if the next call's plans start with those very objects, they
         are ready or under way; otherwise they are waited for and dropped.
         """
@@ -250,7 +250,7 @@ class ProcessBuilder:
                 error = self._wait()
                 done += 1
                 self._check(error)
-                if sent < min(len(plans), i + 2):  # the next block fills the other segment meanwhile
+                if sent < min(len(plans), i + 2):  # the next window fills the other segment meanwhile
                     self._send(((base + sent) % 2, plans[sent], keys))
                     sent += 1
                 views = _views(self.segments[(base + i) % 2], keys, self.row_shape, self.dtype)

@@ -10,17 +10,17 @@ and holds at most about ``buffer_bytes`` of features:
 - in a larger slice, a sample subset that fits in half the buffer (typically
   the validation and test splits) is decoded once and kept, so later passes
   over it cost no reads;
-- other passes stream, cut into *blocks* of about ``buffer_bytes / 4``: a
-  shuffled pass visits slabs in a seeded random order, and each block (whole
+- other passes stream, cut into *windows* of about ``buffer_bytes / 4``: a
+  shuffled pass visits slabs in a seeded random order, and each window (whole
   slabs) is scattered through its own seeded permutation (the usual shuffle
   buffer of streaming loaders: chunk-level + in-buffer randomness); an ordered
-  pass keeps the order asked. While one block is served, the next is read by a
+  pass keeps the order asked. While one window is served, the next is read by a
   helper process (:mod:`pipeline.store.prefetch`; a thread where a process may not
   fork), and when a shuffled pass ends, the helper starts on the next epoch's
-  first blocks.
+  first windows.
 
-Memory: kept subsets up to half the buffer, streamed blocks up to the other half
-(two blocks: one served, one being built), plus a few slabs being decoded,
+Memory: kept subsets up to half the buffer, streamed windows up to the other half
+(two windows: one served, one being built), plus a few slabs being decoded,
 whatever the size of the store. Shuffles depend only on (indices, seed, epoch) for
 a given store and ``buffer_bytes``, not on the builder.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store.prefetch import BlockPlan, ProcessBuilder, ThreadBuilder, in_background, process_allowed
+from pipeline.store.prefetch import WindowPlan, ProcessBuilder, ThreadBuilder, in_background, process_allowed
 from pipeline.errors import StoreError
 from pipeline.store.slices import timestep_key
 from pipeline.store.checks import Integrity
@@ -43,7 +43,7 @@ from pipeline.store.location import is_remote
 
 #: Default shuffle buffer / slab cache of a :class:`ZarrSource`.
 DEFAULT_BUFFER_BYTES = 64 << 20
-#: Most consecutive slabs of a streamed block read in one call.
+#: Most consecutive slabs of a streamed window read in one call.
 RUN_SLABS = 4
 
 
@@ -127,7 +127,7 @@ class ZarrSource:
         self._resident: dict[str, np.ndarray] | None = None
         self._memo: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._memo_bytes = 0
-        self._block_builder: ProcessBuilder | ThreadBuilder | None = None
+        self._window_builder: ProcessBuilder | ThreadBuilder | None = None
         self._next_pass: tuple[tuple, list] | None = None
 
     def __len__(self) -> int:
@@ -249,26 +249,26 @@ class ZarrSource:
     # ------------------------------------------------------------ streaming
 
     def _builder(self):
-        """The block builder of streamed passes: a helper process where allowed, else a thread."""
-        if self._block_builder is None:
+        """The window builder of streamed passes: a helper process where allowed, else a thread."""
+        if self._window_builder is None:
             dtype = self.parts[0].array.dtype
             # A forked child would inherit the remote stores' async HTTP clients, bound to the
             # parent's event loop thread; object-store reads wait on the network anyway.
             if process_allowed() and not any(is_remote(p.path) for p in self.parts):
-                # A block holds block_rows(k) rows of k keys, or one slab's rows if more.
+                # A window holds window_rows(k) rows of k keys, or one slab's rows if more.
                 slab = max(p.chunk for p in self.parts) * self.item_bytes * len(self.shapes)
-                self._block_builder = ProcessBuilder(self._read_slabs, self.map_shape, dtype,
+                self._window_builder = ProcessBuilder(self._read_slabs, self.map_shape, dtype,
                                                      max(self.buffer_bytes // 4, slab))
             else:
-                self._block_builder = ThreadBuilder(self._read_slabs, self.map_shape, dtype)
-        return self._block_builder
+                self._window_builder = ThreadBuilder(self._read_slabs, self.map_shape, dtype)
+        return self._window_builder
 
     def close(self) -> None:
         """Stop the helper process of streamed passes, if one was started (also done when the source
         is collected, and at exit)."""
-        if self._block_builder is not None:
-            self._block_builder.close()
-            self._block_builder = None
+        if self._window_builder is not None:
+            self._window_builder.close()
+            self._window_builder = None
 
     def __enter__(self) -> ZarrSource:
         return self
@@ -276,15 +276,15 @@ class ZarrSource:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def block_rows(self, n_keys: int) -> int:
-        """Rows of a streamed block: a quarter of the buffer (at least one)."""
+    def window_rows(self, n_keys: int) -> int:
+        """Rows of a streamed window: a quarter of the buffer (at least one)."""
         return max(1, self.buffer_bytes // 4 // (self.item_bytes * n_keys))
 
     def _plan(self, groups: list[list[tuple[int, np.ndarray, np.ndarray]]]
-              ) -> list[tuple[BlockPlan, np.ndarray]]:
-        """Blocks from ``(slab, sample positions, block rows)`` pieces, with their labels.
+              ) -> list[tuple[WindowPlan, np.ndarray]]:
+        """Windows from ``(slab, sample positions, window rows)`` pieces, with their labels.
 
-        A block's pieces are merged per slab, and runs of up to :data:`RUN_SLABS`
+        A window's pieces are merged per slab, and runs of up to :data:`RUN_SLABS`
         consecutive slabs of one store are read in one call (fewer, larger reads).
         """
         plans = []
@@ -306,25 +306,25 @@ class ZarrSource:
                 dest = np.concatenate([d for slab in run for _, d in by_slab[slab]])
                 merged.append((run[0], run[-1], rows - self.slab_start[run[0]], dest))
                 y[dest] = self.labels[rows]
-            plans.append((BlockPlan(tuple(merged), len(y)), y))
+            plans.append((WindowPlan(tuple(merged), len(y)), y))
         return plans
 
     def _stream(self, plans, batch_size, keys,
-                ahead: Sequence[BlockPlan] = ()) -> Iterator[tuple[dict, np.ndarray]]:
-        """Serve blocks in order as batches of ``batch_size`` (rows left at a block's end open the next).
+                ahead: Sequence[WindowPlan] = ()) -> Iterator[tuple[dict, np.ndarray]]:
+        """Serve windows in order as batches of ``batch_size`` (rows left at a window's end open the next).
 
-        ``ahead``: the next pass's likely first blocks, which the builder may start on
+        ``ahead``: the next pass's likely first windows, which the builder may start on
         as soon as this pass is served.
         """
         builder = self._builder()
         row_bytes = self.item_bytes * len(keys)
         carry_x: dict[str, list] = {k: [] for k in keys}
         carry_y: list[np.ndarray] = []
-        for i, x in enumerate(builder.blocks([p for p, _ in plans], keys, ahead)):
+        for i, x in enumerate(builder.windows([p for p, _ in plans], keys, ahead)):
             plan, y = plans[i]
             self.bytes_read += row_bytes * sum(int(self.slab_stop[b] - self.slab_start[a])
                                                for a, b, _, _ in plan.pieces)
-            self._note_held(2 * plan.n_rows * row_bytes)  # this block and the one being built
+            self._note_held(2 * plan.n_rows * row_bytes)  # this window and the one being built
             start = 0
             if carry_y:
                 start = min(batch_size - sum(map(len, carry_y)), len(y))
@@ -351,37 +351,37 @@ class ZarrSource:
             plans = self._next_pass[1]
         else:
             plans = self._shuffle_plans(indices, keys, np.random.default_rng([seed, epoch, 0xB0F]))
-        # The next epoch's plan, whose first block the helper builds while the caller
+        # The next epoch's plan, whose first window the helper builds while the caller
         # does something else (say, a validation pass served from memory).
         upcoming = self._shuffle_plans(indices, keys, np.random.default_rng([seed, epoch + 1, 0xB0F]))
         self._next_pass = ((*digest, epoch + 1), upcoming)
         yield from self._stream(plans, batch_size, keys, ahead=[plan for plan, _ in upcoming[:2]])
 
-    def _shuffle_plans(self, indices, keys, rng) -> list[tuple[BlockPlan, np.ndarray]]:
-        # Slabs in a seeded random order, gathered into blocks of whole slabs of about a
-        # quarter buffer, each block's rows scattered through its own seeded permutation.
+    def _shuffle_plans(self, indices, keys, rng) -> list[tuple[WindowPlan, np.ndarray]]:
+        # Slabs in a seeded random order, gathered into windows of whole slabs of about a
+        # quarter buffer, each window's rows scattered through its own seeded permutation.
         used, first = np.unique(self._slabs_of(indices), return_index=True)
         bounds = np.append(first, len(indices))
         rows_of = {int(s): indices[bounds[i]:bounds[i + 1]] for i, s in enumerate(used)}
         items = [(slab, rows_of[slab]) for slab in rng.permutation(used).tolist()]
-        return self._blocks(items, self.block_rows(len(keys)), rng.permutation)
+        return self._windows(items, self.window_rows(len(keys)), rng.permutation)
 
     def _ordered(self, indices, batch_size, keys) -> Iterator[tuple[dict, np.ndarray]]:
-        # Blocks of consecutive positions, cut where the slab changes once a block is
+        # Windows of consecutive positions, cut where the slab changes once a window is
         # full: sorted positions read every slab once; unsorted ones re-read a slab for
-        # each block that needs it.
+        # each window that needs it.
         if not len(indices):
             return
         slabs = self._slabs_of(indices)
         runs = np.split(np.arange(len(indices)), np.flatnonzero(np.diff(slabs)) + 1)
         items = [(int(slabs[run[0]]), indices[run]) for run in runs]
-        plans = self._blocks(items, self.block_rows(len(keys)), np.arange)
+        plans = self._windows(items, self.window_rows(len(keys)), np.arange)
         yield from self._stream(plans, batch_size, keys)
 
-    def _blocks(self, items: list[tuple[int, np.ndarray]], limit: int,
-                order_of) -> list[tuple[BlockPlan, np.ndarray]]:
-        """Cut ``(slab, sample positions)`` items, in order, into blocks of at most ``limit`` rows
-        (an item larger than that alone); a block of n rows places them at ``order_of(n)``."""
+    def _windows(self, items: list[tuple[int, np.ndarray]], limit: int,
+                order_of) -> list[tuple[WindowPlan, np.ndarray]]:
+        """Cut ``(slab, sample positions)`` items, in order, into windows of at most ``limit`` rows
+        (an item larger than that alone); a window of n rows places them at ``order_of(n)``."""
         groups: list[list[int]] = [[]]
         n_rows = 0
         for i, (_, rows) in enumerate(items):
@@ -390,7 +390,7 @@ class ZarrSource:
                 n_rows = 0
             groups[-1].append(i)
             n_rows += len(rows)
-        blocks = []
+        windows = []
         for group in groups:
             dest = order_of(sum(len(items[i][1]) for i in group))
             pieces, pos = [], 0
@@ -398,5 +398,5 @@ class ZarrSource:
                 slab, rows = items[i]
                 pieces.append((slab, rows, dest[pos:pos + len(rows)]))
                 pos += len(rows)
-            blocks.append(pieces)
-        return self._plan(blocks)
+            windows.append(pieces)
+        return self._plan(windows)
