@@ -5,7 +5,7 @@
 Extracts ``--images`` held-out digits with the trained digits DDPM
 (``data/models/digits-ddpm``; blocks down_blocks.1, mid_block, up_blocks.0; timesteps
 10, 50, 100, 200, 400; float16, as the demo stores them), cuts every block into the
-store's inner chunks (one timestep, whole maps, ``plan_layout``'s chunk size) and runs
+store's inner chunks (one timestep, whole maps, ``make_layout``'s chunk size) and runs
 each codec chain over all chunks on one core (Blosc ``nthreads=1``): ratio = raw bytes
 / encoded bytes, encode and decode MB/s of raw data, best of ``--repeats``. The
 encoded bytes include crc32c's 4 per chunk, which every chain carries. Then the
@@ -81,7 +81,7 @@ def chunks_of(data: dict[str, np.ndarray]) -> list[np.ndarray]:
 
     shapes = {b: a.shape[2:] for b, a in data.items()}
     n = next(iter(data.values())).shape[0]
-    lay = store.plan_layout(n, shapes, TIMESTEPS, "float16", unit_samples=n)
+    lay = store.make_layout(n, shapes, TIMESTEPS, "float16", unit_samples=n)
     out = []
     for block, arr in data.items():
         cn = lay.chunk_samples[block]
@@ -131,7 +131,7 @@ def store_bytes(data: dict[str, np.ndarray], kwargs: dict, unit_samples: int | N
     from pipeline import store
 
     n = next(iter(data.values())).shape[0]
-    lay = store.plan_layout(n, {b: a.shape[2:] for b, a in data.items()}, TIMESTEPS, "float16", unit_samples)
+    lay = store.make_layout(n, {b: a.shape[2:] for b, a in data.items()}, TIMESTEPS, "float16", unit_samples)
     samples = store.SampleTable([str(i) for i in range(n)], [0] * n, [False] * n, [0] * n)
     folder = Path(tempfile.mkdtemp(prefix="dp-codec-"))
     try:

@@ -6,7 +6,7 @@ The naive caches are what thingsvision-style tools write: one ``.npy`` per block
 ``(N, T, C, H, W)`` float16 (read memory-mapped), and one HDF5 file with a contiguous
 dataset per block (``h5py``, ``pip install 'diffprobe[bench]'``). The same data (the
 digits model's three demo blocks' shapes, 5 timesteps, random float16 values) goes into
-diffprobe stores whose inner chunks target each ``--chunk-kib`` (``plan_layout``'s
+diffprobe stores whose inner chunks target each ``--chunk-kib`` (``make_layout``'s
 ``chunk_bytes``; the shards, one per unit, stay the same). Per layout:
 
 - bytes on disk;
@@ -91,7 +91,7 @@ def build(folder: Path, n: int, chunk_kib: list[int]) -> dict:
     paths["hdf5"] = folder / "cache.h5"
     samples = store.SampleTable([f"img{i}" for i in range(n)], [0] * n, [False] * n, list(rng.integers(0, 10, n)))
     for kib in chunk_kib:
-        lay = store.plan_layout(n, BLOCKS, TIMESTEPS, "float16", chunk_bytes=kib << 10)
+        lay = store.make_layout(n, BLOCKS, TIMESTEPS, "float16", chunk_bytes=kib << 10)
         path = folder / f"dp-{kib}k.zarr"
         store.create_store(path, lay, samples, [str(c) for c in range(10)], {"stage_hash": "naive"})
         root = store.open_root(path, "r+")

@@ -75,7 +75,7 @@ def main() -> None:
     from pipeline.workflow.config import ClusterConfig
     from pipeline.probing.heads import HeadSpec
     from pipeline.probing.training import TrainSpec
-    from stages.probe import ProbeConfig, ProbeHead, plan_grid, train_group
+    from stages.probe import ProbeConfig, ProbeHead, build_grid, train_group
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
@@ -89,7 +89,7 @@ def main() -> None:
             heads=(ProbeHead("linear", HeadSpec("linear")), ProbeHead("mlp", HeadSpec("mlp", hidden=128))),
             train=TrainSpec("adamw", lr=3e-3, epochs=args.epochs),
         )
-        tasks = plan_grid(cfg, pooled, None).tasks
+        tasks = build_grid(cfg, pooled, None).tasks
         cells = sum(len(t.timesteps) * len(t.heads) for t in tasks)
         print(f"grid: {len(tasks)} tasks, {cells} cells, {args.epochs} epochs; cpus: {os.cpu_count()}, "
               f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)

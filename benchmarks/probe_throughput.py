@@ -62,7 +62,7 @@ CASES = {
 def write_store(path: Path, n: int, channels: int, p: int, compression: store.Compression,
                 classes: int = 10, seed: int = 0) -> str:
     """A pooled-store-like array with a class signal in a few directions plus noise."""
-    layout = store.plan_layout(n, {"b/p": (channels, p, p)}, [100], unit_samples=1024)
+    layout = store.make_layout(n, {"b/p": (channels, p, p)}, [100], unit_samples=1024)
     labels = np.arange(n) % classes
     samples = store.SampleTable([f"im{i}" for i in range(n)], [0] * n, [False] * n, labels.tolist())
     store.create_store(path, layout, samples, [str(c) for c in range(classes)],

@@ -168,7 +168,7 @@ def main() -> None:
                   f"(runs: {probe})")
 
             slice_url = f"s3://{bucket}/slice.zarr"
-            layout = store.plan_layout(1024, {"b": (64, 8, 8)}, [10, 400], unit_samples=512)
+            layout = store.make_layout(1024, {"b": (64, 8, 8)}, [10, 400], unit_samples=512)
             samples = store.SampleTable([f"im{i}" for i in range(1024)], [0] * 1024, [False] * 1024,
                                         [0] * 1024)
             path = location.parse(slice_url, storage_options=server.storage_options)

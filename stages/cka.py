@@ -221,7 +221,7 @@ def cka_tile(task: CKATask) -> dict:
 
 
 @dataclass
-class Plan:
+class CKAWork:
     """What a run computes: ``phases`` of tasks, run one after the other."""
 
     rows: list[Representation]
@@ -294,8 +294,8 @@ def _choose_method(cfg: CKAConfig, rows, cols, n: int, budget: int, read: int) -
                       f"centred copy, over memory_limit {budget / 2**30:.2f} GiB; raise memory_limit{fix}")
 
 
-def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | None = None,
-             alignment_file: Path | None = None) -> Plan:
+def build_cka_work(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | None = None,
+             alignment_file: Path | None = None) -> CKAWork:
     """Representations, sample alignment, method and tasks; every user error is raised here, up front.
 
     ``scratch``: folder for the saved Grams of the ``gram-cache`` method.
@@ -311,7 +311,7 @@ def plan_cka(cfg: CKAConfig, paths: dict[str, Path], cluster, scratch: Path | No
     read = min(READ_BYTES_MAX, budget // READ_SHARE)
     method = _choose_method(cfg, rows, cols, align.n, budget, read)
     symmetric = cfg.mode == "within"
-    plan = Plan(rows, cols, align, method, budget, read)
+    plan = CKAWork(rows, cols, align, method, budget, read)
     if alignment_file is not None:
         save_alignment(align, alignment_file)
 
@@ -395,7 +395,7 @@ def _finished_tasks(cache, tasks: list[CKATask], scratch) -> dict[str, dict]:
 # ----------------------------------------------------------------- stage
 
 
-def best_matches(matrix: np.ndarray, plan: Plan, mode: str) -> dict:
+def best_matches(matrix: np.ndarray, plan: CKAWork, mode: str) -> dict:
     """For the report: each row's most similar column (itself excluded in ``within`` mode)."""
     values = matrix.copy()
     if mode == "within":
@@ -426,7 +426,7 @@ class CKAStage(Stage):
 
         out = ctx.output
         cache = ctx.open_results_output()  # before the alignment file is saved inside it
-        plan = plan_cka(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=out / "grams",
+        plan = build_cka_work(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=out / "grams",
                         alignment_file=out / "grams" / "alignment.npz")
         finished = _finished_tasks(cache, plan.tasks, out / "grams")
         todo = [[t for t in phase if t.name not in finished] for phase in plan.phases]
@@ -471,7 +471,7 @@ class CKAStage(Stage):
         remove(out / "grams")  # scratch Grams of gram-cache: n^2 x 8 bytes each
         ctx.log(f"CKA matrix in {out} (cka.csv, cka.png)")
 
-    def _attrs(self, cfg: CKAConfig, ctx: RunContext, plan: Plan, finished: dict, failed: list) -> dict:
+    def _attrs(self, cfg: CKAConfig, ctx: RunContext, plan: CKAWork, finished: dict, failed: list) -> dict:
         estimator = {"estimator": cfg.estimator, "method": plan.method}
         if cfg.estimator == "minibatch":
             batches = {r.get("n_batches") for r in finished.values()}
@@ -497,7 +497,7 @@ class CKAStage(Stage):
         if missing:
             return [("inputs", f"{missing[0]} (not written yet: plan it after its stage has run)"),
                     ("time (est.)", NOT_ESTIMATED)]
-        plan = plan_cka(cfg, paths, ctx.workflow.cluster, scratch=ctx.output / "grams")
+        plan = build_cka_work(cfg, paths, ctx.workflow.cluster, scratch=ctx.output / "grams")
         scratch = f"; scratch Grams {len(plan.phases[0]) * 8 * plan.align.n ** 2 / 2**30:.2f} GiB" \
             if plan.method == "gram-cache" else ""
         return [

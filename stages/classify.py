@@ -201,7 +201,7 @@ class Classifier:
         self.schedule = cfg.schedule.resolve(self.plan.n_timesteps)
         self.schedule.validate(self.n_candidates, self.plan.n_timesteps)
         self.alphas = self.adapter.alphas_cumprod.to(self.device, torch.float64)  # moved once
-        self.layout = errorstore.plan_error_layout(len(self.reader.records), self.n_candidates,
+        self.layout = errorstore.make_error_layout(len(self.reader.records), self.n_candidates,
                                                    self.plan.n_trials, cfg.unit_samples)
         self.forward_passes = 0
 

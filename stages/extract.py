@@ -166,7 +166,7 @@ class Extractor:
         self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.samples = sample_table(self.reader, cfg.views, cfg.flip, cfg.augment, cfg.seed)
         self.block_shapes = {b.name: self._stored_shape(b.shape) for b in self.blocks}
-        self.layout = store.plan_layout(len(self.samples.image_id), self.block_shapes, self.timesteps,
+        self.layout = store.make_layout(len(self.samples.image_id), self.block_shapes, self.timesteps,
                                         cfg.dtype, cfg.unit_samples)
         self.storage_dtype = TORCH_DTYPES[cfg.dtype]
         self.pinned = self.device.type == "cuda"
@@ -419,7 +419,7 @@ class ExtractStage(Stage):
         # Measure one real batch: codec ratio and throughput at this batch size (without
         # the device: one sample on the CPU, enough for the codec ratio).
         probe_unit_samples = 1 if absent else min(lay.n_samples, max(1, cfg.batch_size // n_t))
-        probe_layout = store.plan_layout(probe_unit_samples, ex.block_shapes, ex.timesteps, cfg.dtype,
+        probe_layout = store.make_layout(probe_unit_samples, ex.block_shapes, ex.timesteps, cfg.dtype,
                                          unit_samples=probe_unit_samples)
         ex.layout = probe_layout
         start = time.perf_counter()

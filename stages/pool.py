@@ -167,7 +167,7 @@ class PoolStage(Stage):
         from pipeline.store.slices import pooled_key
 
         out_blocks = {pooled_key(b, s): (src_layout.blocks[b][0], s, s) for b in blocks for s in cfg.sizes}
-        layout = store.plan_layout(src_layout.n_samples, out_blocks, timesteps, cfg.dtype,
+        layout = store.make_layout(src_layout.n_samples, out_blocks, timesteps, cfg.dtype,
                                    unit_samples=cfg.unit_samples or src_layout.unit_samples)
         return source, attrs, src_layout, blocks, timesteps, layout
 

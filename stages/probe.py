@@ -229,7 +229,7 @@ class Grid:
     head_kinds: dict[str, str]
 
 
-def plan_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
+def build_grid(cfg: ProbeConfig, source: Path, test_source: Path | None) -> Grid:
     """Validate the grid against the store(s) and group its cells by (block, pool) read."""
     from pipeline.store.slices import feature_slices, store_timesteps
 
@@ -312,7 +312,7 @@ class ProbeStage(Stage):
         from pipeline.probing.results import best_cells, describe_best, results_dataset, write_results
 
         test_source = ctx.inputs.get("test_input")
-        grid = plan_grid(cfg, as_location(ctx.inputs["input"]), as_location(test_source) if test_source else None)
+        grid = build_grid(cfg, as_location(ctx.inputs["input"]), as_location(test_source) if test_source else None)
         out = ctx.output
         cache = ctx.open_results_output()
         finished = {t.name: rows for t in grid.tasks if (rows := cache.load(t.name)) is not None}
@@ -360,7 +360,7 @@ class ProbeStage(Stage):
         if store.read_attrs(source) is None or (test_source and store.read_attrs(test_source) is None):
             return [("input", f"{source} (not written yet: plan it after its stage has run)"),
                     ("time (est.)", NOT_ESTIMATED)]
-        grid = plan_grid(cfg, source, as_location(test_source) if test_source else None)
+        grid = build_grid(cfg, source, as_location(test_source) if test_source else None)
         n_cells = sum(len(t.timesteps) * len(t.heads) for t in grid.tasks)
         return [
             ("grid", f"{len(grid.blocks)} block(s) x {len(grid.timesteps)} timestep(s) x pools {grid.pools} "

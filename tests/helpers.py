@@ -102,7 +102,7 @@ def synthetic_store(path, n=512, channels=16, p=4, failed=()):
     """A one-block store where sample i holds i everywhere at t=1 and -i at t=2 (labels i % 4).
 
     Returns ``(path, array path)``, the part spec ``ZarrSource`` takes."""
-    layout = store.plan_layout(n, {"b": (channels, p, p)}, [1, 2], unit_samples=64)
+    layout = store.make_layout(n, {"b": (channels, p, p)}, [1, 2], unit_samples=64)
     samples = store.SampleTable([f"im{i}" for i in range(n)], [0] * n, [False] * n, [i % 4 for i in range(n)])
     store.create_store(path, layout, samples, list("abcd"), {"stage": "extract", "stage_hash": "x"})
     root = store.open_root(path, mode="r+")

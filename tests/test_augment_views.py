@@ -26,7 +26,7 @@ from pipeline.store.source import ZarrSource
 from pipeline.workflow.config import load_workflow
 from pipeline.workflow.runner import Runner
 from stages import STAGES
-from stages.probe import GroupTask, ProbeConfig, group_splits, plan_grid
+from stages.probe import GroupTask, ProbeConfig, group_splits, build_grid
 
 AWKWARD = [(64, 99), (203, 150), (640, 480), (1024, 768)]
 
@@ -242,13 +242,13 @@ def test_derived_stores_keep_the_crop_coordinates(tmp_path):
     crops = np.arange(3 * n, dtype=np.int32).reshape(n, 3)
     samples = store.SampleTable([f"im{i // 3}" for i in range(n)], [i % 3 for i in range(n)],
                                 [bool(i % 2) for i in range(n)], [0] * n, crops)
-    layout = store.plan_layout(n, {"b": (2, 1, 1)}, [1], unit_samples=4)
+    layout = store.make_layout(n, {"b": (2, 1, 1)}, [1], unit_samples=4)
     store.create_store(tmp_path / "s.zarr", layout, samples, ["a"], {"stage": "extract"})
     again = store.read_sample_table(store.open_root(tmp_path / "s.zarr"))
     np.testing.assert_array_equal(again.crops, crops)
     assert (again.image_id, again.view, again.flipped) == (samples.image_id, samples.view, samples.flipped)
     plain = store.SampleTable(["x"], [0], [False], [0])
-    store.create_store(tmp_path / "p.zarr", store.plan_layout(1, {"b": (2, 1, 1)}, [1]), plain, ["a"], {})
+    store.create_store(tmp_path / "p.zarr", store.make_layout(1, {"b": (2, 1, 1)}, [1]), plain, ["a"], {})
     assert store.read_sample_table(store.open_root(tmp_path / "p.zarr")).crops is None
 
 
@@ -305,8 +305,8 @@ def test_probe_trains_on_random_views_and_tests_on_the_centre_view(views_store):
 def test_probe_view_options_are_checked_against_the_store(views_store):
     cfg = ProbeConfig(input="x", train_views=(1, 7), test_views=(0,))
     with pytest.raises(ConfigError, match=r"train_views asks for view\(s\) \[7\].*views \[0, 1, 2, 3\]"):
-        plan_grid(cfg, views_store, None)
-    grid = plan_grid(ProbeConfig(input="x", train_views=(1, 2, 3), test_views=(0,)), views_store, None)
+        build_grid(cfg, views_store, None)
+    grid = build_grid(ProbeConfig(input="x", train_views=(1, 2, 3), test_views=(0,)), views_store, None)
     assert {(t.train_views, t.test_views) for t in grid.tasks} == {((1, 2, 3), (0,))}
     with pytest.raises(ValueError, match="test_views"):
         ProbeConfig(input="x", test_views=())

@@ -30,7 +30,7 @@ from pipeline.workflow.config import ClusterConfig, load_workflow
 from stages import STAGES
 from pipeline.errors import ConfigError, DiffprobeError
 from pipeline.workflow.runner import Runner
-from stages.cka import CKAConfig, CKATask, Selection, cka_tile, plan_cka
+from stages.cka import CKAConfig, CKATask, Selection, cka_tile, build_cka_work
 
 REFERENCE_CNN = Path(__file__).resolve().parents[1] / "data" / "factories" / "reference_cnn.py"
 #: float16 storage rounds each feature with relative error <= 2^-11 (~4.9e-4); CKA sums products
@@ -292,7 +292,7 @@ def test_rbf_matches_pipeline_cka_and_refuses_large_n(wf):
 def test_unknown_block_names_the_valid_ones(wf):
     cfg = CKAConfig(selections=(Selection("ex32", blocks=("mid_blok",)),))
     with pytest.raises(ConfigError, match="did you mean 'mid_block'.*valid: down_blocks.1, mid_block"):
-        plan_cka(cfg, {"ex32": wf.stage("ex32").output}, ClusterConfig())
+        build_cka_work(cfg, {"ex32": wf.stage("ex32").output}, ClusterConfig())
 
 
 def test_config_validation():
@@ -342,7 +342,7 @@ def test_only_needed_entries_are_tasks_and_the_rest_are_implied(wf):
     computed again, and every entry still equals a direct computation and the one-task Gram method."""
     cfg = wf.stage("overlap_stream").config
     paths = {name: wf.stage(name).output for name in cfg.inputs}
-    plan = plan_cka(cfg, paths, ClusterConfig())
+    plan = build_cka_work(cfg, paths, ClusterConfig())
     assert plan.method == "stream"
     assert sorted(t.name for t in plan.tasks) == ["r0_c1", "r0_c2", "r1_c2"]  # of 2 x 3 entries
     Runner(wf, progress=False).run(only="overlap_stream")
@@ -367,7 +367,7 @@ def test_tasks_load_the_planned_alignment_instead_of_matching_ids_again(wf, tmp_
 
     cfg = wf.stage("stream").config
     paths = {name: wf.stage(name).output for name in cfg.inputs}
-    plan = plan_cka(cfg, paths, ClusterConfig(), alignment_file=tmp_path / "alignment.npz")
+    plan = build_cka_work(cfg, paths, ClusterConfig(), alignment_file=tmp_path / "alignment.npz")
     saved = cka_select.load_alignment(tmp_path / "alignment.npz")
     assert saved.keys() == plan.align.positions.keys()
     for path, positions in plan.align.positions.items():

@@ -153,7 +153,7 @@ def test_racing_schema_creation_on_s3_gives_one_store(s3_server):
     """Put-if-absent of the root zarr.json is the commit point: every racer ends with the same store."""
     bucket = s3_server.new_bucket()
     path = location.parse(f"s3://{bucket}/race.zarr", storage_options=s3_server.storage_options)
-    layout = store.plan_layout(16, {"b": (2, 2, 2)}, [1, 2], unit_samples=8)
+    layout = store.make_layout(16, {"b": (2, 2, 2)}, [1, 2], unit_samples=8)
     samples = store.SampleTable([f"im{i}" for i in range(16)], [0] * 16, [False] * 16, [i % 2 for i in range(16)])
     errors, barrier = [], threading.Barrier(4)
 

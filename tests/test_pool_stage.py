@@ -114,7 +114,7 @@ def test_pooled_store_keeps_coords_provenance_and_opens_cleanly(pooled):
 
 
 def _synthetic_source(path: Path, n: int, unit: int, failed: dict[int, str]) -> store.Layout:
-    layout = store.plan_layout(n, {"b": (32, 16, 16)}, [5, 50], unit_samples=unit)
+    layout = store.make_layout(n, {"b": (32, 16, 16)}, [5, 50], unit_samples=unit)
     ids = [f"img{i // 2}" for i in range(n)]
     samples = store.SampleTable(ids, [i % 2 for i in range(n)], [False] * n, [i % 3 for i in range(n)])
     store.create_store(path, layout, samples, ["a", "b", "c"], {"stage": "extract", "stage_hash": "src"})

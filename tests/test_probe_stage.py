@@ -15,7 +15,7 @@ from pipeline.probing.heads import HeadSpec
 from pipeline.workflow.runner import Runner
 from pipeline.probing.training import TrainSpec, split_validation
 from pipeline.store.source import ZarrSource
-from stages.probe import GroupTask, ProbeConfig, group_splits, plan_grid, split_by_image, train_group
+from stages.probe import GroupTask, ProbeConfig, group_splits, build_grid, split_by_image, train_group
 
 from helpers import TINY_UNET
 #: The paper's linear-probe recipe (SGD, momentum, step schedule), shortened.
@@ -127,7 +127,7 @@ def test_stage_splits_of_a_store_keep_views_together(wf):
     assert not set(source.image_ids[fit]) & set(source.image_ids[val])
     cfg = ProbeConfig(input="ptr", test_input="ptr")
     with pytest.raises(ConfigError, match="shares 300 image"):
-        plan_grid(cfg, wf.stage("ptr").output, wf.stage("ptr").output)
+        build_grid(cfg, wf.stage("ptr").output, wf.stage("ptr").output)
 
 
 def test_one_read_feeds_many_heads(wf):

@@ -227,7 +227,7 @@ def classify_store(path: Path) -> np.ndarray:
     """A classify error store written by the write protocol: 16 samples, 3 classes, 4 trials."""
     from pipeline.store import error_tensor as errorstore
 
-    layout = errorstore.plan_error_layout(16, 3, 4, unit_samples=8)
+    layout = errorstore.make_error_layout(16, 3, 4, unit_samples=8)
     labels = np.arange(16) % 3
     errorstore.create_error_store(path, layout, [f"img{i}" for i in range(16)], labels.tolist(),
                                   ["a", "b", "c"], [0, 1, 2], ["", "", ""], [100, 300, 500, 700], [0, 0, 0, 0],
@@ -451,7 +451,7 @@ def test_pool_refuses_a_source_unit_that_is_lost_or_damaged(copy, tmp_path, dama
 
     _, path = copy
     src = store.load_layout(path)
-    layout = store.plan_layout(src.n_samples, {pooled_key("mid_block", 1): (src.blocks["mid_block"][0], 1, 1)},
+    layout = store.make_layout(src.n_samples, {pooled_key("mid_block", 1): (src.blocks["mid_block"][0], 1, 1)},
                                src.timesteps, unit_samples=src.unit_samples)
     root = store.open_root(path)
     samples = store.SampleTable([str(i) for i in root["image_id"][:]], root["view"][:].tolist(),

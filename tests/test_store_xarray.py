@@ -61,7 +61,7 @@ def test_chunks_shards_and_codecs(small_store):
 
 
 def test_plan_layout_chunks_divide_units():
-    lay = store.plan_layout(1_281_167, {"a": (1024, 16, 16), "b": (256, 64, 64)}, [90, 150, 300])
+    lay = store.make_layout(1_281_167, {"a": (1024, 16, 16), "b": (256, 64, 64)}, [90, 150, 300])
     for name, n in lay.chunk_samples.items():
         assert lay.unit_samples % n == 0
         c, h, w = lay.blocks[name]
@@ -102,7 +102,7 @@ def test_compression_option_keeps_crc32c_and_values(tmp_path):
 def test_last_chunk_padding_costs_little_uncompressed(tmp_path, n):
     """The NaN padding of the last partial chunk is stored as is without a compressor: bounded."""
     shapes = {"a": (64, 4, 4), "b": (64, 8, 8)}
-    lay = store.plan_layout(n, shapes, [10, 50, 100, 200, 400])
+    lay = store.make_layout(n, shapes, [10, 50, 100, 200, 400])
     samples = store.SampleTable([str(i) for i in range(n)], [0] * n, [False] * n, [0] * n)
     path = tmp_path / "s.zarr"
     store.create_store(path, lay, samples, ["x"], {"stage_hash": "pad"})

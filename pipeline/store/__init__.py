@@ -54,7 +54,7 @@ from pipeline.store.layout import (
     mark_done,
     new_group,
     open_root,
-    plan_layout,
+    make_layout,
     quiet_zarr,
     read_attrs,
     read_sample_table,
@@ -71,7 +71,7 @@ __all__ = [
     "Compression", "Layout", "SampleTable", "UnitRanges", "UnitWriter", "assigned_units",
     "block_names", "codecs_for", "create_status_arrays", "create_store",
     "estimate_compressed_bytes", "finalize", "jsonable", "load_layout", "mark_done", "new_group",
-    "open_root", "plan_layout", "quiet_zarr", "read_attrs", "read_sample_table", "stamp_attrs", "stored_bytes",
+    "open_root", "make_layout", "quiet_zarr", "read_attrs", "read_sample_table", "stamp_attrs", "stored_bytes",
     "unit_status",
     "write_1d", "write_results_dataset", "write_unit",
 ]

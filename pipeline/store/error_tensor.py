@@ -62,7 +62,7 @@ class ErrorLayout(store.UnitRanges):
     chunk_samples: int
 
 
-def plan_error_layout(n_samples: int, n_candidates: int, n_trials: int, unit_samples: int | None = None,
+def make_error_layout(n_samples: int, n_candidates: int, n_trials: int, unit_samples: int | None = None,
                       unit_bytes: int = 64 << 20, chunk_bytes: int = 4 << 20, max_unit_samples: int = 64
                       ) -> ErrorLayout:
     """Units of a power of two samples, at most ``max_unit_samples`` and ~``unit_bytes``

@@ -145,7 +145,7 @@ def bounded_padding(chunk: int, n_samples: int) -> int:
     return chunk
 
 
-def plan_layout(
+def make_layout(
     n_samples: int,
     blocks: Mapping[str, tuple[int, int, int]],
     timesteps: Sequence[int],
