@@ -43,9 +43,9 @@ def first_difference(stored: Sequence[str], current: Sequence[str]) -> str:
 
 def stored_image_ids(path) -> list[str]:
     """The store's image ids in row order, one per image (the views of an image are adjacent rows)."""
-    import zarr
+    from pipeline.store.layout import open_root
 
-    ids = zarr.open_group(str(path), mode="r")["image_id"][:]
+    ids = open_root(path)["image_id"][:]
     out: list[str] = []
     for image_id in ids:
         if not out or out[-1] != image_id:

@@ -92,11 +92,10 @@ class RunContext:
         ``image_ids`` is the run's per-row id list. The stage hash already holds the
         dataset's identity; this is the last guard before any row is written.
         """
-        import zarr
-
+        from pipeline.store.layout import open_root
         from pipeline.workflow.identity import first_difference
 
-        stored = [str(i) for i in zarr.open_group(str(self.output), mode="r")["image_id"][:]]
+        stored = [str(i) for i in open_root(self.output)["image_id"][:]]
         if stored != list(image_ids):
             raise StoreError(f"{self.output}: the dataset changed since this store was written: "
                              f"{first_difference(stored, list(image_ids)) or 'labels differ'}; "
