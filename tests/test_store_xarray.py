@@ -180,7 +180,7 @@ def test_probe_results_string_coords_are_plain(tmp_path):
     from pipeline.probing.results import open_results, results_dataset
 
     rows = [dict(block="mid_block", timestep=10, pool=1, head="linear", top1=0.5, top5=0.9, val_top1=0.5,
-                 epochs_run=3, train_time_s=1.0, best_epoch=1)]
+                 epochs_run=3, train_time_s=1.0, best_epoch=1, n_test=10, n_val=5)]
     ds = results_dataset(rows, ["mid_block", "up_blocks.0"], [10, 100], [1, 2], {"linear": "linear", "mlp": "mlp"},
                          attrs={store.ATTR_KEY: {"stage": "probe"}})
     out = tmp_path / "p.probe"
