@@ -42,7 +42,8 @@ from pipeline.dc.classifier import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, Ada
 from pipeline.errors import ConfigError, DatasetError, ModelError, did_you_mean
 from pipeline.store.describe import human_bytes
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, resolve_device
+from pipeline.models import (TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, planning_device,
+                             resolve_device)
 from pipeline.noise import q_sample
 from pipeline.workflow.config import device_field, not_hashed
 from pipeline.workflow.stage import RunContext, Stage
@@ -462,14 +463,8 @@ class ClassifyStage(Stage):
         ctx.finalize_store()
 
     def plan(self, cfg: ClassifyConfig, ctx: RunContext) -> list[tuple[str, str]]:
-        try:
-            resolve_device(cfg.device)
-            absent = None
-        except ModelError as exc:  # e.g. a login node planning a GPU workflow
-            if not cfg.device.startswith("cuda"):
-                raise
-            absent = str(exc).split(";")[0]
-        clf = Classifier(cfg, device="cpu" if absent else None)
+        device, absent = planning_device(cfg.device)  # a login node plans a GPU workflow on the CPU
+        clf = Classifier(cfg, device=device)
         sched = clf.schedule_attrs()
         per_sample = sched["forward_passes_per_sample"]
         n = clf.layout.n_samples

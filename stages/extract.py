@@ -25,12 +25,13 @@ from pipeline import faults, store
 from pipeline.datasets import DatasetConfig, open_dataset
 from pipeline.datasets.augment import AugmentedImages, AugmentSpec, view_flipped
 from pipeline.datasets.torch_data import load_images
-from pipeline.errors import ConfigError, DatasetError, DiffprobeError, ModelError
+from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
 from pipeline.store.describe import human_bytes
 from pipeline.store.location import free_bytes
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, resolve_device
+from pipeline.models import (TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, planning_device,
+                             resolve_device)
 from pipeline.noise import NOISE_SCHEME, batch_noise
 from pipeline.workflow.config import device_field, not_hashed
 from pipeline.workflow.stage import RunContext, Stage
@@ -403,14 +404,8 @@ class ExtractStage(Stage):
         ctx.finalize_store()
 
     def plan(self, cfg: ExtractConfig, ctx: RunContext) -> list[tuple[str, str]]:
-        try:
-            resolve_device(cfg.device)
-            absent = None
-        except ModelError as exc:  # e.g. a login node planning a GPU workflow
-            if not cfg.device.startswith("cuda"):
-                raise
-            absent = str(exc).split(";")[0]
-        ex = Extractor(cfg, device="cpu" if absent else None)
+        device, absent = planning_device(cfg.device)  # a login node plans a GPU workflow on the CPU
+        ex = Extractor(cfg, device=device)
         lay = ex.layout
         n_t = len(ex.timesteps)
         pairs = lay.n_samples * n_t

@@ -59,6 +59,19 @@ def resolve_device(device: str) -> torch.device:
     raise ModelError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
 
 
+def planning_device(device: str) -> tuple[str | None, str | None]:
+    """Where ``diffprobe plan`` builds the model: ``(None, None)`` when ``device`` exists here,
+    ``("cpu", why)`` when a CUDA device is asked for on a machine without it (a login node
+    planning a GPU workflow); any other device error is raised as it is."""
+    try:
+        resolve_device(device)
+    except ModelError as exc:
+        if not device.startswith("cuda"):
+            raise
+        return "cpu", str(exc).split(";")[0]
+    return None, None
+
+
 #: Names of the dtypes a model may compute in (and activations may be rounded to).
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -82,4 +95,4 @@ def load_model(cfg: ModelConfig, device: str = "cpu", dtype: str = "float32") ->
     return adapter
 
 
-__all__ = ["MODEL_KINDS", "TORCH_DTYPES", "BlockInfo", "Condition", "ModelAdapter", "ModelConfig", "load_model", "resolve_device"]
+__all__ = ["MODEL_KINDS", "TORCH_DTYPES", "planning_device", "BlockInfo", "Condition", "ModelAdapter", "ModelConfig", "load_model", "resolve_device"]
