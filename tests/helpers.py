@@ -113,3 +113,21 @@ def synthetic_store(path, n=512, channels=16, p=4, failed=()):
         store.write_unit(root, layout, u, {"b": values[a:b].astype(np.float32)},
                          {i - a: "bad" for i in failed if a <= i < b})
     return str(path), "blocks/b/activations"
+
+
+def invoke(*args):
+    """Run the ``diffprobe`` CLI in-process: ``(exit code, output)``."""
+    from click.testing import CliRunner
+
+    from pipeline.cli.commands import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output.strip()
+
+
+def one_error_line(code, out):
+    """Exit 2, exactly one 'error:' line, no traceback (progress lines may precede it)."""
+    assert code == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in out, out
+    return errors[0]

@@ -7,18 +7,9 @@ from click.testing import CliRunner
 
 from pipeline.cli.commands import main
 
-
-def invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output.strip()
+from helpers import invoke, one_error_line
 
 
-def one_error_line(code, out):
-    """Exit 2, exactly one 'error:' line, no traceback (progress lines may precede it)."""
-    assert code == 2, out
-    errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in out, out
-    return errors[0]
 
 
 @pytest.mark.parametrize(

@@ -6,25 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from helpers import TINY_UNET
+from helpers import TINY_UNET, invoke, one_error_line
 
-from pipeline.cli.commands import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_ADM = ROOT / "data/factories/guided_diffusion_tiny.py"
 
 
-def invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output.strip()
-
-
-def one_error_line(code, out):
-    assert code == 2, out
-    errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in out, out
-    return errors[0]
 
 
 @pytest.mark.parametrize(("config", "expected"), [
