@@ -422,8 +422,6 @@ class CKAStage(Stage):
         return {name: as_location(p) for name, p in zip(cfg.inputs, ctx.inputs["inputs"])}
 
     def run(self, cfg: CKAConfig, ctx: RunContext) -> None:
-        from pipeline.cluster.client import get_client, run_tasks
-
         out = ctx.output
         cache = ctx.open_results_output()  # before the alignment file is saved inside it
         plan = build_cka_work(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=out / "grams",
@@ -441,11 +439,13 @@ class CKAStage(Stage):
 
         failed = []
         if any(todo):
-            with get_client(ctx.workflow.cluster, log=ctx.log) as client:
+            # each representation's slice once: what the tasks read at least
+            nbytes = sum(plan.align.n * r.n_features * r.itemsize for r in dict.fromkeys(plan.rows + plan.cols))
+            with ctx.cluster_session() as cluster:
                 for phase in todo:
                     if not phase:
                         continue
-                    outcomes = run_tasks(client, cka_tile, phase, log=ctx.log, on_result=keep)
+                    outcomes = cluster.run_tasks(cka_tile, phase, log=ctx.log, on_result=keep, work_bytes=nbytes)
                     failed = [{"task": o.name, "error": o.error} for o in outcomes if not o.ok]
                     if failed:
                         break  # a later phase needs every result of this one

@@ -42,11 +42,11 @@ from pipeline.dc.classifier import (EPS_SCHEME, LOSSES, PUBLISHED_SCHEDULES, Ada
 from pipeline.errors import ConfigError, DatasetError, ModelError, did_you_mean
 from pipeline.store.describe import human_bytes
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import (TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, planning_device,
+from pipeline.models import (TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, planning_device, prepared_model,
                              resolve_device)
 from pipeline.noise import q_sample
 from pipeline.workflow.config import device_field, not_hashed
-from pipeline.workflow.stage import RunContext, Stage
+from pipeline.workflow.stage import RunContext, Stage, prepared_value
 
 
 
@@ -182,17 +182,19 @@ class ClassifyConfig:
 class Classifier:
     """Model, dataset, plan and candidates; computes one unit at a time."""
 
-    def __init__(self, cfg: ClassifyConfig, device: str | None = None, encode_prompts: bool = True):
+    def __init__(self, cfg: ClassifyConfig, device: str | None = None, encode_prompts: bool = True,
+                 prepared: dict | None = None):
         # ``device`` overrides cfg.device (validate and plan build the model on the CPU,
         # in float32, where the configured device is absent).
         # ``encode_prompts=False`` (validate) skips the text encoder's pass over every prompt.
+        # ``prepared``: the run's ``RunContext.prepared``, whose dataset and model are reused.
         self.cfg = cfg
         self.encode_prompts = encode_prompts
         compute_dtype = cfg.compute_dtype if device is None else "float32"
-        self.adapter: ModelAdapter = load_model(cfg.model, device or cfg.device, compute_dtype)
+        self.adapter: ModelAdapter = prepared_model(cfg.model, device or cfg.device, compute_dtype, prepared)
         self.device = self.adapter.device
         self.dtype = TORCH_DTYPES[compute_dtype]
-        self.reader = open_dataset(cfg.dataset)
+        self.reader = prepared_value(prepared, "reader", lambda: open_dataset(cfg.dataset))
         self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.class_names = [str(c) for c in self.reader.class_names]
         self.n_classes = len(self.class_names)
@@ -422,15 +424,15 @@ class ClassifyStage(Stage):
             out = out | {"prompts_sha256": digest}  # an edited prompt file is a new configuration
         return out
 
-    def dataset_records(self, cfg: ClassifyConfig) -> list:
-        return open_dataset(cfg.dataset).records
+    def dataset_records(self, cfg: ClassifyConfig, prepared: dict | None = None) -> list:
+        return prepared_value(prepared, "reader", lambda: open_dataset(cfg.dataset)).records
 
     def validate(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
         resolve_device(cfg.device)  # first, as run meets it first
-        Classifier(cfg, device="cpu", encode_prompts=False)
+        Classifier(cfg, device="cpu", encode_prompts=False, prepared=ctx.prepared)  # run reuses dataset, model
 
     def run(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
-        clf = Classifier(cfg)
+        clf = Classifier(cfg, prepared=ctx.prepared)
         lay = clf.layout
         if clf.name_mismatches:
             ctx.log(f"prompt set names {len(clf.name_mismatches)} classes differently from the dataset "

@@ -30,11 +30,11 @@ from pipeline.hooks import capture, run_truncated
 from pipeline.store.describe import human_bytes
 from pipeline.store.location import free_bytes
 from pipeline.models.fingerprint import model_fingerprint
-from pipeline.models import (TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, load_model, planning_device,
+from pipeline.models import (TORCH_DTYPES, Condition, ModelAdapter, ModelConfig, planning_device, prepared_model,
                              resolve_device)
 from pipeline.noise import NOISE_SCHEME, batch_noise
 from pipeline.workflow.config import device_field, not_hashed
-from pipeline.workflow.stage import RunContext, Stage
+from pipeline.workflow.stage import RunContext, Stage, prepared_value
 
 
 class NonFiniteError(DiffprobeError):
@@ -143,12 +143,13 @@ def sample_table(reader, views: int, flip: bool, augment: AugmentSpec | None = N
 class Extractor:
     """Holds the model, dataset and settings; computes one unit at a time."""
 
-    def __init__(self, cfg: ExtractConfig, device: str | None = None):
+    def __init__(self, cfg: ExtractConfig, device: str | None = None, prepared: dict | None = None):
         # ``device`` overrides cfg.device (validate and plan build the model on the CPU,
-        # in float32, where the configured device is absent).
+        # in float32, where the configured device is absent). ``prepared``: the run's
+        # ``RunContext.prepared``, whose dataset and model are reused where they match.
         self.cfg = cfg
-        self.adapter: ModelAdapter = load_model(cfg.model, device or cfg.device,
-                                                cfg.compute_dtype if device is None else "float32")
+        self.adapter: ModelAdapter = prepared_model(cfg.model, device or cfg.device,
+                                                    cfg.compute_dtype if device is None else "float32", prepared)
         self.device = self.adapter.device
         self.blocks = self.adapter.resolve_blocks(cfg.blocks)
         self.timesteps = self.adapter.check_timesteps(list(cfg.timesteps))
@@ -163,7 +164,7 @@ class Extractor:
         if cfg.conditioning == "null" and self.adapter.null_class is None:
             raise ConfigError("conditioning 'null' needs model.null_class (the null class embedding index), "
                               "e.g. model: {..., null_class: 10}")
-        self.reader = open_dataset(cfg.dataset)
+        self.reader = prepared_value(prepared, "reader", lambda: open_dataset(cfg.dataset))
         self.prep = self.adapter.preprocessing.with_resize(cfg.dataset.resize)
         self.samples = sample_table(self.reader, cfg.views, cfg.flip, cfg.augment, cfg.seed)
         self.block_shapes = {b.name: self._stored_shape(b.shape) for b in self.blocks}
@@ -368,22 +369,23 @@ class ExtractStage(Stage):
     def fingerprint(self, cfg: ExtractConfig, base_dir: Path) -> dict:
         return model_fingerprint(cfg.model)
 
-    def dataset_records(self, cfg: ExtractConfig) -> list:
-        return open_dataset(cfg.dataset).records
+    def dataset_records(self, cfg: ExtractConfig, prepared: dict | None = None) -> list:
+        return prepared_value(prepared, "reader", lambda: open_dataset(cfg.dataset)).records
 
     def validate(self, cfg: ExtractConfig, ctx: RunContext) -> None:
         # The device first, as run meets it first (load_model resolves it before building).
         resolve_device(cfg.device)
-        Extractor(cfg, device="cpu")
+        Extractor(cfg, device="cpu", prepared=ctx.prepared)  # run reuses its dataset (and a CPU float32 model)
 
-    def stored_shapes(self, cfg: ExtractConfig) -> dict[str, tuple[int, int, int]]:
+    def stored_shapes(self, cfg: ExtractConfig, prepared: dict | None = None) -> dict[str, tuple[int, int, int]]:
         """{block: (C, H, W) as stored} that ``cfg`` will write, from the model built on the CPU."""
-        adapter = load_model(cfg.model, "cpu")
+        adapter = prepared_model(cfg.model, "cpu", "float32", prepared)
         blocks = adapter.resolve_blocks(cfg.blocks)
         return {b.name: stored_shape(b.shape, cfg.pool) for b in blocks}
 
     def run(self, cfg: ExtractConfig, ctx: RunContext) -> None:
-        ex = Extractor(cfg)  # every check that can fail on the config runs before the store exists
+        # every check that can fail on the config runs before the store exists
+        ex = Extractor(cfg, prepared=ctx.prepared)
         ex.strict = ctx.strict
         lay = ex.layout
         if store.read_attrs(ctx.output) is None:

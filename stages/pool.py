@@ -178,7 +178,8 @@ class PoolStage(Stage):
             return
         # Not written yet: the shapes the input stage will store (extract: from its model on the CPU).
         upstream = ctx.workflow.stage(ctx.entry.inputs["input"])
-        shapes = upstream.stage_class().stored_shapes(upstream.config)
+        # the input's prepared share: its validate built the model these shapes come from
+        shapes = upstream.stage_class().stored_shapes(upstream.config, ctx.prepared_for(upstream.name))
         if shapes is not None:
             blocks = _select(cfg.blocks, list(shapes), "block", source)
             check_pool_sizes("pool: size", cfg.sizes, {b: shapes[b] for b in blocks})
@@ -207,17 +208,18 @@ class PoolStage(Stage):
         ]
 
     def run(self, cfg: PoolConfig, ctx: RunContext) -> None:
-        from pipeline.cluster.client import get_client, run_tasks
-
-        _, _, _, blocks, timesteps, layout = self._plan(cfg, ctx)
+        _, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
         tasks = self.prepare(cfg, ctx)
         ctx.log(f"{len(blocks)} block(s) x {len(timesteps)} timestep(s) -> {cfg.mode} pool to "
                 f"{', '.join(f'{s}x{s}' for s in cfg.sizes)}; "
                 f"{layout.n_units} units of {layout.unit_samples}; "
                 f"{len(tasks)} to do")
         if tasks:
-            with get_client(ctx.workflow.cluster, log=ctx.log) as client:
-                outcomes = run_tasks(client, pool_unit, tasks, log=ctx.log)
+            item = np.dtype(store.STORAGE_DTYPES[src_layout.dtype]).itemsize
+            per_sample = len(timesteps) * sum(int(np.prod(src_layout.blocks[b])) for b in blocks) * item
+            with ctx.cluster_session() as cluster:
+                outcomes = cluster.run_tasks(pool_unit, tasks, log=ctx.log,
+                                             work_bytes=per_sample * layout.unit_samples * len(tasks))
             failed = [o for o in outcomes if not o.ok]
             read = sum(o.result["bytes_read"] for o in outcomes if o.ok)
             ctx.log(f"read {read / 2**20:.1f} MiB of maps in {len(outcomes) - len(failed)} unit(s)")

@@ -196,11 +196,20 @@ def train_group(task: GroupTask) -> list[dict]:
     plus the group's ``read_bytes`` and ``peak_buffer_bytes``.
     """
     import torch
+
+    threads = torch.get_num_threads()  # restored after: in-process tasks share the run's process
+    torch.set_num_threads(task.torch_threads)  # same arithmetic on every kind of worker
+    try:
+        return _train_group(task)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_group(task: GroupTask) -> list[dict]:
     from pipeline.store.slices import timestep_key
     from pipeline.probing.training import HeadJob, train_heads
     from pipeline.store.source import ZarrSource
 
-    torch.set_num_threads(task.torch_threads)  # same arithmetic on every kind of worker
     with ZarrSource(task.parts, task.timesteps, buffer_bytes=task.buffer_bytes) as source:
         train_idx, test_idx = group_splits(source, task)
         groups = np.unique(source.image_ids.astype(str), return_inverse=True)[1]  # str: C-speed sort
@@ -307,8 +316,6 @@ class ProbeStage(Stage):
     output_suffix = ".probe"
 
     def run(self, cfg: ProbeConfig, ctx: RunContext) -> None:
-
-        from pipeline.cluster.client import get_client, run_tasks
         from pipeline.probing.results import best_cells, describe_best, results_dataset, write_results
 
         test_source = ctx.inputs.get("test_input")
@@ -328,8 +335,9 @@ class ProbeStage(Stage):
 
         outcomes = []
         if todo:
-            with get_client(ctx.workflow.cluster, log=ctx.log) as client:
-                outcomes = run_tasks(client, train_group, todo, log=ctx.log, on_result=keep)
+            # work_bytes unknown: a task's cost is training its heads, not reading its slice
+            with ctx.cluster_session() as cluster:
+                outcomes = cluster.run_tasks(train_group, todo, log=ctx.log, on_result=keep)
         retried = [{"group": o.name, "error": o.first_error} for o in outcomes if o.ok and o.first_error]
         failed = [{"group": o.name, "error": o.error} for o in outcomes if not o.ok]
         first_errors = {g["group"]: g["error"] for g in retried}

@@ -6,6 +6,11 @@ always tears down what it started::
     with get_client(workflow.cluster, log=ctx.log) as client:
         outcomes = run_tasks(client, pool_unit, tasks, log=ctx.log)
 
+Stages do not call it themselves: they run tasks through the run's
+``pipeline.cluster.session.ClusterSession``, which starts one cluster for the whole
+run, at the first stage that needs one, and runs small work in this process (see
+there for the rule, ``n_workers: 0`` and ``in_process_mib``).
+
 Kinds (``pipeline.workflow.config.ClusterConfig``):
 
 - ``local``: a ``LocalCluster`` of ``n_workers`` processes with ``threads_per_worker``
@@ -35,7 +40,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -46,15 +50,11 @@ from pipeline.workflow.config import ClusterConfig
 from pipeline import faults
 from pipeline.cluster.slurm import NEUTRAL_CWD
 from pipeline.cluster.identity import check_workers
+from pipeline.cluster.tasks import MAX_ATTEMPTS, ZARR_CONCURRENCY, TaskOutcome
 from pipeline.errors import ConfigError
 
-#: zarr ``async.concurrency`` on workers (4-8 when workers run many threads: each call's default of 10
-#: concurrent requests, times the threads, oversubscribes the file system).
-ZARR_CONCURRENCY = 4
 #: Set in SLURM job scripts: non-daemonic workers (see ``_start_cluster``).
 SLURM_WORKER_ENV = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
-#: Attempts per task: the first and one retry.
-MAX_ATTEMPTS = 2
 
 
 class ZarrConcurrency(WorkerPlugin):
@@ -90,8 +90,8 @@ def _start_cluster(cfg: ClusterConfig):
     if cfg.kind == "local":
         if cfg.n_workers < 1 or cfg.threads_per_worker < 1:
             raise ConfigError(
-                f"cluster.n_workers and cluster.threads_per_worker must be >= 1; "
-                f"got {cfg.n_workers}, {cfg.threads_per_worker}"
+                f"cluster.n_workers must be >= 1 (or 0: every task in this process) and "
+                f"cluster.threads_per_worker >= 1; got {cfg.n_workers}, {cfg.threads_per_worker}"
             )
         # Non-daemonic worker processes may fork the probe's block-reader helper
         # (pipeline/store/prefetch.py); daemonic ones fall back to a reader thread.
@@ -260,21 +260,6 @@ def _result(future, client: Client):
 
 
 # ----------------------------------------------------------------- tasks
-
-
-@dataclass
-class TaskOutcome:
-    """What happened to one task: its result, or the error of its last attempt."""
-
-    name: str
-    result: Any = None
-    error: str | None = None
-    first_error: str | None = None  # set when the first attempt failed (retried)
-    attempts: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def run_tasks(

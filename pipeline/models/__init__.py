@@ -95,4 +95,17 @@ def load_model(cfg: ModelConfig, device: str = "cpu", dtype: str = "float32") ->
     return adapter
 
 
-__all__ = ["MODEL_KINDS", "TORCH_DTYPES", "planning_device", "BlockInfo", "Condition", "ModelAdapter", "ModelConfig", "load_model", "resolve_device"]
+def prepared_model(cfg: ModelConfig, device: str, dtype: str, prepared: dict | None = None) -> ModelAdapter:
+    """:func:`load_model`, kept in a run's ``prepared`` dict (``RunContext.prepared``) under
+    ``("model", device, dtype)``: a stage's ``validate`` builds its model on the CPU in
+    float32, and ``run`` reuses that very object when it would build the same one (a
+    CPU float32 run); on another device or dtype ``run`` builds its own."""
+    if prepared is None:
+        return load_model(cfg, device, dtype)
+    key = ("model", str(resolve_device(device)), dtype)
+    if key not in prepared:
+        prepared[key] = load_model(cfg, device, dtype)
+    return prepared[key]
+
+
+__all__ = ["MODEL_KINDS", "TORCH_DTYPES", "planning_device", "BlockInfo", "Condition", "ModelAdapter", "ModelConfig", "load_model", "prepared_model", "resolve_device"]

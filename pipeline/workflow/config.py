@@ -252,6 +252,10 @@ class ClusterConfig:
         or after its jobs ended) before it stops with a line saying why.
     slurm_replacements: how many lost worker jobs (cancelled, pre-empted, failed) are
         resubmitted in all.
+    n_workers: 0 (``local`` only) runs every task in this process, without dask.
+    in_process_mib: (``local``) a stage with one task, or whose tasks read at most this
+        many MiB in all, runs in this process instead of on the cluster (0: never);
+        see ``pipeline.cluster.session``.
     """
 
     kind: Literal["local", "address", "slurm"] = "local"
@@ -263,6 +267,7 @@ class ClusterConfig:
     slurm_wait_s: float = 600.0
     slurm_replacements: int = 4
     dashboard: bool = True
+    in_process_mib: float = 256.0
 
 
 @dataclass(frozen=True)

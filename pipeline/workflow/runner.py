@@ -16,6 +16,13 @@ it with the hash stamped in the existing output, and then
 holds a lease (``pipeline.workflow.claims``): its ``--shard i/N`` share, or the whole
 stage for stages that do not shard; a second process on the same share is refused
 with the holder's pid and host.
+
+One run pays its fixed costs once: the dask stages share one cluster
+(``pipeline.cluster.session.ClusterSession``, started at the first stage with work
+for it, closed when the run ends, fails or is interrupted), and what ``validate``
+built for a stage (its dataset's records and reader, a model built where the stage
+runs) is handed to the stage's ``run`` through ``RunContext.prepared`` and dropped
+once the stage has run.
 """
 
 from __future__ import annotations
@@ -175,6 +182,10 @@ class Runner:
         self.hashes: dict[str, str] = _LazyHashes(self)
         self.identities: dict[str, dict] = {}
         self.records: dict[str, list] = {}
+        #: stage name -> what validate (and hashing) built for it (``RunContext.prepared``).
+        self.prepared: dict[str, dict] = {}
+        #: The run's cluster session while ``run`` is running (None otherwise).
+        self.cluster = None
         if force and shard[1] > 1:
             raise ConfigError("--force with --shard would let every shard delete the output; "
                               "delete it once, then launch the shards without --force")
@@ -188,7 +199,7 @@ class Runner:
         from pipeline.workflow.identity import dataset_identity
 
         try:
-            records = self.stages[entry.name].dataset_records(entry.config)
+            records = self.stages[entry.name].dataset_records(entry.config, self.prepared.setdefault(entry.name, {}))
         except DatasetError:
             stamped = ((read_attrs(entry.output) if entry.output.is_dir() else None) or {}).get("identity", {})
             if "data" in stamped.get("extra", {}):
@@ -247,7 +258,8 @@ class Runner:
             inputs[f] = paths if isinstance(refs, tuple) else paths[0]
         return RunContext(self.wf, entry, entry.output, inputs, self.hashes[entry.name],
                           shard=self.shard, strict=self.strict, progress=self.progress,
-                          identity=self.identities[entry.name])
+                          identity=self.identities[entry.name], cluster=self.cluster,
+                          prepared_by_stage=self.prepared)
 
     def check_inputs(self, entry: StageEntry) -> None:
         for refs in entry.inputs.values():
@@ -304,6 +316,15 @@ class Runner:
 
     def run(self, only: str | None = None, until: str | None = None, dry_run: bool = False) -> list[tuple[str, str]]:
         """Run the selected stages in order; returns (stage, action) rows."""
+        from pipeline.cluster.session import ClusterSession
+
+        with ClusterSession(self.wf.cluster, log=self.echo) as self.cluster:
+            try:
+                return self._run(only, until, dry_run)
+            finally:
+                self.cluster = None
+
+    def _run(self, only: str | None, until: str | None, dry_run: bool) -> list[tuple[str, str]]:
         report = []
         selected = self.select(only, until)
         if self.shard[1] > 1:
@@ -343,6 +364,7 @@ class Runner:
                     raise storage_error(entry, exc) from exc
                 raise
             elapsed = time.perf_counter() - start
+            self.prepared.pop(entry.name, None)  # its model and records are not needed again
             if self.shard[1] == 1:  # shards finish at different times; no one wall time to record
                 record_wall_time(entry.output, elapsed)
             self.echo(f"[{entry.name}] finished in {elapsed:.1f} s")

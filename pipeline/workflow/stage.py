@@ -8,9 +8,11 @@ refuses; stages only compute and write through ``pipeline.store``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +38,37 @@ class RunContext:
     identity: dict = field(default_factory=dict)
     #: This process's leases on the output (set by the runner; None in direct calls).
     claims: Any = None
+    #: The run's ``pipeline.cluster.session.ClusterSession`` (set by the runner; None in
+    #: direct calls, where :meth:`cluster_session` opens one for the stage).
+    cluster: Any = None
+    #: stage name -> what the runner's hashing and ``validate`` already built for that
+    #: stage (its dataset reader, a model built on the stage's device), for ``run`` to
+    #: reuse instead of building it again; empty in direct calls. Keys belong to the stage.
+    prepared_by_stage: dict = field(default_factory=dict)
+
+    @property
+    def prepared(self) -> dict:
+        """This stage's share of :attr:`prepared_by_stage` (created empty on first use)."""
+        return self.prepared_by_stage.setdefault(self.entry.name, {})
+
+    def prepared_for(self, name: str) -> dict:
+        """Another stage's share (e.g. an input's model, to ask it for its stored shapes)."""
+        return self.prepared_by_stage.setdefault(name, {})
+
+    @contextlib.contextmanager
+    def cluster_session(self) -> Iterator[Any]:
+        """The run's cluster session, or (a stage called on its own) one closed after the block::
+
+            with ctx.cluster_session() as cluster:
+                outcomes = cluster.run_tasks(pool_unit, tasks, log=ctx.log, work_bytes=nbytes)
+        """
+        if self.cluster is not None:
+            yield self.cluster
+            return
+        from pipeline.cluster.session import ClusterSession
+
+        with ClusterSession(self.workflow.cluster, log=self.log) as session:
+            yield session
 
     def base_attrs(self) -> dict:
         """Attrs every output carries: stage kind, name, hash, config, input hashes."""
@@ -181,6 +214,20 @@ class TaskResults:
             raise
 
 
+def prepared_value(prepared: dict | None, key: Any, build: Callable[[], Any]) -> Any:
+    """``prepared[key]``, built by ``build()`` the first time (always built when ``prepared`` is None).
+
+    How a stage reuses what the runner's hashing and ``validate`` built (``RunContext.prepared``):
+    a key names the object fully, e.g. ``("model", "cpu", "float32")``, so ``run`` finds
+    it only when it would build the very same thing.
+    """
+    if prepared is None:
+        return build()
+    if key not in prepared:
+        prepared[key] = build()
+    return prepared[key]
+
+
 def input_field(**kwargs):
     """A config field that names an earlier stage (its output becomes an input)."""
     return field(metadata={"input": True}, **kwargs)
@@ -200,11 +247,12 @@ class Stage:
         """Extra content for the hash that the config alone does not capture (e.g. weights)."""
         return {}
 
-    def dataset_records(self, cfg: Any) -> list | None:
+    def dataset_records(self, cfg: Any, prepared: dict | None = None) -> list | None:
         """The ordered dataset records a stage computes rows for (extract, classify), or None.
 
         Their identity (``pipeline.workflow.identity``) joins the stage hash: a store's
-        rows are positions in this list."""
+        rows are positions in this list. ``prepared`` (``RunContext.prepared``) may keep
+        the opened dataset for ``validate`` and ``run``."""
         return None
 
     def validate(self, cfg: Any, ctx: RunContext) -> None:
@@ -214,11 +262,13 @@ class Stage:
         the first one runs, so a bad later stage fails in seconds, not after the earlier
         stages' work. Checks only what is knowable now: a model may be built on the CPU
         (block names, timestep range, class embeddings); inputs not yet written are not read.
+        What it builds that ``run`` can use as it is goes into ``ctx.prepared``.
         """
 
-    def stored_shapes(self, cfg: Any) -> dict[str, tuple[int, ...]] | None:
+    def stored_shapes(self, cfg: Any, prepared: dict | None = None) -> dict[str, tuple[int, ...]] | None:
         """{block: (C, H, W)} of the maps ``cfg`` will store, known before running (for
-        a later stage's ``validate``), or None where the stage cannot say."""
+        a later stage's ``validate``), or None where the stage cannot say. ``prepared``:
+        this stage's ``RunContext.prepared``, when the caller has it."""
         return None
 
     def run(self, cfg: Any, ctx: RunContext) -> None:
