@@ -7,7 +7,7 @@ Hooks, each off unless its environment variable is set:
   stage submits, so payloads carry only their work.
 - ``DIFFPROBE_FAULT_KILL_AFTER_UNITS=N``: the process SIGKILLs itself after its unit
   writer has written N units (how the tests kill a run mid-way, at a known point).
-- ``DIFFPROBE_FAULT_UNIT_DELAY=S``: extract and classify sleep S seconds before computing
+- ``DIFFPROBE_FAULT_UNIT_DELAY=S``: extract, classify and pool sleep S seconds before computing
   each unit (so tests can run two processes on one output at the same time).
 - ``DIFFPROBE_FAULT_KILL_AT=point``: the process SIGKILLs itself when it reaches the
   named point (:func:`kill_point`), e.g. ``finalize:consolidate`` (between a store's

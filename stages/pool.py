@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline import store
+from pipeline import faults, store
 from pipeline.errors import ConfigError, DiffprobeError, StoreError, select_or_error
 from pipeline.store.checks import Integrity
 from pipeline.store.location import as_location
@@ -100,6 +100,7 @@ def pool_unit(task: PoolTask) -> dict:
     from pipeline.probing.pooling import pool_dask
     from pipeline.store.slices import pooled_key
 
+    faults.unit_delay()
     layout = store.load_layout(task.output)
     start, stop = layout.unit_range(task.unit)
     src_root = store.open_root(task.source)

@@ -143,10 +143,11 @@ def test_slurm_cluster_runs_the_grid_through_real_sbatch(tmp_path, slurm, capsys
                                            f"slurm: {json.dumps(options)}}}", "slurm"), STAGES)
     Runner(wf, progress=False).run()
     err = capsys.readouterr().err
-    assert err.count("dask cluster (slurm): 2 worker job(s) submitted") == 2  # pool and probe
+    # one cluster for the run: pool and probe share its two worker jobs
+    assert err.count("dask cluster (slurm): 2 worker job(s) submitted") == 1
     assert "dask cluster (slurm): 2 worker(s)" in err
     logs = sorted((tmp_path / "slurm-logs").glob("*.err"))
-    assert len(logs) == 4  # two worker jobs for each dask stage
+    assert len(logs) == 2
     assert slurm.wait_until_gone([j for j in slurm.new_jobs() if j not in before], timeout=60) == []
     local = load_workflow(_workflow(tmp_path, "{kind: local, n_workers: 1, threads_per_worker: 1}", "local"), STAGES)
     Runner(local, progress=False).run()

@@ -73,26 +73,32 @@ def test_importing_dask_jobqueue_keeps_our_sigint_handler():
     assert proc.stdout.strip() == "True", proc.stderr
 
 
-def test_ctrl_c_during_a_dask_stage_is_one_line(tmp_path, tiny_unet_json):
+@pytest.mark.parametrize("cluster, started", [
+    ("{kind: local, n_workers: 1, dashboard: false, in_process_mib: 0}", "dask cluster (local)"),
+    ("{kind: local, n_workers: 0}", "in this process"),   # small work: no cluster, the same contract
+])
+def test_ctrl_c_during_a_dask_stage_is_one_line(tmp_path, tiny_unet_json, cluster, started):
     wf = tmp_path / "wf.yaml"
-    wf.write_text(textwrap.dedent("""\
+    wf.write_text(textwrap.dedent(f"""\
         name: t
         output_dir: out
-        cluster: {kind: local, n_workers: 1, dashboard: false}
+        cluster: {cluster}
         stages:
-          - {name: ex, stage: extract, model: {config: tiny_unet.json, null_class: 10}, conditioning: class,
-             dataset: {reader: digits, split: test, limit: 16}, blocks: [mid_block], timesteps: [10],
-             unit_samples: 4}
-          - {name: pooled, stage: pool, input: ex, sizes: [1, 2]}
+          - {{name: ex, stage: extract, model: {{config: tiny_unet.json, null_class: 10}}, conditioning: class,
+             dataset: {{reader: digits, split: test, limit: 16}}, blocks: [mid_block], timesteps: [10],
+             unit_samples: 4}}
+          - {{name: pooled, stage: pool, input: ex, sizes: [1, 2]}}
         """))
     Runner(load_workflow(wf, STAGES), progress=False).run(only="ex")
     # A terminal's Ctrl-C: SIGINT to the whole process group (client, nanny, workers).
+    # each pool unit waits 2 s first, so the signal lands while units are being computed
     proc = subprocess.Popen([*DIFFPROBE, "run", str(wf), "--no-progress", "--only", "pooled"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, DIFFPROBE_FAULT_UNIT_DELAY="2"))
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "dask cluster (local)" in line:
+        if started in line:
             break
     os.killpg(proc.pid, signal.SIGINT)
     rest = proc.communicate(timeout=120)[0]

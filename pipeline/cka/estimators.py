@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.linalg import blas
 
 from pipeline.errors import ConfigError
 
@@ -81,6 +80,8 @@ def _syrk_upper(c: np.ndarray, a: np.ndarray, trans: int) -> None:
     ``c`` is an F-ordered float64 buffer updated in place; ``a`` should be F-ordered
     too (a transposed C-ordered block is), else BLAS copies it. Half a matmul's flops.
     """
+    from scipy.linalg import blas  # scipy.linalg's import costs ~0.5-1 s: only where a Gram is computed
+
     out = blas.dsyrk(1.0, a, beta=1.0, c=c, trans=trans, lower=0, overwrite_c=1)
     if not np.shares_memory(out, c):  # pragma: no cover - BLAS contract
         raise RuntimeError("dsyrk did not update the buffer in place")
@@ -228,6 +229,8 @@ class CovarianceAccumulator:
         total = m + b
         if b == 0:
             return
+        from scipy.linalg import blas
+
         dx, dy = other.mean_x - self.mean_x, other.mean_y - self.mean_y
         if x_centred is not None:  # a fresh block: products go straight into our buffers
             _syrk_upper(self.sxx, x_centred.T, trans=0)
