@@ -15,9 +15,9 @@ read of one (block, size, timestep) slice is a sequential scan of few objects;
 a unit is the source's unit, so each task reads whole source shards.
 
 Work: one dask task per unit. The task opens the source itself with xarray,
-selects its sample range and the requested timesteps (a dask array chunked like
-the source), pools chunk by chunk (``pipeline.probing.pooling.pool_dask``) with the
-synchronous scheduler, and writes the unit (``store.write_unit``). Memory per task
+selects its sample range and the requested timesteps, pools chunk by chunk
+(``pipeline.probing.pooling.adaptive_pool`` over each source chunk: one timestep,
+the chunk's samples), and writes the unit (``store.write_unit``). Memory per task
 is one pooled unit plus a few source chunks, whatever the dataset size. Samples
 that failed in the source (``done`` = 2) stay failed, with the same reason;
 resume skips units already done.
@@ -95,9 +95,6 @@ def pool_unit(task: PoolTask) -> dict:
 
     Returns ``{"unit", "samples", "bytes_read"}`` (decoded source bytes).
     """
-    import dask
-    import dask.array as da
-    from pipeline.probing.pooling import pool_dask
     from pipeline.store.slices import pooled_key
 
     faults.unit_delay()
@@ -125,10 +122,9 @@ def pool_unit(task: PoolTask) -> dict:
         # basic slices: zarr 3.1's orthogonal selection of a timestep list is ~40x slower here
         values = src[start:stop] if t_index == list(range(src.shape[1])) else \
             np.stack([src[start:stop, i] for i in t_index], axis=1)
-        maps = da.from_array(values, chunks=(src.chunks[0], 1, *src.shape[2:]))
-        bytes_read += maps.nbytes
+        bytes_read += values.nbytes
         try:
-            pooled = dask.compute(*[pool_dask(maps, s, task.mode) for s in task.sizes], scheduler="synchronous")
+            pooled = [_pool_by_chunk(values, src.chunks[0], s, task.mode) for s in task.sizes]
         except DiffprobeError:
             raise
         except Exception as exc:  # noqa: BLE001 -- a codec failure: name the damaged chunk
@@ -145,6 +141,19 @@ def pool_unit(task: PoolTask) -> dict:
               for i in np.flatnonzero(done == store.FAILED)}
     store.write_unit(store.open_root(task.output, mode="r+"), layout, task.unit, data, failed)
     return {"unit": task.unit, "samples": stop - start, "bytes_read": int(bytes_read)}
+
+
+def _pool_by_chunk(values: np.ndarray, rows: int, size: int, mode: str) -> np.ndarray:
+    """(U, T, C, H, W) -> (U, T, C, size, size) float32, one (``rows`` samples, one timestep)
+    chunk at a time, so the float32 temporaries stay at a chunk's size (numpy only: an
+    in-process task need not import dask)."""
+    from pipeline.probing.pooling import adaptive_pool
+
+    out = np.empty(values.shape[:3] + (size, size), dtype=np.float32)
+    for a in range(0, len(values), rows):
+        for t in range(values.shape[1]):
+            out[a:a + rows, t:t + 1] = adaptive_pool(values[a:a + rows, t:t + 1], size, mode)
+    return out
 
 
 def _select(requested, available: list, what: str, source: Path) -> list:
