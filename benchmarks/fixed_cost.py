@@ -72,11 +72,11 @@ def child(workflow: Path, stores: Path | None) -> dict:
             continue
         module = sys.modules[type(runner.stages[entry.name]).__module__]
         builder = getattr(module, "Extractor", None) or getattr(module, "Classifier")
-        ctx = runner.context(entry)
-        try:
-            builder(entry.config, prepared=ctx.prepared)
-        except TypeError:  # a checkout without prepared objects builds everything again
+        prepared = getattr(runner.context(entry), "prepared", None)
+        if prepared is None:  # a checkout without prepared objects builds everything again
             builder(entry.config)
+        else:
+            builder(entry.config, prepared=prepared)
     out["rebuild: extract / classify run's model + dataset"] = time.perf_counter() - t
     t = time.perf_counter()
     from pipeline.cluster.client import get_client
