@@ -106,13 +106,100 @@ def as_location(path: str | os.PathLike | Location) -> Location:
 
 
 def zarr_store(path: Location | str, read_only: bool = False):
-    """What ``zarr.open_group`` / ``xr.open_zarr`` take for ``path``: a str locally, an FsspecStore remotely."""
+    """What ``zarr.open_group`` / ``xr.open_zarr`` take for ``path``: a str locally; remotely a
+    ``zarr.storage.ObjectStore`` (obstore) for reads from ``s3://`` where :func:`obstore_reader`
+    can build one, else an ``FsspecStore``."""
     path = as_location(path)
     if not is_remote(path):
         return str(path)
+    if read_only:
+        reader = obstore_reader(path)
+        if reader is not None:
+            return reader
     from zarr.storage import FsspecStore
 
     return FsspecStore.from_url(str(path), storage_options=dict(path.storage_options), read_only=read_only)
+
+
+#: Choose the client of remote reads: ``obstore`` (default where it applies) or ``fsspec``.
+READER_ENV = "DIFFPROBE_OBJECT_READER"
+#: s3fs ``storage_options`` -> obstore ``S3Store`` config (the options obstore understands).
+_S3_OPTIONS = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token",
+               "endpoint_url": "endpoint", "anon": "skip_signature"}
+
+
+def obstore_options(options: Mapping[str, Any]) -> dict | None:
+    """s3fs ``storage_options`` as ``obstore.store.S3Store`` keyword arguments; None when one
+    has no obstore equivalent (the read then goes through s3fs, which understands it)."""
+    config: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in _S3_OPTIONS:
+            config[_S3_OPTIONS[name]] = value
+        elif name == "client_kwargs" and set(value) <= {"region_name", "endpoint_url"}:
+            if "region_name" in value:
+                config["region"] = value["region_name"]
+            if "endpoint_url" in value:
+                config["endpoint"] = value["endpoint_url"]
+        elif name not in ("skip_instance_cache", "use_listings_cache"):
+            return None
+    if config.get("skip_signature") is False:
+        del config["skip_signature"]
+    endpoint = config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+    client = {"allow_http": True} if str(endpoint).startswith("http://") else {}
+    return {"config": config, "client_options": client}
+
+
+def obstore_reader(path: Location):
+    """A read-only ``zarr.storage.ObjectStore`` on ``path`` (an ``s3://`` UPath), or None.
+
+    None (the caller falls back to FsspecStore) when obstore is not installed, the scheme
+    is not ``s3``, a storage option has no obstore equivalent, or :data:`READER_ENV` is
+    ``fsspec``. obstore's Rust HTTP client fetches a byte range with a fraction of
+    s3fs's CPU (benchmarks/s3_throughput.py). Credentials not given in the options come
+    from botocore's chain (``AWS_*`` variables, ``~/.aws/credentials``, profiles,
+    instance roles), as s3fs's would.
+    """
+    choice = os.environ.get(READER_ENV, "").strip().lower()
+    if choice not in ("", "obstore", "fsspec"):
+        raise ConfigError(f"{READER_ENV} must be 'obstore' or 'fsspec'; got {choice!r}")
+    if choice == "fsspec" or str(path).partition("://")[0] not in ("s3", "s3a"):
+        return None
+    try:
+        from obstore.store import S3Store
+        from zarr.storage import ObjectStore
+    except ImportError:
+        return None
+    options = obstore_options(path.storage_options)
+    if options is None:
+        return None
+    config = options["config"]
+    bucket, _, prefix = str(path).partition("://")[2].partition("/")
+    provider = None
+    if "access_key_id" not in config and not config.get("skip_signature"):
+        provider = _botocore_credentials()
+    store = S3Store(bucket, prefix=prefix.rstrip("/") or None, client_options=options["client_options"],
+                    credential_provider=provider, **config)
+    return ObjectStore(store, read_only=True)
+
+
+def _botocore_credentials():
+    """An obstore credential provider over botocore's credential chain, or None without botocore."""
+    try:
+        import botocore.session
+    except ImportError:
+        return None
+    from datetime import datetime, timedelta, timezone
+
+    credentials = botocore.session.Session().get_credentials()
+    if credentials is None:
+        return None
+
+    def provide() -> dict:
+        frozen = credentials.get_frozen_credentials()  # refreshes temporary credentials
+        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
+                "token": frozen.token, "expires_at": datetime.now(timezone.utc) + timedelta(minutes=10)}
+
+    return provide
 
 
 def put_if_absent(path: Location, data: bytes) -> bool:
