@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from pipeline.datasets.files import dataset_root, open_binary
 from pipeline.errors import DatasetError, ImageReadError
 
 
@@ -80,7 +81,7 @@ class DatasetReader:
             raise DatasetError(
                 f"dataset {self.name!r} has no split {split!r}; valid: {', '.join(self.splits)}"
             )
-        self.root = Path(root).expanduser() if root is not None else None
+        self.root = dataset_root(root) if root is not None else None
         self.split = split
         self.options = options
         self.records: list[Record] = []
@@ -109,7 +110,7 @@ class DatasetReader:
         if record.path is None:
             raise NotImplementedError(f"{type(self).__name__} must override load_image")
         try:
-            with Image.open(record.path) as img:
+            with open_binary(record.path) as f, Image.open(f) as img:
                 img.load()
                 return img.copy()
         except FileNotFoundError:

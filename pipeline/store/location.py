@@ -69,6 +69,26 @@ def is_remote(path: Any) -> bool:
     return not isinstance(path, Path) and (is_url(str(path)) or hasattr(path, "storage_options"))
 
 
+class URLText(str):
+    """A URL from a workflow's config (a dataset ``root``, a model ``path``) that carries the
+    workflow's ``storage_options`` to where it is opened (:func:`parse`).
+
+    It is a plain ``str`` for everything else: it compares, hashes, prints and serialises
+    (JSON, the stage hash, attrs) as the bare URL, so the options (credentials, say)
+    never reach a hash, a store or a log; it pickles with them, for DataLoader workers.
+    """
+
+    storage_options: Mapping[str, Any]
+
+    def __new__(cls, url: str, storage_options: Mapping[str, Any] | None = None):
+        text = super().__new__(cls, url)
+        text.storage_options = dict(storage_options or {})
+        return text
+
+    def __reduce__(self):
+        return URLText, (str(self), self.storage_options)
+
+
 def parse(text: str | os.PathLike, base_dir: Path | None = None,
           storage_options: Mapping[str, Any] | None = None) -> Location:
     """A config string -> a location: a UPath for URLs, else a Path relative to ``base_dir``.
@@ -76,7 +96,10 @@ def parse(text: str | os.PathLike, base_dir: Path | None = None,
     Raises ConfigError naming the extra to install when the URL's fsspec backend is
     missing (e.g. gcsfs for ``gs://``), or when the scheme is unknown.
     """
-    if hasattr(text, "storage_options"):
+    if isinstance(text, URLText):
+        storage_options = {**text.storage_options, **dict(storage_options or {})}
+        text = str(text)
+    elif hasattr(text, "storage_options"):
         return text
     text = os.fspath(text) if not isinstance(text, str) else text
     text = text.removeprefix("file://")
@@ -188,7 +211,7 @@ def _botocore_credentials():
         import botocore.session
     except ImportError:
         return None
-    from datetime import datetime, timedelta, timezone
+    from datetime import UTC, datetime, timedelta
 
     credentials = botocore.session.Session().get_credentials()
     if credentials is None:
@@ -197,7 +220,7 @@ def _botocore_credentials():
     def provide() -> dict:
         frozen = credentials.get_frozen_credentials()  # refreshes temporary credentials
         return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
-                "token": frozen.token, "expires_at": datetime.now(timezone.utc) + timedelta(minutes=10)}
+                "token": frozen.token, "expires_at": datetime.now(UTC) + timedelta(minutes=10)}
 
     return provide
 
