@@ -123,7 +123,7 @@ def parse(text: str | os.PathLike, base_dir: Path | None = None,
 
 def as_location(path: str | os.PathLike | Location) -> Location:
     """``parse`` for values already resolved (a Path, UPath or absolute string); idempotent."""
-    if isinstance(path, Path) or hasattr(path, "storage_options"):
+    if isinstance(path, Path) or (hasattr(path, "storage_options") and not isinstance(path, URLText)):
         return path
     return parse(path)
 
