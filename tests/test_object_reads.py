@@ -22,7 +22,6 @@ from pipeline.store import location
 from pipeline.store.source import ZarrSource
 
 
-
 def upload(server, local, bucket: str, prefix: str) -> str:
     """Copy the folder ``local`` to ``s3://bucket/prefix``; returns the URL."""
     fs = server.filesystem()
@@ -192,3 +191,39 @@ def test_extract_with_dataset_root_and_model_config_on_s3_equals_the_local_run(t
     assert attrs["provenance"]["model"]["source"]["config"] == model_url
     text = (runs["s3"] / "zarr.json").read_text()
     assert s3_server.secret not in text and s3_server.key not in text
+
+
+#: A credential that must never show in a location's text, a workflow's hash or a log line.
+FAKE_SECRET = "diffprobe-fake-secret-NEVER-LOG"
+
+
+@pytest.mark.parametrize("url, options, backend", [
+    ("gs://bucket/runs/x.zarr", {"token": {"type": "authorized_user", "client_id": "id", "client_secret": FAKE_SECRET,
+                                          "refresh_token": "r"}, "project": "p"}, "gcsfs"),
+    ("az://container/runs/x.zarr", {"account_name": "acct", "account_key": FAKE_SECRET}, "adlfs"),
+])
+def test_gcs_and_azure_urls_reach_their_backend_with_the_options_and_never_show_them(url, options, backend,
+                                                                                     tmp_path, capfd):
+    """No network: the backends are only constructed (gcsfs / adlfs from PyPI, when installed)."""
+    pytest.importorskip(backend)
+    from helpers import write_extract_workflow
+
+    from pipeline.workflow.config import load_workflow
+    from pipeline.workflow.runner import Runner
+    from stages import STAGES
+
+    where = location.parse(location.URLText(url, options))
+    assert type(where.fs).__module__.split(".")[0] == backend
+    assert {k: where.fs.storage_options.get(k) for k in options} == options
+    zstore = location.zarr_store(where, read_only=True)  # obstore only for s3://
+    assert isinstance(zstore, zarr.storage.FsspecStore) and type(zstore.fs).__module__.split(".")[0] == backend
+    wf = write_extract_workflow(tmp_path)
+    wf.write_text(wf.read_text().replace("output_dir: out", f"output_dir: {url.rsplit('/', 1)[0]}\n"
+                                         f"storage_options: {json.dumps(options)}"))
+    workflow = load_workflow(wf, STAGES)
+    entry = workflow.stages[0]
+    assert str(entry.output).startswith(url.partition("://")[0] + "://")
+    runner = Runner(workflow, progress=False)
+    text = " ".join([str(entry.output), repr(entry.output), repr(workflow), runner._hash(entry),
+                     json.dumps(runner.identities.get(entry.name, {}), default=str)])
+    assert FAKE_SECRET not in text + capfd.readouterr().err
