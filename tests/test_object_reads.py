@@ -227,3 +227,9 @@ def test_gcs_and_azure_urls_reach_their_backend_with_the_options_and_never_show_
     text = " ".join([str(entry.output), repr(entry.output), repr(workflow), runner._hash(entry),
                      json.dumps(runner.identities.get(entry.name, {}), default=str)])
     assert FAKE_SECRET not in text + capfd.readouterr().err
+
+
+def test_a_reader_that_cannot_read_object_storage_says_so_in_one_line():
+    with pytest.raises(Exception, match=r"^dataset 'dogs' cannot read a root on object storage \('s3://b/dogs'\): "
+                                        r"its boxes are one Annotation/ XML file per image.*copy it to a local disk$"):
+        open_dataset(DatasetConfig(reader="dogs", root=location.URLText("s3://b/dogs"), split="train"))

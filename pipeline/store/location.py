@@ -9,6 +9,15 @@ code then stays as it is; zarr opens the same locations through
 so a (block, timestep) slice still reads only its inner chunks (the shard index
 gives their ranges).
 
+Reads and writes take different clients on ``s3://``: :func:`zarr_store` opens a store
+for reading through obstore's ``ObjectStore`` where the options translate
+(:func:`obstore_reader`: a Rust HTTP client, several times s3fs's throughput for the
+same CPU), and for writing through s3fs, whose conditional puts carry the protocol below.
+
+Config fields that name inputs (a dataset ``root``, a model ``path`` / ``config``) hold a
+URL as :class:`URLText`: a ``str`` that carries the workflow's ``storage_options`` to where
+it is opened, and is the bare URL everywhere else (hash, attrs, logs).
+
 Credentials come from the backend's usual places (``AWS_*`` variables,
 ``~/.aws/credentials``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...) and from the
 workflow's top-level ``storage_options:`` mapping (e.g. ``endpoint_url``). A

@@ -14,14 +14,18 @@ and holds at most about ``buffer_bytes`` of features:
   shuffled pass visits slabs in a seeded random order, and each window (whole
   slabs) is scattered through its own seeded permutation (the usual shuffle
   buffer of streaming loaders: chunk-level + in-buffer randomness); an ordered
-  pass keeps the order asked. While one window is served, the next is read by a
+  pass keeps the order asked. A window's runs of slabs are read together, up to
+  :data:`READ_CONCURRENCY` in flight in one call into zarr's event loop (on object
+  storage each is a few round trips: one after another, they wait on latency). While
+  one window is served, the next is read by a
   helper process (:mod:`pipeline.store.prefetch`; a thread where a process may not
   fork), and when a shuffled pass ends, the helper starts on the next epoch's
   first windows.
 
 Memory: kept subsets up to half the buffer, streamed windows up to the other half
-(two windows: one served, one being built), plus a few slabs being decoded,
-whatever the size of the store. Shuffles depend only on (indices, seed, epoch) for
+(two windows: one served, one being built), plus the slabs of one read group
+being decoded (at most a quarter buffer, or one run of slabs), whatever the size of
+the store. Shuffles depend only on (indices, seed, epoch) for
 a given store and ``buffer_bytes``, not on the builder.
 """
 
