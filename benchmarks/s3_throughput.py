@@ -83,9 +83,21 @@ def write_pooled(path, n: int, channels: int, p: int) -> None:
     write_store(path, n, channels, p, store.Compression())
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of this process and its reaped children, or of process ``pid``."""
+    if pid is None:
+        import resource
+
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def probe_rate(path, n: int, epochs: int, buffer_mib: int, reader: str = "obstore",
-               concurrency: int | None = None) -> tuple[float, int, float]:
-    """Training samples per second of a linear head streamed from ``path``; bytes read; read MiB/s.
+               concurrency: int | None = None, server_pid: int | None = None) -> tuple[float, int, float, float, float]:
+    """Training samples per second of a linear head streamed from ``path``; bytes read; read MiB/s;
+    CPU seconds of this process (with the local window reader, a reaped child) and of the S3 server.
 
     ``reader``: the client of remote reads (``DIFFPROBE_OBJECT_READER``); ``concurrency``:
     overrides ``source.READ_CONCURRENCY`` (1: a window's reads one after another).
@@ -106,13 +118,15 @@ def probe_rate(path, n: int, epochs: int, buffer_mib: int, reader: str = "obstor
         perm = np.random.default_rng(1).permutation(len(labels))
         train_idx, test_idx = np.sort(perm[n // 5:]), np.sort(perm[:n // 5])
         jobs = [HeadJob(HeadSpec("linear"), TrainSpec("adamw", lr=1e-3, epochs=epochs), key="t100")]
+        cpu0, server0 = cpu_seconds(), cpu_seconds(server_pid) if server_pid else 0.0
         with ZarrSource([(path, "blocks/b/p/activations")], [100], buffer_bytes=buffer_mib << 20) as source:
             start = time.perf_counter()
             result = train_heads(source, train_idx, test_idx, jobs, batch_size=256, val_fraction=0.1, seed=0,
                                  num_classes=10)
             seconds = time.perf_counter() - start
             read = source.bytes_read
-        return result[0]["n_train"] * epochs / seconds, read, read / 2**20 / seconds
+        cpu, server = cpu_seconds() - cpu0, (cpu_seconds(server_pid) - server0) if server_pid else 0.0
+        return result[0]["n_train"] * epochs / seconds, read, read / 2**20 / seconds, cpu, server
     finally:
         source_module.READ_CONCURRENCY = saved
         os.environ.pop(location.READER_ENV, None)
@@ -214,7 +228,8 @@ def main() -> None:
             probe = {side: [] for side in sides}
             for _ in range(args.repeats if "probe" in parts else 0):
                 for side, (path, reader, concurrency) in sides.items():
-                    probe[side].append(probe_rate(path, args.n, args.epochs, buffer_mib, reader, concurrency))
+                    probe[side].append(probe_rate(path, args.n, args.epochs, buffer_mib, reader, concurrency,
+                                                  server._process.pid))
             if "probe" in parts:
                 ceiling = {c: raw_get_rate(server, bucket, "pooled.zarr", c) for c in ("s3fs", "obstore")}
                 print(f"moto raw GET of the store's shards (whole objects, 4 in flight): s3fs "
@@ -223,10 +238,12 @@ def main() -> None:
                 print(f"probe stream (linear, slice {slice_mib:.0f} MiB, buffer {buffer_mib} MiB, "
                       f"{args.epochs} epochs, read {local[1] / 2**20:.0f} MiB per run):")
                 for side, runs in probe.items():
-                    rate, _, mib_s = max(runs)
+                    rate, read, mib_s, cpu, server_cpu = max(runs)
+                    mib = read / 2**20
                     print(f"  {side}: {rate:.0f} train samples/s, read {mib_s:.0f} MiB/s; ratio to local "
-                          f"**{rate / local[0]:.2f}**, read rate / obstore ceiling {mib_s / ceiling['obstore']:.2f} "
-                          f"(runs: {[round(r[0]) for r in runs]})")
+                          f"**{rate / local[0]:.2f}**, read rate / obstore ceiling {mib_s / ceiling['obstore']:.2f}; "
+                          f"CPU per MiB read: this process {cpu / mib * 1e3:.1f} ms, S3 server "
+                          f"{server_cpu / mib * 1e3:.1f} ms (runs: {[round(r[0]) for r in runs]})")
 
             slice_url = f"s3://{bucket}/slice.zarr"
             layout = store.make_layout(1024, {"b": (64, 8, 8)}, [10, 400], unit_samples=512)
