@@ -79,6 +79,14 @@ def test_obstore_reads_with_credentials_from_the_environment_and_falls_back_to_s
         "client_options": {"allow_http": True}}
     # writes always go through s3fs (its conditional puts carry the write protocol)
     assert isinstance(location.zarr_store(bare), zarr.storage.FsspecStore)
+    # AWS itself with no region known: s3fs, which follows a bucket's region redirect
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-config"))
+    aws = location.parse("s3://some-bucket/x.zarr", storage_options={"key": "k", "secret": "s"})
+    assert isinstance(location.zarr_store(aws, read_only=True), zarr.storage.FsspecStore)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert isinstance(location.zarr_store(aws, read_only=True), zarr.storage.ObjectStore)
 
 
 def imagefolder(root, per_class: int):

@@ -137,14 +137,14 @@ def as_location(path: str | os.PathLike | Location) -> Location:
     return parse(path)
 
 
-def zarr_store(path: Location | str, read_only: bool = False):
+def zarr_store(path: Location | str, read_only: bool = False, client: str | None = None):
     """What ``zarr.open_group`` / ``xr.open_zarr`` take for ``path``: a str locally; remotely a
     ``zarr.storage.ObjectStore`` (obstore) for reads from ``s3://`` where :func:`obstore_reader`
-    can build one, else an ``FsspecStore``."""
+    can build one, else (or with ``client="fsspec"``) an ``FsspecStore``."""
     path = as_location(path)
     if not is_remote(path):
         return str(path)
-    if read_only:
+    if read_only and client != "fsspec":
         reader = obstore_reader(path)
         if reader is not None:
             return reader
@@ -185,8 +185,9 @@ def obstore_reader(path: Location):
     """A read-only ``zarr.storage.ObjectStore`` on ``path`` (an ``s3://`` UPath), or None.
 
     None (the caller falls back to FsspecStore) when obstore is not installed, the scheme
-    is not ``s3``, a storage option has no obstore equivalent, or :data:`READER_ENV` is
-    ``fsspec``. obstore's Rust HTTP client fetches a byte range with a fraction of
+    is not ``s3``, a storage option has no obstore equivalent, no region is known for
+    AWS itself (options, ``AWS_REGION``, ``~/.aws/config``: s3fs follows a bucket's region
+    redirect, obstore does not), or :data:`READER_ENV` is ``fsspec``. obstore's Rust HTTP client fetches a byte range with a fraction of
     s3fs's CPU (benchmarks/s3_throughput.py). Credentials not given in the options come
     from botocore's chain (``AWS_*`` variables, ``~/.aws/credentials``, profiles,
     instance roles), as s3fs's would.
@@ -205,6 +206,11 @@ def obstore_reader(path: Location):
     if options is None:
         return None
     config = options["config"]
+    if "region" not in config and "endpoint" not in config:
+        region = _configured_region()
+        if region is None:
+            return None  # s3fs finds a bucket's region itself; obstore would sign for us-east-1
+        config["region"] = region
     bucket, _, prefix = str(path).partition("://")[2].partition("/")
     provider = None
     if "access_key_id" not in config and not config.get("skip_signature"):
@@ -212,6 +218,18 @@ def obstore_reader(path: Location):
     store = S3Store(bucket, prefix=prefix.rstrip("/") or None, client_options=options["client_options"],
                     credential_provider=provider, **config)
     return ObjectStore(store, read_only=True)
+
+
+def _configured_region() -> str | None:
+    """The AWS region from the environment or ``~/.aws/config`` (botocore's lookup), if any."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    try:
+        import botocore.session
+    except ImportError:
+        return None
+    return botocore.session.Session().get_config_variable("region")
 
 
 def _botocore_credentials():
