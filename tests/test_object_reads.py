@@ -16,7 +16,7 @@ import zarr
 from helpers import TINY_UNET, synthetic_store
 from test_datasets import cub_root, write_image, write_text  # noqa: F401 -- cub_root is a fixture
 
-from pipeline.datasets import open_dataset
+from pipeline.datasets import READERS, open_dataset
 from pipeline.datasets.base import DatasetConfig
 from pipeline.store import location
 from pipeline.store.source import ZarrSource
@@ -132,14 +132,20 @@ def test_dataset_roots_on_s3_read_as_local_with_one_listing_per_folder(tmp_path,
         same_reader(open_dataset(DatasetConfig(reader="cub", root=str(cub_root), split=split)),
                     open_dataset(DatasetConfig(reader="cub", root=url_text(s3_server, cub), split=split)))
 
-    pets = tmp_path / "pets"
-    write_text(pets / "annotations" / "trainval.txt", ["Abyssinian_1 1 1 1", "beagle_2 2 2 1"])
-    write_text(pets / "annotations" / "test.txt", ["Abyssinian_3 1 1 1"])
-    for name, color in (("Abyssinian_1", (9, 9, 9)), ("beagle_2", (200, 10, 10)), ("Abyssinian_3", (0, 99, 0))):
-        write_image(pets / "images" / f"{name}.jpg", color=color)
-    pets_url = upload(s3_server, pets, bucket, "pets")
-    same_reader(open_dataset(DatasetConfig(reader="pets", root=str(pets), split="trainval")),
-                open_dataset(DatasetConfig(reader="pets", root=url_text(s3_server, pets_url), split="trainval")))
+
+
+@pytest.mark.parametrize("reader", sorted(set(READERS) - {"digits", "dogs", "imagefolder"}))
+def test_every_reader_reads_its_native_layout_from_s3_as_from_disk(reader, tmp_path, s3_server):
+    from fake_datasets import make_dataset
+
+    root = make_dataset(reader, tmp_path / reader)
+    bucket = s3_server.new_bucket(reader)
+    url = upload(s3_server, tmp_path / reader, bucket, reader)
+    rel = root.relative_to(tmp_path / reader).as_posix()
+    remote_root = url if rel == "." else f"{url}/{rel}"
+    for split in READERS[reader].splits:
+        same_reader(open_dataset(DatasetConfig(reader=reader, root=str(root), split=split)),
+                    open_dataset(DatasetConfig(reader=reader, root=url_text(s3_server, remote_root), split=split)))
 
 
 def test_a_model_folder_and_a_config_json_on_s3_load_as_local(tmp_path, s3_server):
