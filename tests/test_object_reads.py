@@ -126,6 +126,11 @@ def test_dataset_roots_on_s3_read_as_local_with_one_listing_per_folder(tmp_path,
     # listing costs the same whatever the number of images: one listing per folder, none per file
     assert len(requests[2]) == len(requests[5]) <= 6, requests[5]
     assert not any(line.startswith("HEAD") for line in requests[5]), requests[5]
+    offset = s3_server.log_offset()
+    for record in remote.records:
+        remote.load_image(record)
+    reads = s3_server.requests_since(offset)
+    assert len(reads) == len(remote.records) and all(r.startswith("GET ") for r in reads), reads  # one GET each
 
     cub = upload(s3_server, cub_root, bucket, "cub")
     for split in ("train", "test"):

@@ -9,8 +9,8 @@ the workflow's ``storage_options`` travel with it), whose pathlib API (``/``, ``
   prefix remotely), names and kinds together, never one request per entry;
 - :func:`files_under`: every file below a folder in one recursive listing (one paginated
   ``find`` of the prefix remotely);
-- :func:`read_bytes`: an image's bytes in one GET (``fs.cat_file``; ``fs.open`` would add
-  a HEAD for the size and read in blocks).
+- :func:`read_bytes`: an image's bytes in one GET (``fs.cat_file`` from byte 0; ``fs.open``
+  would add a HEAD for the size and read in blocks).
 
 The records' paths stay UPaths, which pickle with their options, so DataLoader workers
 read the images themselves.
@@ -72,7 +72,9 @@ def files_under(folder) -> list[str]:
 def read_bytes(path) -> bytes:
     """The whole file at ``path`` (a local path or a UPath), in one read."""
     if is_remote(path):
-        return path.fs.cat_file(path.path)
+        # start=0: one ranged GET; without a range s3fs first asks the size (a HEAD) to
+        # decide whether to split the download
+        return path.fs.cat_file(path.path, start=0)
     with open(path, "rb") as f:
         return f.read()
 

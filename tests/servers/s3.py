@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -47,7 +48,13 @@ class S3Server:
     def requests_since(self, offset: int) -> list[str]:
         """Request lines (``GET /bucket/key``, ``HEAD ...``) the server logged after byte ``offset``
         of its log (``offset = server.log_offset()`` before the code under test)."""
+        # werkzeug logs a request once it has answered it: wait until the log stops growing
+        size, deadline = -1, time.monotonic() + 3
+        while size != self.log_path.stat().st_size and time.monotonic() < deadline:
+            size = self.log_path.stat().st_size
+            time.sleep(0.15)
         text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # werkzeug colours some statuses
         return [line.split('"')[1] for line in text.splitlines() if line.count('"') >= 2 and " HTTP/" in line]
 
     def log_offset(self) -> int:
