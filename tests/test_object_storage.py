@@ -195,14 +195,17 @@ def test_one_finalize_claim_at_a_time_and_a_stale_one_is_taken_over(s3_server):
 def test_missing_backend_and_unknown_scheme_are_one_line_errors(tmp_path):
     import importlib.util
 
-    if importlib.util.find_spec("gcsfs") is not None:
-        pytest.skip("gcsfs is installed here")
+    # the first of these whose backend is not installed here (gcsfs, adlfs, ossfs)
+    missing = [s for s, m in (("gs", "gcsfs"), ("az", "adlfs"), ("oss", "ossfs")) if importlib.util.find_spec(m) is None]
+    if not missing:
+        pytest.skip("gcsfs, adlfs and ossfs are all installed here")
+    scheme = missing[0]
     wf = write_extract_workflow(tmp_path)
-    wf.write_text(wf.read_text().replace("output_dir: out", "output_dir: gs://bucket/run"))
-    with pytest.raises(ConfigError, match=r"gs://bucket/run: the fsspec backend for gs:// is not installed .*"
-                                          r"pip install 'diffprobe\[cloud\]'"):
+    wf.write_text(wf.read_text().replace("output_dir: out", f"output_dir: {scheme}://bucket/run"))
+    with pytest.raises(ConfigError, match=rf"{scheme}://bucket/run: the fsspec backend for {scheme}:// is not "
+                                          r"installed .*pip install 'diffprobe\[cloud\]'"):
         load_workflow(wf, STAGES)
-    wf.write_text(wf.read_text().replace("gs://", "nosuch://"))
+    wf.write_text(wf.read_text().replace(f"{scheme}://", "nosuch://"))
     with pytest.raises(ConfigError, match="unknown URL scheme nosuch://"):
         load_workflow(wf, STAGES)
 

@@ -267,6 +267,34 @@ class CheckedArray:
         except Exception as exc:  # noqa: BLE001 -- any codec failure is damage
             raise self.integrity.damage_error(self.zarr, selection, exc) from None
 
+    def read_many(self, selections: Sequence, concurrency: int) -> list[np.ndarray]:
+        """``[self[s] for s in selections]``, at most ``concurrency`` of them in flight at once.
+
+        One sync call into zarr's event loop for all of them: on object storage each
+        read is a few round trips (the shard index, then its inner chunks, one after
+        the other), so reads one after another wait on latency, not bandwidth. A read
+        that fails is read again alone, which names the damage as ``self[s]`` does.
+        """
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        if len(selections) <= 1 or concurrency <= 1:
+            return [self[s] for s in selections]
+        gate = asyncio.Semaphore(concurrency)
+        reader = self.zarr.async_array
+
+        async def one(selection):
+            async with gate:
+                return await reader.getitem(selection)
+
+        async def every():
+            return await asyncio.gather(*(one(s) for s in selections), return_exceptions=True)
+
+        out = sync(every())
+        return [self[s] if isinstance(got, BaseException) else np.asarray(got)
+                for s, got in zip(selections, out)]
+
 
 def normalise(selection, shape: Sequence[int]) -> list[slice]:
     """A basic selection (ints, unit-step slices) -> one slice per axis; the whole array otherwise."""

@@ -387,8 +387,17 @@ def open_root(path: str | Path, mode: str = "r"):
 
     if read_attrs(path) is None:
         raise StoreError(f"{str(path)!r} is not a diffprobe store (no zarr.json with diffprobe attrs)")
+    zstore = location.zarr_store(path, read_only=mode == "r")
     with quiet_zarr():
-        return zarr.open_group(location.zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+        try:
+            return zarr.open_group(zstore, mode=mode, zarr_format=3)
+        except Exception:
+            if type(zstore).__name__ != "ObjectStore":
+                raise
+            # read_attrs reached the store through s3fs, which follows a bucket's region
+            # redirect and reads more options; obstore may not (a region configured wrongly)
+            return zarr.open_group(location.zarr_store(path, read_only=True, client="fsspec"), mode=mode,
+                                   zarr_format=3)
 
 
 def load_layout(path: str | Path) -> Layout:
