@@ -108,6 +108,37 @@ def test_probe_grid_on_dask_cli_workers_equals_local_cluster(tmp_path, scheduler
     for name in ("accuracy", "top5", "val_accuracy", "epochs_run", "best_epoch"):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
     assert store.read_attrs(local.stage("probe").output)["complete"]
+    # n_workers: 0: every task in this process, no dask at all; the same stores and numbers
+    path = _workflow(tmp_path, "{kind: local, n_workers: 0}", "inproc")
+    path.write_text(path.read_text().replace("output_dir: out\n", "output_dir: out-inproc\n"))
+    inproc = load_workflow(path, STAGES)
+    Runner(inproc, progress=False).run()
+    log = capsys.readouterr().err
+    assert "dask cluster" not in log and "[pooled] 5 task(s) in this process" in log, log
+    c = xr.open_zarr(inproc.stage("probe").output).load()
+    for name in ("accuracy", "top5", "val_accuracy", "epochs_run", "best_epoch"):
+        np.testing.assert_array_equal(a[name].values, c[name].values, err_msg=name)
+    for key in ("blocks/mid_block/p2", "blocks/down_blocks.1/p2"):
+        np.testing.assert_array_equal(xr.open_zarr(remote.stage("pooled").output, group=key)["activations"],
+                                      xr.open_zarr(inproc.stage("pooled").output, group=key)["activations"])
+
+
+@pytest.mark.parametrize("n_workers, started, n_tasks, nbytes, where", [
+    (0, False, 50, None, "in-process"),          # n_workers: 0 always
+    (2, False, 1, None, "in-process"),           # one task: nothing to spread
+    (2, False, 9, 10 * 2**20, "in-process"),     # small reads
+    (2, False, 9, None, "cluster"),              # unknown cost (a probe grid)
+    (2, False, 9, 300 * 2**20, "cluster"),       # more than in_process_mib
+    (2, True, 1, 1, "cluster"),                  # a running cluster costs nothing more
+])
+def test_small_work_runs_in_process_until_a_cluster_is_running(n_workers, started, n_tasks, nbytes, where):
+    from pipeline.cluster.session import ClusterSession
+
+    session = ClusterSession(ClusterConfig(kind="local", n_workers=n_workers))
+    session._client = object() if started else None
+    assert session.where(n_tasks, nbytes) == where
+    assert ClusterSession(ClusterConfig(kind="local", in_process_mib=0)).where(1, 1) == "cluster"
+    assert ClusterSession(ClusterConfig(kind="address", address="tcp://x:1")).where(1, 1) == "cluster"
 
 
 def test_workers_get_the_zarr_concurrency_cap(scheduler_address):

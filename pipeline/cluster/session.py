@@ -101,7 +101,8 @@ class ClusterSession:
         if not payloads:
             return []
         if self.where(len(payloads), work_bytes) == "in-process":
-            log(f"{len(payloads)} task(s) in this process (small work: no dask cluster needed)")
+            why = "cluster.n_workers: 0" if self.cfg.n_workers == 0 else "small work: no dask cluster needed"
+            log(f"{len(payloads)} task(s) in this process ({why})")
             return run_in_process(fn, payloads, log=log, on_result=on_result)
         from pipeline.cluster.client import run_tasks
 
