@@ -403,7 +403,18 @@ class ExtractStage(Stage):
         ctx.report_skipped(computed, units)
         ctx.finalize_store()
 
+    def planned_shape(self, cfg: ExtractConfig, entry, workflow):
+        from pipeline.estimate import StoreShape
+
+        ex = Extractor(cfg, device="cpu")
+        lay = ex.layout
+        return StoreShape(lay.n_samples, lay.unit_samples, tuple(ex.timesteps),
+                          {(name, shape[1]): tuple(shape) for name, shape in ex.block_shapes.items()},
+                          cfg.dtype, len(ex.reader.class_names), len(ex.reader.records), cfg.views)
+
     def plan(self, cfg: ExtractConfig, ctx: RunContext) -> list[tuple[str, str]]:
+        from pipeline.estimate import count_flops, gpu_projection, measure
+
         device, absent = planning_device(cfg.device)  # a login node plans a GPU workflow on the CPU
         ex = Extractor(cfg, device=device)
         lay = ex.layout
@@ -411,24 +422,30 @@ class ExtractStage(Stage):
         pairs = lay.n_samples * n_t
         passes = sum(math.ceil((lay.unit_range(u)[1] - lay.unit_range(u)[0]) * n_t / cfg.batch_size)
                      for u in range(lay.n_units))
-        # Measure one real batch: codec ratio and throughput at this batch size (without
-        # the device: one sample on the CPU, enough for the codec ratio).
+        # Measure one real batch (load, noise, forward, host copy): codec ratio and
+        # throughput at this batch size (without the device: one sample on the CPU, which
+        # also counts the forward's FLOPs for the GPU projection).
         probe_unit_samples = 1 if absent else min(lay.n_samples, max(1, cfg.batch_size // n_t))
         probe_layout = store.make_layout(probe_unit_samples, ex.block_shapes, ex.timesteps, cfg.dtype,
                                          unit_samples=probe_unit_samples)
         ex.layout = probe_layout
-        start = time.perf_counter()
-        data, _, _ = ex.compute_unit(0)
-        elapsed = time.perf_counter() - start
-        per_pair = elapsed / max(1, probe_unit_samples * n_t)
+        batch: dict = {}
+
+        def one_batch():
+            batch["data"] = ex.compute_unit(0)[0]
+
+        flops = count_flops(one_batch) if absent else None  # doubles as the warm-up call
+        sample = measure(one_batch, warmup=0 if absent else 1, repeats=5, budget_s=20.0)
+        per_pair = sample.seconds / max(1, probe_unit_samples * n_t)
         compressed = 0
-        for name, arr in data.items():
+        for name, arr in batch["data"].items():
             one = store.Layout(lay.n_samples, lay.unit_samples, lay.timesteps, {name: lay.blocks[name]}, lay.dtype)
             compressed += store.estimate_compressed_bytes(one, arr.reshape(-1, *arr.shape[2:]), cfg.compression)
         raw = lay.bytes_per_sample() * lay.n_samples
         free = free_bytes(ctx.output)
         space = (f"unknown on object storage ({ctx.output}); check the bucket's quota" if free is None else
                  f"{human_bytes(free)} at {ctx.output.parent}" + ("  ** NOT ENOUGH **" if compressed > free else ""))
+        measured = f"{1 / per_pair:.1f} sample-timesteps/s ({sample.describe()})"
         rows = [
             ("images", f"{len(ex.reader.records)} ({cfg.dataset.reader}/{cfg.dataset.split})"),
             ("samples", f"{lay.n_samples} (views={cfg.views}"
@@ -441,10 +458,12 @@ class ExtractStage(Stage):
             ("bytes raw", human_bytes(raw)),
             ("bytes on disk (est.)", f"{human_bytes(compressed)} (ratio {raw / max(1, compressed):.2f} measured on one batch)"),
             ("free space", space),
-            ("time (est.)", f"not measured: {absent}; run plan on a {cfg.device} machine for the time "
-                            f"(the CPU here did {1 / per_pair:.1f} sample-timesteps/s)" if absent else
-                            f"{_duration(per_pair * pairs)} at {1 / per_pair:.1f} sample-timesteps/s on {cfg.device}"),
+            ("time (est.)", f"not measured: {absent}; the CPU here: {_duration(per_pair * pairs)} at {measured}"
+                            if absent else f"{_duration(per_pair * pairs)} at {measured} on {cfg.device}"),
         ]
+        if absent:
+            per_pair_flops = flops / max(1, probe_unit_samples * n_t)
+            rows.append(("GPU time (proj.)", gpu_projection(per_pair_flops * pairs)))
         return rows
 
 

@@ -221,6 +221,12 @@ class Stage:
         a later stage's ``validate``), or None where the stage cannot say."""
         return None
 
+    def planned_shape(self, cfg: Any, entry: Any, workflow: Any) -> Any:
+        """The ``pipeline.estimate.StoreShape`` of the store ``cfg`` will write, known before
+        it runs (for a later stage's time estimate in ``diffprobe plan``), or None where the
+        stage cannot say. ``entry`` / ``workflow``: this stage's entry and its workflow."""
+        return None
+
     def run(self, cfg: Any, ctx: RunContext) -> None:
         raise NotImplementedError
 
