@@ -48,8 +48,8 @@ ASSUMED_GPU_UTILISATION = 0.4
 class Sample:
     """A measured piece of work.
 
-    seconds: median wall time of the timed calls. timed / warmup: how many calls of
-    each. threads: torch intra-op threads during the calls. spread: slowest / fastest
+    seconds: median time per call (CPU time with one thread, else wall time; see
+    :func:`measure`). timed / warmup: how many timings and warm-up calls. threads: torch intra-op threads during the calls. spread: slowest / fastest
     timed call (1.0 with one timed call).
     """
 
@@ -60,7 +60,8 @@ class Sample:
     spread: float = 1.0
 
     def describe(self) -> str:
-        return (f"median of {self.timed} after {self.warmup} warm-up, {self.threads} torch thread(s)"
+        clock = "CPU time" if self.threads == 1 else "wall time"
+        return (f"{clock}, median of {self.timed} after {self.warmup} warm-up, {self.threads} torch thread(s)"
                 + (f", spread {self.spread:.2f}x" if self.timed > 1 else ""))
 
 
@@ -96,7 +97,13 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, budget_
     timer and scheduler noise. The time box: timings stop once ``budget_s`` seconds
     (warm-up included) are spent, after at least one; a warm-up call that alone exceeds
     the budget ends the warm-up there.
+
+    With ``threads=1`` the piece runs on this thread alone, so it is timed by the
+    process's CPU time: what it costs on a core of its own (as on a worker's core),
+    whatever else the machine is running; the wall clock would count the time other
+    processes hold the core. Otherwise (several threads, a GPU) by the wall clock.
     """
+    clock = time.process_time if threads == 1 else time.perf_counter
     start = time.perf_counter()
     with torch_threads(threads) as used:
         done_warm, last = 0, None
@@ -110,10 +117,10 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, budget_
         calls = 1 if not last or last >= min_timing_s else min(1000, math.ceil(min_timing_s / last))
         times: list[float] = []
         while len(times) < max(1, repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(calls):
                 fn()
-            times.append((time.perf_counter() - t0) / calls)
+            times.append((clock() - t0) / calls)
             if time.perf_counter() - start > budget_s:
                 break
     return Sample(statistics.median(times), len(times), done_warm, used,
@@ -276,3 +283,8 @@ def input_shape(workflow, name: str) -> StoreShape | None:
     if key not in _PLANNED:
         _PLANNED[key] = entry.stage_class().planned_shape(entry.config, entry, workflow)
     return _PLANNED[key]
+
+
+def remember_shape(workflow, name: str, shape: StoreShape) -> None:
+    """Keep the planned shape a stage's own plan found, so later stages need not rebuild it."""
+    _PLANNED[(str(workflow.file), name)] = shape

@@ -404,27 +404,25 @@ class ExtractStage(Stage):
         ctx.finalize_store()
 
     def planned_shape(self, cfg: ExtractConfig, entry, workflow):
-        from pipeline.estimate import StoreShape
-
-        ex = Extractor(cfg, device="cpu")
-        lay = ex.layout
-        return StoreShape(lay.n_samples, lay.unit_samples, tuple(ex.timesteps),
-                          {(name, shape[1]): tuple(shape) for name, shape in ex.block_shapes.items()},
-                          cfg.dtype, len(ex.reader.class_names), len(ex.reader.records), cfg.views)
+        return _store_shape(Extractor(cfg, device="cpu"))
 
     def plan(self, cfg: ExtractConfig, ctx: RunContext) -> list[tuple[str, str]]:
-        from pipeline.estimate import count_flops, gpu_projection, measure
+        from pipeline.estimate import gpu_projection, measure, remember_shape
 
         device, absent = planning_device(cfg.device)  # a login node plans a GPU workflow on the CPU
         ex = Extractor(cfg, device=device)
+        remember_shape(ctx.workflow, ctx.entry.name, _store_shape(ex))  # later stages plan from it
         lay = ex.layout
         n_t = len(ex.timesteps)
         pairs = lay.n_samples * n_t
         passes = sum(math.ceil((lay.unit_range(u)[1] - lay.unit_range(u)[0]) * n_t / cfg.batch_size)
                      for u in range(lay.n_units))
-        # Measure one real batch (load, noise, forward, host copy): codec ratio and
-        # throughput at this batch size (without the device: one sample on the CPU, which
-        # also counts the forward's FLOPs for the GPU projection).
+        # Measure real batches (load, noise, forward, host copy) at this batch size: codec
+        # ratio and throughput, warm-up first and the median of several. Without the
+        # device: one cold sample-timestep on the CPU (a login node's CPU time says little
+        # about the GPU), and the GPU projection from the forward's FLOPs, counted on meta.
+        if absent:
+            ex.timesteps = ex.timesteps[:1]
         probe_unit_samples = 1 if absent else min(lay.n_samples, max(1, cfg.batch_size // n_t))
         probe_layout = store.make_layout(probe_unit_samples, ex.block_shapes, ex.timesteps, cfg.dtype,
                                          unit_samples=probe_unit_samples)
@@ -434,9 +432,13 @@ class ExtractStage(Stage):
         def one_batch():
             batch["data"] = ex.compute_unit(0)[0]
 
-        flops = count_flops(one_batch) if absent else None  # doubles as the warm-up call
-        sample = measure(one_batch, warmup=0 if absent else 1, repeats=5, budget_s=20.0)
-        per_pair = sample.seconds / max(1, probe_unit_samples * n_t)
+        if absent:
+            sample = measure(one_batch, warmup=0, repeats=1, budget_s=0.0)
+            per_pair = sample.seconds
+            flops = ex.adapter.forward_flops(ex.blocks[-1].name)
+        else:
+            sample = measure(one_batch, warmup=1, repeats=5, budget_s=10.0)
+            per_pair = sample.seconds / max(1, probe_unit_samples * n_t)
         compressed = 0
         for name, arr in batch["data"].items():
             one = store.Layout(lay.n_samples, lay.unit_samples, lay.timesteps, {name: lay.blocks[name]}, lay.dtype)
@@ -462,9 +464,18 @@ class ExtractStage(Stage):
                             if absent else f"{_duration(per_pair * pairs)} at {measured} on {cfg.device}"),
         ]
         if absent:
-            per_pair_flops = flops / max(1, probe_unit_samples * n_t)
-            rows.append(("GPU time (proj.)", gpu_projection(per_pair_flops * pairs)))
+            rows.append(("GPU time (proj.)", gpu_projection(flops * pairs)))
         return rows
+
+
+def _store_shape(ex: Extractor):
+    """The ``pipeline.estimate.StoreShape`` the extractor's store will have."""
+    from pipeline.estimate import StoreShape
+
+    lay = ex.layout
+    return StoreShape(lay.n_samples, lay.unit_samples, tuple(ex.timesteps),
+                      {(name, shape[1]): tuple(shape) for name, shape in ex.block_shapes.items()},
+                      ex.cfg.dtype, len(ex.reader.class_names), len(ex.reader.records), ex.cfg.views)
 
 
 def _duration(seconds: float) -> str:

@@ -258,36 +258,43 @@ class PoolStage(Stage):
         source = as_location(ctx.inputs["input"])
         if store.read_attrs(source) is None:
             self.validate(cfg, ctx)
-            from pipeline.estimate import input_shape
+        work = self._work(cfg, ctx)
+        if work is None:
+            return [("input", f"{source} (not written yet: plan it after its stage has run)"),
+                    ("time (est.)", NOT_ESTIMATED)]
+        written, block_shapes, timesteps, layout, dtype = work
+        read = layout.n_samples * len(timesteps) * sum(int(np.prod(s)) for s in block_shapes.values()) \
+            * np.dtype(store.STORAGE_DTYPES[dtype]).itemsize
+        from pipeline.estimate import cluster_workers, plan_rows
 
-            shape = input_shape(ctx.workflow, ctx.entry.inputs["input"])
-            if shape is None:
-                return [("input", f"{source} (not written yet: plan it after its stage has run)"),
-                        ("time (est.)", NOT_ESTIMATED)]
-            blocks = list(dict.fromkeys(b for b, _ in shape.slices))
-            blocks = blocks if cfg.blocks == "all" else [b for b in blocks if b in cfg.blocks]
-            block_shapes = {b: s for (b, _), s in shape.slices.items() if b in blocks}
-            timesteps = list(shape.timesteps if cfg.timesteps == "all" else cfg.timesteps)
-            layout = store.make_layout(shape.n_samples,
-                                       {b: (block_shapes[b][0], p, p) for b in blocks for p in cfg.sizes},
-                                       timesteps, cfg.dtype, unit_samples=cfg.unit_samples or shape.unit_samples)
-            read = shape.n_samples * len(timesteps) * sum(int(np.prod(s)) for s in block_shapes.values()) \
-                * np.dtype(store.STORAGE_DTYPES[shape.dtype]).itemsize
-            return [
-                ("input", f"{source} (not written yet: planned from its stage's shapes)"),
-                *self._rows(cfg, blocks, timesteps, layout, read),
-                *self.estimate_rows(cfg, ctx, None, block_shapes, timesteps, layout, shape.dtype),
-            ]
-        source, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
-        item = np.dtype(store.STORAGE_DTYPES[src_layout.dtype]).itemsize
-        per_sample = len(timesteps) * sum(int(np.prod(src_layout.blocks[b])) for b in blocks) * item
-        read = src_layout.n_samples * per_sample
+        workers, note = cluster_workers(ctx.workflow.cluster)
+        rests = ("decode + pool of the input's first finished unit here; writes not included" if written
+                 else "pooling compute on synthetic maps of the planned shapes; reads and writes not included")
         return [
-            ("input", str(source)),
-            *self._rows(cfg, blocks, timesteps, layout, read),
-            *self.estimate_rows(cfg, ctx, source, {b: src_layout.blocks[b] for b in blocks}, timesteps, layout,
-                                src_layout.dtype),
+            ("input", str(source) if written else f"{source} (not written yet: planned from its stage's shapes)"),
+            *self._rows(cfg, list(block_shapes), timesteps, layout, read),
+            *plan_rows(self.estimate(cfg, ctx), min(workers, layout.n_units), note, rests),
         ]
+
+    def _work(self, cfg: PoolConfig, ctx: RunContext):
+        """(input written?, {block: (C, H, W)}, timesteps, output layout, input dtype), from the
+        input store or, before it exists, from its stage's planned shapes (None: unknown)."""
+        source = as_location(ctx.inputs["input"])
+        if store.read_attrs(source) is not None:
+            _, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
+            return True, {b: src_layout.blocks[b] for b in blocks}, timesteps, layout, src_layout.dtype
+        from pipeline.estimate import input_shape
+
+        shape = input_shape(ctx.workflow, ctx.entry.inputs["input"])
+        if shape is None:
+            return None
+        blocks = list(dict.fromkeys(b for b, _ in shape.slices))
+        blocks = blocks if cfg.blocks == "all" else [b for b in blocks if b in cfg.blocks]
+        block_shapes = {b: s for (b, _), s in shape.slices.items() if b in blocks}
+        timesteps = list(shape.timesteps if cfg.timesteps == "all" else cfg.timesteps)
+        layout = store.make_layout(shape.n_samples, {b: (block_shapes[b][0], p, p) for b in blocks for p in cfg.sizes},
+                                   timesteps, cfg.dtype, unit_samples=cfg.unit_samples or shape.unit_samples)
+        return False, block_shapes, timesteps, layout, shape.dtype
 
     def _rows(self, cfg: PoolConfig, blocks, timesteps, layout, read: int) -> list[tuple[str, str]]:
         return [
@@ -299,17 +306,18 @@ class PoolStage(Stage):
             ("bytes written (raw)", f"{layout.bytes_per_sample() * layout.n_samples / 2**20:.1f} MiB"),
         ]
 
-    def estimate(self, cfg: PoolConfig, ctx: RunContext, source, block_shapes: dict, timesteps: list,
-                 layout, dtype: str) -> list:
+    def estimate(self, cfg: PoolConfig, ctx: RunContext) -> list:
         """One ``pipeline.estimate.Estimate``: a measured (part of a) unit, times the units.
 
-        With ``source`` (a written store) the sample reads and pools the samples of its
-        first finished unit from it; without (the input is only planned), a synthetic unit
-        of random values with the planned shapes. Up to ``SAMPLE_BYTES`` of maps are
-        timed; ``scale`` is the unit's samples over the sample's (pooling is linear in them).
+        With the input written the sample reads and pools samples of its first finished
+        unit; before (the input is only planned), a synthetic unit of random values with
+        the planned shapes. Up to ``SAMPLE_BYTES`` of maps are timed; ``scale`` is the
+        unit's samples over the sample's (pooling is linear in them).
         """
         from pipeline.estimate import Estimate, cluster_workers, measure
 
+        written, block_shapes, timesteps, layout, dtype = self._work(cfg, ctx)
+        source = as_location(ctx.inputs["input"]) if written else None
         storage = store.STORAGE_DTYPES[dtype]
         item = np.dtype(storage).itemsize
         per_sample = len(timesteps) * sum(int(np.prod(s)) for s in block_shapes.values()) * item
@@ -324,7 +332,7 @@ class PoolStage(Stage):
             first = int(np.argmax(done)) if done.any() else 0
             a = src_layout.unit_range(first)[0]
             arrays = {b: root[f"blocks/{b}/activations"] for b in block_shapes}
-            what = f"read + pool of {m} sample(s) of {source.name}"
+            what = f"read + pool of {m} stored sample(s)"
         else:
             rng = np.random.default_rng(0)
             t_index, a = list(range(len(timesteps))), 0
@@ -339,15 +347,6 @@ class PoolStage(Stage):
         workers, _ = cluster_workers(ctx.workflow.cluster)
         sample = measure(one, warmup=1, repeats=5, budget_s=5.0, threads=1)
         return [Estimate(what, sample, layout.n_units, scale=unit / m, workers=min(workers, layout.n_units))]
-
-    def estimate_rows(self, cfg, ctx, source, block_shapes, timesteps, layout, dtype) -> list[tuple[str, str]]:
-        from pipeline.estimate import cluster_workers, plan_rows
-
-        estimates = self.estimate(cfg, ctx, source, block_shapes, timesteps, layout, dtype)
-        workers, note = cluster_workers(ctx.workflow.cluster)
-        rests = ("decode + pool of the input's first finished unit here; writes not included" if source is not None
-                 else "pooling compute on synthetic maps of the planned shapes; reads and writes not included")
-        return plan_rows(estimates, min(workers, layout.n_units), note, rests)
 
 
 #: Bytes of maps a plan's pool sample reads (a part of a unit; pooling is linear in samples).
