@@ -58,9 +58,10 @@ class Sample:
     warmup: int
     threads: int
     spread: float = 1.0
+    clock: str = "wall"
 
     def describe(self) -> str:
-        clock = "CPU time" if self.threads == 1 else "wall time"
+        clock = "CPU time" if self.clock == "cpu" else "wall time"
         return (f"{clock}, median of {self.timed} after {self.warmup} warm-up, {self.threads} torch thread(s)"
                 + (f", spread {self.spread:.2f}x" if self.timed > 1 else ""))
 
@@ -98,12 +99,14 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, budget_
     (warm-up included) are spent, after at least one; a warm-up call that alone exceeds
     the budget ends the warm-up there.
 
-    With ``threads=1`` the piece runs on this thread alone, so it is timed by the
-    process's CPU time: what it costs on a core of its own (as on a worker's core),
-    whatever else the machine is running; the wall clock would count the time other
-    processes hold the core. Otherwise (several threads, a GPU) by the wall clock.
+    A piece run with ``threads=1`` is timed by the process's CPU time: what it costs on
+    a core of its own (as on a worker's core), whatever else the machine runs; the wall
+    clock would count the time other processes hold the core (and several threads
+    spin-waiting for each other inflate CPU time too, so CPU time is only taken on one).
+    Anything else (several threads, a GPU, whose work is not CPU time) by the wall clock.
     """
-    clock = time.process_time if threads == 1 else time.perf_counter
+    kind = "cpu" if threads == 1 else "wall"
+    timer = time.process_time if kind == "cpu" else time.perf_counter
     start = time.perf_counter()
     with torch_threads(threads) as used:
         done_warm, last = 0, None
@@ -117,14 +120,14 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, budget_
         calls = 1 if not last or last >= min_timing_s else min(1000, math.ceil(min_timing_s / last))
         times: list[float] = []
         while len(times) < max(1, repeats):
-            t0 = clock()
+            t0 = timer()
             for _ in range(calls):
                 fn()
-            times.append((clock() - t0) / calls)
+            times.append((timer() - t0) / calls)
             if time.perf_counter() - start > budget_s:
                 break
     return Sample(statistics.median(times), len(times), done_warm, used,
-                  max(times) / min(times) if min(times) > 0 else 1.0)
+                  max(times) / min(times) if min(times) > 0 else 1.0, kind)
 
 
 @dataclass(frozen=True)

@@ -436,6 +436,12 @@ class ExtractStage(Stage):
             sample = measure(one_batch, warmup=0, repeats=1, budget_s=0.0)
             per_pair = sample.seconds
             flops = ex.adapter.forward_flops(ex.blocks[-1].name)
+        elif ex.device.type == "cpu":
+            # CPU time on one thread, over the run's threads (linear scaling): the wall clock
+            # moved 5x between plans of two identical models on a shared machine
+            run_threads = torch.get_num_threads()
+            sample = measure(one_batch, warmup=1, repeats=5, budget_s=10.0, threads=1)
+            per_pair = sample.seconds / run_threads / max(1, probe_unit_samples * n_t)
         else:
             sample = measure(one_batch, warmup=1, repeats=5, budget_s=10.0)
             per_pair = sample.seconds / max(1, probe_unit_samples * n_t)
@@ -447,7 +453,8 @@ class ExtractStage(Stage):
         free = free_bytes(ctx.output)
         space = (f"unknown on object storage ({ctx.output}); check the bucket's quota" if free is None else
                  f"{human_bytes(free)} at {ctx.output.parent}" + ("  ** NOT ENOUGH **" if compressed > free else ""))
-        measured = f"{1 / per_pair:.1f} sample-timesteps/s ({sample.describe()})"
+        measured = f"{1 / per_pair:.3g} sample-timesteps/s ({sample.describe()}" + (
+            f", over the run's {torch.get_num_threads()} threads)" if ex.device.type == "cpu" and not absent else ")")
         rows = [
             ("images", f"{len(ex.reader.records)} ({cfg.dataset.reader}/{cfg.dataset.split})"),
             ("samples", f"{lay.n_samples} (views={cfg.views}"
