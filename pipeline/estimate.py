@@ -220,8 +220,8 @@ def count_flops(fn: Callable[[], Any]) -> float:
 def gpu_projection(flops: float, utilisation: float = ASSUMED_GPU_UTILISATION) -> str:
     """``flops`` as hours on one H100 at ``utilisation`` of its dense fp16 peak, in words."""
     seconds = flops / (H100_FP16_DENSE_FLOPS * utilisation)
-    return (f"{seconds / 3600:.2f} GPU h on one H100 (projection: {flops / 1e12:,.0f} TFLOP counted, at "
-            f"{utilisation:.0%} of its {H100_FP16_DENSE_FLOPS / 1e12:.0f} TFLOP/s fp16 dense peak; "
+    return (f"{seconds / 3600:.3g} GPU h = {format_seconds(seconds)} on one H100 (projection: {flops:.3g} FLOP "
+            f"counted, at {utilisation:.0%} of its {H100_FP16_DENSE_FLOPS / 1e12:.0f} TFLOP/s fp16 dense peak; "
             "run plan on the GPU node to measure)")
 
 

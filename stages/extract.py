@@ -421,6 +421,7 @@ class ExtractStage(Stage):
         # ratio and throughput, warm-up first and the median of several. Without the
         # device: one cold sample-timestep on the CPU (a login node's CPU time says little
         # about the GPU), and the GPU projection from the forward's FLOPs, counted on meta.
+        timesteps = list(ex.timesteps)
         if absent:
             ex.timesteps = ex.timesteps[:1]
         probe_unit_samples = 1 if absent else min(lay.n_samples, max(1, cfg.batch_size // n_t))
@@ -459,7 +460,7 @@ class ExtractStage(Stage):
             ("images", f"{len(ex.reader.records)} ({cfg.dataset.reader}/{cfg.dataset.split})"),
             ("samples", f"{lay.n_samples} (views={cfg.views}"
                         + (f"; 1..{cfg.views - 1} {cfg.augment.kind}" if cfg.augment else "") + ")"),
-            ("timesteps", ", ".join(map(str, ex.timesteps))),
+            ("timesteps", ", ".join(map(str, timesteps))),
             ("blocks", "; ".join(f"{n} {tuple(s)}" for n, s in ex.block_shapes.items())),
             *([("note", ex.unpooled_note())] if ex.unpooled_note() else []),
             ("units", f"{lay.n_units} x {lay.unit_samples} samples"),

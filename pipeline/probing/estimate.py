@@ -6,8 +6,9 @@ once (``pipeline.probing.training.train_heads``). The estimate times the head's 
 optimiser step (:func:`pipeline.probing.training.training_step`) on a synthetic batch of
 the cell's shape and batch size, and its evaluation forward on an ``eval_batch_size``
 batch, with the torch threads the probe's workers use, then multiplies by the counts.
-It is an upper bound on the training compute (early stopping with ``patience`` ends
-sooner) and leaves out reading the features from the store.
+A head too slow to time at its batch size (over ``AFFORDABLE_S`` a call) is timed at
+``SMALL_BATCH`` and scaled by the batch. It is an upper bound on the training compute
+(early stopping with ``patience`` ends sooner) and leaves out reading the features.
 """
 
 from __future__ import annotations
@@ -94,17 +95,38 @@ def probe_estimates(groups: list[CellGroup], sizes: SplitSizes, num_classes: int
     ``epochs x ceil(n_val / e) + ceil(n_test / e)`` forwards of ``e = min(eval_batch_size,
     n_fit)`` samples per timestep. ``workers``: groups running side by side (one task each).
     """
+    batch = max(1, min(batch_size, sizes.n_fit))
     eval_batch = max(1, min(eval_batch_size, sizes.n_fit))
     out = []
     for g in groups:
         for name, head, recipe in g.heads:
-            steps = recipe.epochs * math.ceil(sizes.n_fit / batch_size) * g.n_timesteps
-            out.append(Estimate(f"step of {name!r} on {g.shape} x {batch_size}",
-                                step_sample(head, recipe, g.shape, num_classes, batch_size, threads), steps,
+            steps = recipe.epochs * math.ceil(sizes.n_fit / batch) * g.n_timesteps
+            sample, timed = _at_affordable_batch(
+                lambda b: step_sample(head, recipe, g.shape, num_classes, b, threads), batch)
+            out.append(Estimate(f"step of {name!r} on {g.shape} x {timed}", sample, steps, scale=batch / timed,
                                 workers=workers))
             evals = (recipe.epochs * math.ceil(sizes.n_val / eval_batch) if sizes.n_val else 0) \
                 + math.ceil(sizes.n_test / eval_batch)
-            out.append(Estimate(f"eval of {name!r} on {g.shape} x {eval_batch}",
-                                eval_sample(head, g.shape, num_classes, eval_batch, threads),
-                                evals * g.n_timesteps, workers=workers))
+            sample, timed = _at_affordable_batch(
+                lambda b: eval_sample(head, g.shape, num_classes, b, threads), eval_batch)
+            out.append(Estimate(f"eval of {name!r} on {g.shape} x {timed}", sample, evals * g.n_timesteps,
+                                scale=eval_batch / timed, workers=workers))
     return out
+
+
+#: A timed call longer than this (predicted from a batch of SMALL_BATCH) is timed at that
+#: batch and scaled by batch size instead (a paper-size attention head's step on a
+#: batch of 128 is ~90 s on one core; its cost is linear in the batch at that size).
+AFFORDABLE_S = 0.5
+SMALL_BATCH = 8
+
+
+def _at_affordable_batch(timed_at, batch: int) -> tuple[Sample, int]:
+    """``(sample, batch it was timed at)``: the real batch, unless a call there would take
+    over ``AFFORDABLE_S`` as predicted from a small batch; then the small batch."""
+    if batch <= SMALL_BATCH:
+        return timed_at(batch), batch
+    small = timed_at(SMALL_BATCH)
+    if small.seconds * batch / SMALL_BATCH > AFFORDABLE_S:
+        return small, SMALL_BATCH
+    return timed_at(batch), batch
