@@ -32,7 +32,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,17 +206,6 @@ def format_seconds(seconds: float) -> str:
 # ----------------------------------------------------------------- GPU projection
 
 
-def count_flops(fn: Callable[[], Any]) -> float:
-    """FLOPs of one call of ``fn`` as torch's ``FlopCounterMode`` counts them (convolutions,
-    matmuls, attention; elementwise ops are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 def gpu_projection(flops: float, utilisation: float = ASSUMED_GPU_UTILISATION) -> str:
     """``flops`` as hours on one H100 at ``utilisation`` of its dense fp16 peak, in words."""
     seconds = flops / (H100_FP16_DENSE_FLOPS * utilisation)
@@ -246,7 +235,6 @@ class StoreShape:
     views: int = 1
     pooled: bool = False
     planned: bool = True  # False: read from a written store
-    chunk_samples: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_units(self) -> int:

@@ -13,7 +13,6 @@ copy to (pinned) host memory, and a background thread writes each finished unit
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
