@@ -19,7 +19,6 @@ Checks, for any diffprobe output (extract, pool, classify stores; probe and cka 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from pipeline.errors import StoreError
 from pipeline.store import checks as chk
 from pipeline.store.layout import CROP_COORDS, FAILED, PENDING, SAMPLE_COORDS, WRITTEN, quiet_zarr, read_attrs
+from pipeline.store.schema import dataset_identity
 
 UNIT_STAGES = ("extract", "pool", "classify")
 #: Not counted as damage: what killed writers leave, removed by --repair.
@@ -277,16 +277,12 @@ def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) ->
 
 
 def ids_identity(ids: list, labels: list) -> tuple[int, str]:
-    """``(n_images, sha256)`` of a store's rows as the runner stamps ``attrs.identity``: the ordered
-    ``(image_id, label)`` pairs, one per image (an image's views are adjacent rows), each hashed as
-    ``f"{image_id}\\x1f{label}\\x1e"`` (the formula of ``pipeline.workflow.identity.dataset_identity``)."""
-    digest = hashlib.sha256()
-    n, last = 0, None
-    for image_id, label in zip(ids, labels):
-        if image_id != last:
-            digest.update(f"{image_id}\x1f{int(label)}\x1e".encode())
-            n, last = n + 1, image_id
-    return n, digest.hexdigest()
+    """``(n_images, sha256)`` of a store's rows as the runner stamps ``attrs.identity``
+    (:func:`pipeline.store.schema.dataset_identity` over one ``(image_id, label)`` per image:
+    an image's views are adjacent rows)."""
+    firsts = [(i, lab) for k, (i, lab) in enumerate(zip(ids, labels)) if k == 0 or ids[k - 1] != i]
+    identity = dataset_identity(firsts)
+    return identity["n_images"], identity["ids_sha256"]
 
 
 def _results(root, integrity: chk.Integrity, report: Report) -> None:
