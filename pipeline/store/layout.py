@@ -517,10 +517,14 @@ def stamp_attrs(path: str | Path, update: Mapping[str, Any]) -> None:
     (consolidated metadata and everything else in it kept as they are)."""
     from pipeline.store.durable import fsync_path
 
-    meta_path = Path(path) / "zarr.json"
+    path = location.as_location(path)
+    meta_path = path / "zarr.json"
     doc = json.loads(meta_path.read_text())
     attributes = doc.setdefault("attributes", {})
     attributes[ATTR_KEY] = jsonable({**attributes.get(ATTR_KEY, {}), **update})
+    if location.is_remote(path):  # one PUT replaces an object whole
+        meta_path.write_text(json.dumps(doc, indent=2))
+        return
     tmp = meta_path.with_name(f"zarr.json.{uuid.uuid4().hex}.partial")
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2)
