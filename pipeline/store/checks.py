@@ -121,8 +121,10 @@ class Integrity:
     def present(self, array, files: Sequence) -> list[bool]:
         """Whether each of ``files`` (objects of ``array``) is stored: a stat / HEAD per
         object for a few, one listing of the array's folder (cached) for many."""
+        from pipeline.store.location import exists_now
+
         if len(files) <= LIST_ABOVE and array.path not in self._listed:
-            return [f.exists() for f in files]
+            return [exists_now(f) for f in files]
         listed = self.listing(array)
         return [str(f) in listed for f in files]
 

@@ -236,6 +236,14 @@ def write_csv(frame, path: Location | str) -> None:
     as_location(path).write_text(frame.to_csv(index=False))
 
 
+def exists_now(path: Location) -> bool:
+    """``path.exists()`` as the storage says now (s3fs would answer from its listing cache)."""
+    if is_remote(path):
+        path.fs.invalidate_cache(path.path)
+        return bool(path.fs.exists(path.path))
+    return path.exists()
+
+
 def list_files(folder: Location) -> list[str]:
     """Every file (object) under ``folder`` (a folder, or a prefix on object storage), as
     ``/``-separated paths relative to it: one listing, no stat of each."""
