@@ -156,15 +156,25 @@ class Claims:
     def _read(self, name: str, gen: int) -> Holder | None:
         path = self._path(name, gen)
         try:
-            text = path.read_text()
-            mtime = path.stat().st_mtime
+            # One GET on object storage (a UPath read pins the ETag it listed, and a heartbeat changes it)
+            text = path.fs.cat_file(path.path).decode() if self.remote else path.read_text()
         except FileNotFoundError:
             return None
         try:
             return Holder(**json.loads(text))
         except (ValueError, TypeError):
             # Created but not yet written (or cut short by a crash): live until it ages out.
+            try:
+                mtime = self._modified(path)
+            except FileNotFoundError:
+                return None
             return Holder("?", -1, "?", name, mtime, mtime)
+
+    def _modified(self, path: Path) -> float:
+        if self.remote:  # ask the server: s3fs would answer from a cached listing
+            path.fs.invalidate_cache(path.path)
+            return path.fs.info(path.path)["LastModified"].timestamp()
+        return path.stat().st_mtime
 
     def _document(self, label: str, created: float) -> bytes:
         holder = Holder(self.owner, self.pid, self.host, label, created, time.time())
@@ -370,7 +380,8 @@ class UnitClaims:
         for unit in units:
             holder = self.claims.try_claim(unit_lease(unit), f"{self.label}, unit {unit}")
             if holder is not None:
-                self.skipped[unit] = holder
+                if not is_done(unit):  # (a unit finished meanwhile is no one's any more)
+                    self.skipped[unit] = holder
                 continue
             if is_done(unit):
                 self.claims.release(unit_lease(unit))
