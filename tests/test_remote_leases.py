@@ -104,18 +104,30 @@ def tiny_store(output):
     return layout, store.open_root(output, mode="r+")
 
 
-def test_a_holder_that_lost_its_lease_writes_no_done(output):
+def test_a_holder_stalled_past_its_lease_writes_no_done(output, monkeypatch):
+    """The stall hook freezes the holder between a unit's data and its done cell, heartbeats
+    included; another process takes the unit over meanwhile; the holder then marks nothing."""
+    from pipeline import faults
+
     layout, root = tiny_store(output)
     lines: list[str] = []
-    slow = UnitClaims(Claims(output, timeout=0.5), "stage ex", log=lines.append)
+    slow = UnitClaims(Claims(output, timeout=0.5).start(), "stage ex", log=lines.append)
     fast = UnitClaims(Claims(output, timeout=0.5), "stage ex", log=lines.append)
     assert list(slow.take([0], lambda u: False)) == [0]
-    time.sleep(0.6)  # slow stalls past its lease; fast takes unit 0 over
-    assert list(fast.take([0], lambda u: False)) == [0]
+    monkeypatch.setattr(faults, "_stalls_done", set())
+    monkeypatch.setenv(faults.STALL_AT_ENV, "unit:before-done:2")
     data = {"b": np.ones((4, 2, 2, 2, 2), np.float16)}
-    fence = lambda: slow.still_holds(0)  # noqa: E731
-    assert store.write_unit(root, layout, 0, data, fence=fence) is False
-    assert store.unit_status(output).tolist() == [False, False]
+    marked: list[bool] = []
+    writer = threading.Thread(target=lambda: marked.append(
+        store.write_unit(root, layout, 0, data, fence=lambda: slow.still_holds(0))))
+    writer.start()
+    time.sleep(0.3)
+    assert list(fast.take([0], lambda u: False)) == []  # still live: its heartbeat ran until the stall
+    deadline = time.monotonic() + 10
+    while not list(fast.take([0], lambda u: False)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the stalled lease expires and fast takes it over
+    writer.join()
+    assert marked == [False] and store.unit_status(output).tolist() == [False, False]
     assert len(lines) == 1 and lines[0].startswith("lost the lease on unit 0 to pid ")
     assert lines[0].endswith("after a stall longer than 0 s; not marking it done (its new holder does)")
     assert not slow.still_holds(0) and len(lines) == 1  # one line per unit
@@ -123,6 +135,7 @@ def test_a_holder_that_lost_its_lease_writes_no_done(output):
     assert store.unit_status(output).tolist() == [True, False]
     fast.finish(0)
     slow.finish(0)
+    slow.claims.close()
     assert lease_names(output) == []
 
 
@@ -181,9 +194,9 @@ def test_two_processes_on_one_s3_store_without_shard_split_the_units(tmp_path, s
     wf = s3_workflow(tmp_path, s3_server, s3_server.new_bucket())
     out = load_workflow(wf, STAGES).stage("ex").output
     store_url = str(out)
-    other = child(wf, s3_server, DIFFPROBE_FAULT_UNIT_DELAY="1.5")
+    other = child(wf, s3_server, DIFFPROBE_FAULT_UNIT_DELAY="1.0")
     wait_for_lease(out, unit_lease(0))  # the child holds its first unit: both run at once from here
-    monkeypatch.setenv("DIFFPROBE_FAULT_UNIT_DELAY", "1.5")
+    monkeypatch.setenv("DIFFPROBE_FAULT_UNIT_DELAY", "1.0")
     capfd.readouterr()
     try:
         runner(wf).run()
@@ -207,7 +220,7 @@ def test_a_stalled_holder_on_s3_is_taken_over_and_marks_nothing_done(tmp_path, s
     out = load_workflow(wf, STAGES).stage("ex").output
     lease_s = "2"
     # The child stalls once, between unit 0's data and its done cell, heartbeats and all.
-    staller = child(wf, s3_server, DIFFPROBE_LEASE_TIMEOUT=lease_s, DIFFPROBE_FAULT_STALL_AT="unit:before-done:10")
+    staller = child(wf, s3_server, DIFFPROBE_LEASE_TIMEOUT=lease_s, DIFFPROBE_FAULT_STALL_AT="unit:before-done:8")
     wait_for_lease(out, unit_lease(0), older_than=float(lease_s) + 0.5)  # stalled past its lease
     monkeypatch.setenv("DIFFPROBE_LEASE_TIMEOUT", lease_s)
     capfd.readouterr()
