@@ -18,6 +18,12 @@ Which objects must exist (the write protocol, with zarr not storing chunks that
 hold only the fill value): a data array's shard when its unit has a written sample;
 the ``failure`` chunk when it has a failed sample; the ``done`` chunk when any of its
 samples is done. ``diffprobe verify`` (:mod:`pipeline.store.verify`) applies the same rules.
+
+Presence is asked of the storage, not of ``os.path``: a store on object storage (a
+URL) is checked the same way, with a HEAD request per object for a few objects, or one
+listing of the array's prefix (:func:`pipeline.store.location.list_files`, cached per
+check) for many. The ``done`` mask is read before the listing: a unit's objects are
+stored before its ``done`` cells, so a listing taken after ``done`` sees them.
 """
 
 from __future__ import annotations

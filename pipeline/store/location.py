@@ -27,8 +27,10 @@ The write protocol on object storage, where there is no rename and no lock file
    schema's metadata and coordinates, the same bytes as the winner's (a stage hash
    fixes them), never data. A build killed before its commit leaves only such
    objects, which the next build overwrites.
-2. **One writer per shard**: unchanged, units are split by ``--shard i/N``; each unit's
-   shards are written whole by one PUT each (no read-modify-write).
+2. **One writer per shard**: units are split by ``--shard i/N`` and, within a run, by
+   leases (``pipeline.workflow.claims``: one put-if-absent object per lease
+   generation, beside the store); each unit's shards are written whole by one PUT
+   each (no read-modify-write).
 3. **``done`` after data**: ``done`` is chunked per unit (one object per unit), put
    after the unit's data PUTs have returned (S3 PUTs are durable and
    read-after-write consistent when they return).

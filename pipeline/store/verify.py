@@ -15,6 +15,12 @@ Checks, for any diffprobe output (extract, pool, classify stores; probe and cka 
   pairs; ``provenance.dataset.n_images``).
 
 ``--repair`` acts on the findings (:mod:`pipeline.store.repair`).
+
+``STORE`` is a folder or a URL (``s3://``, ``memory://``; credentials and endpoint from
+the environment or the location's storage options): the store is opened through
+:func:`pipeline.store.location.zarr_store` and objects are listed through its fs. On
+object storage there are no ``*.partial`` files or temp folders; a finalize claim
+older than ``location.STALE_CLAIM_S`` is the leftover there.
 """
 
 from __future__ import annotations
