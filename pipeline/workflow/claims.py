@@ -156,7 +156,8 @@ class Claims:
     def _read(self, name: str, gen: int) -> Holder | None:
         path = self._path(name, gen)
         try:
-            # One GET on object storage (a UPath read pins the ETag it listed, and a heartbeat changes it)
+            # One GET on object storage: a UPath file object pins the ETag of its first request, and a
+            # heartbeat that replaces the object meanwhile would fail the read (s3fs FileExpired)
             text = path.fs.cat_file(path.path).decode() if self.remote else path.read_text()
         except FileNotFoundError:
             return None
@@ -203,11 +204,13 @@ class Claims:
         if not self._create(self._path(name, gen), self._document(label, time.time())):
             winner = self._read(name, gen)
             return winner or Holder("?", -1, "?", label, time.time(), time.time())
-        newest = self._generations(name)[-1]
+        now = self._generations(name)
+        newest = now[-1] if now else None  # None: removed with the whole folder (the output completed)
         if newest != gen:
             # A racer created a higher generation meanwhile: it supersedes ours.
             self._delete(self._path(name, gen))
-            return self._read(name, newest) or Holder("?", -1, "?", label, time.time(), time.time())
+            winner = self._read(name, newest) if newest is not None else None
+            return winner or Holder("?", -1, "?", label, time.time(), time.time())
         with self._lock:
             self._held[name] = (gen, label)
         for old in gens:
