@@ -332,11 +332,12 @@ def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "ex
     root = store.open_root(output, mode="r+")
 
     def write(unit, payload):
-        if claims is not None:
-            claims.confirm(unit)
-        store.write_unit(root, lay, unit, *payload)
-        if claims is not None:
-            claims.finish(unit)
+        if claims is None:
+            store.write_unit(root, lay, unit, *payload)
+            return
+        if claims.still_holds(unit):  # fenced twice: before the data, and before done
+            store.write_unit(root, lay, unit, *payload, fence=lambda: claims.still_holds(unit))
+        claims.finish(unit)
 
     writer = store.UnitWriter(write)
     total = sum(lay.unit_range(u)[1] - lay.unit_range(u)[0] for u in units)

@@ -103,14 +103,11 @@ class RunContext:
 
     def unit_claims(self):
         """Units taken one at a time under a lease (see ``pipeline.workflow.claims``)."""
-        from pipeline.store.location import is_remote
         from pipeline.workflow.claims import Claims, UnitClaims
 
-        if is_remote(self.output):
-            return None  # leases live beside local outputs only (for now)
         if self.claims is None:
             self.claims = Claims(self.output).start()
-        return UnitClaims(self.claims, f"stage {self.entry.name}{self.shard_note()}")
+        return UnitClaims(self.claims, f"stage {self.entry.name}{self.shard_note()}", log=self.log)
 
     def report_skipped(self, computed: int, units) -> None:
         """After a run: refuse if every pending unit was held by another live process,
