@@ -36,8 +36,10 @@ The write protocol on object storage, where there is no rename and no lock file
    schema's metadata and coordinates, the same bytes as the winner's (a stage hash
    fixes them), never data. A build killed before its commit leaves only such
    objects, which the next build overwrites.
-2. **One writer per shard**: unchanged, units are split by ``--shard i/N``; each unit's
-   shards are written whole by one PUT each (no read-modify-write).
+2. **One writer per shard**: units are split by ``--shard i/N`` and, within a run, by
+   leases (``pipeline.workflow.claims``: one put-if-absent object per lease
+   generation, beside the store); each unit's shards are written whole by one PUT
+   each (no read-modify-write).
 3. **``done`` after data**: ``done`` is chunked per unit (one object per unit), put
    after the unit's data PUTs have returned (S3 PUTs are durable and
    read-after-write consistent when they return).
@@ -331,17 +333,27 @@ def commit_remote_group(path: Location, memory) -> None:
         raise StoreError(f"{path}: lost the schema commit but no root zarr.json is there")
 
 
+def finalize_claim(store_path: Location) -> Location:
+    """Where the finalize claim of ``store_path`` lives (beside it, outside its hierarchy)."""
+    return store_path.parent / f".{store_path.name}.finalize-claim"
+
+
+def claim_is_stale(claim: Location) -> bool:
+    """Whether a finalize claim is there and older than :data:`STALE_CLAIM_S` (its owner died)."""
+    try:
+        held = json.loads(claim.read_bytes())
+    except (OSError, ValueError):  # gone, or not readable now: not known to be stale
+        return False
+    return time.time() - float(held.get("time", 0)) >= STALE_CLAIM_S
+
+
 def claim_finalize(store_path: Location) -> Location | None:
     """Step 4: the claim object for finalizing ``store_path``, or None if another live process holds it."""
-    claim = store_path.parent / f".{store_path.name}.finalize-claim"
+    claim = finalize_claim(store_path)
     body = json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}", "time": time.time()}).encode()
     if put_if_absent(claim, body):
         return claim
-    try:
-        held = json.loads(claim.read_bytes())
-    except (OSError, ValueError):
-        return None
-    if time.time() - float(held.get("time", 0)) < STALE_CLAIM_S:
+    if not claim_is_stale(claim):
         return None
     remove(claim)  # its owner died mid-finalize; finalizing is idempotent, so take over
     return claim if put_if_absent(claim, body) else None
@@ -361,3 +373,29 @@ def save_figure(fig, path: Location | str, dpi: int) -> Location:
 def write_csv(frame, path: Location | str) -> None:
     """``frame.to_csv(path, index=False)`` at a local path or URL (pandas would drop the storage options)."""
     as_location(path).write_text(frame.to_csv(index=False))
+
+
+def exists_now(path: Location) -> bool:
+    """``path.exists()`` as the storage says now (s3fs would answer from its listing cache)."""
+    if is_remote(path):
+        path.fs.invalidate_cache(path.path)
+        return bool(path.fs.exists(path.path))
+    return path.exists()
+
+
+def list_files(folder: Location) -> list[str]:
+    """Every file (object) under ``folder`` (a folder, or a prefix on object storage), as
+    ``/``-separated paths relative to it: one listing, no stat of each."""
+    if is_remote(folder):
+        fs, base = folder.fs, folder.path.rstrip("/")
+        fs.invalidate_cache(base)  # s3fs caches listings: a listing must see what was just written
+        try:
+            found = fs.find(base)
+        except FileNotFoundError:
+            return []
+        return [p[len(base) + 1:] for p in found if p.startswith(base + "/")]
+    out = []
+    for dirpath, _, files in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        out += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files]
+    return out
