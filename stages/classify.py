@@ -46,7 +46,7 @@ from pipeline.models import (TORCH_DTYPES, Condition, ModelAdapter, ModelConfig,
                              resolve_device)
 from pipeline.noise import q_sample
 from pipeline.workflow.config import device_field, not_hashed
-from pipeline.workflow.stage import RunContext, Stage, prepared_value
+from pipeline.workflow.stage import RunContext, Stage, prepared_value, without_listing
 
 
 
@@ -433,7 +433,7 @@ class ClassifyStage(Stage):
         Classifier(cfg, device="cpu", encode_prompts=False, prepared=ctx.prepared)  # run reuses dataset, model
 
     def run(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
-        clf = Classifier(cfg, prepared=ctx.prepared)
+        clf = Classifier(cfg, prepared=without_listing(ctx.prepared))  # listed again, as extract does
         lay = clf.layout
         if clf.name_mismatches:
             ctx.log(f"prompt set names {len(clf.name_mismatches)} classes differently from the dataset "

@@ -33,7 +33,7 @@ from pipeline.models import (TORCH_DTYPES, Condition, ModelAdapter, ModelConfig,
                              resolve_device)
 from pipeline.noise import NOISE_SCHEME, batch_noise
 from pipeline.workflow.config import device_field, not_hashed
-from pipeline.workflow.stage import RunContext, Stage, prepared_value
+from pipeline.workflow.stage import RunContext, Stage, prepared_value, without_listing
 
 
 class NonFiniteError(DiffprobeError):
@@ -384,8 +384,10 @@ class ExtractStage(Stage):
         return {b.name: stored_shape(b.shape, cfg.pool) for b in blocks}
 
     def run(self, cfg: ExtractConfig, ctx: RunContext) -> None:
-        # every check that can fail on the config runs before the store exists
-        ex = Extractor(cfg, prepared=ctx.prepared)
+        # every check that can fail on the config runs before the store exists; the dataset
+        # is listed again (rows are positions in the listing: a change since the run began
+        # must be refused before a row is written), validate's CPU model is reused
+        ex = Extractor(cfg, prepared=without_listing(ctx.prepared))
         ex.strict = ctx.strict
         lay = ex.layout
         if store.read_attrs(ctx.output) is None:

@@ -21,9 +21,9 @@ too (beside the store, under the same URL prefix).
 One run pays its fixed costs once: the dask stages share one cluster
 (``pipeline.cluster.session.ClusterSession``, started at the first stage with work
 for it, closed when the run ends, fails or is interrupted), and what ``validate``
-built for a stage (its dataset's records and reader, a model built where the stage
-runs) is handed to the stage's ``run`` through ``RunContext.prepared`` and dropped
-once the stage has run.
+built for a stage (a model built where the stage runs; hashing and validate share
+one dataset listing, ``run`` lists again) is handed to the stage's ``run`` through
+``RunContext.prepared`` and dropped once the stage has run.
 """
 
 from __future__ import annotations

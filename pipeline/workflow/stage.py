@@ -225,6 +225,14 @@ def prepared_value(prepared: dict | None, key: Any, build: Callable[[], Any]) ->
     return prepared[key]
 
 
+def without_listing(prepared: dict) -> dict:
+    """``prepared`` without the dataset reader, for a stage's ``run``: a store's rows are
+    positions in the dataset's listing, so ``run`` lists the dataset again (a file removed
+    since the run's hashing must be refused before a row is written, not read as missing);
+    hashing and ``validate``, at the start of the run, share one listing."""
+    return {k: v for k, v in prepared.items() if k != "reader"}
+
+
 def input_field(**kwargs):
     """A config field that names an earlier stage (its output becomes an input)."""
     return field(metadata={"input": True}, **kwargs)
