@@ -213,7 +213,7 @@ class DecodeAhead:
 
         try:
             submit()
-            while pending:
+            while pending and not self._closed.is_set():
                 futures = pending.popleft()
                 submit()  # the next group decodes while the consumer works on this one
                 arrays, failures = {}, {}
