@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--blocks", default="down_blocks.1,mid_block,up_blocks.1")
     ap.add_argument("--dir", default=None, help="Where the benchmark store is written.")
     ap.add_argument("--json", action="store_true", help="print one JSON line of the results last")
+    ap.add_argument("--only-new", action="store_true", help="only the new defaults (the writer's MB/s)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dp-bench-", dir=args.dir))
     (work / "tiny.json").write_text(json.dumps(TINY))
@@ -85,6 +86,8 @@ def main() -> None:
         f"{new_threads} torch thread(s), 1 DataLoader worker": (replace(cfg, num_workers=1), True),
         "new defaults, no fsync": (cfg, False),
     }
+    if args.only_new:
+        variants = {k: v for k, v in variants.items() if k.startswith("new defaults")}
     # The same batches for the bare forward: all (sample, timestep) pairs, batch by batch.
     arrays, _ = load_images(ex.reader, ex.prep, range(len(ex.reader.records)))
     x0 = torch.stack([torch.from_numpy(arrays[i]) for i in range(len(arrays))])
@@ -137,7 +140,7 @@ def main() -> None:
             ex.cfg = cfg
 
     sync_seconds: list[float] = []  # time inside the durability step (both of its calls per unit)
-    thread_counts = sorted({2, new_threads})
+    thread_counts = sorted({new_threads} if args.only_new else {2, new_threads})
     for threads in thread_counts:  # warm-up
         bare(threads)
     for variant_cfg, sync in variants.values():

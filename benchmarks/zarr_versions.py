@@ -9,7 +9,8 @@ drift from other jobs hits every environment alike):
 
 - ``probe_throughput.py``: the streamed probe read path, one cheap linear head on a
   slice 4x its buffer (uncompressed + crc32c, the pool stage's codecs, and zstd +
-  bitshuffle, the extract stage's): streamed / in-memory samples/s;
+  bitshuffle, the extract stage's; ``--quick``: the first only): streamed / in-memory
+  samples/s;
 - ``reader_contention.py``: in-memory training beside a zarr-reading thread and
   process (how much of the read path holds the GIL), and the reads alone in MiB/s;
 - ``extract_throughput.py``: the writer's MB/s and extract / bare forward.
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE_CASES = {"probe, crc32c only": "linear, C=512 p=4, streamed, uncompressed + crc32c",
                "probe, zstd": "linear, C=512 p=4, streamed"}
+#: ``--quick``: the pool stage's codecs only (the case the target is about).
+QUICK_CASES = ("probe, crc32c only",)
 
 
 def run_json(python: str, env: dict, args: list[str]) -> list[dict]:
@@ -46,7 +49,7 @@ def run_json(python: str, env: dict, args: list[str]) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def measure(python: str, env: dict, n: int) -> dict:
+def measure(python: str, env: dict, n: int, quick: bool = False) -> dict:
     """One round of every measurement in one environment."""
     got = {}
     version = subprocess.run([python, "-c", "import zarr, numcodecs, sys; print(zarr.__version__, "
@@ -54,6 +57,8 @@ def measure(python: str, env: dict, n: int) -> dict:
                              capture_output=True, text=True, env=os.environ | env).stdout.split()
     got["versions"] = "zarr {}, numcodecs {}, Python {}".format(*version)
     for name, only in PROBE_CASES.items():
+        if quick and name not in QUICK_CASES:
+            continue
         (r,) = run_json(python, env, ["benchmarks/probe_throughput.py", "--n", str(n), "--only", only, "--json"])
         got[f"{name}: train ratio"] = r["train_ratio"]
         got[f"{name}: whole-call ratio"] = r["ratio"]
@@ -63,7 +68,7 @@ def measure(python: str, env: dict, n: int) -> dict:
     got["training beside a zarr-reading process (x alone)"] = c["slowdown"]["beside a zarr-reading process"]
     got["slab reads alone, MiB/s (crc32c only)"] = c["read_mib_per_s"]
     (e,) = run_json(python, env, ["benchmarks/extract_throughput.py", "--images", "256", "--repeats", "2",
-                                  "--json"])
+                                  "--only-new", "--json"])
     got["extract writer, MB/s raw (zstd + bitshuffle + crc32c)"] = e["writer_mb_per_s"]
     new = next(v for k, v in e["extract"].items() if k.startswith("new defaults ("))
     got["extract / bare forward (new defaults)"] = new["vs_bare_same_threads"]
@@ -75,6 +80,7 @@ def main() -> None:
     ap.add_argument("--env", action="append", required=True, help="LABEL=PYTHON [VAR=VALUE ...]")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, default=8192, help="samples of the probe stores")
+    ap.add_argument("--quick", action="store_true", help="the probe case with the pool stage's codecs only")
     args = ap.parse_args()
     envs = []
     for spec in args.env:
@@ -86,7 +92,7 @@ def main() -> None:
     for r in range(args.rounds):
         for label, python, env in (envs if r % 2 == 0 else envs[::-1]):
             start = time.perf_counter()
-            results[label].append(measure(python, env, args.n))
+            results[label].append(measure(python, env, args.n, args.quick))
             loads.append(os.getloadavg()[0])
             print(f"round {r + 1}, {label}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     labels = [label for label, _, _ in envs]
