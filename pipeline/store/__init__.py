@@ -12,6 +12,7 @@ What lives here
 - ``slices``: names of stored feature slices (block, timestep, pool size).
 - ``describe``: the human summary printed by ``diffprobe inspect``.
 - ``schema: the names every store shares (attrs key, ``done`` flags, block order).
+- ``failures``: the list of images that could not be read (its own group, not root attrs).
 - ``durable``: fsync of a unit's objects before and after its ``done`` cells.
 - ``locks``: the finalize lock and schema temp folders, which name their owner and
   are taken over / removed once that owner is gone.

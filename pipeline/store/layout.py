@@ -531,11 +531,15 @@ def stamp_attrs(path: str | Path, update: Mapping[str, Any]) -> None:
 
 
 def _final_attrs(root, extra_attrs: dict | None, complete: bool) -> dict:
-    """The root attrs a finished store carries: the failed images listed, extras merged."""
+    """The root attrs a finished store carries, extras merged; writes the ``failed_images``
+    group (``pipeline.store.failures``: its own arrays, not in the attrs every open reads)."""
+    from pipeline.store.failures import COUNT_ATTR, collect_failed_images, write_failed_images
+
     meta = dict(root.attrs[ATTR_KEY])
-    failure = root["failure"][:]
-    failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
-    meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
+    failed = collect_failed_images(root)
+    write_failed_images(root, failed)
+    meta.pop("failed_images", None)
+    meta[COUNT_ATTR] = len(failed)
     meta.update(extra_attrs or {})
     meta["complete"] = complete
     return meta

@@ -218,6 +218,32 @@ def _unit_store(root, integrity: chk.Integrity, attrs: dict, report: Report) -> 
     if not complete and n and (done > PENDING).all():
         report.notes.append("every unit is done but the store is not finalized: re-run its workflow to finalize")
     _coordinates(root, integrity, attrs, report)
+    _failed_list(root, integrity, attrs, report)
+
+
+def _failed_list(root, integrity: chk.Integrity, attrs: dict, report: Report) -> None:
+    """The ``failed_images`` group of a finished store: it decodes and holds the count the attrs give."""
+    from pipeline.store.failures import COUNT_ATTR, GROUP
+
+    if GROUP not in root:
+        if attrs.get(COUNT_ATTR):
+            report.add("metadata", f"{GROUP}/ is missing, though the attrs count {attrs[COUNT_ATTR]} failed "
+                                   "image(s); re-run the stage's workflow to finalize again", array=GROUP)
+        return
+    for name in ("image_id", "reason"):
+        path = f"{GROUP}/{name}"
+        if path not in root:
+            report.add("metadata", f"{path} is missing", array=path)
+            continue
+        array = root[path]
+        for coords, lo, hi, file in chk.outer_objects(array):
+            problem = _read_object(array, integrity, lo, hi, coords, report) if file.exists() else \
+                f"{integrity.relative(file)} is missing"
+            if problem:
+                report.add("coordinates", problem, array=path, files=(file,))
+        if COUNT_ATTR in attrs and array.shape[0] != int(attrs[COUNT_ATTR]):
+            report.add("coordinates", f"{path} lists {array.shape[0]} image(s); the attrs count "
+                                      f"{attrs[COUNT_ATTR]}", array=path)
 
 
 def _has_crc(array) -> bool:

@@ -136,10 +136,13 @@ class RunContext:
         from pipeline.store import layout as store
 
         if store.finalize(self.output):
-            failures = store.read_attrs(self.output).get("failed_images", [])
-            if failures:
-                self.log(f"{len(failures)} image(s) could not be read and are masked (done=2); "
-                         f"first: {failures[0]['image_id']}: {failures[0]['reason']}")
+            from pipeline.store.failures import count_failed_images, read_failed_images
+
+            n_failed = count_failed_images(store.read_attrs(self.output))
+            if n_failed:
+                first = read_failed_images(self.output, limit=1)[0]
+                self.log(f"{n_failed} image(s) could not be read and are masked (done=2); "
+                         f"first: {first['image_id']}: {first['reason']}")
         elif self.shard[1] > 1:
             self.log("this shard is done; the store completes when every shard has finished")
 
