@@ -21,7 +21,9 @@ default (10) per call, times several threads per worker, oversubscribes I/O.
 :func:`run_tasks` submits one task per payload and resubmits a failed one once
 (rather than dask's ``retries=1``, which would hide the first attempt's error): the
 outcome of every task, first error included, goes back to the stage, so a failed
-cell is reported and never silently dropped.
+cell is reported and never silently dropped. A full, read-only or forbidden output
+(``pipeline.errors.is_storage_error``) is not retried: its OSError is raised at once,
+and the runner turns it into its one line.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pipeline.workflow.config import ClusterConfig
 from pipeline import faults
 from pipeline.cluster.slurm import NEUTRAL_CWD
 from pipeline.cluster.identity import check_workers
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, is_storage_error
 
 #: zarr ``async.concurrency`` on workers (4-8 when workers run many threads: each call's default of 10
 #: concurrent requests, times the threads, oversubscribes the file system).
@@ -328,6 +330,8 @@ def run_tasks(
         try:
             result = _result(future, client)
         except Exception as exc:  # noqa: BLE001 -- any task error is reported, then retried once
+            if is_storage_error(exc):
+                raise  # a full or read-only output: a retry cannot help; the runner says so in one line
             message = f"{type(exc).__name__}: {exc}"
             if attempt < MAX_ATTEMPTS:
                 outcome.first_error = message

@@ -227,6 +227,12 @@ class Stage:
     def run(self, cfg: Any, ctx: RunContext) -> None:
         raise NotImplementedError
 
+    def results_bytes(self, cfg: Any, ctx: RunContext) -> int | None:
+        """About how many bytes a results output (probe, cka) takes in all, for the one line of a
+        full disk (``pipeline.store.space``); None where the stage cannot say. Unit stores need
+        no estimate: their done units show what the rest will take."""
+        return None
+
     def plan(self, cfg: Any, ctx: RunContext) -> list[tuple[str, str]]:
         """Rows (label, value) for ``diffprobe plan``."""
         return []
