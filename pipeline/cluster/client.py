@@ -46,7 +46,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.workflow.config import ClusterConfig
 from pipeline import faults
-from pipeline.cluster.slurm import NEUTRAL_CWD
+from pipeline.cluster.slurm import NEUTRAL_CWD, with_run_job_name
 from pipeline.cluster.identity import check_workers
 from pipeline.errors import ConfigError, is_storage_error
 
@@ -135,7 +135,7 @@ def _start_cluster(cfg: ClusterConfig):
         options["job_script_prologue"] = [*NEUTRAL_CWD, *options.get("job_script_prologue", []),
                                           SLURM_WORKER_ENV]
         try:
-            cluster = SLURMCluster(**options)
+            cluster = SLURMCluster(**with_run_job_name(options))
         except TypeError as exc:
             raise ConfigError(f"cluster.slurm: {exc} (keys are SLURMCluster's arguments)") from None
         return cluster
@@ -160,7 +160,8 @@ def get_client(cfg: ClusterConfig, log: Callable[[str], None] | None = None) -> 
         if cfg.kind == "slurm":
             from pipeline.cluster.slurm import SlurmWorkers
 
-            watch = SlurmWorkers(cluster, cfg.n_workers, cfg.slurm_wait_s, cfg.slurm_replacements, log)
+            watch = SlurmWorkers(cluster, cfg.n_workers, cfg.slurm_wait_s, cfg.slurm_replacements, log,
+                                 orphan_s=cfg.slurm_orphan_s)
             watch.preflight()
             watch.start()
         try:
