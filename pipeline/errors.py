@@ -29,6 +29,11 @@ class DiffprobeError(Exception):
     exit_code = 2
 
 
+class DiffprobeWarning(UserWarning):
+    """Base class of warnings about the user's data or config; the CLI prints each as one
+    ``warning: ...`` line (Python's default format adds a file, line number and source line)."""
+
+
 class ConfigError(DiffprobeError, ValueError):
     """A workflow file or stage parameter is wrong."""
 

@@ -39,3 +39,18 @@ def test_duplicate_keys_and_bad_yaml_name_the_line(tmp_path):
     (tmp_path / "e.yaml").write_text("a: [1, 2\nb: 3\n")
     with pytest.raises(ConfigError, match=r"e.yaml:\d+: invalid YAML"):
         load_yaml(tmp_path / "e.yaml")
+
+
+def test_merge_keys_share_settings_and_a_written_key_overrides(tmp_path):
+    """``<<: *anchor`` (how the workflow templates share a stage's settings): a key written
+    beside the merge overrides the merged one; a key written twice is still a duplicate."""
+    (tmp_path / "m.yaml").write_text(
+        "a: &d {root: /data, split: train}\n"
+        "b: {<<: *d, split: test}\n"
+        "c:\n  <<: *d\n  split: val\n  split: test\n")
+    with pytest.raises(ConfigError, match="line 6: duplicate key 'split'"):
+        load_yaml(tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text("a: &d {root: /data, split: train}\nb: {<<: *d, split: test}\n")
+    doc = load_yaml(tmp_path / "m.yaml")
+    assert doc["a"] == {"root": "/data", "split": "train"}
+    assert doc["b"] == {"root": "/data", "split": "test"} and doc["b"].lines["split"] == 2

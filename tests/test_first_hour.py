@@ -144,3 +144,29 @@ def test_one_pixel_images_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         preprocess(Image.fromarray(np.zeros((8, 8, 3), np.uint8)), prep)  # digits-sized: no warning
+
+
+def test_tiny_images_are_one_named_line_each_and_then_a_summary(tmp_path):
+    """In a run, each tiny image is one ``warning:`` line naming it (no file/line/source
+    noise), and a folder of many broken images does not print a line per image."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from pipeline.datasets.preprocess import MAX_TINY_WARNINGS
+    from tests.helpers import write_extract_workflow
+
+    for i in range(MAX_TINY_WARNINGS + 3):
+        (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (1, 1), (i, 0, 0)).save(tmp_path / "imgs" / f"c{i % 2}" / f"tiny{i}.png")
+    wf = write_extract_workflow(tmp_path, dataset="{reader: imagefolder, root: imgs, split: all}",
+                                conditioning="null", blocks="[mid_block]", timesteps="[10]")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(wf), "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "pixels" in ln]
+    assert len(lines) == MAX_TINY_WARNINGS + 1, proc.stderr
+    assert all(ln.startswith("warning: ") for ln in lines), lines
+    assert "image c0/tiny0.png is 1x1 pixels" in lines[0] and "not named" in lines[-1]
+    assert "TinyImageWarning" not in proc.stderr and "preprocess.py" not in proc.stderr

@@ -151,6 +151,8 @@ def test_imagenet_adm_template_extracts_in_float16_on_cpu(tmp_path):
     stage["model"]["options"] = {"image_size": 256, "in_channels": 3, "model_channels": 4}
     stage["dataset"]["root"] = str(data)
     stage.update(device="cpu", num_workers=0)  # the test machine's, not the model's, settings
+    # the centre view only: the precision is the point here (augmented views: test_augment_views.py)
+    stage.update(views=1, augment=None)
     wf.update(stages=[stage], output_dir=str(tmp_path / "runs"))
     path = tmp_path / "imagenet-adm.yaml"
     path.write_text(yaml.safe_dump(wf))
@@ -164,8 +166,9 @@ def test_imagenet_adm_template_extracts_in_float16_on_cpu(tmp_path):
     assert prov["compute_dtype"] == "float16"
     assert prov["model"]["precision"]["method"].startswith("guided-diffusion convert_to_fp16")
     assert root["image_id"][:].tolist() == image_ids
-    names = {19: "middle_block", 24: "output_blocks.4", 30: "output_blocks.10"}
-    pool = stage["pool"]["size"]
+    paper = {19: "middle_block", 24: "output_blocks.4", 30: "output_blocks.10"}
+    names = {b: paper[b] for b in stage["blocks"]}
+    pool = (stage.get("pool") or {}).get("size")
     timesteps = stage["timesteps"]
 
     # Independent forwards: the same network built by the factory function itself, hooked
@@ -192,9 +195,10 @@ def test_imagenet_adm_template_extracts_in_float16_on_cpu(tmp_path):
         tt = torch.full((len(image_ids),), t)
         outs = {}
         for tag, net in (("fp32", full), ("fp16", half)):
-            with torch.no_grad(), capture(net, list(names.values()), stop_after=names[30]) as got:
+            with torch.no_grad(), capture(net, list(names.values()), stop_after=names[max(names)]) as got:
                 run_truncated(lambda net=net: net(x_t, tt))  # noqa: B023 -- called here, in this iteration
-            outs[tag] = {n: torch.nn.functional.adaptive_avg_pool2d(v.float(), pool) for n, v in got.items()}
+            outs[tag] = {n: v.float() if pool is None else torch.nn.functional.adaptive_avg_pool2d(v.float(), pool)
+                         for n, v in got.items()}
         for name in names.values():
             stored = torch.from_numpy(np.asarray(root[f"blocks/{name}/activations"][:, ti]).astype(np.float32))
             assert stored.shape == outs["fp32"][name].shape

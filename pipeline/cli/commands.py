@@ -49,6 +49,26 @@ def _friendly(fn):
 @click.version_option(package_name="diffprobe")
 def main(verbose: bool) -> None:
     """diffprobe: extract diffusion activations once, analyse them many times."""
+    _one_line_warnings()
+
+
+def _one_line_warnings() -> None:
+    """Print diffprobe's own warnings as one ``warning: ...`` line each (others unchanged).
+
+    Forked DataLoader workers inherit the hook, so their warnings read the same."""
+    import warnings
+
+    from pipeline.errors import DiffprobeWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DiffprobeWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 @main.command(short_help="Run a workflow's stages in order, skipping up-to-date outputs.")

@@ -109,7 +109,7 @@ def preprocess_views(img: Image.Image, prep: Preprocessing, spec: AugmentSpec, s
     arrays : (n_views, channels, size, size) float32 in ``prep.value_range``.
     boxes : (n_views, 3) int64 (side, x0, y0) of each view's crop; view 0's is ``NO_CROP``.
     """
-    arrays, boxes = [preprocess(img, prep, bbox)], [NO_CROP]
+    arrays, boxes = [preprocess(img, prep, bbox, name=image_id)], [NO_CROP]
 
     def crop(converted: Image.Image) -> Image.Image:
         # preprocess() calls this between its mode conversion / bbox and its scaling;

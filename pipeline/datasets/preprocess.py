@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.datasets.recipes import RECIPES, RESIZE_STYLES
-from pipeline.errors import DatasetError, did_you_mean
+from pipeline.errors import DatasetError, DiffprobeWarning, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,30 @@ class Preprocessing:
 TINY_IMAGE_SIDE = 4
 
 
-class TinyImageWarning(UserWarning):
+#: At most this many tiny images are named per process; then one line says the rest are not.
+MAX_TINY_WARNINGS = 5
+_tiny_seen = 0
+
+
+class TinyImageWarning(DiffprobeWarning):
     """An image (or its bbox crop) is only a few pixels on a side."""
+
+
+def _warn_tiny(img: Image.Image, prep: Preprocessing, bbox, name: str | None) -> None:
+    # A dataset of broken files would otherwise print one line per image.
+    global _tiny_seen
+    _tiny_seen += 1
+    if _tiny_seen > MAX_TINY_WARNINGS + 1:
+        return
+    if _tiny_seen == MAX_TINY_WARNINGS + 1:
+        warnings.warn(TinyImageWarning(
+            f"more images under {TINY_IMAGE_SIDE} pixels on a side are not named"), stacklevel=3)
+        return
+    what = f"image {name}" if name else "an image"
+    warnings.warn(TinyImageWarning(
+        f"{what} is {img.width}x{img.height} pixels{' after its bbox crop' if bbox is not None else ''}; "
+        f"resized to {prep.size}x{prep.size} it holds almost nothing: check the dataset files"
+        + (" and its boxes" if bbox is not None else "")), stacklevel=3)
 
 
 def preprocess(
@@ -72,8 +94,11 @@ def preprocess(
     prep: Preprocessing,
     bbox: tuple[float, float, float, float] | None = None,
     resize_crop: Callable[[Image.Image], Image.Image] | None = None,
+    name: str | None = None,
 ) -> np.ndarray:
     """Return a ``(channels, size, size) float32`` array in ``prep.value_range``.
+
+    ``name`` (the image id) is only used to name the image in a TinyImageWarning.
 
     ``resize_crop`` replaces the recipe's resize + centre crop (the training
     augmentation's random crop, ``pipeline.datasets.augment``); mode conversion,
@@ -89,10 +114,7 @@ def preprocess(
         x0, y0, x1, y1 = bbox
         img = img.crop((max(0, int(x0)), max(0, int(y0)), min(img.width, int(round(x1))), min(img.height, int(round(y1)))))
     if min(img.size) < TINY_IMAGE_SIDE:
-        warnings.warn(TinyImageWarning(
-            f"an image is {img.width}x{img.height} pixels{' after its bbox crop' if bbox is not None else ''}; "
-            f"resized to {prep.size}x{prep.size} it holds almost nothing: check the dataset files"
-            + (" and its boxes" if bbox is not None else "")), stacklevel=2)
+        _warn_tiny(img, prep, bbox, name)
     img = recipe.resize_crop(img, prep.size, prep.resample) if resize_crop is None else resize_crop(img)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     if arr.ndim == 2:

@@ -55,7 +55,7 @@ class PreprocessedImages(Dataset):
 
     def transform(self, img: Image.Image, record) -> np.ndarray:
         """The model input(s) of one decoded image (``AugmentedImages`` returns every view)."""
-        return preprocess(img, self.prep, record.bbox if self.use_bbox else None)
+        return preprocess(img, self.prep, record.bbox if self.use_bbox else None, name=record.image_id)
 
     def failed(self) -> np.ndarray:
         return np.full((self.prep.channels, self.prep.size, self.prep.size), np.nan, dtype=np.float32)

@@ -116,8 +116,9 @@ class ArraySource:
 class TrainSpec:
     """How one head is optimised; validated on construction.
 
-    The paper's recipe is ``TrainSpec("sgd", lr=..., momentum=0.9, schedule="step",
-    step_size=7, gamma=0.1, epochs=28)``. ``patience`` (epochs without a better
+    The paper's recipe (its released scripts: plain ``torch.optim.SGD``, ``StepLR(7, 0.1)``)
+    is ``TrainSpec("sgd", lr=0.01 (linear) or 0.05 (attention), momentum=0.0,
+    weight_decay=0.0, schedule="step", step_size=7, gamma=0.1, epochs=28)``. ``patience`` (epochs without a better
     validation accuracy) stops a head early; ``None`` trains all epochs. With a
     validation split the weights of the best validation epoch are kept either way.
     """

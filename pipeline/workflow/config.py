@@ -52,15 +52,26 @@ class _LineLoader(yaml.SafeLoader):
     pass
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _construct_mapping(loader, node, deep=False):
+    explicit = sum(1 for key_node, _ in node.value if key_node.tag != MERGE_TAG)
     loader.flatten_mapping(node)
+    # flatten_mapping puts the pairs of ``<<: *anchor`` merges first; a key written in the
+    # mapping itself overrides a merged one (YAML's merge-key rule: how the templates share
+    # a stage's settings and change one), while a key written twice is a mistake.
+    merged = len(node.value) - explicit
     out = LineDict()
     out.line = node.start_mark.line + 1
     out.lines = {}
-    for key_node, value_node in node.value:
+    written = set()
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
-        if key in out:
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        if i >= merged:
+            if key in written:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            written.add(key)
         out[key] = loader.construct_object(value_node, deep=True)
         out.lines[key] = key_node.start_mark.line + 1
     return out
