@@ -10,9 +10,16 @@ Hooks, each off unless its environment variable is set:
 - ``DIFFPROBE_FAULT_UNIT_DELAY=S``: extract and classify sleep S seconds before computing
   each unit (so tests can run two processes on one output at the same time).
 - ``DIFFPROBE_FAULT_KILL_AT=point``: the process SIGKILLs itself when it reaches the
-  named point (:func:`kill_point`), e.g. ``finalize:consolidate`` (between a store's
-  attrs and its consolidated metadata) or ``schema:build`` (inside the temp folder of
-  a schema being built).
+  named point (:func:`kill_point`). The points:
+
+  ``schema:build``            inside the temp folder of a schema being built;
+  ``finalize:consolidate``    a unit store's final attrs written, metadata not consolidated;
+  ``finalize:stamp``          consolidated, not yet stamped ``complete``;
+  ``<stage>:task:save``       (probe, cka) a finished task's result written to its temp
+                              file, not yet renamed into the task cache;
+  ``<stage>:results:write``   (probe, cka) CSV and figures written, the results Dataset not;
+  ``<stage>:results:consolidate``  the Dataset written, metadata not consolidated;
+  ``<stage>:results:stamp``   consolidated, not yet stamped ``complete``.
 """
 
 from __future__ import annotations
@@ -76,3 +83,7 @@ def kill_point(point: str) -> None:
     """SIGKILL this process if :data:`KILL_AT_ENV` names ``point`` (a no-op otherwise)."""
     if os.environ.get(KILL_AT_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: The kill points a results stage (``probe``, ``cka``) passes, in order (``<stage>:`` prefixed).
+RESULTS_KILL_POINTS = ("task:save", "results:write", "results:consolidate", "results:stamp")

@@ -634,6 +634,8 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
 
     zarr_store = location.zarr_store
     meta = dict(ds.attrs.get(ATTR_KEY, {}))
+    stage = meta.get("stage", "results")  # names the kill points (pipeline.faults): <stage>:results:*
+    kill_point(f"{stage}:results:write")
     ds = ds.copy()
     ds.attrs[ATTR_KEY] = meta | {"complete": False}
     # crc32c on new arrays (a flipped byte in a bare zstd frame can decode to a wrong number),
@@ -649,6 +651,7 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
             group.attrs[ATTR_KEY] = jsonable(meta | {"complete": complete})
             zarr.consolidate_metadata(zarr_store(output))
             return
-        kill_point("results:consolidate")
+        kill_point(f"{stage}:results:consolidate")
         zarr.consolidate_metadata(str(output))
+    kill_point(f"{stage}:results:stamp")
     stamp_attrs(output, {"complete": complete})

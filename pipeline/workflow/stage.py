@@ -74,7 +74,7 @@ class RunContext:
             group = zarr.open_group(zarr_store(self.output), mode="w-", zarr_format=3)
             group.attrs[store.ATTR_KEY] = self.base_attrs() | {"complete": False}
         self.check_same_config()
-        return TaskResults(self.output / "tasks")
+        return TaskResults(self.output / "tasks", stage=self.entry.kind)
 
     # -- for stages that write a unit-based store (extract, classify, pool) ---------
     def pending_units(self, n_units: int) -> list[int]:
@@ -154,10 +154,11 @@ class TaskResults:
     state or the new result, never half a file.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, stage: str = "results"):
         from pipeline.store.location import as_location
 
         self.folder = as_location(folder)
+        self.stage = stage  # names its kill point (``pipeline.faults``): ``<stage>:task:save``
 
     def path(self, name: str) -> Path:
         return self.folder / (name.replace("/", "__") + ".json")
@@ -174,10 +175,16 @@ class TaskResults:
         if is_remote(path):  # an object PUT is atomic already
             path.write_text(json.dumps(result, default=float))
             return
+        from pipeline.faults import kill_point
+
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(result, default=float))
+            with open(tmp, "w") as f:
+                f.write(json.dumps(result, default=float))
+                f.flush()
+                os.fsync(f.fileno())  # a finished task survives a power cut once it is in the cache
+            kill_point(f"{self.stage}:task:save")
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
