@@ -172,14 +172,15 @@ def test_sigterm_of_the_client_leaves_no_job(slurm, tmp_path):
 
 def _kill_wait_s() -> float:
     """SLURM's KillWait: how long a cancelled job's processes get between SIGTERM and SIGKILL."""
-    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.split("=")[0].strip() == "KillWait")
     return float(line.split("=")[1].split()[0])
 
 
 def _states(jobs: list[str]) -> dict[str, str]:
     out = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %T"], capture_output=True, text=True,
-                         timeout=30).stdout
+                         timeout=30, check=False).stdout
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 

@@ -1,5 +1,6 @@
-"""The output's file system fails: full (extract, pool, probe, cka, classify), read-only, or the output dir is a file. Each is one
-line naming what, where and what to do; only whole units are left; a resume finishes.
+"""The output's file system fails: full (extract, pool, probe, cka, classify), read-only, or the
+output dir is a file. Each is one line naming what, where and what to do; only whole units
+(and saved tasks) are left; a resume finishes, identical to an uninterrupted run.
 
 The small and read-only file systems are tmpfs mounts the test makes (root only; the
 tests skip where mounting is not permitted)."""

@@ -330,7 +330,7 @@ def run_tasks(
         outcome.attempts = attempt
         try:
             result = _result(future, client)
-        except Exception as exc:  # noqa: BLE001 -- any task error is reported, then retried once
+        except Exception as exc:  # any task error is reported, then retried once
             if is_storage_error(exc):
                 raise  # a full or read-only output: a retry cannot help; the runner says so in one line
             message = f"{type(exc).__name__}: {exc}"

@@ -90,7 +90,7 @@ def failed_lines(path, attrs: dict, shown: int = 5) -> list[str]:
     n_failed = count_failed_images(attrs)
     if not n_failed:
         return []
-    lines = [f"failed    {n_failed} image(s) could not be read (masked, done=2); "
-             f"{'all' if n_failed <= shown else f'the first {shown}'} below, every one in {GROUP}/"]
+    which = "all" if n_failed <= shown else f"the first {shown}"
+    lines = [f"failed    {n_failed} image(s) could not be read (masked, done=2); {which} below, every one in {GROUP}/"]
     lines += [f"failed    {item['image_id']}: {item['reason']}" for item in read_failed_images(path, limit=shown)]
     return lines

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.store.schema import ATTR_KEY
+
 #: The group beside the root that lists the failed images.
 GROUP = "failed_images"
 #: The root attr holding how many there are.
@@ -43,12 +45,13 @@ def collect_failed_images(root) -> list[dict]:
 
 def write_failed_images(root, items: list[dict]) -> None:
     """(Re)write the ``failed_images`` group of an open root (mode ``r+``); safe to repeat."""
-    from pipeline.store.layout import quiet_zarr, write_1d
-
-    with quiet_zarr():
-        group = root.create_group(GROUP, overwrite=True)
-        write_1d(group, "image_id", [i["image_id"] for i in items], "failed", dtype=str)
-        write_1d(group, "reason", [i["reason"] for i in items], "failed", dtype=str)
+    group = root.create_group(GROUP, overwrite=True)
+    for name, key in (("image_id", "image_id"), ("reason", "reason")):
+        values = np.asarray([item[key] for item in items], dtype=object)
+        array = group.create_array(name, shape=values.shape, dtype=str, chunks=(max(1, len(values)),),
+                                   dimension_names=("failed",), fill_value="")
+        if len(values):
+            array[:] = values
 
 
 def read_failed_images(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -56,14 +59,19 @@ def read_failed_images(path: str | Path, limit: int | None = None) -> list[dict]
 
     Reads the ``failed_images`` group, or the attrs list of a store written before it.
     """
-    from pipeline.store.layout import open_root, read_attrs
+    import json
 
-    attrs = read_attrs(path) or {}
+    import zarr
+
+    from pipeline.store.location import as_location, zarr_store
+
+    meta = as_location(path) / "zarr.json"
+    attrs = json.loads(meta.read_text()).get("attributes", {}).get(ATTR_KEY, {}) if meta.exists() else {}
     if "failed_images" in attrs:  # a store written before the list had its own group
         return list(attrs["failed_images"])[:limit]
     if not attrs.get(COUNT_ATTR):
         return []
-    root = open_root(path)
+    root = zarr.open_group(zarr_store(path, read_only=True), mode="r", zarr_format=3)
     if GROUP not in root:
         return []
     group = root[GROUP]

@@ -537,7 +537,8 @@ def _final_attrs(root, extra_attrs: dict | None, complete: bool) -> dict:
 
     meta = dict(root.attrs[ATTR_KEY])
     failed = collect_failed_images(root)
-    write_failed_images(root, failed)
+    with quiet_zarr():
+        write_failed_images(root, failed)
     meta.pop("failed_images", None)
     meta[COUNT_ATTR] = len(failed)
     meta.update(extra_attrs or {})
