@@ -11,7 +11,13 @@ measures, in one run, alternating local and S3 so both see the same machine load
 - *probe stream*: ``train_heads`` (linear head) over a ``ZarrSource`` streamed from a
   synthetic pooled store (slice 4x the read buffer, so every epoch re-reads and decodes
   it), the same bytes locally and on S3; training samples per second and the ratio.
-  Also the bytes one (block, timestep) slice read fetched from S3 against that
+  S3 is read three ways: through s3fs (``FsspecStore``) with a window's reads one after
+  another (what diffprobe did before: ``READ_CONCURRENCY = 1``), through s3fs with them
+  concurrent, and through obstore (``ObjectStore``, the default for ``s3://`` reads).
+- *ceiling*: raw GET throughput of the moto server for the store's shard objects (whole
+  objects, 4 in flight) with s3fs and with obstore, against which the probe's read rate
+  (decoded bytes read / wall time) is compared.
+- *slice*: the bytes one (block, timestep) slice read fetched from S3 against that
   slice's stored size (range reads of its inner chunks, not whole shards).
 
 A local S3 server measures the protocol's overhead (request count, no rename, HTTP and
@@ -77,26 +83,86 @@ def write_pooled(path, n: int, channels: int, p: int) -> None:
     write_store(path, n, channels, p, store.Compression())
 
 
-def probe_rate(path, n: int, epochs: int, buffer_mib: int) -> tuple[float, int]:
-    """Training samples per second of a linear head streamed from ``path``; and bytes read."""
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of this process and its reaped children, or of process ``pid``."""
+    if pid is None:
+        import resource
+
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def probe_rate(path, n: int, epochs: int, buffer_mib: int, reader: str = "obstore",
+               concurrency: int | None = None, server_pid: int | None = None) -> tuple[float, int, float, float, float]:
+    """Training samples per second of a linear head streamed from ``path``; bytes read; read MiB/s;
+    CPU seconds of this process (with the local window reader, a reaped child) and of the S3 server.
+
+    ``reader``: the client of remote reads (``DIFFPROBE_OBJECT_READER``); ``concurrency``:
+    overrides ``source.READ_CONCURRENCY`` (1: a window's reads one after another).
+    """
     import torch
 
     from pipeline.probing.heads import HeadSpec
     from pipeline.probing.training import HeadJob, TrainSpec, train_heads
+    from pipeline.store import source as source_module
     from pipeline.store.source import ZarrSource
 
     torch.set_num_threads(1)
-    labels = store.open_root(path)["label"][:]
-    perm = np.random.default_rng(1).permutation(len(labels))
-    train_idx, test_idx = np.sort(perm[n // 5:]), np.sort(perm[:n // 5])
-    jobs = [HeadJob(HeadSpec("linear"), TrainSpec("adamw", lr=1e-3, epochs=epochs), key="t100")]
-    with ZarrSource([(path, "blocks/b/p/activations")], [100], buffer_bytes=buffer_mib << 20) as source:
+    os.environ[location.READER_ENV] = reader
+    saved = source_module.READ_CONCURRENCY
+    source_module.READ_CONCURRENCY = saved if concurrency is None else concurrency
+    try:
+        labels = store.open_root(path)["label"][:]
+        perm = np.random.default_rng(1).permutation(len(labels))
+        train_idx, test_idx = np.sort(perm[n // 5:]), np.sort(perm[:n // 5])
+        jobs = [HeadJob(HeadSpec("linear"), TrainSpec("adamw", lr=1e-3, epochs=epochs), key="t100")]
+        cpu0, server0 = cpu_seconds(), cpu_seconds(server_pid) if server_pid else 0.0
+        with ZarrSource([(path, "blocks/b/p/activations")], [100], buffer_bytes=buffer_mib << 20) as source:
+            start = time.perf_counter()
+            result = train_heads(source, train_idx, test_idx, jobs, batch_size=256, val_fraction=0.1, seed=0,
+                                 num_classes=10)
+            seconds = time.perf_counter() - start
+            read = source.bytes_read
+        cpu, server = cpu_seconds() - cpu0, (cpu_seconds(server_pid) - server0) if server_pid else 0.0
+        return result[0]["n_train"] * epochs / seconds, read, read / 2**20 / seconds, cpu, server
+    finally:
+        source_module.READ_CONCURRENCY = saved
+        os.environ.pop(location.READER_ENV, None)
+
+
+def raw_get_rate(server, bucket: str, prefix: str, client: str, repeats: int = 2) -> float:
+    """MiB/s of whole-object GETs (4 in flight) of every object under ``prefix``: the server's ceiling."""
+    import asyncio
+
+    fs = server.filesystem()
+    keys = [k for k in fs.find(f"{bucket}/{prefix}") if fs.size(k) > 1 << 16]
+    total = sum(fs.size(k) for k in keys) / 2**20
+    best = 0.0
+    for _ in range(repeats):
         start = time.perf_counter()
-        result = train_heads(source, train_idx, test_idx, jobs, batch_size=256, val_fraction=0.1, seed=0,
-                             num_classes=10)
-        seconds = time.perf_counter() - start
-        read = source.bytes_read
-    return result[0]["n_train"] * epochs / seconds, read
+        if client == "s3fs":
+            fs = server.filesystem()
+            fs.cat(keys, batch_size=4)
+        else:
+            import obstore
+
+            st = server.obstore(bucket)
+
+            async def fetch_all(st=st):
+                gate = asyncio.Semaphore(4)
+
+                async def one(key):
+                    async with gate:
+                        got = await obstore.get_async(st, key.split("/", 1)[1])
+                        await got.bytes_async()
+
+                await asyncio.gather(*(one(k) for k in keys))
+
+            asyncio.run(fetch_all())
+        best = max(best, total / (time.perf_counter() - start))
+    return best
 
 
 def slice_fetch_bytes(server, url: str) -> tuple[int, int]:
@@ -155,17 +221,29 @@ def main() -> None:
                 write_pooled(remote / "pooled.zarr", args.n, 512, 4)
             slice_mib = args.n * 512 * 16 * 2 / 2**20
             buffer_mib = max(1, int(slice_mib / 4))
-            probe = {"local": [], "s3": []}
-            read = {}
+            sides = {"local": (work / "pooled.zarr", "obstore", None),
+                     "s3 s3fs serial": (remote / "pooled.zarr", "fsspec", 1),
+                     "s3 s3fs": (remote / "pooled.zarr", "fsspec", None),
+                     "s3 obstore": (remote / "pooled.zarr", "obstore", None)}
+            probe = {side: [] for side in sides}
             for _ in range(args.repeats if "probe" in parts else 0):
-                for side, path in (("local", work / "pooled.zarr"), ("s3", remote / "pooled.zarr")):
-                    rate, read[side] = probe_rate(path, args.n, args.epochs, buffer_mib)
-                    probe[side].append(rate)
-            best = {k: max(v, default=float("nan")) for k, v in probe.items()}
-            print(f"probe stream (linear, slice {slice_mib:.0f} MiB, buffer {buffer_mib} MiB): local "
-                  f"{best['local']:.0f}, s3 {best['s3']:.0f} train samples/s; ratio s3/local "
-                  f"**{best['s3'] / best['local']:.2f}**; read {read.get('s3', 0) / 2**20:.0f} MiB from S3 "
-                  f"(runs: {probe})")
+                for side, (path, reader, concurrency) in sides.items():
+                    probe[side].append(probe_rate(path, args.n, args.epochs, buffer_mib, reader, concurrency,
+                                                  server._process.pid))
+            if "probe" in parts:
+                ceiling = {c: raw_get_rate(server, bucket, "pooled.zarr", c) for c in ("s3fs", "obstore")}
+                print(f"moto raw GET of the store's shards (whole objects, 4 in flight): s3fs "
+                      f"{ceiling['s3fs']:.0f} MiB/s, obstore {ceiling['obstore']:.0f} MiB/s")
+                local = max(probe["local"])
+                print(f"probe stream (linear, slice {slice_mib:.0f} MiB, buffer {buffer_mib} MiB, "
+                      f"{args.epochs} epochs, read {local[1] / 2**20:.0f} MiB per run):")
+                for side, runs in probe.items():
+                    rate, read, mib_s, cpu, server_cpu = max(runs)
+                    mib = read / 2**20
+                    print(f"  {side}: {rate:.0f} train samples/s, read {mib_s:.0f} MiB/s; ratio to local "
+                          f"**{rate / local[0]:.2f}**, read rate / obstore ceiling {mib_s / ceiling['obstore']:.2f}; "
+                          f"CPU per MiB read: this process {cpu / mib * 1e3:.1f} ms, S3 server "
+                          f"{server_cpu / mib * 1e3:.1f} ms (runs: {[round(r[0]) for r in runs]})")
 
             slice_url = f"s3://{bucket}/slice.zarr"
             layout = store.make_layout(1024, {"b": (64, 8, 8)}, [10, 400], unit_samples=512)

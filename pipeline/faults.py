@@ -20,12 +20,17 @@ Hooks, each off unless its environment variable is set:
   ``<stage>:results:write``   (probe, cka) CSV and figures written, the results Dataset not;
   ``<stage>:results:consolidate``  the Dataset written, metadata not consolidated;
   ``<stage>:results:stamp``   consolidated, not yet stamped ``complete``.
+- ``DIFFPROBE_FAULT_STALL_AT=point:S``: the process stalls S seconds the first time it
+  reaches the named point (:func:`stall_point`), heartbeats included, as a frozen
+  process or a paused VM would; e.g. ``unit:before-done`` (a unit's data is written,
+  its ``done`` not yet), so another process can take its lease over meanwhile.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +38,10 @@ FAIL_TASKS_ENV = "DIFFPROBE_FAULT_FAIL_TASKS"
 KILL_AFTER_UNITS_ENV = "DIFFPROBE_FAULT_KILL_AFTER_UNITS"
 UNIT_DELAY_ENV = "DIFFPROBE_FAULT_UNIT_DELAY"
 KILL_AT_ENV = "DIFFPROBE_FAULT_KILL_AT"
+STALL_AT_ENV = "DIFFPROBE_FAULT_STALL_AT"
+
+_stalled = threading.Event()
+_stalls_done: set[str] = set()
 
 
 def injected_failures(name: str) -> int:
@@ -83,6 +92,26 @@ def kill_point(point: str) -> None:
     """SIGKILL this process if :data:`KILL_AT_ENV` names ``point`` (a no-op otherwise)."""
     if os.environ.get(KILL_AT_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stall_point(point: str) -> None:
+    """Stall here (once per process) if :data:`STALL_AT_ENV` names ``point``; :func:`stalled` meanwhile."""
+    name, _, seconds = os.environ.get(STALL_AT_ENV, "").rpartition(":")
+    if name != point or point in _stalls_done:
+        return
+    import time
+
+    _stalls_done.add(point)
+    _stalled.set()
+    try:
+        time.sleep(float(seconds))
+    finally:
+        _stalled.clear()
+
+
+def stalled() -> bool:
+    """Whether this process is inside an injected stall (its heartbeats must stop too)."""
+    return _stalled.is_set()
 
 
 #: The kill points a results stage (``probe``, ``cka``) passes, in order (``<stage>:`` prefixed).

@@ -408,9 +408,8 @@ def best_matches(matrix: np.ndarray, plan: CKAWork, mode: str) -> dict:
     return {"n_samples": plan.align.n, "shape": list(matrix.shape), "most_similar_col": best}
 
 
-#: Gram and HSIC time depends on the cluster's workers and the stores' read speed;
-#: plan does not compute one to time it.
-NOT_ESTIMATED = "not estimated (depends on the cluster's workers and the stores' read speed)"
+#: Said when an input stage cannot tell its shapes before it has run.
+NOT_ESTIMATED = "not estimated (an input stage cannot say its shapes before it runs)"
 
 
 class CKAStage(Stage):
@@ -505,8 +504,15 @@ class CKAStage(Stage):
         paths = self._paths(cfg, ctx)
         missing = [str(p) for p in paths.values() if store.read_attrs(p) is None]
         if missing:
-            return [("inputs", f"{missing[0]} (not written yet: plan it after its stage has run)"),
-                    ("time (est.)", NOT_ESTIMATED)]
+            planned = self._planned_work(cfg, ctx)
+            if planned is None:
+                return [("inputs", f"{missing[0]} (not written yet: plan it after its stage has run)"),
+                        ("time (est.)", NOT_ESTIMATED)]
+            rows, cols, n, method = planned
+            return [("inputs", f"{missing[0]} (not written yet: planned from its stage's shapes)"),
+                    ("matrix", f"{len(rows)} x {len(cols)} ({cfg.mode}), {cfg.estimator}, {method}"),
+                    ("samples", f"{n} (view {cfg.view}, before failed images are excluded)"),
+                    *self._estimate_rows(cfg, ctx, rows, cols, n, method)]
         plan = build_cka_work(cfg, paths, ctx.workflow.cluster, scratch=ctx.output / "grams")
         scratch = f"; scratch Grams {len(plan.phases[0]) * 8 * plan.align.n ** 2 / 2**30:.2f} GiB" \
             if plan.method == "gram-cache" else ""
@@ -516,5 +522,67 @@ class CKAStage(Stage):
                         f"({plan.align.n_excluded} excluded)"),
             ("tasks", f"{len(plan.tasks)} ({plan.method}), each <= {plan.memory_bytes / 2**20:.0f} MiB"
                       + scratch),
-            ("time (est.)", NOT_ESTIMATED),
+            *self._estimate_rows(cfg, ctx, plan.rows, plan.cols, plan.align.n, plan.method),
         ]
+
+    def estimate(self, cfg: CKAConfig, ctx: RunContext) -> list:
+        """The ``pipeline.estimate.Estimate`` list behind plan's time row (written or planned inputs)."""
+        paths = self._paths(cfg, ctx)
+        if any(store.read_attrs(p) is None for p in paths.values()):
+            rows, cols, n, method = self._planned_work(cfg, ctx)
+        else:
+            plan = build_cka_work(cfg, paths, ctx.workflow.cluster, scratch=ctx.output / "grams")
+            rows, cols, n, method = plan.rows, plan.cols, plan.align.n, plan.method
+        return self._estimates(cfg, ctx, rows, cols, n, method)[0]
+
+    def _estimates(self, cfg: CKAConfig, ctx: RunContext, rows, cols, n: int, method: str):
+        from pipeline.cka.estimate import cka_estimates, n_tasks_hint
+        from pipeline.estimate import cluster_workers
+
+        union = list(dict.fromkeys(rows + cols))
+        index = {r.label: k for k, r in enumerate(union)}
+        pairs = [(index[rows[i].label], index[cols[j].label]) for i, j in sorted(needed_pairs(rows, cols))]
+        workers, note = cluster_workers(ctx.workflow.cluster)
+        workers = min(workers, n_tasks_hint(method, len(union), len(pairs)))
+        return cka_estimates(method, cfg.estimator, [r.n_features for r in union], pairs, n, cfg.batch_size,
+                             cfg.epochs, cfg.sigma_fraction, workers), workers, note
+
+    def _estimate_rows(self, cfg: CKAConfig, ctx: RunContext, rows, cols, n: int, method: str):
+        from pipeline.estimate import plan_rows
+
+        estimates, workers, note = self._estimates(cfg, ctx, rows, cols, n, method)
+        return plan_rows(estimates, workers, note, "random float16 data of the real sizes (scaled by flop "
+                         "count above the sample's size); reading the slices is not included")
+
+    def _planned_work(self, cfg: CKAConfig, ctx: RunContext):
+        """(rows, cols, n, method) from the planned shapes of inputs not written yet, or None."""
+        from pipeline.estimate import input_shape
+
+        paths = self._paths(cfg, ctx)
+        shapes = {name: input_shape(ctx.workflow, name) for name in paths}
+        if any(s is None for s in shapes.values()):
+            return None
+
+        def expand(selections):
+            out = []
+            for sel in selections:
+                shape = shapes[sel.input]
+                item = np.dtype(store.STORAGE_DTYPES[shape.dtype]).itemsize
+                blocks = list(dict.fromkeys(b for b, _ in shape.slices))
+                blocks = blocks if sel.blocks == "all" else [b for b in blocks if b in sel.blocks]
+                ts = shape.timesteps if sel.timesteps == "all" else [t for t in shape.timesteps if t in sel.timesteps]
+                for block in blocks:
+                    pools = [p for b, p in shape.slices if b == block]
+                    for pool in pools if sel.pool == "all" else [p for p in pools if p in sel.pool]:
+                        for k, t in enumerate(ts):
+                            out.append(Representation(sel.input, paths[sel.input], "", block, pool, int(t), k,
+                                                      int(np.prod(shape.slices[(block, pool)])), item,
+                                                      shape.pooled))
+            return out
+
+        rows = expand(cfg.selections or cfg.rows)
+        cols = rows if cfg.mode == "within" else expand(cfg.cols)
+        n = min(s.n_images for s in shapes.values())
+        budget = memory_bytes(cfg, ctx.workflow.cluster)
+        method = _choose_method(cfg, rows, cols, n, budget, min(READ_BYTES_MAX, budget // READ_SHARE))
+        return rows, cols, n, method

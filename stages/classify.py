@@ -385,11 +385,12 @@ def classify_units(clf: Classifier, output: Path, units: list[int], desc: str = 
     root = store.open_root(output, mode="r+")
 
     def write(unit, result):
-        if claims is not None:
-            claims.confirm(unit)
-        errorstore.write_error_unit(root, clf.layout, unit, result)
-        if claims is not None:
-            claims.finish(unit)
+        if claims is None:
+            errorstore.write_error_unit(root, clf.layout, unit, result)
+            return
+        if claims.still_holds(unit):  # fenced twice: before the data, and before done
+            errorstore.write_error_unit(root, clf.layout, unit, result, fence=lambda: claims.still_holds(unit))
+        claims.finish(unit)
 
     writer = store.UnitWriter(write, name="diffprobe-classify-writer")
     taken = units if claims is None else claims.take(units, lambda u: store.unit_status(output)[u])

@@ -13,7 +13,6 @@ copy to (pinned) host memory, and a background thread writes each finished unit
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -333,11 +332,12 @@ def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "ex
     root = store.open_root(output, mode="r+")
 
     def write(unit, payload):
-        if claims is not None:
-            claims.confirm(unit)
-        store.write_unit(root, lay, unit, *payload)
-        if claims is not None:
-            claims.finish(unit)
+        if claims is None:
+            store.write_unit(root, lay, unit, *payload)
+            return
+        if claims.still_holds(unit):  # fenced twice: before the data, and before done
+            store.write_unit(root, lay, unit, *payload, fence=lambda: claims.still_holds(unit))
+        claims.finish(unit)
 
     writer = store.UnitWriter(write)
     total = sum(lay.unit_range(u)[1] - lay.unit_range(u)[0] for u in units)
@@ -403,37 +403,64 @@ class ExtractStage(Stage):
         ctx.report_skipped(computed, units)
         ctx.finalize_store()
 
+    def planned_shape(self, cfg: ExtractConfig, entry, workflow):
+        return _store_shape(Extractor(cfg, device="cpu"))
+
     def plan(self, cfg: ExtractConfig, ctx: RunContext) -> list[tuple[str, str]]:
+        from pipeline.estimate import gpu_projection, measure, remember_shape
+
         device, absent = planning_device(cfg.device)  # a login node plans a GPU workflow on the CPU
         ex = Extractor(cfg, device=device)
+        remember_shape(ctx.workflow, ctx.entry.name, _store_shape(ex))  # later stages plan from it
         lay = ex.layout
         n_t = len(ex.timesteps)
         pairs = lay.n_samples * n_t
         passes = sum(math.ceil((lay.unit_range(u)[1] - lay.unit_range(u)[0]) * n_t / cfg.batch_size)
                      for u in range(lay.n_units))
-        # Measure one real batch: codec ratio and throughput at this batch size (without
-        # the device: one sample on the CPU, enough for the codec ratio).
+        # Measure real batches (load, noise, forward, host copy) at this batch size: codec
+        # ratio and throughput, warm-up first and the median of several. Without the
+        # device: one cold sample-timestep on the CPU (a login node's CPU time says little
+        # about the GPU), and the GPU projection from the forward's FLOPs, counted on meta.
+        timesteps = list(ex.timesteps)
+        if absent:
+            ex.timesteps = ex.timesteps[:1]
         probe_unit_samples = 1 if absent else min(lay.n_samples, max(1, cfg.batch_size // n_t))
         probe_layout = store.make_layout(probe_unit_samples, ex.block_shapes, ex.timesteps, cfg.dtype,
                                          unit_samples=probe_unit_samples)
         ex.layout = probe_layout
-        start = time.perf_counter()
-        data, _, _ = ex.compute_unit(0)
-        elapsed = time.perf_counter() - start
-        per_pair = elapsed / max(1, probe_unit_samples * n_t)
+        batch: dict = {}
+
+        def one_batch():
+            batch["data"] = ex.compute_unit(0)[0]
+
+        if absent:
+            sample = measure(one_batch, warmup=0, repeats=1, budget_s=0.0)
+            per_pair = sample.seconds
+            flops = ex.adapter.forward_flops(ex.blocks[-1].name)
+        elif ex.device.type == "cpu":
+            # CPU time on one thread, over the run's threads (linear scaling): the wall clock
+            # moved 5x between plans of two identical models on a shared machine
+            run_threads = torch.get_num_threads()
+            sample = measure(one_batch, warmup=1, repeats=5, budget_s=10.0, threads=1)
+            per_pair = sample.seconds / run_threads / max(1, probe_unit_samples * n_t)
+        else:
+            sample = measure(one_batch, warmup=1, repeats=5, budget_s=10.0)
+            per_pair = sample.seconds / max(1, probe_unit_samples * n_t)
         compressed = 0
-        for name, arr in data.items():
+        for name, arr in batch["data"].items():
             one = store.Layout(lay.n_samples, lay.unit_samples, lay.timesteps, {name: lay.blocks[name]}, lay.dtype)
             compressed += store.estimate_compressed_bytes(one, arr.reshape(-1, *arr.shape[2:]), cfg.compression)
         raw = lay.bytes_per_sample() * lay.n_samples
         free = free_bytes(ctx.output)
         space = (f"unknown on object storage ({ctx.output}); check the bucket's quota" if free is None else
                  f"{human_bytes(free)} at {ctx.output.parent}" + ("  ** NOT ENOUGH **" if compressed > free else ""))
+        measured = f"{1 / per_pair:.3g} sample-timesteps/s ({sample.describe()}" + (
+            f", over the run's {torch.get_num_threads()} threads)" if ex.device.type == "cpu" and not absent else ")")
         rows = [
             ("images", f"{len(ex.reader.records)} ({cfg.dataset.reader}/{cfg.dataset.split})"),
             ("samples", f"{lay.n_samples} (views={cfg.views}"
                         + (f"; 1..{cfg.views - 1} {cfg.augment.kind}" if cfg.augment else "") + ")"),
-            ("timesteps", ", ".join(map(str, ex.timesteps))),
+            ("timesteps", ", ".join(map(str, timesteps))),
             ("blocks", "; ".join(f"{n} {tuple(s)}" for n, s in ex.block_shapes.items())),
             *([("note", ex.unpooled_note())] if ex.unpooled_note() else []),
             ("units", f"{lay.n_units} x {lay.unit_samples} samples"),
@@ -441,11 +468,22 @@ class ExtractStage(Stage):
             ("bytes raw", human_bytes(raw)),
             ("bytes on disk (est.)", f"{human_bytes(compressed)} (ratio {raw / max(1, compressed):.2f} measured on one batch)"),
             ("free space", space),
-            ("time (est.)", f"not measured: {absent}; run plan on a {cfg.device} machine for the time "
-                            f"(the CPU here did {1 / per_pair:.1f} sample-timesteps/s)" if absent else
-                            f"{_duration(per_pair * pairs)} at {1 / per_pair:.1f} sample-timesteps/s on {cfg.device}"),
+            ("time (est.)", f"not measured: {absent}; the CPU here: {_duration(per_pair * pairs)} at {measured}"
+                            if absent else f"{_duration(per_pair * pairs)} at {measured} on {cfg.device}"),
         ]
+        if absent:
+            rows.append(("GPU time (proj.)", gpu_projection(flops * pairs)))
         return rows
+
+
+def _store_shape(ex: Extractor):
+    """The ``pipeline.estimate.StoreShape`` the extractor's store will have."""
+    from pipeline.estimate import StoreShape
+
+    lay = ex.layout
+    return StoreShape(lay.n_samples, lay.unit_samples, tuple(ex.timesteps),
+                      {(name, shape[1]): tuple(shape) for name, shape in ex.block_shapes.items()},
+                      ex.cfg.dtype, len(ex.reader.class_names), len(ex.reader.records), ex.cfg.views)
 
 
 def _duration(seconds: float) -> str:

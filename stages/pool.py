@@ -39,9 +39,8 @@ from pipeline.probing.pooling import check_pool_sizes
 from pipeline.workflow.stage import RunContext, Stage, input_field
 
 
-#: Pool reads every map once through dask workers: its time is the store's read speed
-#: on the cluster that runs it, which plan (on this machine) cannot measure.
-NOT_ESTIMATED = "not estimated (bounded by reading 'bytes read' from the store on the cluster's workers)"
+#: Said when the input stage cannot tell its shapes before it has run.
+NOT_ESTIMATED = "not estimated (the input stage cannot say its shapes before it runs)"
 
 
 @dataclass(frozen=True)
@@ -95,9 +94,6 @@ def pool_unit(task: PoolTask) -> dict:
 
     Returns ``{"unit", "samples", "bytes_read"}`` (decoded source bytes).
     """
-    import dask
-    import dask.array as da
-    from pipeline.probing.pooling import pool_dask
     from pipeline.store.slices import pooled_key
 
     layout = store.load_layout(task.output)
@@ -118,20 +114,13 @@ def pool_unit(task: PoolTask) -> dict:
     for block in task.blocks:
         array_path = f"blocks/{block}/activations"
         checks.check_present([array_path], start, stop)  # a lost shard is not NaN maps
-        # The unit's own chunks only: opening the whole block lazily (xr.open_zarr) built a
-        # graph of every chunk and decoded every image id, once per unit: O(N) per task.
-        src = checks.array(array_path)  # a damaged chunk is named, not a bare codec error
-        # basic slices: zarr 3.1's orthogonal selection of a timestep list is ~40x slower here
-        values = src[start:stop] if t_index == list(range(src.shape[1])) else \
-            np.stack([src[start:stop, i] for i in t_index], axis=1)
-        maps = da.from_array(values, chunks=(src.chunks[0], 1, *src.shape[2:]))
-        bytes_read += maps.nbytes
         try:
-            pooled = dask.compute(*[pool_dask(maps, s, task.mode) for s in task.sizes], scheduler="synchronous")
+            pooled, nbytes = pool_block(checks.array(array_path), start, stop, t_index, task.sizes, task.mode)
         except DiffprobeError:
             raise
         except Exception as exc:  # noqa: BLE001 -- a codec failure: name the damaged chunk
             raise checks.damage_error(src_root[array_path], (slice(start, stop),), exc) from None
+        bytes_read += nbytes
         for size, values in zip(task.sizes, pooled):
             values = values.astype(storage, copy=False)
             if not np.isfinite(values[written]).all():
@@ -144,6 +133,26 @@ def pool_unit(task: PoolTask) -> dict:
               for i in np.flatnonzero(done == store.FAILED)}
     store.write_unit(store.open_root(task.output, mode="r+"), layout, task.unit, data, failed)
     return {"unit": task.unit, "samples": stop - start, "bytes_read": int(bytes_read)}
+
+
+def pool_block(src, start: int, stop: int, t_index: list[int], sizes, mode: str) -> tuple[list[np.ndarray], int]:
+    """Read samples ``start:stop`` at timesteps ``t_index`` of one block's array and pool them.
+
+    ``src``: a zarr array ``(N, T, C, H, W)`` (or any array with ``.chunks``). Returns one
+    float32 ``(stop - start, len(t_index), C, p, p)`` array per size, and the bytes decoded.
+    """
+    import dask
+    import dask.array as da
+    from pipeline.probing.pooling import pool_dask
+
+    # The unit's own chunks only: opening the whole block lazily (xr.open_zarr) built a
+    # graph of every chunk and decoded every image id, once per unit: O(N) per task.
+    # basic slices: zarr 3.1's orthogonal selection of a timestep list is ~40x slower here
+    values = src[start:stop] if t_index == list(range(src.shape[1])) else \
+        np.stack([src[start:stop, i] for i in t_index], axis=1)
+    maps = da.from_array(values, chunks=(src.chunks[0], 1, *src.shape[2:]))
+    pooled = dask.compute(*[pool_dask(maps, s, mode) for s in sizes], scheduler="synchronous")
+    return list(pooled), int(maps.nbytes)
 
 
 def _select(requested, available: list, what: str, source: Path) -> list:
@@ -228,23 +237,128 @@ class PoolStage(Stage):
                 )
         store.finalize(ctx.output)
 
+    def planned_shape(self, cfg: PoolConfig, entry, workflow):
+        from dataclasses import replace
+
+        from pipeline.estimate import input_shape
+
+        source = input_shape(workflow, entry.inputs["input"])
+        if source is None:
+            return None
+        blocks = list(dict.fromkeys(b for b, _ in source.slices))
+        if cfg.blocks != "all":
+            blocks = [b for b in blocks if b in cfg.blocks]
+        timesteps = source.timesteps if cfg.timesteps == "all" else tuple(cfg.timesteps)
+        channels = {b: shape[0] for (b, _), shape in source.slices.items()}
+        return replace(source, unit_samples=cfg.unit_samples or source.unit_samples, timesteps=timesteps,
+                       slices={(b, p): (channels[b], p, p) for b in blocks for p in sorted(cfg.sizes)},
+                       dtype=cfg.dtype, pooled=True, planned=True)
+
     def plan(self, cfg: PoolConfig, ctx: RunContext) -> list[tuple[str, str]]:
         source = as_location(ctx.inputs["input"])
         if store.read_attrs(source) is None:
             self.validate(cfg, ctx)
+        work = self._work(cfg, ctx)
+        if work is None:
             return [("input", f"{source} (not written yet: plan it after its stage has run)"),
                     ("time (est.)", NOT_ESTIMATED)]
-        source, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
-        item = np.dtype(store.STORAGE_DTYPES[src_layout.dtype]).itemsize
-        per_sample = len(timesteps) * sum(int(np.prod(src_layout.blocks[b])) for b in blocks) * item
-        read = src_layout.n_samples * per_sample
+        written, block_shapes, timesteps, layout, dtype = work
+        read = layout.n_samples * len(timesteps) * sum(int(np.prod(s)) for s in block_shapes.values()) \
+            * np.dtype(store.STORAGE_DTYPES[dtype]).itemsize
+        from pipeline.estimate import cluster_workers, plan_rows
+
+        workers, note = cluster_workers(ctx.workflow.cluster)
+        rests = ("decode + pool of the input's first finished unit here; writes not included" if written
+                 else "pooling compute on synthetic maps of the planned shapes; reads and writes not included")
         return [
-            ("input", str(source)),
+            ("input", str(source) if written else f"{source} (not written yet: planned from its stage's shapes)"),
+            *self._rows(cfg, list(block_shapes), timesteps, layout, read),
+            *plan_rows(self.estimate(cfg, ctx), min(workers, layout.n_units), note, rests),
+        ]
+
+    def _work(self, cfg: PoolConfig, ctx: RunContext):
+        """(input written?, {block: (C, H, W)}, timesteps, output layout, input dtype), from the
+        input store or, before it exists, from its stage's planned shapes (None: unknown)."""
+        source = as_location(ctx.inputs["input"])
+        if store.read_attrs(source) is not None:
+            _, _, src_layout, blocks, timesteps, layout = self._plan(cfg, ctx)
+            return True, {b: src_layout.blocks[b] for b in blocks}, timesteps, layout, src_layout.dtype
+        from pipeline.estimate import input_shape
+
+        shape = input_shape(ctx.workflow, ctx.entry.inputs["input"])
+        if shape is None:
+            return None
+        blocks = list(dict.fromkeys(b for b, _ in shape.slices))
+        blocks = blocks if cfg.blocks == "all" else [b for b in blocks if b in cfg.blocks]
+        block_shapes = {b: s for (b, _), s in shape.slices.items() if b in blocks}
+        timesteps = list(shape.timesteps if cfg.timesteps == "all" else cfg.timesteps)
+        layout = store.make_layout(shape.n_samples, {b: (block_shapes[b][0], p, p) for b in blocks for p in cfg.sizes},
+                                   timesteps, cfg.dtype, unit_samples=cfg.unit_samples or shape.unit_samples)
+        return False, block_shapes, timesteps, layout, shape.dtype
+
+    def _rows(self, cfg: PoolConfig, blocks, timesteps, layout, read: int) -> list[tuple[str, str]]:
+        return [
             ("samples", str(layout.n_samples)),
             ("pooled", f"{len(blocks)} block(s) x {len(timesteps)} timestep(s), "
                        f"{cfg.mode} to sizes {list(cfg.sizes)}"),
             ("units", f"{layout.n_units} x {layout.unit_samples} samples (one task each)"),
             ("bytes read", f"{read / 2**20:.1f} MiB"),
             ("bytes written (raw)", f"{layout.bytes_per_sample() * layout.n_samples / 2**20:.1f} MiB"),
-            ("time (est.)", NOT_ESTIMATED),
         ]
+
+    def estimate(self, cfg: PoolConfig, ctx: RunContext) -> list:
+        """One ``pipeline.estimate.Estimate``: a measured (part of a) unit, times the units.
+
+        With the input written the sample reads and pools samples of its first finished
+        unit; before (the input is only planned), a synthetic unit of random values with
+        the planned shapes. Up to ``SAMPLE_BYTES`` of maps are timed; ``scale`` is the
+        unit's samples over the sample's (pooling is linear in them).
+        """
+        from pipeline.estimate import Estimate, cluster_workers, measure
+
+        written, block_shapes, timesteps, layout, dtype = self._work(cfg, ctx)
+        source = as_location(ctx.inputs["input"]) if written else None
+        storage = store.STORAGE_DTYPES[dtype]
+        item = np.dtype(storage).itemsize
+        per_sample = len(timesteps) * sum(int(np.prod(s)) for s in block_shapes.values()) * item
+        unit = layout.unit_samples
+        m = max(1, min(unit, layout.n_samples, SAMPLE_BYTES // max(1, per_sample)))
+        if source is not None:
+            root = store.open_root(source)
+            src_layout = store.load_layout(source)
+            stored_t = list(src_layout.timesteps)
+            t_index = [stored_t.index(int(t)) for t in timesteps]
+            done = store.unit_status(source)
+            first = int(np.argmax(done)) if done.any() else 0
+            a = src_layout.unit_range(first)[0]
+            arrays = {b: root[f"blocks/{b}/activations"] for b in block_shapes}
+            what = f"read + pool of {m} stored sample(s)"
+        else:
+            rng = np.random.default_rng(0)
+            t_index, a = list(range(len(timesteps))), 0
+            arrays = {b: _InMemory(rng.standard_normal((m, len(timesteps), *s), dtype=np.float32).astype(storage),
+                                   min(m, 64)) for b, s in block_shapes.items()}
+            what = f"pool of {m} synthetic sample(s)"
+
+        def one():
+            for src in arrays.values():
+                pool_block(src, a, a + m, t_index, cfg.sizes, cfg.mode)
+
+        workers, _ = cluster_workers(ctx.workflow.cluster)
+        sample = measure(one, warmup=1, repeats=5, budget_s=5.0, threads=1)
+        return [Estimate(what, sample, layout.n_units, scale=unit / m, workers=min(workers, layout.n_units))]
+
+
+#: Bytes of maps a plan's pool sample reads (a part of a unit; pooling is linear in samples).
+SAMPLE_BYTES = 64 << 20
+
+
+class _InMemory:
+    """A numpy array with zarr's ``chunks`` attribute: the synthetic unit ``pool_block`` reads."""
+
+    def __init__(self, values: np.ndarray, chunk_samples: int):
+        self.values, self.shape = values, values.shape
+        self.chunks = (chunk_samples, *values.shape[1:])
+
+    def __getitem__(self, key):
+        return self.values[key]

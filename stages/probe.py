@@ -368,8 +368,14 @@ class ProbeStage(Stage):
         source = as_location(ctx.inputs["input"])
         test_source = ctx.inputs.get("test_input")
         if store.read_attrs(source) is None or (test_source and store.read_attrs(test_source) is None):
-            return [("input", f"{source} (not written yet: plan it after its stage has run)"),
-                    ("time (est.)", NOT_ESTIMATED)]
+            planned = self._planned_groups(cfg, ctx)
+            if planned is None:
+                return [("input", f"{source} (not written yet: plan it after its stage has run)"),
+                        ("time (est.)", NOT_ESTIMATED)]
+            groups, sizes, num_classes = planned
+            return [("input", f"{source} (not written yet: planned from its stage's shapes)"),
+                    ("cells", f"{sum(g.n_timesteps * len(g.heads) for g in groups)} in {len(groups)} task(s)"),
+                    *self._estimate_rows(cfg, ctx, groups, sizes, num_classes)]
         grid = build_grid(cfg, source, as_location(test_source) if test_source else None)
         n_cells = sum(len(t.timesteps) * len(t.heads) for t in grid.tasks)
         return [
@@ -380,13 +386,97 @@ class ProbeStage(Stage):
                        else f"{cfg.test_fraction:.0%} of images (seed {cfg.seed})")
              + f"; train views {_views_text(cfg.train_views)}, test views {_views_text(cfg.test_views)}"),
             ("memory", _memory_plan(grid.tasks, cfg.buffer_mib)),
-            ("time (est.)", NOT_ESTIMATED),
+            *self._estimate_rows(cfg, ctx, *self._written_groups(cfg, grid, source, test_source)),
         ]
 
+    def estimate(self, cfg: ProbeConfig, ctx: RunContext) -> list:
+        """The ``pipeline.estimate.Estimate`` list behind plan's time row (written or planned input)."""
+        from pipeline.estimate import cluster_workers
+        from pipeline.probing.estimate import probe_estimates
 
-#: Training time depends on epochs to early stopping and on the cluster's workers; plan
-#: does not train a cell to time it.
-NOT_ESTIMATED = "not estimated (training time depends on early stopping and the cluster's workers)"
+        source = as_location(ctx.inputs["input"])
+        test_source = ctx.inputs.get("test_input")
+        if store.read_attrs(source) is None or (test_source and store.read_attrs(test_source) is None):
+            groups, sizes, num_classes = self._planned_groups(cfg, ctx)
+        else:
+            grid = build_grid(cfg, source, as_location(test_source) if test_source else None)
+            groups, sizes, num_classes = self._written_groups(cfg, grid, source, test_source)
+        workers, _ = cluster_workers(ctx.workflow.cluster)
+        return probe_estimates(groups, sizes, num_classes, cfg.batch_size, cfg.eval_batch_size,
+                               cfg.torch_threads, min(workers, len(groups)))
+
+    def _estimate_rows(self, cfg: ProbeConfig, ctx: RunContext, groups, sizes, num_classes):
+        from pipeline.estimate import cluster_workers, plan_rows
+        from pipeline.probing.estimate import probe_estimates
+
+        workers, note = cluster_workers(ctx.workflow.cluster)
+        workers = min(workers, len(groups))
+        estimates = probe_estimates(groups, sizes, num_classes, cfg.batch_size, cfg.eval_batch_size,
+                                    cfg.torch_threads, workers)
+        return [("samples", f"fit {sizes.n_fit}, validation {sizes.n_val}, test {sizes.n_test} per cell"),
+                *plan_rows(estimates, workers, note,
+                           "every head runs all its epochs (patience may stop it sooner); "
+                           "reading the features is not included")]
+
+    def _written_groups(self, cfg: ProbeConfig, grid: Grid, source, test_source):
+        from pipeline.probing.estimate import CellGroup, split_sizes
+        from pipeline.store.slices import feature_slices
+
+        slices = feature_slices(source)
+        groups = [CellGroup(t.block, t.pool, tuple(slices[(t.block, t.pool)].shape), len(t.timesteps),
+                            tuple((n, h, r) for n, h, r in t.heads)) for t in grid.tasks]
+        usable = _usable(source)
+        views = len(np.unique(store_views(source)))
+        if test_source:
+            n_test, n_train = _usable(test_source), usable
+        else:
+            n_test = round(usable * cfg.test_fraction)
+            n_train = usable - n_test
+        return groups, split_sizes(n_train, n_test, cfg.val_fraction, _share(cfg.train_views, views),
+                                   _share(cfg.test_views, views)), grid.tasks[0].num_classes
+
+    def _planned_groups(self, cfg: ProbeConfig, ctx: RunContext):
+        """Cell groups and split sizes from the planned shapes of inputs not written yet, or None."""
+        from pipeline.estimate import input_shape
+        from pipeline.probing.estimate import CellGroup, split_sizes
+
+        shape = input_shape(ctx.workflow, ctx.entry.inputs["input"])
+        test_name = ctx.entry.inputs.get("test_input")
+        test_shape = input_shape(ctx.workflow, test_name) if test_name else None
+        if shape is None or (test_name and test_shape is None):
+            return None
+        blocks = _select(cfg.blocks, list(dict.fromkeys(b for b, _ in shape.slices)), "block", "the planned input")
+        pools = _select(cfg.pools, sorted({p for _, p in shape.slices}), "pool size", "the planned input")
+        timesteps = _select(cfg.timesteps, list(shape.timesteps), "timestep", "the planned input")
+        groups = []
+        for block in blocks:
+            for pool in sorted(pools):
+                heads = tuple((h.name, h.head, cfg.recipe(h)) for h in cfg.heads if not h.pools or pool in h.pools)
+                if (block, pool) in shape.slices and heads:
+                    groups.append(CellGroup(block, pool, shape.slices[(block, pool)], len(timesteps), heads))
+        if test_shape is not None:
+            n_train, n_test = shape.n_samples, test_shape.n_samples
+        else:
+            n_test = round(shape.n_samples * cfg.test_fraction)
+            n_train = shape.n_samples - n_test
+        sizes = split_sizes(n_train, n_test, cfg.val_fraction, _share(cfg.train_views, shape.views),
+                            _share(cfg.test_views, shape.views))
+        return groups, sizes, shape.n_classes
+
+
+def _usable(path) -> int:
+    from pipeline.store.checks import Integrity
+
+    return int((Integrity(store.open_root(path), path).done() == store.WRITTEN).sum())
+
+
+def _share(views, n_views: int) -> float:
+    """Share of the stored views a ``train_views`` / ``test_views`` setting keeps."""
+    return 1.0 if views == "all" else min(1.0, len(views) / max(1, n_views))
+
+
+#: Said when the input stage cannot tell its shapes before it has run.
+NOT_ESTIMATED = "not estimated (the input stage cannot say its shapes before it runs)"
 
 
 def _views_text(views) -> str:

@@ -68,7 +68,8 @@ def test_plan_without_the_device_and_extract_pool_warning(extract_workflow):
     assert "time (est.)" in out and "not measured: device 'cuda' requested but CUDA is not available here" in out
     assert "bytes on disk (est.)" in out and "bytes raw" in out
     assert "warning: pool.size 64 upsamples down_blocks.1" in out
-    assert "pooled" in out and "not estimated" in out
+    assert "pooled" in out and "not estimated" not in out  # pool planned from extract's shapes
+    assert "GPU time (proj.)" in out and "on one H100 (projection" in out
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import zarr
 from helpers import write_extract_workflow
 
 from pipeline import store
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.store import location
 from pipeline.workflow.config import load_workflow
 from pipeline.workflow.runner import Runner
@@ -195,14 +195,17 @@ def test_one_finalize_claim_at_a_time_and_a_stale_one_is_taken_over(s3_server):
 def test_missing_backend_and_unknown_scheme_are_one_line_errors(tmp_path):
     import importlib.util
 
-    if importlib.util.find_spec("gcsfs") is not None:
-        pytest.skip("gcsfs is installed here")
+    # the first of these whose backend is not installed here (gcsfs, adlfs, ossfs)
+    missing = [s for s, m in (("gs", "gcsfs"), ("az", "adlfs"), ("oss", "ossfs")) if importlib.util.find_spec(m) is None]
+    if not missing:
+        pytest.skip("gcsfs, adlfs and ossfs are all installed here")
+    scheme = missing[0]
     wf = write_extract_workflow(tmp_path)
-    wf.write_text(wf.read_text().replace("output_dir: out", "output_dir: gs://bucket/run"))
-    with pytest.raises(ConfigError, match=r"gs://bucket/run: the fsspec backend for gs:// is not installed .*"
-                                          r"pip install 'diffprobe\[cloud\]'"):
+    wf.write_text(wf.read_text().replace("output_dir: out", f"output_dir: {scheme}://bucket/run"))
+    with pytest.raises(ConfigError, match=rf"{scheme}://bucket/run: the fsspec backend for {scheme}:// is not "
+                                          r"installed .*pip install 'diffprobe\[cloud\]'"):
         load_workflow(wf, STAGES)
-    wf.write_text(wf.read_text().replace("gs://", "nosuch://"))
+    wf.write_text(wf.read_text().replace(f"{scheme}://", "nosuch://"))
     with pytest.raises(ConfigError, match="unknown URL scheme nosuch://"):
         load_workflow(wf, STAGES)
 
@@ -280,3 +283,77 @@ def test_demo_like_workflow_runs_with_output_dir_on_s3(tmp_path, s3_server, capf
     assert (out["report"] / "findings.json").exists()
     assert s3_server.secret not in bucket_text(s3_server, bucket) + page + capfd.readouterr().err
     assert run_wf(wf) == [(name, "skip (up to date)") for name in out]
+
+
+# ----------------------------------------------------------------- verify / repair / diff on S3
+
+REMOTE_SHARD = "blocks/mid_block/activations/c/1/0/0/0/0"  # unit 1 = samples 4..7 with units of 4
+
+
+def object_stamps(fs, url: str) -> dict[str, tuple]:
+    """``{key: (LastModified, ETag)}`` of every data shard under a remote store (no mtimes on S3)."""
+    base = url.removeprefix("s3://")
+    fs.invalidate_cache()
+    return {p[len(base) + 1:]: (info["LastModified"], info["ETag"])
+            for p, info in fs.find(base, detail=True).items() if "/activations/c/" in p}
+
+
+def test_verify_names_damage_on_s3_and_repair_recomputes_only_that_unit(tmp_path, s3_server, monkeypatch):
+    import time
+
+    from click.testing import CliRunner
+
+    from pipeline.cli.commands import main
+
+    bucket = s3_server.new_bucket()
+    overrides = {**SMALL, "unit_samples": 4, "blocks": "[mid_block]"}
+    local = write_extract_workflow(tmp_path / "local", **overrides)
+    remote = s3_workflow(tmp_path / "remote", s3_server, f"s3://{bucket}/run", **overrides)
+    run_wf(local)
+    run_wf(remote)
+    url, fs = f"s3://{bucket}/run/ex.zarr", s3_server.filesystem()
+    for name, value in s3_server.env.items():  # the CLI finds endpoint and credentials in the environment
+        monkeypatch.setenv(name, value)
+    cli = CliRunner()
+    ok = cli.invoke(main, ["verify", url])
+    assert ok.exit_code == 0 and ok.output.startswith(f"ok: {url} (extract), "), ok.output
+    assert cli.invoke(main, ["diff", str(local.parent / "out/ex.zarr"), url]).exit_code == 0
+
+    shard = f"{bucket}/run/ex.zarr/{REMOTE_SHARD}"
+    data = bytearray(fs.cat_file(shard))
+    data[40] ^= 0xFF
+    fs.pipe_file(shard, bytes(data))
+    fs.rm(f"{bucket}/run/ex.zarr/blocks/mid_block/activations/c/3/0/0/0/0")  # unit 3
+    result = cli.invoke(main, ["verify", url])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("damaged") and "block 'mid_block' chunk (1, 0, 0, 0, 0) (samples 4..7, timestep 10)"
+               in line and REMOTE_SHARD in line and "fails its crc32c checksum" in line for line in lines), "\n".join(lines)
+    assert any(line.startswith("missing") and "block 'mid_block' samples 12..15, all timesteps: "
+               "blocks/mid_block/activations/c/3/0/0/0/0 is missing" in line for line in lines), "\n".join(lines)
+    assert lines[-1] == f"2 problem(s) in {url}; 'diffprobe verify {url} --repair' marks them for recomputation"
+    # A reader refuses the done unit whose shard is gone, as on local disk.
+    with pytest.raises(StoreError, match=r"has no data for samples 12\.\.15, all timesteps"):
+        from pipeline.store.checks import Integrity
+
+        path = location.parse(url, storage_options=s3_server.storage_options)
+        Integrity(store.open_root(path), path).check_present()
+
+    before = object_stamps(fs, url)
+    repaired = cli.invoke(main, ["verify", url, "--repair"])
+    assert repaired.exit_code == 0, repaired.output
+    assert "repair      samples 4..7: marked pending" in repaired.output
+    assert "repair      samples 12..15: marked pending" in repaired.output
+    out = location.parse(url, storage_options=s3_server.storage_options)
+    assert store.unit_status(out).tolist() == [True, False, True, False]
+    assert store.read_attrs(out)["complete"] is False
+    time.sleep(1.1)  # S3's LastModified has one-second resolution
+    assert run_wf(remote) == [("ex", "resume")]
+    after = object_stamps(fs, url)
+    redone = {k for k in after if "/c/1/" in k or "/c/3/" in k}
+    assert all(after[k][0] > before.get(k, (after[k][0].replace(year=2000),))[0] for k in redone)
+    assert {k: v for k, v in after.items() if k not in redone} == \
+        {k: v for k, v in before.items() if k not in redone}  # units 0 and 2: not rewritten
+    assert cli.invoke(main, ["verify", url]).exit_code == 0
+    same = cli.invoke(main, ["diff", str(local.parent / "out/ex.zarr"), url])
+    assert same.exit_code == 0 and same.output.splitlines()[-1] == "identical within atol=0, rtol=0", same.output

@@ -149,17 +149,16 @@ def blocks(model, size, kind, options):
 @_friendly
 def inspect(store_path):
     """Blocks, shapes, dtype, timesteps, completion, compression and provenance of a store."""
-    from pathlib import Path
-
     from pipeline.store.describe import describe_store
     from pipeline.store.layout import read_attrs, unit_status
+    from pipeline.store.location import as_location
     from pipeline.workflow.claims import lease_report
 
     click.echo(describe_store(store_path))
     attrs = read_attrs(store_path) or {}
     if "layout" in attrs and not attrs.get("complete"):
         pending = [int(u) for u in (~unit_status(store_path)).nonzero()[0]]
-        for line in lease_report(Path(store_path), pending):
+        for line in lease_report(as_location(store_path), pending):
             click.echo(line)
 
 

@@ -16,7 +16,9 @@ Kinds (``pipeline.workflow.config.ClusterConfig``):
   (needs the ``slurm`` extra: ``pip install diffprobe[slurm]``).
 
 Every worker gets zarr's ``async.concurrency`` set to :data:`ZARR_CONCURRENCY`: the
-default (10) per call, times several threads per worker, oversubscribes I/O.
+default (10) per call, times several threads per worker, oversubscribes I/O. (A probe's
+streamed reads issue a window's slab reads together, ``source.READ_CONCURRENCY`` at a
+time, each one chunk: this per-call limit does not slow them.)
 
 :func:`run_tasks` submits one task per payload and resubmits a failed one once
 (rather than dask's ``retries=1``, which would hide the first attempt's error): the

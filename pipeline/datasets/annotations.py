@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.datasets.files import open_binary, open_text
 from pipeline.errors import DatasetError, did_you_mean
 
 
@@ -23,7 +24,7 @@ def read_rows(path: Path, min_fields: int, max_split: int = -1) -> list[list[str
     spaces, e.g. an Aircraft variant name); -1 splits on every run of whitespace.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, start=1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -39,7 +40,7 @@ def read_rows(path: Path, min_fields: int, max_split: int = -1) -> list[list[str
 
 def read_lines(path: Path) -> list[str]:
     """Non-blank lines of a text file, stripped (class-name lists)."""
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -59,7 +60,8 @@ def load_mat(path: Path) -> dict:
     import scipy.io
 
     try:
-        return scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=True)
+        with open_binary(path) as f:
+            return scipy.io.loadmat(f, squeeze_me=True, struct_as_record=True)
     except Exception as exc:  # scipy raises ValueError, TypeError, OSError... for damaged files
         raise DatasetError(f"cannot read MATLAB file {str(path)!r} ({type(exc).__name__}: {exc}); re-download it") from None
 

@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from pipeline.datasets.files import dataset_root, open_binary
+from pipeline.store.location import is_remote
 from pipeline.errors import DatasetError, ImageReadError
 
 
@@ -41,7 +43,9 @@ class DatasetConfig:
     """Which dataset, split and subset to read.
 
     reader: registered reader name (``digits``, ``imagefolder``, ``imagenet``, ``cub`` ...).
-    root: the dataset's root folder in its native layout (None for digits).
+    root: the dataset's root folder in its native layout (None for digits): a local path
+        or a URL (``s3://...``; :mod:`pipeline.datasets.files`), opened with the workflow's
+        ``storage_options``.
     split: the official split name the reader understands (``train``, ``test``, ``val`` ...).
     limit: keep at most this many images (after ``classes``/``per_class``), chosen with ``seed``.
     classes: keep only these classes (names or 0-based indices); labels stay the dataset's.
@@ -74,13 +78,18 @@ class DatasetReader:
 
     name: str = "base"
     splits: tuple[str, ...] = ("train", "test")
+    #: Why this reader cannot read a root on object storage (None: it can; see ``files.py``).
+    not_on_object_storage: str | None = None
 
     def __init__(self, root: Path | None, split: str, **options):
         if split not in self.splits:
             raise DatasetError(
                 f"dataset {self.name!r} has no split {split!r}; valid: {', '.join(self.splits)}"
             )
-        self.root = Path(root).expanduser() if root is not None else None
+        if root is not None and is_remote(root) and self.not_on_object_storage:
+            raise DatasetError(f"dataset {self.name!r} cannot read a root on object storage ({str(root)!r}): "
+                               f"{self.not_on_object_storage}; copy it to a local disk")
+        self.root = dataset_root(root) if root is not None else None
         self.split = split
         self.options = options
         self.records: list[Record] = []
@@ -109,7 +118,7 @@ class DatasetReader:
         if record.path is None:
             raise NotImplementedError(f"{type(self).__name__} must override load_image")
         try:
-            with Image.open(record.path) as img:
+            with open_binary(record.path) as f, Image.open(f) as img:
                 img.load()
                 return img.copy()
         except FileNotFoundError:

@@ -33,7 +33,6 @@ The layout is detected in the order above.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from pipeline.datasets.annotations import (
@@ -46,6 +45,7 @@ from pipeline.datasets.annotations import (
     read_lines,
 )
 from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.files import files_under, open_text
 from pipeline.errors import DatasetError
 
 BOX_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
@@ -126,10 +126,9 @@ class CarsReader(DatasetReader):
                 f"{self.name}: missing folder 'car_data/car_data/{self.split}/' under {str(root)!r}; expected layout: {LAYOUT}"
             )
         by_name: dict[str, Path] = {}
-        for dirpath, _, filenames in os.walk(split_dir):
-            for fn in filenames:
-                by_name.setdefault(fn, Path(dirpath) / fn)
-        with open(annos, newline="", encoding="utf-8") as f:
+        for rel in files_under(split_dir):  # one recursive listing, also on object storage
+            by_name.setdefault(rel.rsplit("/", 1)[-1], split_dir / rel)
+        with open_text(annos, newline="") as f:
             for number, fields in enumerate(csv.reader(f), start=1):
                 if not fields:
                     continue

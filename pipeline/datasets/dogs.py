@@ -31,6 +31,7 @@ LAYOUT = "Images/<wnid>-<breed>/*.jpg, lists/{train_list.mat, test_list.mat} (fi
 
 class DogsReader(DatasetReader):
     name = "dogs"
+    not_on_object_storage = "its boxes are one Annotation/ XML file per image, a request each"
     splits = ("train", "test")
 
     def __init__(self, root, split: str = "train", **options):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.datasets.annotations import check_options, read_lines, readable
 from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.files import open_text
 from pipeline.errors import DatasetError
 
 LAYOUT = "food-101/{meta/classes.txt, meta/labels.txt, meta/train.json, meta/test.json, images/<class>/<id>.jpg}"
@@ -63,7 +64,7 @@ class FoodReader(DatasetReader):
         txt_path = base / "meta" / f"{self.split}.txt"
         if json_path.exists():
             try:
-                with open(json_path, encoding="utf-8") as f:
+                with open_text(json_path) as f:
                     table = json.load(f)
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{json_path}: not valid JSON ({exc}); re-download meta/") from None

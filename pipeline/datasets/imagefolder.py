@@ -7,22 +7,26 @@ itself is the split.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.files import files_under, list_folder
 from pipeline.errors import DatasetError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def scan_class_folders(base: Path) -> tuple[list[str], list[Record]]:
-    """Sorted class folders under ``base`` and their images as Records (ids relative to base)."""
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Sorted class folders under ``base`` and their images as Records (ids relative to base).
+
+    One listing of ``base`` and one recursive listing per class folder, on object storage too.
+    """
+    classes = [name for name, kind in list_folder(base) if kind == "directory" and not name.startswith(".")]
     records = []
     for label, name in enumerate(classes):
-        for f in sorted((base / name).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                records.append(Record(image_id=f.relative_to(base).as_posix(), label=label, path=f))
+        for rel in files_under(base / name):
+            if PurePosixPath(rel).suffix.lower() in IMAGE_SUFFIXES:
+                records.append(Record(image_id=f"{name}/{rel}", label=label, path=base / name / rel))
     return classes, records
 
 

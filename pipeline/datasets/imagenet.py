@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pipeline.datasets.annotations import check_options, load_mat, mat_key, mat_struct_rows, read_lines
 from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.files import list_folder, open_text
 from pipeline.datasets.imagefolder import IMAGE_SUFFIXES
 from pipeline.errors import DatasetError
 
@@ -80,13 +81,13 @@ class ImageNetReader(DatasetReader):
                 f"{self.name}: {str(val_dir)!r} has no <wnid>/ class folders; expected layout: {LAYOUT}"
             )
         suffix = ".JPEG"
-        existing = [p for p in val_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        existing = list_images(val_dir)
         if existing:
             suffix = existing[0].suffix
         csv_path = self.root / "LOC_val_solution.csv"
         if csv_path.exists():
             pairs = []
-            with open(csv_path, newline="", encoding="utf-8") as f:
+            with open_text(csv_path, newline="") as f:
                 reader = csv.DictReader(f)
                 if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or ()):
                     raise DatasetError(f"{csv_path}: expected columns ImageId,PredictionString, got {reader.fieldnames}")
@@ -151,12 +152,10 @@ class ImageNetReader(DatasetReader):
 
 def wnid_folders(folder: Path) -> list[str]:
     """Sorted names of the sub-folders that look like WordNet ids (n01440764)."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and WNID.match(e.name))
+    return [name for name, kind in list_folder(folder) if kind == "directory" and WNID.match(name)]
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name (os.scandir: fast on 1.28M files)."""
-    with os.scandir(folder) as it:
-        names = sorted(e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
-    return [folder / n for n in names]
+    """Image files directly in ``folder``, sorted by name (one listing: os.scandir, fast on 1.28M files)."""
+    return [folder / name for name, kind in list_folder(folder)
+            if kind == "file" and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]

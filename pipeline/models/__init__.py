@@ -10,6 +10,7 @@ from torch import nn
 from pipeline.errors import ModelError, did_you_mean
 from pipeline.models.base import BlockInfo, Condition, ModelAdapter
 from pipeline.models.config import ModelConfig
+from pipeline.models.remote import localize
 
 
 def _unet2d(cfg: ModelConfig) -> ModelAdapter:
@@ -88,7 +89,11 @@ def load_model(cfg: ModelConfig, device: str = "cpu", dtype: str = "float32") ->
             f"unknown model kind {cfg.kind!r}{did_you_mean(cfg.kind, MODEL_KINDS)}; valid: {', '.join(MODEL_KINDS)}"
         )
     dev = resolve_device(device)
-    adapter = MODEL_KINDS[cfg.kind](cfg)
+    local = localize(cfg)  # a model on object storage is read from a local copy
+    adapter = MODEL_KINDS[cfg.kind](local)
+    for name in ("path", "config"):
+        if getattr(local, name) != getattr(cfg, name) and name in adapter.source:
+            adapter.source[name] = str(getattr(cfg, name))  # provenance records the URL
     if next(adapter.module.parameters()).device != dev:
         nn.Module.to(adapter.module, device=dev)  # diffusers' ModelMixin.to warns on any call with a dtype
     adapter.precision = adapter.set_compute_dtype(TORCH_DTYPES[dtype])

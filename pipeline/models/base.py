@@ -244,8 +244,26 @@ class ModelAdapter:
                 seen.append(BlockInfo(name, len(seen), shapes[name], paper.get(name)))
         return seen
 
-    def _dry_forward(self, candidates: list[str], meta: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
-        """One batch-1 forward with hooks on ``candidates``: (names in call order, outputs)."""
+    def forward_flops(self, stop_after: str) -> float:
+        """FLOPs of one sample's forward up to block ``stop_after``, as torch's ``FlopCounterMode``
+        counts them (convolutions, matmuls, attention), for ``diffprobe plan``'s GPU projection:
+        on the meta device where the forward allows it (nothing computed), else one real forward."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        try:
+            with counter:
+                self._dry_forward([stop_after], meta=True, stop_after=stop_after)
+        except Exception:  # noqa: BLE001 -- an op without a meta kernel, data-dependent flow: run it
+            counter = FlopCounterMode(display=False)
+            with counter:
+                self._dry_forward([stop_after], meta=False, stop_after=stop_after)
+        return float(counter.get_total_flops())
+
+    def _dry_forward(self, candidates: list[str], meta: bool,
+                     stop_after: str | None = None) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """One batch-1 forward with hooks on ``candidates`` (cut after ``stop_after``):
+        (names in call order, outputs)."""
         from torch.func import functional_call
 
         order: list[str] = []
@@ -259,7 +277,7 @@ class ModelAdapter:
                         dtype=self.precision.input_dtype)
         t = torch.zeros(1, dtype=torch.long, device=device)
         cond = self.dry_condition(1, device)
-        with torch.no_grad(), capture(self.module, candidates, transform=record) as got:
+        with torch.no_grad(), capture(self.module, candidates, stop_after=stop_after, transform=record) as got:
             if meta:
                 tensors = {f"net.{name}": torch.empty_like(value, device="meta") for name, value in
                            [*self.module.named_parameters(), *self.module.named_buffers()]}

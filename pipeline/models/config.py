@@ -11,9 +11,10 @@ class ModelConfig:
 
     kind: ``unet2d`` (diffusers UNet2DModel), ``factory`` (any nn.Module from
         ``module:function``), ``sd`` (Stable Diffusion folder), ``dit`` (DiT folder).
-    path: local folder. For unet2d either a pipeline folder (``unet/`` +
+    path: a folder, local or a URL (``s3://...``, copied to a local folder first:
+        :mod:`pipeline.models.remote`). For unet2d either a pipeline folder (``unet/`` +
         ``scheduler/``) or a model folder (``config.json`` + weights).
-    config: a model config JSON; the model is built with random weights (``seed``).
+    config: a model config JSON (local or a URL); the model is built with random weights (``seed``).
     random_init: load ``path``'s config but not its weights (a random-init twin).
     seed: torch seed for random weights.
     factory: ``package.module:function`` returning an nn.Module or a ModelAdapter;

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 from pipeline.models.config import ModelConfig
+from pipeline.models.remote import localize
 
 
 def model_fingerprint(cfg: ModelConfig) -> dict:
@@ -14,6 +15,7 @@ def model_fingerprint(cfg: ModelConfig) -> dict:
     Covers ``path`` (the whole folder), ``config`` and a ``file.py`` factory, so changed
     weights change the hash of every stage that used them.
     """
+    cfg = localize(cfg)  # on object storage: the local copy's files, which hash as the originals
     targets = [Path(p) for p in (cfg.path, cfg.config) if p]
     if cfg.factory and cfg.factory.rsplit(":", 1)[0].endswith(".py"):
         targets.append(Path(cfg.factory.rsplit(":", 1)[0]))

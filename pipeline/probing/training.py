@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -306,6 +306,18 @@ class _HeadRun:
             self.stale_epochs += 1
             if self.job.train.patience is not None and self.stale_epochs >= self.job.train.patience:
                 self.active = False
+
+
+def training_step(job: HeadJob, in_shape: tuple[int, ...], num_classes: int) -> tuple[Callable, nn.Module]:
+    """``job``'s real optimiser step on fresh weights (identity standardisation), and its model.
+
+    ``step(x, y)`` with ``x: (B, *in_shape)`` float32, ``y: (B,)`` int64 is one call of what
+    :func:`train_heads` runs per minibatch and head, so ``diffprobe plan`` times a head
+    without data; the model (in train mode) serves for timing evaluation forwards too.
+    """
+    head = build_head(job.head, tuple(in_shape), num_classes)
+    model = Standardized(head, np.zeros(in_shape, dtype=np.float32), np.ones(in_shape, dtype=np.float32))
+    return _HeadRun(job, model).train_step, model
 
 
 def train_heads(

@@ -18,6 +18,12 @@ Which objects must exist (the write protocol, with zarr not storing chunks that
 hold only the fill value): a data array's shard when its unit has a written sample;
 the ``failure`` chunk when it has a failed sample; the ``done`` chunk when any of its
 samples is done. ``diffprobe verify`` (:mod:`pipeline.store.verify`) applies the same rules.
+
+Presence is asked of the storage, not of ``os.path``: a store on object storage (a
+URL) is checked the same way, with a HEAD request per object for a few objects, or one
+listing of the array's prefix (:func:`pipeline.store.location.list_files`, cached per
+check) for many. The ``done`` mask is read before the listing: a unit's objects are
+stored before its ``done`` cells, so a listing taken after ``done`` sees them.
 """
 
 from __future__ import annotations
@@ -69,14 +75,21 @@ def required(kind: str, flags: np.ndarray) -> bool:
     return bool((flags == (FAILED if kind == "failed" else WRITTEN)).any())
 
 
-def outer_objects(array, start: int = 0, stop: int | None = None) -> Iterable[tuple[tuple[int, ...], int, int, Path]]:
+def outer_objects(array, start: int = 0, stop: int | None = None,
+                  folder=None) -> Iterable[tuple[tuple[int, ...], int, int, Path]]:
     """``(coords, first sample, stop sample, file)`` of every stored object (shard, or chunk
-    when unsharded) of ``array`` over samples ``[start, stop)``."""
+    when unsharded) of ``array`` over samples ``[start, stop)``.
+
+    ``folder``: the array's location (a Path, or a UPath on object storage); default
+    the folder of a local store's array. ``file`` is ``folder / chunk key``.
+    """
     outer = array.metadata.chunk_grid.chunk_shape
     n = array.shape[0] if array.shape else 0
     stop = n if stop is None else min(stop, n)
     rest = [range(math.ceil(s / c)) for s, c in zip(array.shape[1:], outer[1:])]
-    folder = array_folder(array)
+    folder = array_folder(array) if folder is None else folder
+    if folder is None:
+        raise StoreError(f"array {array.path!r} is on object storage: give its location to list its objects")
     for i in range(start // outer[0], math.ceil(stop / outer[0])):
         for more in itertools.product(*rest):
             coords = (i, *more)
@@ -84,14 +97,51 @@ def outer_objects(array, start: int = 0, stop: int | None = None) -> Iterable[tu
                 folder / array.metadata.encode_chunk_key(coords)
 
 
+#: Above this many objects, presence is checked against one listing of the array's
+#: folder (prefix) rather than one stat / HEAD request per object.
+LIST_ABOVE = 32
+
+
 class Integrity:
     """The checks of one opened store (``root``: its zarr group, ``path``: its folder)."""
 
     def __init__(self, root, path: str | Path):
+        from pipeline.store.location import as_location
+
         self.root = root
-        self.path = path if isinstance(path, Path) or hasattr(path, "storage_options") else Path(path)  # UPath kept
+        self.path = as_location(path)  # a Path, or a UPath (with its storage options) for a URL
         self._done: np.ndarray | None = None
         self._timesteps: np.ndarray | None = None
+        self._listed: dict[str, set[str]] = {}
+
+    # ------------------------------------------------------------- objects
+
+    def folder(self, array):
+        """Where ``array``'s objects live: a folder, or a prefix on object storage."""
+        return self.path / array.path
+
+    def objects(self, array, start: int = 0, stop: int | None = None):
+        """:func:`outer_objects` of ``array`` in this store (local or remote)."""
+        return outer_objects(array, start, stop, self.folder(array))
+
+    def present(self, array, files: Sequence) -> list[bool]:
+        """Whether each of ``files`` (objects of ``array``) is stored: a stat / HEAD per
+        object for a few, one listing of the array's folder (cached) for many."""
+        from pipeline.store.location import exists_now
+
+        if len(files) <= LIST_ABOVE and array.path not in self._listed:
+            return [exists_now(f) for f in files]
+        listed = self.listing(array)
+        return [str(f) in listed for f in files]
+
+    def listing(self, array, refresh: bool = False) -> set[str]:
+        """``str()`` of every object stored under ``array``'s folder (one listing, cached)."""
+        from pipeline.store.location import list_files
+
+        if refresh or array.path not in self._listed:
+            folder = self.folder(array)
+            self._listed[array.path] = {str(folder / key) for key in list_files(folder)}
+        return self._listed[array.path]
 
     # ------------------------------------------------------------- naming
 
@@ -130,10 +180,9 @@ class Integrity:
         return ", ".join(parts) or "the whole array"
 
     def relative(self, file: Path) -> str:
-        try:
-            return str(file.relative_to(self.path))
-        except (ValueError, TypeError):
-            return str(file)
+        """``file`` relative to the store (the same text for a folder and a URL prefix)."""
+        text, base = str(file), str(self.path).rstrip("/") + "/"
+        return text[len(base):] if text.startswith(base) else text
 
     # ------------------------------------------------------------- done
 
@@ -174,12 +223,12 @@ class Integrity:
         """``(first sample, stop, file)`` of every object of ``array_path`` over samples
         ``[start, stop)`` that ``done`` requires and the disk lacks."""
         array = self.root[array_path]
-        if array_folder(array) is None:
-            return []  # object storage: presence is not checked by file (verify is local-only)
-        done = self.done()
+        done = self.done()  # read before the listing: a unit's objects are stored before its done cells
         kind = presence_kind(array_path)
-        return [(lo, hi, file) for _, lo, hi, file in outer_objects(array, start, stop)
-                if required(kind, done[lo:hi]) and not file.exists()]
+        needed = [(lo, hi, file) for _, lo, hi, file in self.objects(array, start, stop)
+                  if required(kind, done[lo:hi])]
+        there = self.present(array, [file for *_, file in needed])
+        return [entry for entry, ok in zip(needed, there) if not ok]
 
     def check_present(self, array_paths: Iterable[str] | None = None, start: int = 0,
                       stop: int | None = None) -> None:
@@ -231,8 +280,7 @@ class Integrity:
         chunk_region = [slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(coords, inner, array.shape)]
         outer = array.metadata.chunk_grid.chunk_shape
         key = array.metadata.encode_chunk_key(tuple(i * c // o for i, c, o in zip(coords, inner, outer)))
-        folder = array_folder(array)
-        file = folder / key if folder is not None else Path(array.path) / key
+        file = self.folder(array) / key
         return (f"{name} chunk {tuple(coords)} ({self.where(array, chunk_region)}) in "
                 f"{self.relative(file)} {decode_failure(cause)}")
 
@@ -266,6 +314,34 @@ class CheckedArray:
             raise
         except Exception as exc:  # noqa: BLE001 -- any codec failure is damage
             raise self.integrity.damage_error(self.zarr, selection, exc) from None
+
+    def read_many(self, selections: Sequence, concurrency: int) -> list[np.ndarray]:
+        """``[self[s] for s in selections]``, at most ``concurrency`` of them in flight at once.
+
+        One sync call into zarr's event loop for all of them: on object storage each
+        read is a few round trips (the shard index, then its inner chunks, one after
+        the other), so reads one after another wait on latency, not bandwidth. A read
+        that fails is read again alone, which names the damage as ``self[s]`` does.
+        """
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        if len(selections) <= 1 or concurrency <= 1:
+            return [self[s] for s in selections]
+        gate = asyncio.Semaphore(concurrency)
+        reader = self.zarr.async_array
+
+        async def one(selection):
+            async with gate:
+                return await reader.getitem(selection)
+
+        async def every():
+            return await asyncio.gather(*(one(s) for s in selections), return_exceptions=True)
+
+        out = sync(every())
+        return [self[s] if isinstance(got, BaseException) else np.asarray(got)
+                for s, got in zip(selections, out)]
 
 
 def normalise(selection, shape: Sequence[int]) -> list[slice]:

@@ -5,7 +5,8 @@ activations, timestep by timestep: the largest absolute difference, the largest
 relative one (``|a - b| / max(|a|, |b|)`` where either is non-zero) and how many
 values lie outside ``atol + rtol * |b|`` (NaN in both places counts as equal: a
 failed sample; NaN in one only is a difference). Results folders (probe, cka) are
-compared per data variable. Sample coordinates must match. Reads go through
+compared per data variable. Sample coordinates must match. Either output may be a
+folder or a URL (``s3://...``), e.g. a run on a GPU node's object store against one on local disk. Reads go through
 :mod:`pipeline.store.checks`, so damage is named, never compared.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 from pipeline.errors import StoreError
 from pipeline.store import checks as chk
 from pipeline.store.layout import open_root, read_attrs
+from pipeline.store.location import as_location, zarr_store
 
 
 @dataclass
@@ -71,9 +73,9 @@ def _kind(path: Path) -> tuple[dict, object]:
 
 def diff_outputs(a: str | Path, b: str | Path, atol: float = 0.0, rtol: float = 0.0) -> list[Row]:
     """Rows of differences between outputs ``a`` and ``b`` (see the module docstring)."""
-    a, b = Path(a), Path(b)
+    a, b = as_location(a), as_location(b)
     for p in (a, b):
-        if not p.exists():
+        if not p.exists() and not (p / "zarr.json").exists():  # an S3 prefix exists only by its objects
             raise StoreError(f"store {str(p)!r} does not exist")
     attrs_a, root_a = _kind(a)
     attrs_b, root_b = _kind(b)
@@ -128,7 +130,7 @@ def _results(a: Path, b: Path, atol: float, rtol: float) -> list[Row]:
     from pipeline.store.layout import quiet_zarr
 
     with quiet_zarr():
-        da, db = xr.open_zarr(a), xr.open_zarr(b)
+        da, db = xr.open_zarr(zarr_store(a, read_only=True)), xr.open_zarr(zarr_store(b, read_only=True))
     names = sorted(set(da.data_vars) | set(db.data_vars))
     rows = []
     for name in names:

@@ -158,8 +158,9 @@ class UnitResult:
     failed: dict[int, str]
 
 
-def write_error_unit(root, layout: ErrorLayout, unit: int, result: UnitResult) -> None:
-    """Write one unit as whole shards, then its ``done`` cells (the one write protocol)."""
+def write_error_unit(root, layout: ErrorLayout, unit: int, result: UnitResult, fence=None) -> bool:
+    """Write one unit as whole shards, then its ``done`` cells (the one write protocol);
+    ``fence`` as in ``pipeline.store.layout.mark_done``. Returns whether ``done`` was set."""
     start, stop = layout.unit_range(unit)
     expected = (stop - start, layout.n_candidates, layout.n_trials)
     for loss in LOSSES:
@@ -170,7 +171,7 @@ def write_error_unit(root, layout: ErrorLayout, unit: int, result: UnitResult) -
     root["prediction"][start:stop] = result.prediction
     root["forward_passes"][start:stop] = result.forward_passes
     written = [root[error_array(loss)] for loss in LOSSES] + [root["prediction"], root["forward_passes"]]
-    store.mark_done(root, start, stop, result.failed, written)
+    return store.mark_done(root, start, stop, result.failed, written, fence)
 
 
 # ----------------------------------------------------------------- reading

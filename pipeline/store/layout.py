@@ -387,8 +387,17 @@ def open_root(path: str | Path, mode: str = "r"):
 
     if read_attrs(path) is None:
         raise StoreError(f"{str(path)!r} is not a diffprobe store (no zarr.json with diffprobe attrs)")
+    zstore = location.zarr_store(path, read_only=mode == "r")
     with quiet_zarr():
-        return zarr.open_group(location.zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+        try:
+            return zarr.open_group(zstore, mode=mode, zarr_format=3)
+        except Exception:
+            if type(zstore).__name__ != "ObjectStore":
+                raise
+            # read_attrs reached the store through s3fs, which follows a bucket's region
+            # redirect and reads more options; obstore may not (a region configured wrongly)
+            return zarr.open_group(location.zarr_store(path, read_only=True, client="fsspec"), mode=mode,
+                                   zarr_format=3)
 
 
 def load_layout(path: str | Path) -> Layout:
@@ -423,12 +432,14 @@ def write_unit(
     data: Mapping[str, np.ndarray],
     failed: Mapping[int, str] | None = None,
     coords: Mapping[str, np.ndarray] | None = None,
-) -> None:
+    fence: Callable[[], bool] | None = None,
+) -> bool:
     """Write one unit: every block's ``(U, T, C, H, W)`` data as whole shards, then ``done``.
 
     ``failed`` maps positions within the unit to a reason; those samples keep NaN
     data and are marked FAILED. ``coords`` are per-sample coordinates known only
     now, ``{name: (U,) array}`` (``CROP_COORDS``), written before ``done``.
+    ``fence``: see :func:`mark_done`. Returns whether ``done`` was set.
     """
     start, stop = layout.unit_range(unit)
     for name, arr in data.items():
@@ -441,17 +452,23 @@ def write_unit(
             raise StoreError(f"unit {unit}: coordinate {name!r} with {len(values)} values is not a unit's crops")
         root[name][start:stop] = values
     written = [root[f"blocks/{name}/activations"] for name in data] + [root[name] for name in coords or {}]
-    mark_done(root, start, stop, failed, written)
+    return mark_done(root, start, stop, failed, written, fence)
 
 
-def mark_done(root, start: int, stop: int, failed: Mapping[int, str] | None, written: Sequence) -> None:
+def mark_done(root, start: int, stop: int, failed: Mapping[int, str] | None, written: Sequence,
+              fence: Callable[[], bool] | None = None) -> bool:
     """Step 3 of the write protocol for samples ``[start, stop)``: make the data durable, then ``done``.
 
     ``written``: the zarr arrays the unit's data went to; their objects are fsynced
     (``pipeline.store.durable``), then ``failure`` and ``done`` are written and
     fsynced, so a ``done`` unit has its data on disk even after a power cut.
     ``failed`` maps positions within the range to a reason (marked FAILED).
+
+    ``fence``: called once the data is durable, just before ``done`` is written; if it
+    returns False (the writer's lease on the unit was taken over while it stalled),
+    ``done`` is left as it is and False returned: the unit's new holder marks it.
     """
+    from pipeline.faults import stall_point
     from pipeline.store.durable import sync_unit
 
     status = np.full(stop - start, WRITTEN, dtype=np.int8)
@@ -464,8 +481,12 @@ def mark_done(root, start: int, stop: int, failed: Mapping[int, str] | None, wri
         root["failure"][start:stop] = reasons
         flags.append(root["failure"])
     sync_unit(written, start, stop)
+    stall_point("unit:before-done")
+    if fence is not None and not fence():
+        return False
     root["done"][start:stop] = status
     sync_unit(flags, start, stop)
+    return True
 
 
 def finalize(path: str | Path, extra_attrs: dict | None = None) -> bool:
@@ -517,10 +538,14 @@ def stamp_attrs(path: str | Path, update: Mapping[str, Any]) -> None:
     (consolidated metadata and everything else in it kept as they are)."""
     from pipeline.store.durable import fsync_path
 
-    meta_path = Path(path) / "zarr.json"
+    path = location.as_location(path)
+    meta_path = path / "zarr.json"
     doc = json.loads(meta_path.read_text())
     attributes = doc.setdefault("attributes", {})
     attributes[ATTR_KEY] = jsonable({**attributes.get(ATTR_KEY, {}), **update})
+    if location.is_remote(path):  # one PUT replaces an object whole
+        meta_path.write_text(json.dumps(doc, indent=2))
+        return
     tmp = meta_path.with_name(f"zarr.json.{uuid.uuid4().hex}.partial")
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2)

@@ -9,6 +9,15 @@ code then stays as it is; zarr opens the same locations through
 so a (block, timestep) slice still reads only its inner chunks (the shard index
 gives their ranges).
 
+Reads and writes take different clients on ``s3://``: :func:`zarr_store` opens a store
+for reading through obstore's ``ObjectStore`` where the options translate
+(:func:`obstore_reader`: a Rust HTTP client, several times s3fs's throughput for the
+same CPU), and for writing through s3fs, whose conditional puts carry the protocol below.
+
+Config fields that name inputs (a dataset ``root``, a model ``path`` / ``config``) hold a
+URL as :class:`URLText`: a ``str`` that carries the workflow's ``storage_options`` to where
+it is opened, and is the bare URL everywhere else (hash, attrs, logs).
+
 Credentials come from the backend's usual places (``AWS_*`` variables,
 ``~/.aws/credentials``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...) and from the
 workflow's top-level ``storage_options:`` mapping (e.g. ``endpoint_url``). A
@@ -27,8 +36,10 @@ The write protocol on object storage, where there is no rename and no lock file
    schema's metadata and coordinates, the same bytes as the winner's (a stage hash
    fixes them), never data. A build killed before its commit leaves only such
    objects, which the next build overwrites.
-2. **One writer per shard**: unchanged, units are split by ``--shard i/N``; each unit's
-   shards are written whole by one PUT each (no read-modify-write).
+2. **One writer per shard**: units are split by ``--shard i/N`` and, within a run, by
+   leases (``pipeline.workflow.claims``: one put-if-absent object per lease
+   generation, beside the store); each unit's shards are written whole by one PUT
+   each (no read-modify-write).
 3. **``done`` after data**: ``done`` is chunked per unit (one object per unit), put
    after the unit's data PUTs have returned (S3 PUTs are durable and
    read-after-write consistent when they return).
@@ -69,6 +80,26 @@ def is_remote(path: Any) -> bool:
     return not isinstance(path, Path) and (is_url(str(path)) or hasattr(path, "storage_options"))
 
 
+class URLText(str):
+    """A URL from a workflow's config (a dataset ``root``, a model ``path``) that carries the
+    workflow's ``storage_options`` to where it is opened (:func:`parse`).
+
+    It is a plain ``str`` for everything else: it compares, hashes, prints and serialises
+    (JSON, the stage hash, attrs) as the bare URL, so the options (credentials, say)
+    never reach a hash, a store or a log; it pickles with them, for DataLoader workers.
+    """
+
+    storage_options: Mapping[str, Any]
+
+    def __new__(cls, url: str, storage_options: Mapping[str, Any] | None = None):
+        text = super().__new__(cls, url)
+        text.storage_options = dict(storage_options or {})
+        return text
+
+    def __reduce__(self):
+        return URLText, (str(self), self.storage_options)
+
+
 def parse(text: str | os.PathLike, base_dir: Path | None = None,
           storage_options: Mapping[str, Any] | None = None) -> Location:
     """A config string -> a location: a UPath for URLs, else a Path relative to ``base_dir``.
@@ -76,7 +107,10 @@ def parse(text: str | os.PathLike, base_dir: Path | None = None,
     Raises ConfigError naming the extra to install when the URL's fsspec backend is
     missing (e.g. gcsfs for ``gs://``), or when the scheme is unknown.
     """
-    if hasattr(text, "storage_options"):
+    if isinstance(text, URLText):
+        storage_options = {**text.storage_options, **dict(storage_options or {})}
+        text = str(text)
+    elif hasattr(text, "storage_options"):
         return text
     text = os.fspath(text) if not isinstance(text, str) else text
     text = text.removeprefix("file://")
@@ -100,19 +134,124 @@ def parse(text: str | os.PathLike, base_dir: Path | None = None,
 
 def as_location(path: str | os.PathLike | Location) -> Location:
     """``parse`` for values already resolved (a Path, UPath or absolute string); idempotent."""
-    if isinstance(path, Path) or hasattr(path, "storage_options"):
+    if isinstance(path, Path) or (hasattr(path, "storage_options") and not isinstance(path, URLText)):
         return path
     return parse(path)
 
 
-def zarr_store(path: Location | str, read_only: bool = False):
-    """What ``zarr.open_group`` / ``xr.open_zarr`` take for ``path``: a str locally, an FsspecStore remotely."""
+def zarr_store(path: Location | str, read_only: bool = False, client: str | None = None):
+    """What ``zarr.open_group`` / ``xr.open_zarr`` take for ``path``: a str locally; remotely a
+    ``zarr.storage.ObjectStore`` (obstore) for reads from ``s3://`` where :func:`obstore_reader`
+    can build one, else (or with ``client="fsspec"``) an ``FsspecStore``."""
     path = as_location(path)
     if not is_remote(path):
         return str(path)
+    if read_only and client != "fsspec":
+        reader = obstore_reader(path)
+        if reader is not None:
+            return reader
     from zarr.storage import FsspecStore
 
     return FsspecStore.from_url(str(path), storage_options=dict(path.storage_options), read_only=read_only)
+
+
+#: Choose the client of remote reads: ``obstore`` (default where it applies) or ``fsspec``.
+READER_ENV = "DIFFPROBE_OBJECT_READER"
+#: s3fs ``storage_options`` -> obstore ``S3Store`` config (the options obstore understands).
+_S3_OPTIONS = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token",
+               "endpoint_url": "endpoint", "anon": "skip_signature"}
+
+
+def obstore_options(options: Mapping[str, Any]) -> dict | None:
+    """s3fs ``storage_options`` as ``obstore.store.S3Store`` keyword arguments; None when one
+    has no obstore equivalent (the read then goes through s3fs, which understands it)."""
+    config: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in _S3_OPTIONS:
+            config[_S3_OPTIONS[name]] = value
+        elif name == "client_kwargs" and set(value) <= {"region_name", "endpoint_url"}:
+            if "region_name" in value:
+                config["region"] = value["region_name"]
+            if "endpoint_url" in value:
+                config["endpoint"] = value["endpoint_url"]
+        elif name not in ("skip_instance_cache", "use_listings_cache"):
+            return None
+    if config.get("skip_signature") is False:
+        del config["skip_signature"]
+    endpoint = config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+    client = {"allow_http": True} if str(endpoint).startswith("http://") else {}
+    return {"config": config, "client_options": client}
+
+
+def obstore_reader(path: Location):
+    """A read-only ``zarr.storage.ObjectStore`` on ``path`` (an ``s3://`` UPath), or None.
+
+    None (the caller falls back to FsspecStore) when obstore is not installed, the scheme
+    is not ``s3``, a storage option has no obstore equivalent, no region is known for
+    AWS itself (options, ``AWS_REGION``, ``~/.aws/config``: s3fs follows a bucket's region
+    redirect, obstore does not), or :data:`READER_ENV` is ``fsspec``. obstore's Rust HTTP client fetches a byte range with a fraction of
+    s3fs's CPU (benchmarks/s3_throughput.py). Credentials not given in the options come
+    from botocore's chain (``AWS_*`` variables, ``~/.aws/credentials``, profiles,
+    instance roles), as s3fs's would.
+    """
+    choice = os.environ.get(READER_ENV, "").strip().lower()
+    if choice not in ("", "obstore", "fsspec"):
+        raise ConfigError(f"{READER_ENV} must be 'obstore' or 'fsspec'; got {choice!r}")
+    if choice == "fsspec" or str(path).partition("://")[0] not in ("s3", "s3a"):
+        return None
+    try:
+        from obstore.store import S3Store
+        from zarr.storage import ObjectStore
+    except ImportError:
+        return None
+    options = obstore_options(path.storage_options)
+    if options is None:
+        return None
+    config = options["config"]
+    if "region" not in config and "endpoint" not in config:
+        region = _configured_region()
+        if region is None:
+            return None  # s3fs finds a bucket's region itself; obstore would sign for us-east-1
+        config["region"] = region
+    bucket, _, prefix = str(path).partition("://")[2].partition("/")
+    provider = None
+    if "access_key_id" not in config and not config.get("skip_signature"):
+        provider = _botocore_credentials()
+    store = S3Store(bucket, prefix=prefix.rstrip("/") or None, client_options=options["client_options"],
+                    credential_provider=provider, **config)
+    return ObjectStore(store, read_only=True)
+
+
+def _configured_region() -> str | None:
+    """The AWS region from the environment or ``~/.aws/config`` (botocore's lookup), if any."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    try:
+        import botocore.session
+    except ImportError:
+        return None
+    return botocore.session.Session().get_config_variable("region")
+
+
+def _botocore_credentials():
+    """An obstore credential provider over botocore's credential chain, or None without botocore."""
+    try:
+        import botocore.session
+    except ImportError:
+        return None
+    from datetime import UTC, datetime, timedelta
+
+    credentials = botocore.session.Session().get_credentials()
+    if credentials is None:
+        return None
+
+    def provide() -> dict:
+        frozen = credentials.get_frozen_credentials()  # refreshes temporary credentials
+        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
+                "token": frozen.token, "expires_at": datetime.now(UTC) + timedelta(minutes=10)}
+
+    return provide
 
 
 def put_if_absent(path: Location, data: bytes) -> bool:
@@ -194,17 +333,27 @@ def commit_remote_group(path: Location, memory) -> None:
         raise StoreError(f"{path}: lost the schema commit but no root zarr.json is there")
 
 
+def finalize_claim(store_path: Location) -> Location:
+    """Where the finalize claim of ``store_path`` lives (beside it, outside its hierarchy)."""
+    return store_path.parent / f".{store_path.name}.finalize-claim"
+
+
+def claim_is_stale(claim: Location) -> bool:
+    """Whether a finalize claim is there and older than :data:`STALE_CLAIM_S` (its owner died)."""
+    try:
+        held = json.loads(claim.read_bytes())
+    except (OSError, ValueError):  # gone, or not readable now: not known to be stale
+        return False
+    return time.time() - float(held.get("time", 0)) >= STALE_CLAIM_S
+
+
 def claim_finalize(store_path: Location) -> Location | None:
     """Step 4: the claim object for finalizing ``store_path``, or None if another live process holds it."""
-    claim = store_path.parent / f".{store_path.name}.finalize-claim"
+    claim = finalize_claim(store_path)
     body = json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}", "time": time.time()}).encode()
     if put_if_absent(claim, body):
         return claim
-    try:
-        held = json.loads(claim.read_bytes())
-    except (OSError, ValueError):
-        return None
-    if time.time() - float(held.get("time", 0)) < STALE_CLAIM_S:
+    if not claim_is_stale(claim):
         return None
     remove(claim)  # its owner died mid-finalize; finalizing is idempotent, so take over
     return claim if put_if_absent(claim, body) else None
@@ -224,3 +373,29 @@ def save_figure(fig, path: Location | str, dpi: int) -> Location:
 def write_csv(frame, path: Location | str) -> None:
     """``frame.to_csv(path, index=False)`` at a local path or URL (pandas would drop the storage options)."""
     as_location(path).write_text(frame.to_csv(index=False))
+
+
+def exists_now(path: Location) -> bool:
+    """``path.exists()`` as the storage says now (s3fs would answer from its listing cache)."""
+    if is_remote(path):
+        path.fs.invalidate_cache(path.path)
+        return bool(path.fs.exists(path.path))
+    return path.exists()
+
+
+def list_files(folder: Location) -> list[str]:
+    """Every file (object) under ``folder`` (a folder, or a prefix on object storage), as
+    ``/``-separated paths relative to it: one listing, no stat of each."""
+    if is_remote(folder):
+        fs, base = folder.fs, folder.path.rstrip("/")
+        fs.invalidate_cache(base)  # s3fs caches listings: a listing must see what was just written
+        try:
+            found = fs.find(base)
+        except FileNotFoundError:
+            return []
+        return [p[len(base) + 1:] for p in found if p.startswith(base + "/")]
+    out = []
+    for dirpath, _, files in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        out += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files]
+    return out

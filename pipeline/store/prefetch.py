@@ -41,25 +41,33 @@ from pipeline.errors import StoreError
 #: Force a builder kind: ``thread`` or ``process`` (default: process where allowed).
 BUILDER_ENV = "DIFFPROBE_WINDOW_READER"
 
-#: ``read(first, last, keys)``: ``{key: rows of slabs first..last}``.
-ReadSlabs = Callable[[int, int, Sequence[str]], dict]
+#: ``read(runs, keys)``: for each ``(first, last)`` run of slabs, ``{key: rows of slabs first..last}``.
+ReadRuns = Callable[[Sequence[tuple[int, int]], Sequence[str]], list]
 
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """Rows of one window: ``pieces`` of (first slab, last slab, rows within them, rows within the window)."""
+    """Rows of one window: ``pieces`` of (first slab, last slab, rows within them, rows within the window).
+
+    ``reads`` groups the pieces (by index) that are read together, concurrently: the
+    source bounds a group by the bytes its slabs decode to. Default: one group of all.
+    """
 
     pieces: tuple[tuple[int, int, np.ndarray, np.ndarray], ...]
     n_rows: int
+    reads: tuple[tuple[int, ...], ...] | None = None
 
 
-def fill_window(read_slabs: ReadSlabs, plan: WindowPlan, keys: Sequence[str],
+def fill_window(read_runs: ReadRuns, plan: WindowPlan, keys: Sequence[str],
                out: dict[str, np.ndarray]) -> None:
-    """Read each run of slabs of ``plan`` once and scatter its rows into ``out[key][:plan.n_rows]``."""
-    for first, last, local, dest in plan.pieces:
-        data = read_slabs(first, last, keys)
-        for key in keys:
-            out[key][dest] = data[key][local]
+    """Read each run of slabs of ``plan`` once (a group of runs at a time, concurrently) and
+    scatter its rows into ``out[key][:plan.n_rows]``."""
+    groups = plan.reads if plan.reads is not None else (tuple(range(len(plan.pieces))),)
+    for group in groups:
+        pieces = [plan.pieces[i] for i in group]
+        for (_, _, local, dest), data in zip(pieces, read_runs([(p[0], p[1]) for p in pieces], keys)):
+            for key in keys:
+                out[key][dest] = data[key][local]
 
 
 def process_allowed() -> bool:
@@ -124,8 +132,8 @@ def in_background(items: Iterator, alive: int) -> Iterator:
 class ThreadBuilder:
     """Builds windows in one background thread; each window is a fresh array."""
 
-    def __init__(self, read_slabs: ReadSlabs, row_shape: tuple[int, ...], dtype):
-        self.read_slabs, self.row_shape, self.dtype = read_slabs, row_shape, np.dtype(dtype)
+    def __init__(self, read_runs: ReadRuns, row_shape: tuple[int, ...], dtype):
+        self.read_runs, self.row_shape, self.dtype = read_runs, row_shape, np.dtype(dtype)
 
     def windows(self, plans: Sequence[WindowPlan], keys: Sequence[str],
                ahead: Sequence[WindowPlan] = ()) -> Iterator[dict[str, np.ndarray]]:
@@ -133,7 +141,7 @@ class ThreadBuilder:
 
         def build(plan: WindowPlan) -> dict[str, np.ndarray]:
             out = {k: np.empty((plan.n_rows, *self.row_shape), dtype=self.dtype) for k in keys}
-            fill_window(self.read_slabs, plan, keys, out)
+            fill_window(self.read_runs, plan, keys, out)
             return out
 
         yield from in_background(map(build, plans), alive=2)
@@ -147,7 +155,7 @@ def _child_of(job: list) -> None:
     _child(*job)
 
 
-def _child(conn, read_slabs: ReadSlabs, segments: list[mmap.mmap], row_shape, dtype) -> None:
+def _child(conn, read_runs: ReadRuns, segments: list[mmap.mmap], row_shape, dtype) -> None:
     """The helper's loop: ``(slot, plan, keys)`` in, ``None`` or an error text out; ``None`` in ends it."""
     while True:
         try:
@@ -158,7 +166,7 @@ def _child(conn, read_slabs: ReadSlabs, segments: list[mmap.mmap], row_shape, dt
             return
         slot, plan, keys = job
         try:
-            fill_window(read_slabs, plan, keys, _views(segments[slot], keys, row_shape, dtype))
+            fill_window(read_runs, plan, keys, _views(segments[slot], keys, row_shape, dtype))
             conn.send(None)
         except BaseException:  # reported to the parent, which raises it as a StoreError
             conn.send(traceback.format_exc(limit=4).strip().splitlines()[-1])
@@ -183,7 +191,7 @@ class ProcessBuilder:
     may overwrite it: consumers copy what they keep (``ZarrSource`` yields copies).
     """
 
-    def __init__(self, read_slabs: ReadSlabs, row_shape: tuple[int, ...], dtype, nbytes: int):
+    def __init__(self, read_runs: ReadRuns, row_shape: tuple[int, ...], dtype, nbytes: int):
         self.row_shape, self.dtype = row_shape, np.dtype(dtype)
         nbytes = max(int(nbytes), int(np.prod(row_shape)) * self.dtype.itemsize)
         self.segments = [mmap.mmap(-1, nbytes) for _ in range(2)]  # MAP_SHARED | MAP_ANONYMOUS
@@ -191,8 +199,8 @@ class ProcessBuilder:
         self.conn, child_conn = ctx.Pipe()
         # The arguments travel in a list that is emptied once the child has forked its
         # copy: the parent's Process object (which multiprocessing keeps until reaped)
-        # must not keep the source alive through read_slabs.
-        job = [child_conn, read_slabs, self.segments, row_shape, self.dtype]
+        # must not keep the source alive through read_runs.
+        job = [child_conn, read_runs, self.segments, row_shape, self.dtype]
         self.process = ctx.Process(target=_child_of, name="diffprobe-window-reader", daemon=True, args=(job,))
         self.process.start()
         job.clear()

@@ -9,7 +9,9 @@ stale temp folders and locks) are removed; and ``complete`` is cleared when a un
 left to compute: the next ``diffprobe run`` recomputes just those units and
 finalizes again, leaving every other shard file as it was. For probe and cka
 results the damaged chunks are deleted and ``complete`` cleared; the next run
-rewrites them from its task cache. Damaged attrs or coordinates are not repaired
+rewrites them from its task cache. A store on object storage (a URL) is repaired the
+same way: deleting an object and putting a whole ``done`` chunk or ``zarr.json`` are
+single requests there, and no other object is written. Damaged attrs or coordinates are not repaired
 (the stage must run again with ``--force``).
 """
 
@@ -21,29 +23,32 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.store import checks as chk
-from pipeline.store.layout import FAILED, PENDING, WRITTEN, quiet_zarr
+from pipeline.store.layout import FAILED, PENDING, WRITTEN, open_root
+from pipeline.store.location import as_location, is_remote, remove
 from pipeline.store.verify import LEFTOVER, UNIT_STAGES, Report
 
 
 def repair_store(path: str | Path, report: Report) -> list[str]:
-    """Act on ``report`` (from :func:`pipeline.store.verify.verify_store`); one line per action taken."""
-    import shutil
+    """Act on ``report`` (from :func:`pipeline.store.verify.verify_store`); one line per action taken.
 
+    ``path``: a folder or a URL; every action is a delete or a whole-object write, so it
+    works the same on object storage."""
     from pipeline.store.layout import stamp_attrs
 
-    path = Path(path)
+    path = as_location(path)
     actions = []
     for f in report.findings:
         if f.kind == LEFTOVER:
             for file in f.files:
-                shutil.rmtree(file, ignore_errors=True) if file.is_dir() else file.unlink(missing_ok=True)
+                remove(file)
             actions.append(f"removed {f.files[0]}")
     doc = json.loads((path / "zarr.json").read_text())
     listed = (doc.get("consolidated_metadata") or {}).get("metadata") or {}
     for f in report.damage:
         if f.kind == "metadata" and f.array in listed:
             meta = path / f.array / "zarr.json"
-            meta.parent.mkdir(parents=True, exist_ok=True)
+            if not is_remote(meta):
+                meta.parent.mkdir(parents=True, exist_ok=True)
             meta.write_text(json.dumps(listed[f.array], indent=2))
             actions.append(f"rewrote {f.array}/zarr.json from the consolidated metadata")
     unrepairable = [f for f in report.damage if f.kind in ("attrs", "coordinates")
@@ -56,9 +61,9 @@ def repair_store(path: str | Path, report: Report) -> list[str]:
         for f in report.damage:
             if f.kind in ("damaged", "missing"):
                 for file in f.files:
-                    file.unlink(missing_ok=True)
+                    remove(file)
                 actions.append(f"{'deleted damaged' if f.kind == 'damaged' else 'to rewrite:'} "
-                               f"{f.files[0].relative_to(path)}")
+                               f"{_relative(f.files[0], path)}")
                 rerun = True
     if rerun:
         stamp_attrs(path, {"complete": False})
@@ -70,12 +75,10 @@ def repair_store(path: str | Path, report: Report) -> list[str]:
 
 def _repair_units(path: Path, report: Report) -> tuple[list[str], bool]:
     """Mark damaged units pending, rebuild lost done chunks; (actions, whether a unit is left to compute)."""
-    import zarr
-
     from pipeline.store.durable import sync_unit
 
-    with quiet_zarr():
-        root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    root = open_root(path, mode="r+")
+    integrity = chk.Integrity(root, path)
     done = root["done"]
     data = [p for p in chk.data_arrays(root) if p in root]
     actions = []
@@ -83,7 +86,7 @@ def _repair_units(path: Path, report: Report) -> tuple[list[str], bool]:
     for f in report.damage:
         if f.kind == "damaged" and f.samples:
             for file in f.files:
-                file.unlink(missing_ok=True)
+                remove(file)
     rerun = bool(damaged_units)
     for lo, hi in damaged_units:
         done[lo:hi] = np.zeros(hi - lo, dtype=np.int8)
@@ -92,7 +95,7 @@ def _repair_units(path: Path, report: Report) -> tuple[list[str], bool]:
         actions.append(f"samples {lo}..{hi - 1}: marked pending ({', '.join(arrays)} damaged or missing)")
     lost_done = sorted({f.samples for f in report.damage if f.kind == "done" and f.samples} - set(damaged_units))
     for lo, hi in lost_done:
-        flags = _rebuilt_flags(root, data, lo, hi)
+        flags = _rebuilt_flags(integrity, data, lo, hi)
         done[lo:hi] = flags
         sync_unit([done], lo, hi)
         state = ("written" if (flags == WRITTEN).any() else "failed") if (flags != PENDING).all() else "pending"
@@ -101,9 +104,10 @@ def _repair_units(path: Path, report: Report) -> tuple[list[str], bool]:
     return actions, rerun
 
 
-def _rebuilt_flags(root, data: list[str], lo: int, hi: int) -> np.ndarray:
+def _rebuilt_flags(integrity: chk.Integrity, data: list[str], lo: int, hi: int) -> np.ndarray:
     """Done flags of samples ``[lo, hi)`` from the objects present: written when every data
     array's object is there and decodes, failed where ``failure`` gives a reason; else pending."""
+    root = integrity.root
     try:
         reasons = np.asarray(root["failure"][lo:hi], dtype=object)
     except Exception:  # noqa: BLE001 -- unreadable reasons: recompute the unit
@@ -112,11 +116,16 @@ def _rebuilt_flags(root, data: list[str], lo: int, hi: int) -> np.ndarray:
     pending = np.zeros(hi - lo, dtype=np.int8)
     for array_path in data:
         array = root[array_path]
-        files = [f for *_, f in chk.outer_objects(array, lo, hi)]
-        if not all(f.exists() for f in files):
+        files = [f for *_, f in integrity.objects(array, lo, hi)]
+        if not all(integrity.present(array, files)):
             return pending if not failed.all() else np.full(hi - lo, FAILED, dtype=np.int8)
         try:
             array[lo:hi]
         except Exception:  # noqa: BLE001 -- damaged: recompute
             return pending
     return np.where(failed, FAILED, WRITTEN).astype(np.int8)
+
+
+def _relative(file, path) -> str:
+    text, base = str(file), str(path).rstrip("/") + "/"
+    return text[len(base):] if text.startswith(base) else text

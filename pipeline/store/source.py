@@ -14,14 +14,18 @@ and holds at most about ``buffer_bytes`` of features:
   shuffled pass visits slabs in a seeded random order, and each window (whole
   slabs) is scattered through its own seeded permutation (the usual shuffle
   buffer of streaming loaders: chunk-level + in-buffer randomness); an ordered
-  pass keeps the order asked. While one window is served, the next is read by a
+  pass keeps the order asked. A window's runs of slabs are read together, up to
+  :data:`READ_CONCURRENCY` in flight in one call into zarr's event loop (on object
+  storage each is a few round trips: one after another, they wait on latency). While
+  one window is served, the next is read by a
   helper process (:mod:`pipeline.store.prefetch`; a thread where a process may not
   fork), and when a shuffled pass ends, the helper starts on the next epoch's
   first windows.
 
 Memory: kept subsets up to half the buffer, streamed windows up to the other half
-(two windows: one served, one being built), plus a few slabs being decoded,
-whatever the size of the store. Shuffles depend only on (indices, seed, epoch) for
+(two windows: one served, one being built), plus the slabs of one read group
+being decoded (at most a quarter buffer, or one run of slabs), whatever the size of
+the store. Shuffles depend only on (indices, seed, epoch) for
 a given store and ``buffer_bytes``, not on the builder.
 """
 
@@ -45,6 +49,8 @@ from pipeline.store.location import is_remote
 DEFAULT_BUFFER_BYTES = 64 << 20
 #: Most consecutive slabs of a streamed window read in one call.
 RUN_SLABS = 4
+#: Reads of one window in flight at once (each a run of slabs x one key).
+READ_CONCURRENCY = 8
 
 
 class _Part:
@@ -141,10 +147,25 @@ class ZarrSource:
 
     def _read_slabs(self, first: int, last: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """Rows of slabs ``first..last`` (consecutive, one part) in one read per key; not counted."""
-        part = self.parts[self.slab_part[first]]
-        lo = int(self.slab_start[first] - self.offsets[self.slab_part[first]])
-        hi = int(self.slab_stop[last] - self.offsets[self.slab_part[first]])
-        return {key: part.array[lo:hi, part.t_index[int(key[1:])]] for key in keys}
+        return self._read_runs([(first, last)], keys)[0]
+
+    def _read_runs(self, runs: Sequence[tuple[int, int]], keys: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """:meth:`_read_slabs` of each ``(first, last)`` run, the reads of one store issued
+        concurrently (:data:`READ_CONCURRENCY`); not counted."""
+        out: list[dict[str, np.ndarray]] = [{} for _ in runs]
+        by_part: dict[int, list[tuple[int, str, tuple]]] = {}
+        for i, (first, last) in enumerate(runs):
+            owner = int(self.slab_part[first])
+            part = self.parts[owner]
+            lo = int(self.slab_start[first] - self.offsets[owner])
+            hi = int(self.slab_stop[last] - self.offsets[owner])
+            for key in keys:
+                by_part.setdefault(owner, []).append((i, key, (slice(lo, hi), part.t_index[int(key[1:])])))
+        for owner, reads in by_part.items():
+            got = self.parts[owner].array.read_many([sel for _, _, sel in reads], READ_CONCURRENCY)
+            for (i, key, _), data in zip(reads, got):
+                out[i][key] = data
+        return out
 
     def _slabs_of(self, indices: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.slab_start, indices, side="right") - 1
@@ -257,10 +278,10 @@ class ZarrSource:
             if process_allowed() and not any(is_remote(p.path) for p in self.parts):
                 # A window holds window_rows(k) rows of k keys, or one slab's rows if more.
                 slab = max(p.chunk for p in self.parts) * self.item_bytes * len(self.shapes)
-                self._window_builder = ProcessBuilder(self._read_slabs, self.map_shape, dtype,
+                self._window_builder = ProcessBuilder(self._read_runs, self.map_shape, dtype,
                                                      max(self.buffer_bytes // 4, slab))
             else:
-                self._window_builder = ThreadBuilder(self._read_slabs, self.map_shape, dtype)
+                self._window_builder = ThreadBuilder(self._read_runs, self.map_shape, dtype)
         return self._window_builder
 
     def close(self) -> None:
@@ -280,13 +301,17 @@ class ZarrSource:
         """Rows of a streamed window: a quarter of the buffer (at least one)."""
         return max(1, self.buffer_bytes // 4 // (self.item_bytes * n_keys))
 
-    def _plan(self, groups: list[list[tuple[int, np.ndarray, np.ndarray]]]
+    def _plan(self, groups: list[list[tuple[int, np.ndarray, np.ndarray]]], n_keys: int
               ) -> list[tuple[WindowPlan, np.ndarray]]:
         """Windows from ``(slab, sample positions, window rows)`` pieces, with their labels.
 
         A window's pieces are merged per slab, and runs of up to :data:`RUN_SLABS`
         consecutive slabs of one store are read in one call (fewer, larger reads).
+        Runs are read concurrently in groups whose slabs decode to at most a quarter
+        buffer (or one run), so the slabs in flight stay within a window's size.
         """
+        limit = self.buffer_bytes // 4
+        row_bytes = self.item_bytes * n_keys
         plans = []
         for pieces in groups:
             by_slab: dict[int, list] = {}
@@ -306,7 +331,16 @@ class ZarrSource:
                 dest = np.concatenate([d for slab in run for _, d in by_slab[slab]])
                 merged.append((run[0], run[-1], rows - self.slab_start[run[0]], dest))
                 y[dest] = self.labels[rows]
-            plans.append((WindowPlan(tuple(merged), len(y)), y))
+            reads: list[list[int]] = []
+            held = 0
+            for i, (first, last, _, _) in enumerate(merged):
+                size = int(self.slab_stop[last] - self.slab_start[first]) * row_bytes
+                if not reads or held + size > limit:
+                    reads.append([])
+                    held = 0
+                reads[-1].append(i)
+                held += size
+            plans.append((WindowPlan(tuple(merged), len(y), tuple(map(tuple, reads))), y))
         return plans
 
     def _stream(self, plans, batch_size, keys,
@@ -364,7 +398,7 @@ class ZarrSource:
         bounds = np.append(first, len(indices))
         rows_of = {int(s): indices[bounds[i]:bounds[i + 1]] for i, s in enumerate(used)}
         items = [(slab, rows_of[slab]) for slab in rng.permutation(used).tolist()]
-        return self._windows(items, self.window_rows(len(keys)), rng.permutation)
+        return self._windows(items, self.window_rows(len(keys)), rng.permutation, len(keys))
 
     def _ordered(self, indices, batch_size, keys) -> Iterator[tuple[dict, np.ndarray]]:
         # Windows of consecutive positions, cut where the slab changes once a window is
@@ -375,11 +409,11 @@ class ZarrSource:
         slabs = self._slabs_of(indices)
         runs = np.split(np.arange(len(indices)), np.flatnonzero(np.diff(slabs)) + 1)
         items = [(int(slabs[run[0]]), indices[run]) for run in runs]
-        plans = self._windows(items, self.window_rows(len(keys)), np.arange)
+        plans = self._windows(items, self.window_rows(len(keys)), np.arange, len(keys))
         yield from self._stream(plans, batch_size, keys)
 
     def _windows(self, items: list[tuple[int, np.ndarray]], limit: int,
-                order_of) -> list[tuple[WindowPlan, np.ndarray]]:
+                order_of, n_keys: int) -> list[tuple[WindowPlan, np.ndarray]]:
         """Cut ``(slab, sample positions)`` items, in order, into windows of at most ``limit`` rows
         (an item larger than that alone); a window of n rows places them at ``order_of(n)``."""
         groups: list[list[int]] = [[]]
@@ -399,4 +433,4 @@ class ZarrSource:
                 pieces.append((slab, rows, dest[pos:pos + len(rows)]))
                 pos += len(rows)
             windows.append(pieces)
-        return self._plan(windows)
+        return self._plan(windows, n_keys)

@@ -15,11 +15,16 @@ Checks, for any diffprobe output (extract, pool, classify stores; probe and cka 
   pairs; ``provenance.dataset.n_images``).
 
 ``--repair`` acts on the findings (:mod:`pipeline.store.repair`).
+
+``STORE`` is a folder or a URL (``s3://``, ``memory://``; credentials and endpoint from
+the environment or the location's storage options): the store is opened through
+:func:`pipeline.store.location.zarr_store` and objects are listed through its fs. On
+object storage there are no ``*.partial`` files or temp folders; a finalize claim
+older than ``location.STALE_CLAIM_S`` is the leftover there.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,8 @@ import numpy as np
 from pipeline.errors import StoreError
 from pipeline.store import checks as chk
 from pipeline.store.layout import CROP_COORDS, FAILED, PENDING, SAMPLE_COORDS, WRITTEN, quiet_zarr, read_attrs
+from pipeline.store.location import as_location, claim_is_stale, finalize_claim, is_remote, list_files, zarr_store
+from pipeline.store.schema import dataset_identity
 
 UNIT_STAGES = ("extract", "pool", "classify")
 #: Not counted as damage: what killed writers leave, removed by --repair.
@@ -81,9 +88,9 @@ class Report:
 
 
 def verify_store(path: str | Path) -> Report:
-    """Read every chunk of the output at ``path``; the findings say what is damaged and where."""
-    path = Path(path)
-    if not path.exists():
+    """Read every chunk of the output at ``path`` (a folder or a URL); the findings say what is damaged and where."""
+    path = as_location(path)
+    if not path.exists() and not (path / "zarr.json").exists():  # an S3 prefix "exists" only by its objects
         raise StoreError(f"store {str(path)!r} does not exist")
     try:
         attrs = read_attrs(path)
@@ -103,7 +110,7 @@ def verify_store(path: str | Path) -> Report:
     import zarr
 
     with quiet_zarr():
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+        root = zarr.open_group(zarr_store(path, read_only=True), mode="r", zarr_format=3)
     integrity = chk.Integrity(root, path)
     if "done" in root:
         _unit_store(root, integrity, attrs, report)
@@ -115,6 +122,11 @@ def verify_store(path: str | Path) -> Report:
 def _leftovers(path: Path, report: Report) -> None:
     from pipeline.store.locks import alive, lock_path, read_owner, stale_temps
 
+    if is_remote(path):  # no partial files or temp folders there; a finalize claim can be left
+        claim = finalize_claim(path)
+        if claim_is_stale(claim):
+            report.add(LEFTOVER, f"{claim}: the finalize claim of a process that is gone", files=(claim,))
+        return
     for f in path.rglob("*.partial"):
         report.add(LEFTOVER, f"{f.relative_to(path)}: a write that was killed before its rename", files=(f,))
     for folder in stale_temps(path):
@@ -141,11 +153,13 @@ def _node_metadata(path: Path, report: Report) -> None:
             report.add("metadata", f"{name}/zarr.json is unreadable ({exc}); --repair rewrites it from the "
                                    f"consolidated metadata", array=name, files=(meta,))
     if not listed:
-        for meta in path.rglob("zarr.json"):
+        for key in list_files(path):
+            if key.rpartition("/")[2] != "zarr.json":
+                continue
             try:
-                json.loads(meta.read_text())
+                json.loads((path / key).read_text())
             except (OSError, ValueError) as exc:
-                report.add("metadata", f"{meta.relative_to(path)} is unreadable ({exc})", files=(meta,))
+                report.add("metadata", f"{key} is unreadable ({exc})", files=(path / key,))
 
 
 def _read_object(array, integrity: chk.Integrity, lo: int, hi: int, coords, report: Report) -> str | None:
@@ -166,7 +180,7 @@ def _unit_store(root, integrity: chk.Integrity, attrs: dict, report: Report) -> 
     n = done_array.shape[0]
     unit = int(attrs.get("layout", {}).get("unit_samples") or done_array.chunks[0])
     done = np.full(n, -1, dtype=np.int16)  # -1: unknown (damaged)
-    for coords, lo, hi, file in chk.outer_objects(done_array):
+    for coords, lo, hi, file in integrity.objects(done_array):
         report.objects += 1
         try:
             flags = np.asarray(done_array[lo:hi])
@@ -196,9 +210,10 @@ def _unit_store(root, integrity: chk.Integrity, attrs: dict, report: Report) -> 
         kind = chk.presence_kind(array_path)
         if chk.stage_of(root) != "classify" and array_path != "failure" and not _has_crc(array):
             report.notes.append(f"{integrity.label(array_path)} has no crc32c: damaged bytes may decode silently")
-        for coords, lo, hi, file in chk.outer_objects(array):
+        objects = list(integrity.objects(array))
+        for (coords, lo, hi, file), there in zip(objects, integrity.present(array, [o[3] for o in objects])):
             flags = done[lo:hi]
-            if file.exists():
+            if there:
                 problem = _read_object(array, integrity, lo, hi, coords, report)
                 if problem:
                     report.add("damaged", problem, array=array_path, samples=(lo, hi), files=(file,))
@@ -211,7 +226,8 @@ def _unit_store(root, integrity: chk.Integrity, attrs: dict, report: Report) -> 
         hi = min(lo + unit, n)
         flags = done[lo:hi]
         if complete and (flags == PENDING).any():
-            present = [p for p in data if p in root and any(f.exists() for *_, f in chk.outer_objects(root[p], lo, hi))]
+            present = [p for p in data if p in root and
+                       any(integrity.present(root[p], [f for *_, f in integrity.objects(root[p], lo, hi)]))]
             why = "its done chunk is lost" if present else "it was never written"
             report.add("done", f"samples {lo}..{hi - 1} are pending in a store stamped complete ({why}); "
                                f"--repair rebuilds done from the data present", array="done", samples=(lo, hi))
@@ -258,8 +274,9 @@ def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) ->
     values = {}
     for name in dict.fromkeys(names):
         array = root[name]
-        for coords, lo, hi, file in chk.outer_objects(array):
-            if file.exists():
+        objects = list(integrity.objects(array))
+        for (coords, lo, hi, file), there in zip(objects, integrity.present(array, [o[3] for o in objects])):
+            if there:
                 problem = _read_object(array, integrity, lo, hi, coords, report)
                 if problem:
                     report.add("coordinates", problem, array=name, files=(file,))
@@ -303,22 +320,19 @@ def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) ->
 
 
 def ids_identity(ids: list, labels: list) -> tuple[int, str]:
-    """``(n_images, sha256)`` of a store's rows as the runner stamps ``attrs.identity``: the ordered
-    ``(image_id, label)`` pairs, one per image (an image's views are adjacent rows), each hashed as
-    ``f"{image_id}\\x1f{label}\\x1e"`` (the formula of ``pipeline.workflow.identity.dataset_identity``)."""
-    digest = hashlib.sha256()
-    n, last = 0, None
-    for image_id, label in zip(ids, labels):
-        if image_id != last:
-            digest.update(f"{image_id}\x1f{int(label)}\x1e".encode())
-            n, last = n + 1, image_id
-    return n, digest.hexdigest()
+    """``(n_images, sha256)`` of a store's rows as the runner stamps ``attrs.identity``
+    (:func:`pipeline.store.schema.dataset_identity` over one ``(image_id, label)`` per image:
+    an image's views are adjacent rows)."""
+    firsts = [(i, lab) for k, (i, lab) in enumerate(zip(ids, labels)) if k == 0 or ids[k - 1] != i]
+    identity = dataset_identity(firsts)
+    return identity["n_images"], identity["ids_sha256"]
 
 
 def _results(root, integrity: chk.Integrity, report: Report) -> None:
     for name, array in root.arrays():
-        for coords, lo, hi, file in chk.outer_objects(array):
-            if file.exists():
+        objects = list(integrity.objects(array))
+        for (coords, lo, hi, file), there in zip(objects, integrity.present(array, [o[3] for o in objects])):
+            if there:
                 problem = _read_object(array, integrity, lo, hi, coords, report)
                 if problem:
                     report.add("damaged", problem, array=name, files=(file,))

@@ -5,20 +5,29 @@ when two writers touch one shard, and GPU hours are spent twice), and a process 
 dies must not block its units for ever. So every unit a process works on is *claimed*
 with a lease, kept alive by a heartbeat and taken over once it expires.
 
-Storage: a folder beside the output, ``.<output name>.claims/`` (outside the store's
-hierarchy, so readers and consolidation never see it), holding one small JSON object
-per lease generation::
+Storage: a folder (on object storage: a prefix) beside the output,
+``.<output name>.claims/`` (outside the store's hierarchy, so readers and
+consolidation never see it), holding one small JSON object per lease generation::
 
     unit-00005.000000.json   {"owner", "pid", "host", "label", "created", "heartbeat"}
     shard-1-of-2.000000.json
 
-The protocol uses only two primitives of the storage, so it can be re-implemented
-on object storage with a conditional PUT (S3 ``If-None-Match: *``):
+The protocol uses only three primitives of the storage, which a local file system
+and an object store (S3, GCS, Azure) both have:
 
 - *put-if-absent*: a lease is taken by creating generation ``g`` of its name
-  exclusively (``O_CREAT | O_EXCL`` here). Exactly one of several racers succeeds.
+  exclusively: ``O_CREAT | O_EXCL`` locally, a conditional PUT with
+  ``If-None-Match: *`` on S3 (``pipeline.store.location.put_if_absent``). Exactly one
+  of several racers succeeds. On object storage the creator also reads its object
+  back and checks that it names it (a guard against a server whose conditional put
+  is not atomic; S3's is).
 - *overwrite own object*: the holder refreshes ``heartbeat`` in its own generation
-  file (write a temp file, rename over it; on S3 a plain PUT).
+  object (locally a temp file renamed over it; on S3 a plain PUT, atomic per object).
+  No one else ever writes generation ``g``, so this needs no ``If-Match``. (moto 5
+  honours ``If-Match`` on PutObject, but s3fs has no way to send it on a write, and
+  GCS spells it differently; one new object per generation needs neither.)
+- *list*: the generations of a lease are the names under the folder (S3 LISTs are
+  strongly consistent with PUTs and DELETEs).
 
 A lease is live while ``now - heartbeat < timeout`` (``DIFFPROBE_LEASE_TIMEOUT``
 seconds, default 600; hosts must agree on the time to well within it). On the same
@@ -47,6 +56,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Self
 
+from pipeline.store import location
+
 TIMEOUT_ENV = "DIFFPROBE_LEASE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -63,8 +74,8 @@ def lease_timeout() -> float:
 
 
 def claims_folder(output: Path) -> Path:
-    """Where the leases of ``output`` live (beside it, outside its hierarchy)."""
-    output = Path(output)
+    """Where the leases of ``output`` (a folder or a URL) live: beside it, outside its hierarchy."""
+    output = location.as_location(output)
     return output.parent / f".{output.name}.claims"
 
 
@@ -109,6 +120,7 @@ class Claims:
 
     def __init__(self, output: Path, timeout: float | None = None):
         self.folder = claims_folder(output)
+        self.remote = location.is_remote(self.folder)
         self.timeout = lease_timeout() if timeout is None else float(timeout)
         self.host = socket.gethostname()
         self.pid = os.getpid()
@@ -123,11 +135,16 @@ class Claims:
     def _path(self, name: str, gen: int) -> Path:
         return self.folder / f"{name}.{gen:06d}.json"
 
-    def _generations(self, name: str) -> list[int]:
+    def _entries(self) -> list[str]:
+        if self.remote:
+            return location.list_files(self.folder)
         try:
-            entries = os.listdir(self.folder)
+            return os.listdir(self.folder)
         except FileNotFoundError:
             return []
+
+    def _generations(self, name: str) -> list[int]:
+        entries = self._entries()
         gens = []
         for entry in entries:
             stem, _, ext = entry.rpartition(".")
@@ -139,15 +156,26 @@ class Claims:
     def _read(self, name: str, gen: int) -> Holder | None:
         path = self._path(name, gen)
         try:
-            text = path.read_text()
-            mtime = path.stat().st_mtime
+            # One GET on object storage: a UPath file object pins the ETag of its first request, and a
+            # heartbeat that replaces the object meanwhile would fail the read (s3fs FileExpired)
+            text = path.fs.cat_file(path.path).decode() if self.remote else path.read_text()
         except FileNotFoundError:
             return None
         try:
             return Holder(**json.loads(text))
         except (ValueError, TypeError):
             # Created but not yet written (or cut short by a crash): live until it ages out.
+            try:
+                mtime = self._modified(path)
+            except FileNotFoundError:
+                return None
             return Holder("?", -1, "?", name, mtime, mtime)
+
+    def _modified(self, path: Path) -> float:
+        if self.remote:  # ask the server: s3fs would answer from a cached listing
+            path.fs.invalidate_cache(path.path)
+            return path.fs.info(path.path)["LastModified"].timestamp()
+        return path.stat().st_mtime
 
     def _document(self, label: str, created: float) -> bytes:
         holder = Holder(self.owner, self.pid, self.host, label, created, time.time())
@@ -173,28 +201,53 @@ class Claims:
                 gen = gens[-1] + 1
             else:
                 gen = gens[-1] + 1  # released (or superseded) between listing and reading
-        self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self._path(name, gen), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not self._create(self._path(name, gen), self._document(label, time.time())):
             winner = self._read(name, gen)
             return winner or Holder("?", -1, "?", label, time.time(), time.time())
-        try:
-            os.write(fd, self._document(label, time.time()))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        newest = self._generations(name)[-1]
+        now = self._generations(name)
+        newest = now[-1] if now else None  # None: removed with the whole folder (the output completed)
         if newest != gen:
             # A racer created a higher generation meanwhile: it supersedes ours.
-            self._path(name, gen).unlink(missing_ok=True)
-            return self._read(name, newest) or Holder("?", -1, "?", label, time.time(), time.time())
+            self._delete(self._path(name, gen))
+            winner = self._read(name, newest) if newest is not None else None
+            return winner or Holder("?", -1, "?", label, time.time(), time.time())
         with self._lock:
             self._held[name] = (gen, label)
         for old in gens:
             if old < gen:
-                self._path(name, old).unlink(missing_ok=True)
+                self._delete(self._path(name, old))
         return None
+
+    def _create(self, path: Path, body: bytes) -> bool:
+        """Put-if-absent of a lease object; True if this process created it."""
+        if self.remote:
+            if not location.put_if_absent(path, body):
+                return False
+            held = self._read(*self._split(path))
+            return held is not None and held.owner == self.owner
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _split(self, path: Path) -> tuple[str, int]:
+        stem = path.name.rpartition(".")[0]
+        base, _, gen = stem.rpartition(".")
+        return base, int(gen)
+
+    def _delete(self, path: Path) -> None:
+        if self.remote:
+            with contextlib.suppress(FileNotFoundError):
+                path.fs.rm_file(path.path)
+        else:
+            path.unlink(missing_ok=True)
 
     def confirm(self, name: str) -> bool:
         """Whether this process still holds ``name`` (no one took it over after a stall)."""
@@ -207,7 +260,7 @@ class Claims:
         with self._lock:
             entry = self._held.pop(name, None)
         if entry is not None and self.confirm_generation(name, entry[0]):
-            self._path(name, entry[0]).unlink(missing_ok=True)
+            self._delete(self._path(name, entry[0]))
 
     def confirm_generation(self, name: str, gen: int) -> bool:
         """Generation ``gen`` of ``name`` is the newest and its object names this process."""
@@ -227,8 +280,12 @@ class Claims:
                 continue
             current = self._read(name, gen)
             path = self._path(name, gen)
+            body = self._document(label, current.created if current else time.time())
+            if self.remote:  # one PUT replaces the object whole
+                path.write_bytes(body)
+                continue
             tmp = path.with_name(f".{path.name}.{self.owner.rsplit(':', 1)[-1]}.tmp")
-            tmp.write_bytes(self._document(label, current.created if current else time.time()))
+            tmp.write_bytes(body)
             os.replace(tmp, path)
 
     # -- lifetime -------------------------------------------------------------
@@ -238,8 +295,12 @@ class Claims:
             interval = max(0.05, self.timeout / 4)
 
             def beat():
+                from pipeline import faults
+
                 while not self._stop.wait(interval):
-                    with contextlib.suppress(OSError):
+                    if faults.stalled():  # an injected stall freezes the whole process
+                        continue
+                    with contextlib.suppress(Exception):  # a failed beat is retried; expiry covers the rest
                         self.heartbeat()
 
             self._thread = threading.Thread(target=beat, name="diffprobe-lease-heartbeat", daemon=True)
@@ -255,8 +316,9 @@ class Claims:
         for name in list(self._held):
             with contextlib.suppress(OSError):
                 self.release(name)
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()  # only when empty
+        if not self.remote:  # a prefix has no folder object to remove
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only when empty
 
     def __enter__(self) -> Self:
         return self.start()
@@ -267,10 +329,7 @@ class Claims:
     # -- for messages and inspect --------------------------------------------
     def holders(self) -> dict[str, Holder]:
         """Every lease in the folder: name -> current holder (live or not)."""
-        try:
-            entries = os.listdir(self.folder)
-        except FileNotFoundError:
-            return {}
+        entries = self._entries()
         names = {e.rpartition(".")[0].rpartition(".")[0] for e in entries if e.endswith(".json")}
         out = {}
         for name in sorted(names):
@@ -294,9 +353,8 @@ def shard_lease(shard: tuple[int, int]) -> str:
 
 def remove_claims(output: Path) -> None:
     """Delete the lease folder of a completed output (no one may hold a lease on it any more)."""
-    import shutil
-
-    shutil.rmtree(claims_folder(output), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        location.remove(claims_folder(output))
 
 
 class UnitClaims:
@@ -305,36 +363,46 @@ class UnitClaims:
     ``take(units, is_done)`` yields each unit this process claimed and that is still
     not done (checked after the claim: another process may have finished it since
     the run started); units held by a live process are skipped and listed in
-    ``skipped``. ``finish(unit)`` (after the unit's ``done`` is durable) and
-    ``abandon(unit)`` release the lease.
+    ``skipped``. ``finish(unit)`` (after the unit's ``done`` is durable) releases the lease.
+
+    Fencing: a holder that stalled past the lease timeout (a frozen process, a
+    paused VM) may wake up after another process took its unit over. Before it writes
+    a unit, and again just before it marks the unit done, it asks
+    :meth:`still_holds`; once the lease is lost, it writes no ``done`` (the new holder
+    does), ``log``s one line and goes on with the units it still can take.
     """
 
-    def __init__(self, claims: Claims, label: str):
+    def __init__(self, claims: Claims, label: str, log=None):
         self.claims = claims
         self.label = label
+        self.log = log or (lambda message: None)
         self.skipped: dict[int, Holder] = {}
+        self.fenced: list[int] = []
 
     def take(self, units: Iterable[int], is_done) -> Iterator[int]:
         for unit in units:
             holder = self.claims.try_claim(unit_lease(unit), f"{self.label}, unit {unit}")
             if holder is not None:
-                self.skipped[unit] = holder
+                if not is_done(unit):  # (a unit finished meanwhile is no one's any more)
+                    self.skipped[unit] = holder
                 continue
             if is_done(unit):
                 self.claims.release(unit_lease(unit))
                 continue
             yield unit
 
-    def confirm(self, unit: int) -> None:
-        """Raise if this process lost the unit's lease (it stalled past the timeout and
-        another process took the unit over): the unit must not be written twice."""
-        if not self.claims.confirm(unit_lease(unit)):
-            from pipeline.errors import StoreError
-
+    def still_holds(self, unit: int) -> bool:
+        """Whether this process still holds the unit's lease (its generation is the newest and
+        names this process); if not, log one line (once per unit) and return False."""
+        if self.claims.confirm(unit_lease(unit)):
+            return True
+        if unit not in self.fenced:
+            self.fenced.append(unit)
             holder = self.claims.holder(unit_lease(unit))
             who = holder.describe(self.claims.timeout) if holder else "another process"
-            raise StoreError(f"lost the lease on unit {unit} to {who} after a stall longer than "
-                             f"{self.claims.timeout:.0f} s; not writing it. Run again to finish the rest")
+            self.log(f"lost the lease on unit {unit} to {who} after a stall longer than "
+                     f"{self.claims.timeout:.0f} s; not marking it done (its new holder does)")
+        return False
 
     def finish(self, unit: int) -> None:
         self.claims.release(unit_lease(unit))

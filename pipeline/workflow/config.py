@@ -20,6 +20,7 @@ in one-line messages and "did you mean" hints, and the types involved are few.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,11 @@ import pipeline
 from pipeline.errors import ConfigError, did_you_mean
 from pipeline.store import location
 from pipeline.store.location import is_url
+
+#: The workflow's ``storage_options`` while its stages are built: a URL in a path field
+#: (dataset ``root``, model ``path`` / ``config``) becomes a :class:`location.URLText` carrying them.
+_STORAGE_OPTIONS: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("storage_options",
+                                                                                       default=None)
 
 # ---------------------------------------------------------------- YAML with line numbers
 
@@ -198,8 +204,10 @@ def coerce(value: Any, tp: Any, where: Where, base_dir: Path | None = None, path
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         if path_kind and is_url(value):
-            raise ConfigError(f"{where}: {value!r}: models and datasets are read from local paths only; "
-                              "copy them to a local disk (stores may be URLs: output_dir, output)")
+            if path_kind == "factory":
+                raise ConfigError(f"{where}: {value!r}: a factory is imported from a local file or package; "
+                                  "copy the file to a local disk")
+            return location.URLText(value, _STORAGE_OPTIONS.get())
         return resolve_path(value, base_dir, path_kind) if path_kind else value
     raise TypeError(f"unsupported config type {tp!r} at {where}")  # a diffprobe bug, not user input
 
@@ -342,6 +350,16 @@ def load_workflow(path: str | Path, registry: Mapping[str, type]) -> Workflow:
     raw_stages = doc.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
         raise ConfigError(f"{top.child('stages', doc)}: must be a non-empty list of stages")
+    token = _STORAGE_OPTIONS.set(storage_options)
+    try:
+        entries = _build_stages(path, raw_stages, registry, base, output_dir, storage_options)
+    finally:
+        _STORAGE_OPTIONS.reset(token)
+    return Workflow(name, path, base, output_dir, cluster, tuple(entries), storage_options)
+
+
+def _build_stages(path: Path, raw_stages: list, registry: Mapping[str, type], base: Path, output_dir,
+                  storage_options: Mapping[str, Any]) -> list[StageEntry]:
     entries: list[StageEntry] = []
     for i, raw in enumerate(raw_stages):
         where = Where(path, getattr(raw, "line", None), f"stages[{i}]")
@@ -380,7 +398,7 @@ def load_workflow(path: str | Path, registry: Mapping[str, type]) -> Workflow:
                 inputs[f.name] = refs
         out = location.parse(coerce(output, str, where.child("output", raw)), base, storage_options) if output else output_dir / f"{sname}{stage_cls.output_suffix}"
         entries.append(StageEntry(sname, kind, cfg, inputs, out, raw.line, stage_cls))
-    return Workflow(name, path, base, output_dir, cluster, tuple(entries), storage_options)
+    return entries
 
 
 # ---------------------------------------------------------------- hashing
@@ -411,6 +429,8 @@ def config_dict(cfg: Any, base_dir: Path | None = None, hashed: bool = False) ->
             value = config_dict(value, base_dir, hashed)
         elif isinstance(value, tuple):
             value = [config_dict(v, base_dir, hashed) if dataclasses.is_dataclass(v) else v for v in value]
+        elif isinstance(value, location.URLText):
+            value = str(value)  # the bare URL: its storage options are never hashed or stored
         elif f.metadata.get("path") and isinstance(value, str) and base_dir is not None:
             target, sep, func = value.rpartition(":") if f.metadata["path"] == "factory" else ("", "", value)
             p = target if sep else value

@@ -11,17 +11,16 @@ row is written, and the refusal names the first image that differs.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
+
+from pipeline.store.schema import dataset_identity as identity_of_pairs
 
 
 def dataset_identity(records: Sequence) -> dict:
     """``{"n_images": n, "ids_sha256": hex}`` over the ordered ``(image_id, label)`` pairs
-    of ``records`` (``pipeline.datasets.Record``: anything with ``image_id`` and ``label``)."""
-    digest = hashlib.sha256()
-    for rec in records:
-        digest.update(f"{rec.image_id}\x1f{int(rec.label)}\x1e".encode())
-    return {"n_images": len(records), "ids_sha256": digest.hexdigest()}
+    of ``records`` (``pipeline.datasets.Record``: anything with ``image_id`` and ``label``);
+    the formula is ``pipeline.store.schema.dataset_identity``, which ``verify`` shares."""
+    return identity_of_pairs((rec.image_id, rec.label) for rec in records)
 
 
 def first_difference(stored: Sequence[str], current: Sequence[str]) -> str:

@@ -15,7 +15,8 @@ it with the hash stamped in the existing output, and then
 ``--only``; an up-to-date input of a changed stage is never deleted. Each stage run
 holds a lease (``pipeline.workflow.claims``): its ``--shard i/N`` share, or the whole
 stage for stages that do not shard; a second process on the same share is refused
-with the holder's pid and host.
+with the holder's pid and host. Outputs on object storage hold their leases there
+too (beside the store, under the same URL prefix).
 """
 
 from __future__ import annotations
@@ -356,11 +357,6 @@ class Runner:
         from pipeline.workflow.claims import Claims, remove_claims, shard_lease
 
         stage = self.stages[entry.name]
-        if is_remote(entry.output):  # leases are files beside a local output; not yet on object storage
-            if replace:
-                remove(entry.output)
-            stage.run(entry.config, self.context(entry))
-            return
         claims = Claims(entry.output)
         if stage.shardable and self.shard[1] > 1:
             lease, label = shard_lease(self.shard), f"stage {entry.name}, shard {self.shard[0]}/{self.shard[1]}"

@@ -103,14 +103,11 @@ class RunContext:
 
     def unit_claims(self):
         """Units taken one at a time under a lease (see ``pipeline.workflow.claims``)."""
-        from pipeline.store.location import is_remote
         from pipeline.workflow.claims import Claims, UnitClaims
 
-        if is_remote(self.output):
-            return None  # leases live beside local outputs only (for now)
         if self.claims is None:
             self.claims = Claims(self.output).start()
-        return UnitClaims(self.claims, f"stage {self.entry.name}{self.shard_note()}")
+        return UnitClaims(self.claims, f"stage {self.entry.name}{self.shard_note()}", log=self.log)
 
     def report_skipped(self, computed: int, units) -> None:
         """After a run: refuse if every pending unit was held by another live process,
@@ -229,6 +226,12 @@ class Stage:
     def stored_shapes(self, cfg: Any) -> dict[str, tuple[int, ...]] | None:
         """{block: (C, H, W)} of the maps ``cfg`` will store, known before running (for
         a later stage's ``validate``), or None where the stage cannot say."""
+        return None
+
+    def planned_shape(self, cfg: Any, entry: Any, workflow: Any) -> Any:
+        """The ``pipeline.estimate.StoreShape`` of the store ``cfg`` will write, known before
+        it runs (for a later stage's time estimate in ``diffprobe plan``), or None where the
+        stage cannot say. ``entry`` / ``workflow``: this stage's entry and its workflow."""
         return None
 
     def run(self, cfg: Any, ctx: RunContext) -> None:

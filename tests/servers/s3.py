@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -40,7 +41,24 @@ class S3Server:
     key: str = KEY
     secret: str = SECRET
     region: str = REGION
+    #: The server's log: one line per HTTP request (``"GET /bucket?list-type=2..." 200``).
+    log_path: Path | None = None
     _process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def requests_since(self, offset: int) -> list[str]:
+        """Request lines (``GET /bucket/key``, ``HEAD ...``) the server logged after byte ``offset``
+        of its log (``offset = server.log_offset()`` before the code under test)."""
+        # werkzeug logs a request once it has answered it: wait until the log stops growing
+        size, deadline = -1, time.monotonic() + 3
+        while size != self.log_path.stat().st_size and time.monotonic() < deadline:
+            size = self.log_path.stat().st_size
+            time.sleep(0.15)
+        text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # werkzeug colours some statuses
+        return [line.split('"')[1] for line in text.splitlines() if line.count('"') >= 2 and " HTTP/" in line]
+
+    def log_offset(self) -> int:
+        return self.log_path.stat().st_size
 
     @property
     def storage_options(self) -> dict:
@@ -114,7 +132,7 @@ def start_s3_server(log_path: Path, timeout: float = 60, tries: int = 3) -> S3Se
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and process.poll() is None:
             if _answers(url):
-                return S3Server(endpoint_url=url, _process=process)
+                return S3Server(endpoint_url=url, log_path=log_path, _process=process)
             time.sleep(0.1)
         if process.poll() is None:
             process.kill()
