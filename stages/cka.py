@@ -420,6 +420,26 @@ class CKAStage(Stage):
     def _paths(self, cfg: CKAConfig, ctx: RunContext) -> dict[str, Path]:
         return {name: as_location(p) for name, p in zip(cfg.inputs, ctx.inputs["inputs"])}
 
+    def validate(self, cfg: CKAConfig, ctx: RunContext) -> None:
+        # The minibatch estimator needs batch_size <= the matched samples; the fewest
+        # images of view 0 over the inputs bounds that count from above (failed images
+        # can only lower it), so a batch_size above it fails for certain and is refused
+        # here, before the inputs are computed.
+        if cfg.estimator != "minibatch":
+            return
+        from pipeline.estimate import input_shape
+
+        sizes = {}
+        for name in cfg.inputs:
+            shape = input_shape(ctx.workflow, name)
+            if shape is None:
+                return
+            sizes[name] = shape.n_images
+        name, n = min(sizes.items(), key=lambda kv: kv[1])
+        if cfg.batch_size > n:
+            raise ConfigError(f"cka: batch_size {cfg.batch_size} exceeds the {n} images of '{name}' "
+                              f"(at most that many samples are matched): set batch_size <= {n}")
+
     def run(self, cfg: CKAConfig, ctx: RunContext) -> None:
         from pipeline.cluster.client import get_client, run_tasks
 
