@@ -490,6 +490,16 @@ class CKAStage(Stage):
         remove(out / "grams")  # scratch Grams of gram-cache: n^2 x 8 bytes each
         ctx.log(f"CKA matrix in {out} (cka.csv, cka.png)")
 
+    def results_bytes(self, cfg: CKAConfig, ctx: RunContext) -> int:
+        from pipeline.store.space import results_bytes
+
+        plan = build_cka_work(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=ctx.output / "grams")
+        n_values = len(plan.rows) * len(plan.cols)
+        scratch = len(plan.phases[0]) * 8 * plan.align.n ** 2 if plan.method == "gram-cache" else 0
+        # the matrix and its 12 coordinates; the CSV (~120 bytes per entry), the task results, the alignment
+        return (results_bytes(13, n_values, len(plan.tasks) + 2, 1) + 120 * n_values + 16 * plan.align.n
+                + scratch)
+
     def _attrs(self, cfg: CKAConfig, ctx: RunContext, plan: CKAWork, finished: dict, failed: list) -> dict:
         estimator = {"estimator": cfg.estimator, "method": plan.method}
         if cfg.estimator == "minibatch":

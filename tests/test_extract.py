@@ -14,6 +14,7 @@ import torch
 import zarr
 
 from pipeline import store
+from pipeline.store.failures import read_failed_images
 from pipeline.workflow.config import load_workflow
 from stages import STAGES
 from pipeline.datasets import DatasetConfig, open_dataset, preprocess
@@ -200,7 +201,7 @@ def test_corrupt_image_is_recorded_and_masked_never_zero_filled(extract_workflow
     good = [i for i in range(len(ids)) if i != bad]
     assert (root["done"][:][good] == store.WRITTEN).all()
     assert np.isfinite(root["blocks/mid_block/activations"][good]).all()
-    failed = store.read_attrs(out)["failed_images"]
+    failed = read_failed_images(out)
     assert [f["image_id"] for f in failed] == ["b/9.png"] and failed[0]["reason"]
     assert store.read_attrs(out)["complete"] is True
 
