@@ -26,11 +26,13 @@ Two throughputs, each the best of two alternating runs after a warm-up:
 
     .venv/bin/python benchmarks/probe_throughput.py               # default cases
     .venv/bin/python benchmarks/probe_throughput.py --n 4096      # quicker
+    .venv/bin/python benchmarks/probe_throughput.py --only 'crc32c' --json   # one case, JSON too
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -144,7 +146,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--folder", type=Path, default=None, help="keep stores here (default: a temp dir)")
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
+    parser.add_argument("--only", default=None, help="run only the case of this name, or those whose name contains this text")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per case too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp)
@@ -154,7 +157,7 @@ def main() -> None:
               "| top-1 (zarr / memory) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name, (channels, p, heads, buffer_mib, codecs) in CASES.items():
-            if args.only and args.only not in name:
+            if args.only and (name != args.only if args.only in CASES else args.only not in name):
                 continue
             r = run_case(folder, name, args.n, channels, p, heads, args.epochs, buffer_mib, codecs)
             top = " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(*r["top1"]))
@@ -162,6 +165,8 @@ def main() -> None:
                   f"{r['memory_train_samples_per_s']:.0f} | **{r['train_ratio']:.2f}** | "
                   f"{r['zarr_samples_per_s']:.0f} / {r['memory_samples_per_s']:.0f} | {r['ratio']:.2f} | "
                   f"{r['zarr_read_mib']:.0f} | {top} |", flush=True)
+            if args.json:
+                print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,17 @@ the builtin it refines, so ``except ValueError`` around a library call still wor
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
+
+#: errno values of an output file system a user fixes outside diffprobe (full, quota,
+#: file-size limit, read-only, forbidden): never retried, always one line (the runner's).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError of the file system being written (see :data:`STORAGE_ERRNOS`)."""
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
 
 
 class DiffprobeError(Exception):

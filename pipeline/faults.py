@@ -10,9 +10,16 @@ Hooks, each off unless its environment variable is set:
 - ``DIFFPROBE_FAULT_UNIT_DELAY=S``: extract, classify and pool sleep S seconds before computing
   each unit (so tests can run two processes on one output at the same time).
 - ``DIFFPROBE_FAULT_KILL_AT=point``: the process SIGKILLs itself when it reaches the
-  named point (:func:`kill_point`), e.g. ``finalize:consolidate`` (between a store's
-  attrs and its consolidated metadata) or ``schema:build`` (inside the temp folder of
-  a schema being built).
+  named point (:func:`kill_point`). The points:
+
+  ``schema:build``            inside the temp folder of a schema being built;
+  ``finalize:consolidate``    a unit store's final attrs written, metadata not consolidated;
+  ``finalize:stamp``          consolidated, not yet stamped ``complete``;
+  ``<stage>:task:save``       (probe, cka) a finished task's result written to its temp
+                              file, not yet renamed into the task cache;
+  ``<stage>:results:write``   (probe, cka) CSV and figures written, the results Dataset not;
+  ``<stage>:results:consolidate``  the Dataset written, metadata not consolidated;
+  ``<stage>:results:stamp``   consolidated, not yet stamped ``complete``.
 - ``DIFFPROBE_FAULT_STALL_AT=point:S``: the process stalls S seconds the first time it
   reaches the named point (:func:`stall_point`), heartbeats included, as a frozen
   process or a paused VM would; e.g. ``unit:before-done`` (a unit's data is written,
@@ -105,3 +112,7 @@ def stall_point(point: str) -> None:
 def stalled() -> bool:
     """Whether this process is inside an injected stall (its heartbeats must stop too)."""
     return _stalled.is_set()
+
+
+#: The kill points a results stage (``probe``, ``cka``) passes, in order (``<stage>:`` prefixed).
+RESULTS_KILL_POINTS = ("task:save", "results:write", "results:consolidate", "results:stamp")

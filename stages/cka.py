@@ -420,6 +420,26 @@ class CKAStage(Stage):
     def _paths(self, cfg: CKAConfig, ctx: RunContext) -> dict[str, Path]:
         return {name: as_location(p) for name, p in zip(cfg.inputs, ctx.inputs["inputs"])}
 
+    def validate(self, cfg: CKAConfig, ctx: RunContext) -> None:
+        # The minibatch estimator needs batch_size <= the matched samples; the fewest
+        # images of view 0 over the inputs bounds that count from above (failed images
+        # can only lower it), so a batch_size above it fails for certain and is refused
+        # here, before the inputs are computed.
+        if cfg.estimator != "minibatch":
+            return
+        from pipeline.estimate import input_shape
+
+        sizes = {}
+        for name in cfg.inputs:
+            shape = input_shape(ctx.workflow, name)
+            if shape is None:
+                return
+            sizes[name] = shape.n_images
+        name, n = min(sizes.items(), key=lambda kv: kv[1])
+        if cfg.batch_size > n:
+            raise ConfigError(f"cka: batch_size {cfg.batch_size} exceeds the {n} images of '{name}' "
+                              f"(at most that many samples are matched): set batch_size <= {n}")
+
     def run(self, cfg: CKAConfig, ctx: RunContext) -> None:
         out = ctx.output
         cache = ctx.open_results_output()  # before the alignment file is saved inside it
@@ -469,6 +489,16 @@ class CKAStage(Stage):
                                  f"{first['error']}); their entries are NaN in {out}; re-run to retry them")
         remove(out / "grams")  # scratch Grams of gram-cache: n^2 x 8 bytes each
         ctx.log(f"CKA matrix in {out} (cka.csv, cka.png)")
+
+    def results_bytes(self, cfg: CKAConfig, ctx: RunContext) -> int:
+        from pipeline.store.space import results_bytes
+
+        plan = build_cka_work(cfg, self._paths(cfg, ctx), ctx.workflow.cluster, scratch=ctx.output / "grams")
+        n_values = len(plan.rows) * len(plan.cols)
+        scratch = len(plan.phases[0]) * 8 * plan.align.n ** 2 if plan.method == "gram-cache" else 0
+        # the matrix and its 12 coordinates; the CSV (~120 bytes per entry), the task results, the alignment
+        return (results_bytes(13, n_values, len(plan.tasks) + 2, 1) + 120 * n_values + 16 * plan.align.n
+                + scratch)
 
     def _attrs(self, cfg: CKAConfig, ctx: RunContext, plan: CKAWork, finished: dict, failed: list) -> dict:
         estimator = {"estimator": cfg.estimator, "method": plan.method}

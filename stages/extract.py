@@ -13,6 +13,8 @@ copy to (pinned) host memory, and a background thread writes each finished unit
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,7 +25,7 @@ import torch
 from pipeline import faults, store
 from pipeline.datasets import DatasetConfig, open_dataset
 from pipeline.datasets.augment import AugmentedImages, AugmentSpec, view_flipped
-from pipeline.datasets.torch_data import load_images
+from pipeline.datasets.torch_data import DecodeAhead, Decoded, PreprocessedImages, load_images
 from pipeline.errors import ConfigError, DatasetError, DiffprobeError
 from pipeline.hooks import capture, run_truncated
 from pipeline.store.describe import human_bytes
@@ -73,6 +75,8 @@ class ExtractConfig:
     augment: AugmentSpec | None = None
     unit_samples: int | None = None
     num_workers: int = not_hashed(0)
+    decode_threads: int | None = not_hashed(None)
+    torch_threads: int | None = not_hashed(None)
     compression: store.Compression = field(default_factory=store.Compression)
 
     def __post_init__(self):
@@ -80,9 +84,12 @@ class ExtractConfig:
             object.__setattr__(self, "conditioning", "null")
         if isinstance(self.blocks, str) and self.blocks != "all":
             object.__setattr__(self, "blocks", (self.blocks,))
-        for name in ("batch_size", "views"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "views", "torch_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "decode_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"'{name}' must be >= 0, got {getattr(self, name)}")
         if not self.timesteps:
             raise ValueError("'timesteps' must list at least one timestep")
         if self.augment is not None:
@@ -94,6 +101,42 @@ class ExtractConfig:
                                  "drop flip, or set augment.flip")
 
 
+    def cpu_settings(self, device_type: str, cores: int | None = None) -> tuple[int, int]:
+        """``(torch threads, decode threads)``: the configured values, or defaults from the cores.
+
+        The forward takes all cores but one when there are two or more (the writer
+        thread compresses and fsyncs on the one left: on 2 cores, two torch threads
+        ran at 0.86-0.88 of a bare forward, one at 0.95-0.99, see
+        benchmarks/RESULTS.md). One thread decodes the next unit on a CPU device
+        (small next to the forward's cost); on a GPU the CPU decodes for the device,
+        so up to half the cores (at most 8) decode. ``cores`` defaults to the cores
+        this process may run on (``os.sched_getaffinity``).
+        """
+        cores = available_cores() if cores is None else cores
+        spare = max(1, cores - 1)
+        torch_threads = self.torch_threads or spare
+        if self.decode_threads is not None:
+            return torch_threads, self.decode_threads
+        return torch_threads, 1 if device_type == "cpu" else max(1, min(8, cores // 2))
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def stored_shape(shape: tuple[int, int, int], pool: PoolSpec | None) -> tuple[int, int, int]:
@@ -197,10 +240,30 @@ class Extractor:
                                                        dtype=torch.long, device=self.device))
         return Condition("none")
 
+    def image_dataset(self) -> PreprocessedImages:
+        """The dataset's images as the model takes them (all views of an image, with ``augment``)."""
+        use_bbox = self.cfg.dataset.crop == "bbox"
+        if self.cfg.augment is None:
+            return PreprocessedImages(self.reader, self.prep, use_bbox)
+        return AugmentedImages(self.reader, self.prep, self.cfg.augment, self.cfg.seed, self.cfg.views, use_bbox)
+
+    def unit_images(self, unit: int) -> list[int]:
+        """Dataset positions of the images whose views fill ``unit``."""
+        start, stop = self.layout.unit_range(unit)
+        return sorted({s // self.cfg.views for s in range(start, stop)})
+
+    def decode_ahead(self, units: list[int]) -> DecodeAhead:
+        """The images of ``units``, in that order, decoded one unit ahead of the forward."""
+        _, threads = self.cfg.cpu_settings(self.device.type)
+        return DecodeAhead(self.image_dataset(), [self.unit_images(u) for u in units], threads=threads,
+                           workers=self.cfg.num_workers)
+
     @torch.no_grad()
-    def compute_unit(self, unit: int) -> tuple[dict[str, np.ndarray], dict[int, str], dict[str, np.ndarray]]:
+    def compute_unit(self, unit: int, images: Decoded | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[int, str], dict[str, np.ndarray]]:
         """All blocks x timesteps for one unit.
 
+        ``images``: the unit's decoded images (:meth:`decode_ahead`); None decodes them here.
         Returns {block: (U, T, C, H, W)}, failures {position in unit: reason}, and the
         crops the unit's views drew ({``store.CROP_COORDS`` name: (U,) int32}; empty
         without ``augment``).
@@ -208,12 +271,10 @@ class Extractor:
         cfg, lay = self.cfg, self.layout
         start, stop = lay.unit_range(unit)
         views = cfg.views
-        image_idx = sorted({s // views for s in range(start, stop)})
-        use_bbox = cfg.dataset.crop == "bbox"
-        dataset = None if cfg.augment is None else AugmentedImages(
-            self.reader, self.prep, cfg.augment, cfg.seed, views, use_bbox)
-        arrays, read_failures = load_images(self.reader, self.prep, image_idx, cfg.num_workers,
-                                             use_bbox=use_bbox, dataset=dataset)
+        if images is None:
+            images = load_images(self.reader, self.prep, self.unit_images(unit), cfg.num_workers,
+                                 dataset=self.image_dataset())
+        arrays, read_failures = images
         coords = {}
         if cfg.augment is not None:
             boxes = np.full((stop - start, len(store.CROP_COORDS)), -1, dtype=np.int32)
@@ -344,15 +405,28 @@ def extract_units(ex: Extractor, output: Path, units: list[int], desc: str = "ex
     total = sum(lay.unit_range(u)[1] - lay.unit_range(u)[0] for u in units)
     taken = units if claims is None else claims.take(units, lambda u: store.unit_status(output)[u])
     computed = 0
+    n_threads, _ = ex.cfg.cpu_settings(ex.device.type)
+    # Images decode one unit ahead in the order of ``units``; a unit another process took
+    # is skipped (its images were decoded for nothing, the rare case).
+    decoder = ex.decode_ahead(units)
+    decoded = iter(decoder)
+    position = 0
     try:
-        with tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
+        with torch_threads(n_threads), tqdm(total=total, unit="sample", desc=desc, disable=not progress) as bar:
             for unit in taken:
+                while units[position] != unit:
+                    next(decoded)
+                    position += 1
+                images = next(decoded)
+                position += 1
                 faults.unit_delay()
-                writer.put(unit, ex.compute_unit(unit))
+                writer.put(unit, ex.compute_unit(unit, images))
                 computed += 1
                 start, stop = lay.unit_range(unit)
                 bar.update(stop - start)
     finally:
+        decoded.close()
+        decoder.close()
         writer.close()
     return computed
 
@@ -444,7 +518,7 @@ class ExtractStage(Stage):
         elif ex.device.type == "cpu":
             # CPU time on one thread, over the run's threads (linear scaling): the wall clock
             # moved 5x between plans of two identical models on a shared machine
-            run_threads = torch.get_num_threads()
+            run_threads = cfg.cpu_settings(ex.device.type)[0]
             sample = measure(one_batch, warmup=1, repeats=5, budget_s=10.0, threads=1)
             per_pair = sample.seconds / run_threads / max(1, probe_unit_samples * n_t)
         else:

@@ -362,6 +362,16 @@ class ProbeStage(Stage):
                 f"their cells are NaN in {out}; re-run to retry just those"
             )
 
+    def results_bytes(self, cfg: ProbeConfig, ctx: RunContext) -> int:
+        from pipeline.probing.results import METRICS
+        from pipeline.store.space import results_bytes
+
+        test_source = ctx.inputs.get("test_input")
+        grid = build_grid(cfg, as_location(ctx.inputs["input"]), as_location(test_source) if test_source else None)
+        n_values = len(grid.blocks) * len(grid.timesteps) * len(grid.pools) * len(grid.head_kinds)
+        # every metric and the 5 coordinates; results.csv and one task file per group; a heatmap per head
+        return results_bytes(len(METRICS) + 5, n_values, len(grid.tasks) + 1, len(grid.head_kinds))
+
     def plan(self, cfg: ProbeConfig, ctx: RunContext) -> list[tuple[str, str]]:
         source = as_location(ctx.inputs["input"])
         test_source = ctx.inputs.get("test_input")

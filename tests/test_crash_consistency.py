@@ -1,7 +1,9 @@
-"""Crash consistency as a property: kill -9 a `diffprobe run` at seeded random moments
-(and once inside finalize), resume each time, and the store equals an uninterrupted
-run bit for bit; no unit done before a kill is rewritten (mtimes); nothing is left
-behind (temp folders, lock files, leases)."""
+"""Crash consistency as a property: kill -9 a `diffprobe run` (extract, then probe and cka)
+at seeded random moments, once inside finalize, and at seeded named points of the probe
+and cka results writes (a task's cache save, the results Dataset, its consolidation, its
+stamp); resume each time, and every output equals one uninterrupted run bit for bit; no
+unit or saved task done before a kill is rewritten (mtimes); nothing is left behind
+(temp folders, lock files, leases)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,13 @@ KILL_IN_FINALIZE = {"DIFFPROBE_FAULT_KILL_AT": "finalize:consolidate"}
 UNIT_DELAY = 0.4  # seconds before each unit in the runs killed at a random moment
 PARAMS = {"dataset": "{reader: digits, split: test, limit: 20}", "blocks": "[mid_block, up_blocks.0]",
           "timesteps": "[10, 300]", "unit_samples": 4, "batch_size": 4}
+#: The dask stages after extract: their tasks run on the test's own cluster (threads of
+#: this process: a killed client leaves its workers, as on SLURM, and no run pays a cluster start).
+RESULTS_STAGES = """\
+  - {name: pr, stage: probe, input: ex, heads: [{name: linear}], train: {epochs: 2}}
+  - {name: ck, stage: cka, selections: [{input: ex}]}
+"""
+RESULTS_KILLS_PER_STAGE = 2  # seeded points of pipeline.faults.RESULTS_KILL_POINTS, per stage
 
 
 def diffprobe(wf: Path, env: dict | None = None) -> subprocess.Popen:
@@ -76,6 +85,38 @@ def shard_mtimes(out: Path) -> dict[Path, int]:
     return files
 
 
+def task_mtimes(folder: Path) -> dict[Path, int]:
+    """Saved task results of the probe and cka outputs, with their mtimes."""
+    return {p: p.stat().st_mtime_ns for name in ("pr.probe", "ck.cka") for p in (folder / name / "tasks").glob("*.json")}
+
+
+def results(folder: Path) -> dict[str, np.ndarray]:
+    """The probe and cka results' variables (not the probe's train_time_s: a clock)."""
+    import xarray as xr
+
+    out = {}
+    for name in ("pr.probe", "ck.cka"):
+        ds = xr.open_zarr(folder / name)
+        out |= {f"{name}/{v}": ds[v].values for v in ds.data_vars if v != "train_time_s"}
+    return out
+
+
+def with_results_stages(wf: Path, address: str) -> Path:
+    text = wf.read_text().replace("output_dir: out\n", f"output_dir: out\ncluster: {{kind: address, address: {address}}}\n")
+    wf.write_text(text + RESULTS_STAGES)
+    return wf
+
+
+@pytest.fixture(scope="module")
+def tcp_cluster():
+    """A dask cluster in this process that the `diffprobe run` subprocesses reach over TCP."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=":0", scheduler_kwargs={"dashboard": False}) as cluster:
+        yield cluster.scheduler_address
+
+
 def arrays(out: Path) -> dict[str, np.ndarray]:
     root = zarr.open_group(str(out), mode="r")
     names = ["done", "failure", "image_id", "view", "label", "timestep"]
@@ -84,9 +125,12 @@ def arrays(out: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # eight process starts: under a minute on a quiet machine, far more on a loaded one
-def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(extract_workflow):
-    ref_wf, wf = extract_workflow("ref", **PARAMS), extract_workflow("crashy", **PARAMS)
+@pytest.mark.timeout(1200)  # twelve process starts: about a minute on a quiet machine, far more on a loaded one
+def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(extract_workflow, tcp_cluster):
+    from pipeline.faults import RESULTS_KILL_POINTS
+
+    ref_wf = with_results_stages(extract_workflow("ref", **PARAMS), tcp_cluster)
+    wf = with_results_stages(extract_workflow("crashy", **PARAMS), tcp_cluster)
     ref = diffprobe(ref_wf)
     assert ref.wait(timeout=240) == 0, ref.stderr.read()
     out = wf.parent / "out/ex.zarr"
@@ -122,18 +166,40 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(extrac
         else:
             how = "in finalize"  # the only other way it dies
         kills.append((how, done_before, done_after))
+    # Then kills in the probe and cka results writes, at seeded named points (probe's
+    # first: a run killed in cka has finished probe); extract is finished by the first.
+    points = [f"{stage}:{p}" for stage in ("probe", "cka")
+              for p in sorted(rng.sample(RESULTS_KILL_POINTS, RESULTS_KILLS_PER_STAGE), key=RESULTS_KILL_POINTS.index)]
+    for point in points:
+        before, tasks_before = shard_mtimes(out), task_mtimes(out.parent)
+        proc = diffprobe(wf, {"DIFFPROBE_FAULT_KILL_AT": point})
+        proc.wait(timeout=240)
+        assert proc.returncode == -signal.SIGKILL, f"{point}: {proc.stderr.read()}"
+        assert {p: shard_mtimes(out)[p] for p in before} == before
+        after = task_mtimes(out.parent)
+        assert {p: after[p] for p in tasks_before} == tasks_before, f"kill at {point}: a saved task was rewritten"
+        kills.append((point, len(tasks_before), len(after)))
     print("kills:", kills)
-    before = shard_mtimes(out)
+    before, tasks_before = shard_mtimes(out), task_mtimes(out.parent)
     last = diffprobe(wf)
     assert last.wait(timeout=240) == 0, last.stderr.read()
     assert {p: shard_mtimes(out)[p] for p in before} == before
+    assert {p: task_mtimes(out.parent)[p] for p in tasks_before} == tasks_before
     assert store.read_attrs(out)["complete"] is True, kills
     got, want = arrays(out), arrays(ref_wf.parent / "out/ex.zarr")
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert zarr.open_group(str(out), mode="r", use_consolidated=True) is not None  # consolidated
-    leftovers = [p.name for p in out.parent.iterdir() if p.name != "ex.zarr"]
-    leftovers += [str(p) for p in out.rglob("*") if p.name.endswith((".tmp", ".lock")) or ".tmp-" in p.name]
+    got, want = results(out.parent), results(ref_wf.parent / "out")
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for name in ("pr.probe", "ck.cka"):
+        assert store.read_attrs(out.parent / name)["complete"] is True
+    outputs = ("ex.zarr", "pr.probe", "ck.cka")
+    leftovers = [p.name for p in out.parent.iterdir() if p.name not in outputs]
+    leftovers += [str(p) for name in outputs for p in (out.parent / name).rglob("*")
+                  if p.name.endswith((".tmp", ".lock", ".partial")) or ".tmp-" in p.name]
     assert leftovers == [], leftovers
     hows = {how for how, _, _ in kills}
     assert "random moment" in hows and "in finalize" in hows, kills

@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.datasets import Preprocessing
 from pipeline.datasets.base import DatasetReader, Record
 from pipeline.datasets.imagefolder import ImageFolderReader
-from pipeline.datasets.torch_data import PreprocessedImages, make_loader
+from pipeline.datasets.torch_data import DecodeAhead, PreprocessedImages, load_images, make_loader
 from pipeline.errors import DatasetError
 
 PREP = Preprocessing(size=8, channels=3, value_range=(-1.0, 1.0))
@@ -99,3 +99,31 @@ def test_unbatched_loader_yields_single_items(folder):
     items = list(make_loader(reader, PREP, indices=[3, 0], batch_size=None, num_workers=0))
     assert [(i, e == "") for i, _, e in items] == [(3, False), (0, True)]
     assert tuple(items[1][1].shape) == (3, 8, 8)
+
+
+@pytest.mark.parametrize("threads, workers", [(0, 0), (1, 0), (2, 0), (0, 2)])
+def test_decode_ahead_gives_each_group_what_load_images_gives(folder, threads, workers):
+    """On the forward's thread, in threads ahead of it or in worker processes: the same
+    arrays and the same failure reasons, group by group, in order."""
+    reader = ImageFolderReader(folder, "all")
+    groups = [[3, 0], [1], [4, 2]]
+    with DecodeAhead(PreprocessedImages(reader, PREP), groups, threads=threads, workers=workers) as ahead:
+        got = list(ahead)
+    assert len(got) == len(groups)
+    for (arrays, failures), group in zip(got, groups):
+        want_arrays, want_failures = load_images(reader, PREP, group)
+        assert sorted(arrays) == sorted(want_arrays) and failures == want_failures
+        for i in arrays:
+            np.testing.assert_array_equal(arrays[i], want_arrays[i])
+    assert sorted(got[0][1]) == [3] and sorted(got[1][1]) == [1]  # the junk file and the truncated JPEG
+
+
+def test_decode_ahead_refuses_bad_indices_and_stops_when_closed(folder):
+    reader = ImageFolderReader(folder, "all")
+    with pytest.raises(DatasetError, match=r"sample indices \[9\] are outside 0..4"):
+        DecodeAhead(PreprocessedImages(reader, PREP), [[0], [9]])
+    ahead = DecodeAhead(PreprocessedImages(reader, PREP), [[0], [1], [2], [3]], threads=1)
+    groups = iter(ahead)
+    assert sorted(next(groups)[0]) == [0]
+    ahead.close()  # the consumer stopped early (an interrupted run): nothing more is decoded or served
+    assert list(groups) == []

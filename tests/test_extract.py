@@ -14,6 +14,7 @@ import torch
 import zarr
 
 from pipeline import store
+from pipeline.store.failures import read_failed_images
 from pipeline.workflow.config import load_workflow
 from stages import STAGES
 from pipeline.datasets import DatasetConfig, open_dataset, preprocess
@@ -63,8 +64,26 @@ def test_stored_activations_equal_direct_forward(extract_workflow):
             h.remove()
 
 
+def test_cpu_settings_leave_a_core_for_the_writer_and_decode_off_the_forward():
+    from stages.extract import ExtractConfig, available_cores
+
+    cfg = ExtractConfig(model=ModelConfig(config="m.json"), dataset=DatasetConfig(reader="digits"))
+    assert cfg.cpu_settings("cpu", cores=1) == (1, 1)
+    assert cfg.cpu_settings("cpu", cores=2) == (1, 1)  # one core for the forward, one for the writer
+    assert cfg.cpu_settings("cpu", cores=16) == (15, 1)
+    assert cfg.cpu_settings("cuda", cores=16) == (15, 8)  # on a GPU node the CPU decodes for the device
+    assert cfg.cpu_settings("cuda", cores=2) == (1, 1)
+    mine = ExtractConfig(model=ModelConfig(config="m.json"), dataset=DatasetConfig(reader="digits"),
+                         torch_threads=3, decode_threads=0)
+    assert mine.cpu_settings("cpu", cores=16) == (3, 0)
+    assert cfg.cpu_settings("cpu")[0] == max(1, available_cores() - 1)
+    with pytest.raises(ValueError, match="'decode_threads' must be >= 0"):
+        ExtractConfig(model=ModelConfig(config="m.json"), dataset=DatasetConfig(reader="digits"), decode_threads=-1)
+
+
 def test_batch_size_does_not_change_the_store(extract_workflow):
-    """Same numbers from batch 4 and batch 7, up to the backend's batch-dependent kernels.
+    """Same numbers from batch 4 and batch 7 (and other decode / thread settings), up to the
+    backend's batch-dependent kernels.
 
     Noise and inputs are per sample, so the only difference left is that oneDNN/BLAS
     pick different GEMM blockings for different batch sizes (a 1x1 conv already
@@ -72,8 +91,18 @@ def test_batch_size_does_not_change_the_store(extract_workflow):
     float16 that is a rounding-level difference on a tiny fraction of values; everything else is
     bit-identical.
     """
-    a, b = extract_workflow("a", batch_size=4), extract_workflow("b", batch_size=7)
-    run_wf(a)
+    # a decodes in the default decode thread, b in a DataLoader worker process: where
+    # images decode cannot change a stored value either. (One torch thread each: the
+    # thread count changes reduction orders, like the batch size.)
+    a = extract_workflow("a", batch_size=4, torch_threads=1)
+    b = extract_workflow("b", batch_size=7, num_workers=1, decode_threads=0, torch_threads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_wf(a)
+        assert torch.get_num_threads() == 2  # the stage's setting ends with the stage
+    finally:
+        torch.set_num_threads(before)
     run_wf(b)
     for block in ("down_blocks.1", "mid_block", "up_blocks.0"):
         x = read_block(a.parent / "out/ex.zarr", block)
@@ -172,7 +201,7 @@ def test_corrupt_image_is_recorded_and_masked_never_zero_filled(extract_workflow
     good = [i for i in range(len(ids)) if i != bad]
     assert (root["done"][:][good] == store.WRITTEN).all()
     assert np.isfinite(root["blocks/mid_block/activations"][good]).all()
-    failed = store.read_attrs(out)["failed_images"]
+    failed = read_failed_images(out)
     assert [f["image_id"] for f in failed] == ["b/9.png"] and failed[0]["reason"]
     assert store.read_attrs(out)["complete"] is True
 

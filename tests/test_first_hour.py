@@ -55,6 +55,19 @@ def test_pool_sizes_larger_than_the_map_refused_before_extract(extract_workflow)
     assert not (wf.parent / "out" / "ex.zarr").exists()
 
 
+def test_cka_batch_size_above_the_images_refused_before_extract(extract_workflow):
+    """The minibatch estimator's batch_size against the images the inputs will hold:
+    refused by --dry-run and by run before extract computes (30 digits here)."""
+    wf = extract_workflow()
+    wf.write_text(wf.read_text() + "  - {name: mb, stage: cka, estimator: minibatch, batch_size: 64, "
+                  "selections: [{input: ex}]}\n")
+    dry = one_error_line(*invoke("run", wf, "--dry-run"))
+    assert "cka: batch_size 64 exceeds the 30 images of 'ex'" in dry and "batch_size <= 30" in dry, dry
+    real = one_error_line(*invoke("run", wf, "--no-progress"))
+    assert real == dry
+    assert not (wf.parent / "out" / "ex.zarr").exists()
+
+
 def test_plan_without_the_device_and_extract_pool_warning(extract_workflow):
     """A cuda workflow plans on a CPU machine: rows, bytes, and what it could not measure."""
     import torch

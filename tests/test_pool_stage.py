@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline import store
+from pipeline.store.failures import read_failed_images
 from pipeline.workflow.config import ClusterConfig, StageEntry, Workflow, load_workflow
 from stages import STAGES
 from pipeline.errors import ConfigError
@@ -164,7 +165,7 @@ def test_pooling_memory_is_bounded_by_a_unit_and_failed_samples_stay_failed(tmp_
     values = out["blocks/b/p7/activations"][:]
     assert np.isnan(values[sorted(failed)]).all()
     assert np.isfinite(np.delete(values, sorted(failed), axis=0)).all()
-    assert store.read_attrs(output)["failed_images"][0]["image_id"] == "img1"
+    assert read_failed_images(output)[0]["image_id"] == "img1"
     assert stage.prepare(cfg, _context(tmp_path, cfg, source, output)) == []  # resume: nothing left
 
 

@@ -267,17 +267,23 @@ def test_yaml_typo_is_one_line_naming_the_choices(tmp_path):
         load_workflow(wf, STAGES)
 
 
-def _recording(monkeypatch, module) -> list[dict[int, np.ndarray]]:
-    """Wrap the stage module's ``load_images``: the arrays the stage actually fed the model."""
+def _recording(monkeypatch, module, name: str = "load_images") -> list[dict[int, np.ndarray]]:
+    """Wrap the stage module's ``load_images`` (or ``DecodeAhead``): the arrays the stage actually fed the model."""
     seen = []
-    original = module.load_images
+    original = getattr(module, name)
 
     def load_images(*args, **kwargs):
         arrays, failures = original(*args, **kwargs)
         seen.append(arrays)
         return arrays, failures
 
-    monkeypatch.setattr(module, "load_images", load_images)
+    class DecodeAhead(original if isinstance(original, type) else object):
+        def __iter__(self):
+            for arrays, failures in super().__iter__():
+                seen.append(arrays)
+                yield arrays, failures
+
+    monkeypatch.setattr(module, name, DecodeAhead if isinstance(original, type) else load_images)
     return seen
 
 
@@ -287,7 +293,7 @@ def test_extract_reads_pixels_by_the_recipe_records_it_and_hashes_it(tmp_path, m
     data = _folder(tmp_path / "imgs")
     extra = "    blocks: [mid_block]\n    timesteps: [10]\n    conditioning: class\n    batch_size: 4\n"
     wf = _workflow(tmp_path / "w", "extract", f"{{reader: imagefolder, root: {data}, split: all, resize: adm}}", extra)
-    seen = _recording(monkeypatch, stages.extract)
+    seen = _recording(monkeypatch, stages.extract, "DecodeAhead")
     Runner(load_workflow(wf, STAGES), progress=False).run()
     arrays = {k: v for unit in seen for k, v in unit.items()}
     assert sorted(arrays) == [0, 1, 2, 3]

@@ -134,7 +134,7 @@ def test_settings_that_cannot_change_stored_values_stay_out_of_the_hash():
 
     hashed = lambda c: config_dict(c, hashed=True)
     assert hashed(cfg(batch_size=4, num_workers=0, device="cuda:0")) == \
-        hashed(cfg(batch_size=64, num_workers=8, device="cuda:3"))
+        hashed(cfg(batch_size=64, num_workers=8, device="cuda:3", decode_threads=3, torch_threads=5))
     assert hashed(cfg(device="cpu")) != hashed(cfg(device="cuda:0"))
     assert hashed(cfg(seed=1)) != hashed(cfg(seed=2))
     assert config_dict(cfg(batch_size=4))["batch_size"] == 4  # still recorded in attrs

@@ -170,6 +170,59 @@ def test_sigterm_of_the_client_leaves_no_job(slurm, tmp_path):
     assert slurm.wait_until_gone(submitted, timeout=60) == []
 
 
+def _kill_wait_s() -> float:
+    """SLURM's KillWait: how long a cancelled job's processes get between SIGTERM and SIGKILL."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.split("=")[0].strip() == "KillWait")
+    return float(line.split("=")[1].split()[0])
+
+
+def _states(jobs: list[str]) -> dict[str, str]:
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %T"], capture_output=True, text=True,
+                         timeout=30, check=False).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def test_kill_9_of_the_client_cancels_its_queued_and_running_jobs_within_slurm_orphan_s(slurm, tmp_path):
+    """No cleanup can run in a SIGKILLed client: its watchdog cancels the jobs, the queued one included
+    (dask-jobqueue's death-timeout would only end it once it started, long after)."""
+    before = set(slurm.new_jobs())
+    orphan_s = 4.0
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from pipeline.cluster.client import get_client
+        from pipeline.workflow.config import ClusterConfig
+        cfg = ClusterConfig(kind="slurm", n_workers={slurm.cores + 1}, slurm={slurm.jobqueue_options(tmp_path)!r},
+                            slurm_wait_s=300, slurm_orphan_s={orphan_s}, dashboard=False)
+        with get_client(cfg) as client:  # one worker more than the node has cores: one job stays queued
+            time.sleep(300)
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline and proc.poll() is None:
+            submitted = [j for j in slurm.new_jobs() if j not in before]
+            states = _states(submitted) if submitted else {}
+            if sorted(states.values()).count("RUNNING") == slurm.cores and "PENDING" in states.values():
+                break
+            time.sleep(0.5)
+        assert "PENDING" in states.values() and "RUNNING" in states.values(), states
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # the bound: the watchdog's slurm_orphan_s, plus SLURM's own KillWait for the running jobs to end
+    left = slurm.wait_until_gone(list(states), timeout=orphan_s + _kill_wait_s())
+    slurm.cancel_new_jobs()
+    assert left == [], f"still listed after slurm_orphan_s + KillWait: {_states(left)}"
+
+
 def _modified_copy(folder: Path) -> Path:
     """A copy of diffprobe's packages with one source file changed."""
     for name in ("pipeline", "stages"):

@@ -1,5 +1,6 @@
-"""The output's file system fails: full, read-only, or the output dir is a file. Each is one
-line naming what, where and what to do; only whole units are left; a resume finishes.
+"""The output's file system fails: full (extract, pool, probe, cka, classify), read-only, or the
+output dir is a file. Each is one line naming what, where and what to do; only whole units
+(and saved tasks) are left; a resume finishes, identical to an uninterrupted run.
 
 The small and read-only file systems are tmpfs mounts the test makes (root only; the
 tests skip where mounting is not permitted)."""
@@ -123,3 +124,99 @@ def test_a_read_only_output_is_one_line_fresh_partial_or_holding_inputs(tmp_path
     remount(fresh, "ro")
     line = one_error_line(cli_run(workflow_in(fresh, tmp_path / "fresh")))
     assert "cannot write" in line and "Read-only file system" in line, line
+
+
+# ------------------------------------------------ full disk in every other stage
+
+DOWNSTREAM = """\
+name: t
+output_dir: out
+cluster: {{kind: address, address: "{address}", dashboard: false}}
+stages:
+  - {{name: ex, stage: extract, model: {{config: tiny_unet.json, null_class: 10}}, conditioning: class,
+     dataset: {{reader: digits, split: test, limit: 48}}, blocks: [up_blocks.1], timesteps: [10, 100],
+     batch_size: 8, unit_samples: 8}}
+  - {{name: pooled, stage: pool, input: ex, sizes: [1, 2], unit_samples: 8, output: {pooled}/pooled.zarr}}
+  - {{name: probe, stage: probe, input: pooled, heads: [{{name: linear}}], train: {{epochs: 2}},
+     output: {probe}/probe.probe}}
+  - {{name: cka, stage: cka, selections: [{{input: ex}}, {{input: pooled}}], output: {cka}/cka.cka}}
+  - {{name: cl, stage: classify, model: {{config: tiny_unet.json, null_class: 10}},
+     dataset: {{reader: digits, split: test, limit: 12}}, n_timesteps: 2, batch_size: 16, unit_samples: 4,
+     output: {cl}/cl.zarr}}
+"""
+OUTPUTS = {"pooled": "pooled.zarr", "probe": "probe.probe", "cka": "cka.cka", "cl": "cl.zarr"}
+
+
+def downstream_workflow(folder: Path, address: str, name: str, **where: Path) -> Path:
+    dirs = {stage: where.get(stage, folder / "ref") for stage in OUTPUTS}
+    wf = folder / f"{name}.yaml"
+    wf.write_text(DOWNSTREAM.format(address=address, **dirs))
+    return wf
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cluster_address):
+    """Every stage run once on an ordinary disk: the folder, and each stage output's allocated bytes."""
+    from helpers import TINY_UNET, invoke
+
+    folder = tmp_path_factory.mktemp("full")
+    (folder / "tiny_unet.json").write_text(__import__("json").dumps(TINY_UNET))
+    code, out = invoke("run", downstream_workflow(folder, cluster_address, "ref"), "--no-progress")
+    assert code == 0, out
+    return folder
+
+
+def allocated_bytes(folder: Path) -> int:
+    from pipeline.store.space import allocated
+
+    return sum(allocated(f) for f in folder.rglob("*") if f.is_file())
+
+
+def data_bytes(out: Path) -> int:
+    """Allocated bytes of a unit store's data arrays (what its units add to the schema)."""
+    from pipeline.store.checks import data_arrays
+
+    root = store.open_root(out)
+    return sum(allocated_bytes(out / name) for name in data_arrays(root))
+
+
+def same_results(stage: str, got: Path, want: Path) -> None:
+    from pipeline.store.diff import diff_outputs
+
+    rows = [r for r in diff_outputs(got, want) if "train_time_s" not in r.what]  # a clock, not a result
+    assert rows and all(r.n_outside == 0 for r in rows), [r for r in rows if r.n_outside]
+
+
+@pytest.mark.parametrize("stage", ["pooled", "probe", "cka", "cl"])
+def test_a_full_disk_in_pool_probe_cka_or_classify_is_one_line_and_resumes_identically(
+        reference, tmpfs, cluster_address, stage):
+    from helpers import invoke
+    from helpers import one_error_line as error_line
+
+    from pipeline.store.verify import verify_store
+
+    want = reference / "ref" / OUTPUTS[stage]
+    # half of what the units add (unit stores: the schema fits, some units do not), or half of the results
+    total = allocated_bytes(want)
+    short = total - data_bytes(want) // 2 if stage in ("pooled", "cl") else total // 2
+    small = tmpfs(f"{short // 4096 * 4096}")
+    wf = downstream_workflow(reference, cluster_address, f"full-{stage}", **{stage: small})
+    line = error_line(*invoke("run", wf, "--no-progress", "--only", stage))
+    out = small / OUTPUTS[stage]
+    assert f"stage {stage!r}: no space left writing {out} (" in line and " free" in line, line
+    assert "more are needed for the rest" in line or "the results need about" in line, line
+    assert "run again: finished" in line, line
+    if stage in ("pooled", "cl"):  # every unit marked done has all its data
+        assert out.exists() and "more are needed for the rest" in line, line
+        assert 0 < int((~store.unit_status(out)).sum()), "the disk was not full after all"
+        assert [f.message for f in verify_store(out).damage] == []
+    else:  # every finished task saved whole
+        for task in (out / "tasks").glob("*"):
+            assert task.suffix == ".json", task
+            __import__("json").loads(task.read_text())
+    assert not [p for p in small.rglob("*") if p.name.endswith((".tmp", ".partial")) or ".tmp-" in p.name]
+    remount(small, "size=16m")
+    code, text = invoke("run", wf, "--no-progress", "--only", stage)
+    assert code == 0, text
+    assert store.read_attrs(out)["complete"] is True
+    same_results(stage, out, want)

@@ -109,6 +109,11 @@ def test_template_passes_dry_run_with_its_paths_edited(path, fake_roots, tmp_pat
         else:
             model["factory"] = f"{RESNET}:resnet50"
             model["options"]["weights"] = str(tmp_path / "resnet50.pth")
+    # the fake test splits hold a few images: the minibatch CKA's batch of 256 would be
+    # refused (rightly) by validation, as it would be on a real run over so few images
+    for stage in doc["stages"]:
+        if stage["stage"] == "cka" and stage.get("estimator") == "minibatch":
+            stage["batch_size"] = 4
     edited = tmp_path / path.name
     edited.write_text(yaml.safe_dump(doc, sort_keys=False))
     code, out = invoke("run", "--dry-run", edited)

@@ -28,7 +28,9 @@ time, each one chunk: this per-call limit does not slow them.)
 :func:`run_tasks` submits one task per payload and resubmits a failed one once
 (rather than dask's ``retries=1``, which would hide the first attempt's error): the
 outcome of every task, first error included, goes back to the stage, so a failed
-cell is reported and never silently dropped.
+cell is reported and never silently dropped. A full, read-only or forbidden output
+(``pipeline.errors.is_storage_error``) is not retried: its OSError is raised at once,
+and the runner turns it into its one line.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.workflow.config import ClusterConfig
 from pipeline import faults
-from pipeline.cluster.slurm import NEUTRAL_CWD
+from pipeline.cluster.slurm import NEUTRAL_CWD, with_run_job_name
 from pipeline.cluster.identity import check_workers
 from pipeline.cluster.tasks import MAX_ATTEMPTS, ZARR_CONCURRENCY, TaskOutcome
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, is_storage_error
 
 #: Set in SLURM job scripts: non-daemonic workers (see ``_start_cluster``).
 SLURM_WORKER_ENV = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
@@ -135,7 +137,7 @@ def _start_cluster(cfg: ClusterConfig):
         options["job_script_prologue"] = [*NEUTRAL_CWD, *options.get("job_script_prologue", []),
                                           SLURM_WORKER_ENV]
         try:
-            cluster = SLURMCluster(**options)
+            cluster = SLURMCluster(**with_run_job_name(options))
         except TypeError as exc:
             raise ConfigError(f"cluster.slurm: {exc} (keys are SLURMCluster's arguments)") from None
         return cluster
@@ -160,7 +162,8 @@ def get_client(cfg: ClusterConfig, log: Callable[[str], None] | None = None) -> 
         if cfg.kind == "slurm":
             from pipeline.cluster.slurm import SlurmWorkers
 
-            watch = SlurmWorkers(cluster, cfg.n_workers, cfg.slurm_wait_s, cfg.slurm_replacements, log)
+            watch = SlurmWorkers(cluster, cfg.n_workers, cfg.slurm_wait_s, cfg.slurm_replacements, log,
+                                 orphan_s=cfg.slurm_orphan_s)
             watch.preflight()
             watch.start()
         try:
@@ -314,7 +317,9 @@ def run_tasks(
         outcome.attempts = attempt
         try:
             result = _result(future, client)
-        except Exception as exc:  # noqa: BLE001 -- any task error is reported, then retried once
+        except Exception as exc:  # any task error is reported, then retried once
+            if is_storage_error(exc):
+                raise  # a full or read-only output: a retry cannot help; the runner says so in one line
             message = f"{type(exc).__name__}: {exc}"
             if attempt < MAX_ATTEMPTS:
                 outcome.first_error = message

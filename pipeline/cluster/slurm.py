@@ -20,6 +20,17 @@ wraps the cluster:
 - :meth:`cancel_all`: after ``cluster.close()``, ``scancel`` every job this run
   submitted that squeue still lists.
 
+A client killed without cleaning up (``kill -9``, the OOM killer) cannot cancel its
+jobs, and dask-jobqueue's ``--death-timeout`` does not help the queued ones: they wait
+in the queue, start hours later, and only then time out. So every run's jobs carry a
+name of their own (:func:`with_run_job_name`), and :meth:`start` leaves a watchdog
+beside the client, a ``sh`` loop in a session of its own (a kill of the client's
+process group does not reach it): every ``cluster.slurm_orphan_s / 2`` it checks the
+client's pid, and once the client is gone it runs ``scancel --name <run's name>``,
+which reaches even a job submitted a moment before the kill. The watchdog is stopped
+when the client closes the cluster. A running worker whose host also went down
+still ends after dask-jobqueue's ``death-timeout`` (60 s by default).
+
 Workers start in a fresh temporary directory (:data:`NEUTRAL_CWD`): ``python -m``
 puts the working directory first on ``sys.path``, and sbatch's is the client's, so a
 checkout's ``pipeline/`` would shadow the installed one.
@@ -27,9 +38,13 @@ checkout's ``pipeline/`` would shadow the installed one.
 
 from __future__ import annotations
 
+import os
+import pwd
+import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 
 from pipeline.cluster.identity import check_workers
@@ -43,6 +58,19 @@ NEUTRAL_CWD = [
 PROGRESS_S = 10.0
 #: Seconds between squeue polls in :meth:`SlurmWorkers.check`.
 POLL_S = 2.0
+#: The orphan watchdog: $1 client pid, $2 job name, $3 seconds between checks, $4 user. A zombie
+#: (killed, not yet reaped by its parent) counts as gone.
+WATCHDOG = (
+    'alive() { kill -0 "$1" 2>/dev/null && ! grep -qs "^[0-9]* (.*) Z" "/proc/$1/stat"; }; '
+    'while alive "$1"; do sleep "$3"; done; exec scancel --name="$2" --user="$4"'
+)
+
+
+def with_run_job_name(options: dict) -> dict:
+    """``SLURMCluster`` options whose ``job_name`` is this run's own (the user's name, if any, kept
+    as its prefix), so the orphan watchdog can cancel exactly this run's jobs by name."""
+    prefix = options.get("job_name") or "diffprobe-worker"
+    return {**options, "job_name": f"{prefix}-{uuid.uuid4().hex[:10]}"}
 
 
 def _run(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
@@ -84,11 +112,19 @@ class SlurmWorkers:
     replacements : int
         How many lost jobs are resubmitted in all.
     log : callable
+    orphan_s : float
+        If this process dies without cleaning up, its jobs are cancelled within this many seconds.
     """
 
     def __init__(self, cluster, n_workers: int, wait_s: float, replacements: int,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], orphan_s: float = 10.0):
+        from pipeline.errors import ConfigError
+
+        if not orphan_s > 0:
+            raise ConfigError(f"cluster.slurm_orphan_s must be > 0 seconds, got {orphan_s}")
         self.cluster = cluster
+        self.orphan_s = orphan_s
+        self.watchdog: subprocess.Popen | None = None
         self.n_workers = n_workers
         self.wait_s = wait_s
         self.replacements = replacements
@@ -120,7 +156,21 @@ class SlurmWorkers:
                                f"fix cluster.slurm (queue/partition, cores, memory, walltime)")
 
     def start(self) -> None:
+        """Start the orphan watchdog, then submit the worker jobs."""
+        self.watchdog = subprocess.Popen(
+            ["sh", "-c", WATCHDOG, "diffprobe-slurm-watchdog", str(os.getpid()), self.cluster.job_name,
+             f"{self.orphan_s / 2:g}", pwd.getpwuid(os.getuid()).pw_name],
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.cluster.scale(n=self.n_workers)
+
+    def stop_watchdog(self) -> None:
+        if self.watchdog is not None and self.watchdog.poll() is None:
+            try:
+                os.killpg(self.watchdog.pid, signal.SIGTERM)  # its session: the loop and its sleep
+            except ProcessLookupError:
+                pass
+            self.watchdog.wait(timeout=10)
+        self.watchdog = None
 
     # ------------------------------------------------------------ state
     def _jobs(self) -> dict[str, str]:
@@ -236,7 +286,9 @@ class SlurmWorkers:
 
     # ------------------------------------------------------------ cleanup
     def cancel_all(self) -> list[str]:
-        """``scancel`` every job this run submitted that squeue still lists; returns their ids."""
+        """``scancel`` every job this run submitted that squeue still lists; returns their ids.
+        Stops the orphan watchdog (this process is cleaning up itself)."""
+        self.stop_watchdog()
         self._jobs_safe()
         left = sorted(squeue(sorted(self.submitted)))
         if left:
@@ -253,4 +305,4 @@ class SlurmWorkers:
             pass
 
 
-__all__ = ["NEUTRAL_CWD", "SlurmWorkers", "squeue"]
+__all__ = ["NEUTRAL_CWD", "SlurmWorkers", "squeue", "with_run_job_name"]

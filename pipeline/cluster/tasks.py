@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import faults
+from pipeline.errors import is_storage_error
 
 #: Attempts per task: the first and one retry.
 MAX_ATTEMPTS = 2
@@ -62,6 +63,8 @@ def run_in_process(fn: Callable[[Any], Any], payloads: Sequence[Any], *,
                 try:
                     result = faults.run_attempt(fn, payload, payload.name, attempt, attempt <= failing)
                 except Exception as exc:  # noqa: BLE001 -- reported, then retried once (as on a cluster)
+                    if is_storage_error(exc):
+                        raise  # a full or read-only output: a retry cannot help; the runner says so in one line
                     message = f"{type(exc).__name__}: {exc}"
                     if attempt < MAX_ATTEMPTS:
                         outcome.first_error = message

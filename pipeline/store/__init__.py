@@ -13,6 +13,7 @@ What lives here
 - ``describe``: the human summary printed by ``diffprobe inspect``.
 - ``schema``: the names every store shares (attrs key, ``done`` flags, block order) and
   the dataset identity formula (count + sha256 of the ordered ``(image_id, label)`` pairs).
+- ``failures``: the list of images that could not be read (its own group, not root attrs).
 - ``durable``: fsync of a unit's objects before and after its ``done`` cells.
 - ``locks``: the finalize lock and schema temp folders, which name their owner and
   are taken over / removed once that owner is gone.

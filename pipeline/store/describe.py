@@ -39,7 +39,7 @@ def describe_store(path: str | Path) -> str:
         if hint:
             lines.append(f"tables    {hint}")
         lines.append(f"config    {json.dumps(attrs.get('config'), default=str)[:1500]}")
-        return "\n".join(lines)
+        return "\n".join(lines + failed_lines(path, attrs))
     layout = attrs["layout"]
     done = Integrity(root, path).done()
     n = len(done)
@@ -79,6 +79,18 @@ def describe_store(path: str | Path) -> str:
     if prov.get("augment"):
         lines.append(f"augment   {json.dumps(prov['augment'])}")
     lines.append(f"version   diffprobe {attrs.get('diffprobe_version')} format {attrs.get('format_version')}")
-    for item in attrs.get("failed_images", [])[:5]:
-        lines.append(f"failed    {item['image_id']}: {item['reason']}")
+    lines += failed_lines(path, attrs)
     return "\n".join(lines)
+
+
+def failed_lines(path, attrs: dict, shown: int = 5) -> list[str]:
+    """The count of images that could not be read, and the first ``shown`` of them."""
+    from pipeline.store.failures import GROUP, count_failed_images, read_failed_images
+
+    n_failed = count_failed_images(attrs)
+    if not n_failed:
+        return []
+    which = "all" if n_failed <= shown else f"the first {shown}"
+    lines = [f"failed    {n_failed} image(s) could not be read (masked, done=2); {which} below, every one in {GROUP}/"]
+    lines += [f"failed    {item['image_id']}: {item['reason']}" for item in read_failed_images(path, limit=shown)]
+    return lines

@@ -556,11 +556,16 @@ def stamp_attrs(path: str | Path, update: Mapping[str, Any]) -> None:
 
 
 def _final_attrs(root, extra_attrs: dict | None, complete: bool) -> dict:
-    """The root attrs a finished store carries: the failed images listed, extras merged."""
+    """The root attrs a finished store carries, extras merged; writes the ``failed_images``
+    group (``pipeline.store.failures``: its own arrays, not in the attrs every open reads)."""
+    from pipeline.store.failures import COUNT_ATTR, collect_failed_images, write_failed_images
+
     meta = dict(root.attrs[ATTR_KEY])
-    failure = root["failure"][:]
-    failed = [(str(i), str(r)) for i, r in zip(root["image_id"][:], failure) if r]
-    meta["failed_images"] = [{"image_id": i, "reason": r} for i, r in dict(failed).items()]
+    failed = collect_failed_images(root)
+    with quiet_zarr():
+        write_failed_images(root, failed)
+    meta.pop("failed_images", None)
+    meta[COUNT_ATTR] = len(failed)
     meta.update(extra_attrs or {})
     meta["complete"] = complete
     return meta
@@ -655,6 +660,8 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
 
     zarr_store = location.zarr_store
     meta = dict(ds.attrs.get(ATTR_KEY, {}))
+    stage = meta.get("stage", "results")  # names the kill points (pipeline.faults): <stage>:results:*
+    kill_point(f"{stage}:results:write")
     ds = ds.copy()
     ds.attrs[ATTR_KEY] = meta | {"complete": False}
     # crc32c on new arrays (a flipped byte in a bare zstd frame can decode to a wrong number),
@@ -670,6 +677,7 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
             group.attrs[ATTR_KEY] = jsonable(meta | {"complete": complete})
             zarr.consolidate_metadata(zarr_store(output))
             return
-        kill_point("results:consolidate")
+        kill_point(f"{stage}:results:consolidate")
         zarr.consolidate_metadata(str(output))
+    kill_point(f"{stage}:results:stamp")
     stamp_attrs(output, {"complete": complete})

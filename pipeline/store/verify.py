@@ -234,6 +234,36 @@ def _unit_store(root, integrity: chk.Integrity, attrs: dict, report: Report) -> 
     if not complete and n and (done > PENDING).all():
         report.notes.append("every unit is done but the store is not finalized: re-run its workflow to finalize")
     _coordinates(root, integrity, attrs, report)
+    _failed_list(root, integrity, attrs, report)
+
+
+def _failed_list(root, integrity: chk.Integrity, attrs: dict, report: Report) -> None:
+    """The ``failed_images`` group of a finished store: it decodes and holds the count the attrs give."""
+    from pipeline.store.failures import COUNT_ATTR, GROUP
+
+    if GROUP not in root:
+        if attrs.get(COUNT_ATTR):
+            report.add("metadata", f"{GROUP}/ is missing, though the attrs count {attrs[COUNT_ATTR]} failed "
+                                   "image(s); the failure array still holds every reason", array=GROUP)
+        return
+    for name in ("image_id", "reason"):
+        path = f"{GROUP}/{name}"
+        if path not in root:
+            report.add("metadata", f"{path} is missing", array=path)
+            continue
+        array = root[path]
+        report.objects += 1
+        try:  # a whole read (any store, object storage included): the list is small
+            values = np.asarray(array[:], dtype=object)
+        except Exception as exc:  # noqa: BLE001 -- any codec failure is damage
+            report.add("coordinates", f"{path} {chk.decode_failure(exc)}", array=path)
+            continue
+        if (values == "").any():  # a lost chunk reads as the fill value
+            report.add("coordinates", f"{path} has {int((values == '').sum())} empty entries (a lost chunk); "
+                                      "the failure array still holds every reason", array=path)
+        if COUNT_ATTR in attrs and array.shape[0] != int(attrs[COUNT_ATTR]):
+            report.add("coordinates", f"{path} lists {array.shape[0]} image(s); the attrs count "
+                                      f"{attrs[COUNT_ATTR]}", array=path)
 
 
 def _has_crc(array) -> bool:

@@ -271,6 +271,9 @@ class ClusterConfig:
         or after its jobs ended) before it stops with a line saying why.
     slurm_replacements: how many lost worker jobs (cancelled, pre-empted, failed) are
         resubmitted in all.
+    slurm_orphan_s: a client killed without cleaning up (``kill -9``, the OOM killer) has
+        its worker jobs, queued or running, cancelled within this many seconds, by a
+        watchdog process beside it (``pipeline.cluster.slurm``).
     n_workers: 0 (``local`` only) runs every task in this process, without dask.
     in_process_mib: (``local``) a stage with one task, or whose tasks read at most this
         many MiB in all, runs in this process instead of on the cluster (0: never);
@@ -285,6 +288,7 @@ class ClusterConfig:
     slurm: dict = field(default_factory=dict)
     slurm_wait_s: float = 600.0
     slurm_replacements: int = 4
+    slurm_orphan_s: float = 10.0
     dashboard: bool = True
     in_process_mib: float = 256.0
 

@@ -37,15 +37,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ConfigError, DatasetError, StoreError
+from pipeline.errors import ConfigError, DatasetError, StoreError, is_storage_error
 from pipeline.store.layout import ATTR_KEY, read_attrs
 from pipeline.store.location import as_location, is_remote, remove
 from pipeline.workflow.config import StageEntry, Workflow, hash_document, stage_hash
 from pipeline.workflow.stage import RunContext
-
-#: Errors of the output's file system that a user fixes outside diffprobe.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
-
 
 @dataclass(frozen=True)
 class OutputState:
@@ -361,8 +357,8 @@ class Runner:
             try:
                 self._run_stage(entry, replace=action.startswith("replace"))
             except OSError as exc:
-                if exc.errno in STORAGE_ERRNOS:
-                    raise storage_error(entry, exc) from exc
+                if is_storage_error(exc):
+                    raise storage_error(entry, exc, self._results_bytes(entry)) from exc
                 raise
             elapsed = time.perf_counter() - start
             self.prepared.pop(entry.name, None)  # its model and records are not needed again
@@ -370,6 +366,13 @@ class Runner:
                 record_wall_time(entry.output, elapsed)
             self.echo(f"[{entry.name}] finished in {elapsed:.1f} s")
         return report
+
+    def _results_bytes(self, entry: StageEntry) -> int | None:
+        """The stage's estimate of its results' size (None if it has none or cannot say now)."""
+        try:
+            return self.stages[entry.name].results_bytes(entry.config, self.context(entry))
+        except Exception:  # noqa: BLE001 -- an estimate for an error line must not hide the error
+            return None
 
     def _run_stage(self, entry: StageEntry, replace: bool) -> None:
         """Run one stage under its lease; replace (delete) the old output first if asked."""
@@ -403,9 +406,14 @@ class Runner:
             remove_claims(entry.output)
 
 
-def storage_error(entry: StageEntry, exc: OSError) -> StoreError:
-    """A full, read-only or forbidden output file system, as one line naming what to do."""
+def storage_error(entry: StageEntry, exc: OSError, results_bytes: int | None = None) -> StoreError:
+    """A full, read-only or forbidden output file system, as one line naming what to do.
+
+    For a full one: the free space, and about how much more the output needs (a unit
+    store's remaining units, ``pipeline.store.space``; else ``results_bytes``, what the
+    stage says its results take in all)."""
     from pipeline.store.describe import human_bytes
+    from pipeline.store.space import unit_bytes_needed
 
     where = entry.output
     probe = where
@@ -413,31 +421,16 @@ def storage_error(entry: StageEntry, exc: OSError) -> StoreError:
         probe = probe.parent
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         free = shutil.disk_usage(probe).free
-        need = _bytes_still_needed(where)
-        more = f"; about {human_bytes(need)} more are needed for the rest" if need else ""
+        need = unit_bytes_needed(where)
+        if need:
+            more, kept = f"; about {human_bytes(need)} more are needed for the rest", "finished units are kept"
+        else:
+            more = f"; the results need about {human_bytes(results_bytes)} in all" if results_bytes else ""
+            kept = "finished units are kept" if "layout" in (read_attrs(where) or {}) else "finished tasks are kept"
         what = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
                 errno.EFBIG: "file size limit reached"}[exc.errno]
         return StoreError(f"stage {entry.name!r}: {what} writing {where} ({human_bytes(free)} free{more}); "
-                          "free space (or set another output_dir) and run again: finished units are kept")
+                          f"free space (or set another output_dir) and run again: {kept}")
     return StoreError(f"stage {entry.name!r}: cannot write {where}: {os.strerror(exc.errno)}"
                       f"{f' ({exc.filename})' if exc.filename else ''}; make it writable, "
                       "or set another output_dir / 'output:'")
-
-
-def _bytes_still_needed(path: Path) -> int:
-    """Bytes the units not yet done will take, at the size of the units done so far
-    (uncompressed size when none is done); 0 when unknown."""
-    from pipeline.store.layout import load_layout, unit_status
-
-    try:
-        status = unit_status(path)
-        layout = load_layout(path)
-    except Exception:  # noqa: BLE001 -- not a unit store, or not created yet
-        return 0
-    done, left = int(status.sum()), int((~status).sum())
-    if done:
-        per_unit = sum(f.stat().st_size for f in (path / "blocks").rglob("*") if f.is_file()) / done \
-            if (path / "blocks").exists() else 0
-        if per_unit:
-            return int(per_unit * left)
-    return layout.bytes_per_sample() * layout.unit_samples * left

@@ -107,7 +107,7 @@ class RunContext:
             group = zarr.open_group(zarr_store(self.output), mode="w-", zarr_format=3)
             group.attrs[store.ATTR_KEY] = self.base_attrs() | {"complete": False}
         self.check_same_config()
-        return TaskResults(self.output / "tasks")
+        return TaskResults(self.output / "tasks", stage=self.entry.kind)
 
     # -- for stages that write a unit-based store (extract, classify, pool) ---------
     def pending_units(self, n_units: int) -> list[int]:
@@ -166,10 +166,13 @@ class RunContext:
         from pipeline.store import layout as store
 
         if store.finalize(self.output):
-            failures = store.read_attrs(self.output).get("failed_images", [])
-            if failures:
-                self.log(f"{len(failures)} image(s) could not be read and are masked (done=2); "
-                         f"first: {failures[0]['image_id']}: {failures[0]['reason']}")
+            from pipeline.store.failures import count_failed_images, read_failed_images
+
+            n_failed = count_failed_images(store.read_attrs(self.output))
+            if n_failed:
+                first = read_failed_images(self.output, limit=1)[0]
+                self.log(f"{n_failed} image(s) could not be read and are masked (done=2); "
+                         f"first: {first['image_id']}: {first['reason']}")
         elif self.shard[1] > 1:
             self.log("this shard is done; the store completes when every shard has finished")
 
@@ -181,10 +184,11 @@ class TaskResults:
     state or the new result, never half a file.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, stage: str = "results"):
         from pipeline.store.location import as_location
 
         self.folder = as_location(folder)
+        self.stage = stage  # names its kill point (``pipeline.faults``): ``<stage>:task:save``
 
     def path(self, name: str) -> Path:
         return self.folder / (name.replace("/", "__") + ".json")
@@ -201,10 +205,16 @@ class TaskResults:
         if is_remote(path):  # an object PUT is atomic already
             path.write_text(json.dumps(result, default=float))
             return
+        from pipeline.faults import kill_point
+
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(result, default=float))
+            with open(tmp, "w") as f:
+                f.write(json.dumps(result, default=float))
+                f.flush()
+                os.fsync(f.fileno())  # a finished task survives a power cut once it is in the cache
+            kill_point(f"{self.stage}:task:save")
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
@@ -284,6 +294,12 @@ class Stage:
 
     def run(self, cfg: Any, ctx: RunContext) -> None:
         raise NotImplementedError
+
+    def results_bytes(self, cfg: Any, ctx: RunContext) -> int | None:
+        """About how many bytes a results output (probe, cka) takes in all, for the one line of a
+        full disk (``pipeline.store.space``); None where the stage cannot say. Unit stores need
+        no estimate: their done units show what the rest will take."""
+        return None
 
     def plan(self, cfg: Any, ctx: RunContext) -> list[tuple[str, str]]:
         """Rows (label, value) for ``diffprobe plan``."""
