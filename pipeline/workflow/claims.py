@@ -79,6 +79,10 @@ def claims_folder(output: Path) -> Path:
     return output.parent / f".{output.name}.claims"
 
 
+#: Reads of a lease object that does not parse, before it counts as cut short by a crash.
+READ_ATTEMPTS = 4
+
+
 @dataclass(frozen=True)
 class Holder:
     """Who holds a lease, as written in its object."""
@@ -106,6 +110,9 @@ class Holder:
     def describe(self, timeout: float, now: float | None = None) -> str:
         now = time.time() if now is None else now
         state = "" if self.alive(timeout, now) else ", expired"
+        if self.pid < 0:
+            return (f"an unreadable lease object ({self.label}, written {now - self.heartbeat:.0f} s ago"
+                    f"{state or f'; it expires {timeout:.0f} s after that'})")
         return f"pid {self.pid} on {self.host} ({self.label}, heartbeat {now - self.heartbeat:.0f} s ago{state})"
 
 
@@ -155,21 +162,25 @@ class Claims:
 
     def _read(self, name: str, gen: int) -> Holder | None:
         path = self._path(name, gen)
-        try:
-            # One GET on object storage: a UPath file object pins the ETag of its first request, and a
-            # heartbeat that replaces the object meanwhile would fail the read (s3fs FileExpired)
-            text = path.fs.cat_file(path.path).decode() if self.remote else path.read_text()
-        except FileNotFoundError:
-            return None
-        try:
-            return Holder(**json.loads(text))
-        except (ValueError, TypeError):
-            # Created but not yet written (or cut short by a crash): live until it ages out.
+        for attempt in range(READ_ATTEMPTS):
             try:
-                mtime = self._modified(path)
+                # One GET on object storage: a UPath file object pins the ETag of its first request, and a
+                # heartbeat that replaces the object meanwhile would fail the read (s3fs FileExpired)
+                text = path.fs.cat_file(path.path).decode() if self.remote else path.read_text()
             except FileNotFoundError:
                 return None
-            return Holder("?", -1, "?", name, mtime, mtime)
+            try:
+                return Holder(**json.loads(text))
+            except (ValueError, TypeError):
+                # Caught between its creation and its first write (a local O_EXCL file), or a
+                # read that overlapped a heartbeat's rewrite: read again before judging it.
+                time.sleep(0.05 * (attempt + 1))
+        # Still unreadable: cut short by a crash; live until it ages out.
+        try:
+            mtime = self._modified(path)
+        except FileNotFoundError:
+            return None
+        return Holder("?", -1, "?", name, mtime, mtime)
 
     def _modified(self, path: Path) -> float:
         if self.remote:  # ask the server: s3fs would answer from a cached listing
