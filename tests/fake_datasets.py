@@ -164,6 +164,12 @@ def dogs(folder: Path) -> Path:
                 files.append(f"{breed}/{breed.split('-')[0]}_{split}{k}.jpg")
                 labels.append([float(c)])
                 _image(folder / "Images" / files[-1], 40 * c)
+                if k:  # every image but the first of each breed has a VOC box (two dogs)
+                    xml = folder / "Annotation" / files[-1][:-4]
+                    xml.parent.mkdir(parents=True, exist_ok=True)
+                    xml.write_text(f"<annotation><object><bndbox><xmin>{1 + k}</xmin><ymin>2</ymin><xmax>9</xmax>"
+                                   "<ymax>10</ymax></bndbox></object><object><bndbox><xmin>3</xmin><ymin>1</ymin>"
+                                   "<xmax>12</xmax><ymax>8</ymax></bndbox></object></annotation>")
         scipy.io.savemat(folder / "lists" / f"{split}_list.mat",
                          {"file_list": _cell(files), "annotation_list": _cell([f[:-4] for f in files]),
                           "labels": np.array(labels)})

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from pipeline.datasets.files import dataset_root, open_binary
-from pipeline.store.location import is_remote
 from pipeline.errors import DatasetError, ImageReadError
 
 
@@ -78,17 +77,12 @@ class DatasetReader:
 
     name: str = "base"
     splits: tuple[str, ...] = ("train", "test")
-    #: Why this reader cannot read a root on object storage (None: it can; see ``files.py``).
-    not_on_object_storage: str | None = None
 
     def __init__(self, root: Path | None, split: str, **options):
         if split not in self.splits:
             raise DatasetError(
                 f"dataset {self.name!r} has no split {split!r}; valid: {', '.join(self.splits)}"
             )
-        if root is not None and is_remote(root) and self.not_on_object_storage:
-            raise DatasetError(f"dataset {self.name!r} cannot read a root on object storage ({str(root)!r}): "
-                               f"{self.not_on_object_storage}; copy it to a local disk")
         self.root = dataset_root(root) if root is not None else None
         self.split = split
         self.options = options

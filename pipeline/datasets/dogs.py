@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline.datasets.annotations import check_options, load_mat, mat_ints, mat_key, mat_strings, matlab_box, readable
 from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.files import files_under, read_many
 from pipeline.errors import DatasetError
 
 LAYOUT = "Images/<wnid>-<breed>/*.jpg, lists/{train_list.mat, test_list.mat} (file_list, labels), optional Annotation/"
@@ -31,7 +32,6 @@ LAYOUT = "Images/<wnid>-<breed>/*.jpg, lists/{train_list.mat, test_list.mat} (fi
 
 class DogsReader(DatasetReader):
     name = "dogs"
-    not_on_object_storage = "its boxes are one Annotation/ XML file per image, a request each"
     splits = ("train", "test")
 
     def __init__(self, root, split: str = "train", **options):
@@ -50,6 +50,14 @@ class DogsReader(DatasetReader):
         self.class_folders = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
         self.class_names = [readable(f.split("-", 1)[1] if "-" in f else f) for f in self.class_folders]
         annotation_dir = root / "Annotation"
+        boxes = {}
+        if annotation_dir.is_dir():
+            # One listing and one batched read of the XML files (one per image): on object
+            # storage that is a few round trips, not a request per image.
+            present = set(files_under(annotation_dir))
+            wanted = [str(Path(rel).with_suffix("").as_posix()) for rel in files]
+            boxes = {rel: union_box_of(data) for rel, data in
+                     read_many(annotation_dir, [w for w in wanted if w in present]).items()}
         for rel, label in zip(files, labels):
             folder = rel.split("/", 1)[0]
             if not 1 <= label <= len(self.class_folders):
@@ -61,23 +69,19 @@ class DogsReader(DatasetReader):
                     f"{list_path}: {rel!r} has label {label}, which is folder {self.class_folders[label - 1]!r} "
                     "among the sorted Images/ folders; Images/ must hold exactly the 120 breed folders"
                 )
-            path = image_dir / rel
-            box = None
-            if annotation_dir.is_dir():
-                box = union_box(annotation_dir / Path(rel).with_suffix(""))
-            self.records.append(Record(image_id=f"Images/{rel}", label=label - 1, path=path, bbox=box))
+            box = boxes.get(Path(rel).with_suffix("").as_posix())
+            self.records.append(Record(image_id=f"Images/{rel}", label=label - 1, path=image_dir / rel, bbox=box))
 
 
-def union_box(xml_path: Path) -> tuple[float, float, float, float] | None:
-    """The box around every ``<object><bndbox>`` of a VOC file, or None if absent/unreadable."""
-    if not xml_path.exists():
-        return None
+def union_box_of(data: bytes) -> tuple[float, float, float, float] | None:
+    """The box around every ``<object><bndbox>`` of a VOC file's bytes, or None if it has none
+    or does not parse."""
     try:
-        tree = ET.parse(xml_path)
+        root = ET.fromstring(data)
     except ET.ParseError:
         return None
     boxes = []
-    for bnd in tree.getroot().iter("bndbox"):
+    for bnd in root.iter("bndbox"):
         try:
             boxes.append([float(bnd.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
         except (TypeError, ValueError):
