@@ -40,6 +40,9 @@ def test_open_datatree_and_group_give_dims_and_coords(small_store):
         assert coord in ds.coords, coord
     assert ds["timestep"].values.tolist() == [10, 100, 400]
     assert ds.sizes["sample"] == 12
+    # strings read back as plain numpy str (fixed-width), not numpy's StringDType
+    for coord in ("image_id", "class_name"):
+        assert root[coord].dtype.kind == "U", (coord, root[coord].dtype)
     # the same numbers through plain zarr
     raw = zarr.open_group(str(small_store), mode="r")["blocks/mid_block/activations"][:]
     np.testing.assert_array_equal(ds["activations"].values, raw)
@@ -190,8 +193,13 @@ def test_probe_results_string_coords_are_plain(tmp_path):
         warnings.simplefilter("error")
         res = open_results(out)
         for name in ("block", "head", "head_kind"):
-            assert res[name].dtype == object and all(type(v) is str for v in res[name].values), name
+            assert res[name].dtype.kind in "OU" and all(isinstance(v, str) for v in res[name].values), name
         kept = res["accuracy"].where(res["accuracy"] > 0, drop=True)
         assert kept["block"].values.tolist() == ["mid_block"] and kept["head"].values.tolist() == ["linear"]
         assert float(kept.squeeze()) == 0.5
         assert res["accuracy"].groupby("head_kind").mean().sizes["head_kind"] == 2
+        # plain xarray, no diffprobe helper: the same plain strings (fixed-width <U)
+        plain = xr.open_zarr(str(out), chunks=None)
+        for name in ("block", "head", "head_kind"):
+            assert plain[name].dtype.kind == "U" and type(plain[name].values[0]) is np.str_, name
+        assert plain["accuracy"].where(plain["accuracy"] > 0, drop=True)["head"].values.tolist() == ["linear"]

@@ -166,9 +166,10 @@ def open_results(path: str | Path):
 def plain_strings(ds):
     """``ds`` with its string coordinates as object arrays of str.
 
-    zarr-python reads Zarr v3 variable-length strings as numpy's StringDType, which
-    pandas indexes warn about (``.where(drop=True)``, ``groupby``); the store cannot
-    say otherwise (fixed-width strings have no Zarr v3 specification)."""
+    Results written now store strings fixed-width (read back as ``<U``, plain str);
+    stores written before hold Zarr v3 variable-length strings, which zarr-python reads
+    as numpy's StringDType and pandas indexes warn about (``.where(drop=True)``,
+    ``groupby``): those are converted here."""
     strings = {name: ds[name].astype(object) for name in ds.coords if ds[name].dtype.kind == "T"}
     return ds.assign_coords(strings) if strings else ds
 

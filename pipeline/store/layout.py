@@ -199,6 +199,11 @@ def codecs_for(comp: Compression):
     return compressors, filters
 
 
+# Coordinates are stored as fixed-width strings on purpose (see write_1d); zarr-python
+# would note it at every metadata save (creation, consolidation, finalize, repair).
+warnings.filterwarnings("ignore", message=r"The data type \(FixedLengthUTF32")
+
+
 @contextlib.contextmanager
 def quiet_zarr():
     """Suppress zarr's notes on consolidated metadata / numcodecs codecs we chose knowingly."""
@@ -209,11 +214,24 @@ def quiet_zarr():
 
 
 def write_1d(group, name: str, values, dim: str, dtype=None, chunks=None):
-    values = np.asarray(values) if dtype is not str else np.asarray(values, dtype=object)
+    """A 1-D coordinate array along ``dim``; ``dtype=str`` stores fixed-width strings.
+
+    Strings (image ids, class names, prompts) are stored as numpy ``<U{longest}``, which
+    zarr-python writes as its ``fixed_length_utf32`` data type, so zarr and xarray read
+    them back as plain ``str`` (a variable-length v3 ``string`` reads as numpy's
+    StringDType, which pandas warns about in ``where(drop=True)`` and ``groupby``). That
+    type is a zarr-python extension without a v3 specification yet, which zarr notes
+    whenever metadata is saved (silenced below, for that type only); the stores' data
+    arrays keep spec types only.
+    """
+    if dtype is str:
+        values = np.asarray([str(v) for v in values], dtype=f"<U{max(1, max(map(len, values), default=1))}")
+    else:
+        values = np.asarray(values)
     arr = group.create_array(
         name,
         shape=values.shape,
-        dtype=dtype or values.dtype,
+        dtype=values.dtype if dtype in (None, str) else dtype,
         chunks=chunks or (max(1, len(values)),),
         dimension_names=(dim,),
         fill_value="" if dtype is str else 0,
@@ -664,6 +682,11 @@ def write_results_dataset(ds, output: str | Path, complete: bool) -> None:
     kill_point(f"{stage}:results:write")
     ds = ds.copy()
     ds.attrs[ATTR_KEY] = meta | {"complete": False}
+    # strings as fixed-width <U (read back as plain str, as write_1d's coordinates)
+    for name, var in ds.variables.items():
+        if var.dtype.kind in "OTU" and var.size and all(isinstance(v, str) for v in var.values.ravel()):
+            width = max(1, max(len(v) for v in var.values.ravel()))
+            ds[name] = var.astype(f"<U{width}")
     # crc32c on new arrays (a flipped byte in a bare zstd frame can decode to a wrong number),
     # and every chunk stored, NaN-only ones too, so `diffprobe verify` can require them all.
     fresh = [name for name in ds.variables
