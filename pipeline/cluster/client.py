@@ -54,8 +54,8 @@ from pipeline.workflow.config import ClusterConfig
 from pipeline import faults
 from pipeline.cluster.slurm import NEUTRAL_CWD, with_run_job_name
 from pipeline.cluster.identity import check_workers
-from pipeline.cluster.tasks import MAX_ATTEMPTS, ZARR_CONCURRENCY, TaskOutcome
-from pipeline.errors import ConfigError, is_storage_error
+from pipeline.cluster.tasks import ZARR_CONCURRENCY, TaskOutcome, failed_attempt
+from pipeline.errors import ConfigError
 
 #: Set in SLURM job scripts: non-daemonic workers (see ``_start_cluster``).
 SLURM_WORKER_ENV = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
@@ -318,16 +318,8 @@ def run_tasks(
         try:
             result = _result(future, client)
         except Exception as exc:  # any task error is reported, then retried once
-            if is_storage_error(exc):
-                raise  # a full or read-only output: a retry cannot help; the runner says so in one line
-            message = f"{type(exc).__name__}: {exc}"
-            if attempt < MAX_ATTEMPTS:
-                outcome.first_error = message
-                log(f"task {payload.name} failed ({message}); retrying once")
+            if failed_attempt(outcome, exc, attempt, log):
                 submit(payload, attempt + 1)
-            else:
-                outcome.error = message
-                log(f"task {payload.name} failed again ({message}); giving up on it")
             continue
         finally:
             future.release()

@@ -38,6 +38,24 @@ class TaskOutcome:
         return self.error is None
 
 
+def failed_attempt(outcome: TaskOutcome, exc: BaseException, attempt: int,
+                   log: Callable[[str], None]) -> bool:
+    """Record attempt ``attempt`` of a task as failed with ``exc``; True if it gets another.
+
+    A storage error (a full or read-only output) is raised again instead: a retry cannot
+    help, and the runner says so in one line. Called from the ``except`` of both paths."""
+    if is_storage_error(exc):
+        raise exc
+    message = f"{type(exc).__name__}: {exc}"
+    if attempt < MAX_ATTEMPTS:
+        outcome.first_error = message
+        log(f"task {outcome.name} failed ({message}); retrying once")
+        return True
+    outcome.error = message
+    log(f"task {outcome.name} failed again ({message}); giving up on it")
+    return False
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -63,15 +81,8 @@ def run_in_process(fn: Callable[[Any], Any], payloads: Sequence[Any], *,
                 try:
                     result = faults.run_attempt(fn, payload, payload.name, attempt, attempt <= failing)
                 except Exception as exc:  # noqa: BLE001 -- reported, then retried once (as on a cluster)
-                    if is_storage_error(exc):
-                        raise  # a full or read-only output: a retry cannot help; the runner says so in one line
-                    message = f"{type(exc).__name__}: {exc}"
-                    if attempt < MAX_ATTEMPTS:
-                        outcome.first_error = message
-                        log(f"task {payload.name} failed ({message}); retrying once")
+                    if failed_attempt(outcome, exc, attempt, log):
                         continue
-                    outcome.error = message
-                    log(f"task {payload.name} failed again ({message}); giving up on it")
                     break
                 outcome.result = result
                 if outcome.first_error:
