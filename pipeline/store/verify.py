@@ -210,13 +210,11 @@ def _unit_store(root, integrity: chk.Integrity, attrs: dict, report: Report) -> 
         kind = chk.presence_kind(array_path)
         if chk.stage_of(root) != "classify" and array_path != "failure" and not _has_crc(array):
             report.notes.append(f"{integrity.label(array_path)} has no crc32c: damaged bytes may decode silently")
-        objects = list(integrity.objects(array))
-        for (coords, lo, hi, file), there in zip(objects, integrity.present(array, [o[3] for o in objects])):
+        for coords, lo, hi, file, there in _objects(array, integrity):
             flags = done[lo:hi]
             if there:
-                problem = _read_object(array, integrity, lo, hi, coords, report)
-                if problem:
-                    report.add("damaged", problem, array=array_path, samples=(lo, hi), files=(file,))
+                _check_object(array, integrity, lo, hi, coords, report, "damaged", array_path, file,
+                              samples=(lo, hi))
             elif (flags >= 0).all() and chk.required(kind, flags):
                 where = integrity.where(array, [slice(lo, hi)] + [slice(0, s) for s in array.shape[1:]])
                 report.add("missing", f"{integrity.label(array_path)} {where}: {integrity.relative(file)} is "
@@ -271,6 +269,21 @@ def _has_crc(array) -> bool:
     return "crc32c" in text
 
 
+def _objects(array, integrity: chk.Integrity) -> list[tuple]:
+    """``(coords, lo, hi, file, present)`` of every stored object of ``array``; presence is
+    asked for all of them at once (one listing on object storage)."""
+    objects = list(integrity.objects(array))
+    return [(*o, there) for o, there in zip(objects, integrity.present(array, [o[3] for o in objects]))]
+
+
+def _check_object(array, integrity: chk.Integrity, lo: int, hi: int, coords, report: Report, kind: str,
+                  name: str, file, **where) -> None:
+    """Read one present object and report it under ``kind`` if it does not decode."""
+    problem = _read_object(array, integrity, lo, hi, coords, report)
+    if problem:
+        report.add(kind, problem, array=name, files=(file,), **where)
+
+
 def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) -> None:
     n = root["done"].shape[0]
     names = [c for c in ("sample", "image_id", *SAMPLE_COORDS, *CROP_COORDS, "class", "class_name", "timestep",
@@ -278,12 +291,9 @@ def _coordinates(root, integrity: chk.Integrity, attrs: dict, report: Report) ->
     values = {}
     for name in dict.fromkeys(names):
         array = root[name]
-        objects = list(integrity.objects(array))
-        for (coords, lo, hi, file), there in zip(objects, integrity.present(array, [o[3] for o in objects])):
+        for coords, lo, hi, file, there in _objects(array, integrity):
             if there:
-                problem = _read_object(array, integrity, lo, hi, coords, report)
-                if problem:
-                    report.add("coordinates", problem, array=name, files=(file,))
+                _check_object(array, integrity, lo, hi, coords, report, "coordinates", name, file)
         try:
             values[name] = np.asarray(array[:])
         except Exception:  # noqa: BLE001, S112 -- its damage is reported above
@@ -334,12 +344,9 @@ def ids_identity(ids: list, labels: list) -> tuple[int, str]:
 
 def _results(root, integrity: chk.Integrity, report: Report) -> None:
     for name, array in root.arrays():
-        objects = list(integrity.objects(array))
-        for (coords, lo, hi, file), there in zip(objects, integrity.present(array, [o[3] for o in objects])):
+        for coords, lo, hi, file, there in _objects(array, integrity):
             if there:
-                problem = _read_object(array, integrity, lo, hi, coords, report)
-                if problem:
-                    report.add("damaged", problem, array=name, files=(file,))
+                _check_object(array, integrity, lo, hi, coords, report, "damaged", name, file)
             else:
                 report.add("missing", f"array {name!r} chunk {coords}: {integrity.relative(file)} is missing "
                                       f"(it would read as the fill value)", array=name, files=(file,))
