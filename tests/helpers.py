@@ -131,3 +131,23 @@ def one_error_line(code, out):
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in out, out
     return errors[0]
+
+
+def race_for_lease(racers, name: str) -> list:
+    """Every ``Claims`` in ``racers`` calls ``try_claim(name)`` at once (a barrier starts the
+    threads together); their results in order (None: that racer won)."""
+    import threading
+
+    results: list = [None] * len(racers)
+    barrier = threading.Barrier(len(racers))
+
+    def take(i):
+        barrier.wait()
+        results[i] = racers[i].try_claim(name, f"racer {i}")
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(racers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

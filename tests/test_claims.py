@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import zarr
+from helpers import race_for_lease
 
 from pipeline import store
 from pipeline.workflow.claims import Claims, claims_folder
@@ -93,18 +93,7 @@ def test_racing_takeovers_of_an_expired_lease_have_one_winner(tmp_path):
         out = tmp_path / f"s{trial}.zarr"
         racers = [Claims(out, timeout=1) for _ in range(8)]
         forge(racers[0], "unit-000001", age=5)
-        results = [None] * len(racers)
-        barrier = threading.Barrier(len(racers))
-
-        def take(i, racers=racers, results=results, barrier=barrier):
-            barrier.wait()
-            results[i] = racers[i].try_claim("unit-000001", f"racer {i}")
-
-        threads = [threading.Thread(target=take, args=(i,)) for i in range(len(racers))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = race_for_lease(racers, "unit-000001")
         winners = [i for i, r in enumerate(results) if r is None]
         assert len(winners) == 1, results
         assert sum(r.confirm("unit-000001") for r in racers) == 1

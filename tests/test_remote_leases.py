@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_extract_workflow
+from helpers import race_for_lease, write_extract_workflow
 
 from pipeline import store
 from pipeline.errors import StoreError
@@ -80,18 +80,7 @@ def test_racing_takeovers_on_s3_have_exactly_one_winner(s3_server):
         out = location.parse(f"s3://{s3_server.new_bucket()}/s.zarr", storage_options=s3_server.storage_options)
         forge(out, "unit-000001", age=5)
         racers = [Claims(out, timeout=1) for _ in range(8)]
-        results: list = [None] * len(racers)
-        barrier = threading.Barrier(len(racers))
-
-        def take(i, racers=racers, results=results, barrier=barrier):
-            barrier.wait()
-            results[i] = racers[i].try_claim("unit-000001", f"racer {i}")
-
-        threads = [threading.Thread(target=take, args=(i,)) for i in range(len(racers))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = race_for_lease(racers, "unit-000001")
         assert [r is None for r in results].count(True) == 1, results
         assert sum(r.confirm("unit-000001") for r in racers) == 1
         assert lease_names(out) == ["unit-000001.000001.json"]
