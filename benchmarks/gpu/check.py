@@ -243,14 +243,18 @@ def extract_row(name: str, model: ModelConfig, blocks: list[str], mode: str, dty
 # ----------------------------------------------------------------- truncated forward
 
 
+def noisy_input(adapter, device: str, dtype: str, batch: int):
+    """A fixed (seed 0) ``(batch, C, H, W)`` model input in ``dtype`` on ``device``, and t = 100."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, adapter.latent_channels, adapter.latent_size, adapter.latent_size, generator=gen)
+    return x.to(device, getattr(torch, dtype)), torch.full((batch,), 100, device=device)
+
+
 def truncate_rows(model: ModelConfig, profile: Profile) -> list[dict]:
     dtype = profile.dtypes[0]
     batch = profile.batches[0]
     adapter = cached_load_model(model, profile.device, dtype)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(batch, adapter.latent_channels, adapter.latent_size, adapter.latent_size, generator=gen)
-    x = x.to(profile.device, getattr(torch, dtype))
-    t = torch.full((batch,), 100, device=profile.device)
+    x, t = noisy_input(adapter, profile.device, dtype, batch)
     cond = Condition("none")
     reps = profile.timing_repeats
 
@@ -311,10 +315,7 @@ def variant_rows(models: dict, profile: Profile, budget: Budget) -> list[dict]:
     rows = []
     for name, (model, _, _) in models.items():
         adapter = cached_load_model(model, profile.device, dtype)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(batch, adapter.latent_channels, adapter.latent_size, adapter.latent_size, generator=gen)
-        x = x.to(profile.device, getattr(torch, dtype))
-        t = torch.full((batch,), 100, device=profile.device)
+        x, t = noisy_input(adapter, profile.device, dtype, batch)
         cond = Condition("none")
 
         def best(fn, inp) -> float:
