@@ -31,6 +31,7 @@ from pipeline.datasets.preprocess import Preprocessing
 from pipeline.errors import ModelError
 from pipeline.models.base import Condition, ModelAdapter
 from pipeline.models.config import ModelConfig
+from pipeline.models.imports import diffusers_module
 from pipeline.models.latent import VaeEncoder, check_epsilon, load_denoiser
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
 
@@ -53,7 +54,8 @@ class DiTAdapter(ModelAdapter):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+        DiTTransformer2DModel = diffusers_module(
+            "diffusers.models.transformers.dit_transformer_2d").DiTTransformer2DModel
 
         opts = dict(cfg.options)
         module, folder, self.source = load_denoiser(DiTTransformer2DModel, cfg, "transformer", "DiT model",

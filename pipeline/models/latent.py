@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline.errors import ModelError
 from pipeline.models.base import component_folder
+from pipeline.models.imports import diffusers_module
 
 
 def local_folder(cfg_path: str | None, kind: str) -> Path:
@@ -180,7 +181,7 @@ class VaeEncoder:
     """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents (B, C_lat, H / f, W / f), f = ``scale_factor``."""
 
     def __init__(self, vae_dir: Path, variant: str | None = None):
-        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+        AutoencoderKL = diffusers_module("diffusers.models.autoencoders.autoencoder_kl").AutoencoderKL
 
         self.vae = load_component(AutoencoderKL, vae_dir, "VAE", variant).float().eval().requires_grad_(False)
         conf = self.vae.config

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.models.imports import diffusers_module
+
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
 
 
@@ -25,7 +27,7 @@ def load_scheduler_config(folder: Path | None, overrides: dict) -> dict:
 
 def alphas_cumprod(cfg: dict) -> torch.Tensor:
     """abar_t for t = 0..T-1 as float64, via diffusers' DDPMScheduler."""
-    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+    DDPMScheduler = diffusers_module("diffusers.schedulers.scheduling_ddpm").DDPMScheduler
 
     # inspect.signature, not __code__.co_varnames: register_to_config wraps __init__ in (*args, **kwargs)
     known = inspect.signature(DDPMScheduler.__init__).parameters

@@ -29,6 +29,7 @@ from pipeline.datasets.preprocess import Preprocessing
 from pipeline.errors import ModelError
 from pipeline.models.base import Condition, ModelAdapter, weights_hash
 from pipeline.models.config import ModelConfig
+from pipeline.models.imports import diffusers_module
 from pipeline.models.latent import VaeEncoder, check_epsilon, load_component, local_folder
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
 
@@ -54,7 +55,7 @@ class StableDiffusionAdapter(ModelAdapter):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+        UNet2DConditionModel = diffusers_module("diffusers.models.unets.unet_2d_condition").UNet2DConditionModel
 
         CLIPTextModel, CLIPTokenizer = _import_transformers()
         if cfg.config and not cfg.path:

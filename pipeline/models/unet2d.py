@@ -8,6 +8,7 @@ from pipeline.datasets.preprocess import Preprocessing
 from pipeline.errors import ModelError
 from pipeline.models.base import Condition, ModelAdapter
 from pipeline.models.config import ModelConfig
+from pipeline.models.imports import diffusers_module
 from pipeline.models.latent import load_denoiser
 from pipeline.models.schedule import alphas_cumprod, load_scheduler_config
 
@@ -17,7 +18,7 @@ class UNet2DAdapter(ModelAdapter):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from diffusers.models.unets.unet_2d import UNet2DModel  # not `from diffusers import`: 2x faster start
+        UNet2DModel = diffusers_module("diffusers.models.unets.unet_2d").UNet2DModel
 
         module, folder, self.source = load_denoiser(UNet2DModel, cfg, "unet", "diffusers model")
         self.module = module.eval().requires_grad_(False)
