@@ -91,8 +91,11 @@ def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
     from pipeline.workflow.runner import Runner, parse_shard
     from stages import STAGES
 
+    from pipeline.cli.program import resume_collector
+
     wf = load_workflow(workflow, STAGES)
-    runner = Runner(wf, force=force, shard=parse_shard(shard), strict=strict, progress=not no_progress)
+    runner = Runner(wf, force=force, shard=parse_shard(shard), strict=strict, progress=not no_progress,
+                    on_validated=resume_collector)
     runner.run(only=only, until=until, dry_run=dry_run)
 
 
@@ -245,4 +248,6 @@ def diff(a, b, atol, rtol):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    from pipeline.cli.program import main as program
+
+    program()

@@ -166,13 +166,16 @@ class _LazyHashes(dict):
 
 class Runner:
     def __init__(self, workflow: Workflow, force: bool = False, shard: tuple[int, int] = (0, 1),
-                 strict: bool = False, progress: bool = True, echo=None):
+                 strict: bool = False, progress: bool = True, echo=None, on_validated=None):
         self.wf = workflow
         self.force = force
         self.shard = shard
         self.strict = strict
         self.progress = progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        #: Called once ``run`` has validated its stages, before the first one runs (the
+        #: ``diffprobe`` program resumes its garbage collector there).
+        self.on_validated = on_validated
         self.stages = {e.name: e.stage_class() for e in workflow.stages}
         # Hashed on first use: a stage's hash opens its dataset (for the image ids), so
         # only the stages a command touches, and their inputs, need their data here.
@@ -336,6 +339,8 @@ class Runner:
                 )
         self.check_output_paths(selected)
         self.validate(selected)
+        if self.on_validated is not None:
+            self.on_validated()
         for entry in selected:
             action = self.decide(entry, only)
             report.append((entry.name, action))
