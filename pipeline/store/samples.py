@@ -1,0 +1,419 @@
+"""A few samples' values from a store, reading about what they return.
+
+Slice readers (probes, CKA, pool) read whole inner chunks: an inner chunk is
+``(n, 1, C, H, W)`` with n up to ~1,000 samples, so reading 100 random samples over
+every block and timestep through zarr decodes 100 chunks per (block, timestep) and
+reads ~90x the bytes it returns. :func:`read_samples` instead reads the bytes of the
+requested samples only, from the same files, without any change to the store format
+(TensorStore, xarray and zarr read the stores as before).
+
+How: by default a store keeps its values raw inside Zarr v3 sharding (the
+``sharding_indexed`` codec with inner codecs ``bytes`` + ``crc32c``, whole maps per
+inner chunk, samples leading). An inner chunk is then the C-order bytes of its
+``(n, t, C, H, W)`` values followed by 4 checksum bytes, so sample ``j``, timestep
+``k`` of it lies at ``offset + (j * t + k) * C * H * W * itemsize``. The shard's index
+(``(offset, nbytes)`` uint64 pairs for each inner chunk, with its own crc32c, at the
+shard's end or start as ``index_location`` says) gives ``offset``. A
+:class:`SampleReader` reads each shard's index once (and keeps it), then reads each
+requested (sample, timestep) slab with one byte-range read, adjacent slabs of one
+shard merged into one read: ``os.pread`` on local files, ``get_partial_values`` of the
+store's zarr client on object storage (obstore's ``get_ranges``, which also merges
+nearby ranges, or s3fs's ``cat_ranges``; :mod:`pipeline.store.location` picks it).
+
+What a byte-range read cannot do is check an inner chunk's crc32c (that needs the
+whole chunk). The shard index's own crc32c is checked; the values are not.
+``check=True`` reads whole inner chunks through zarr instead, every checksum verified
+(the damage named as every reader names it), and ``diffprobe verify STORE`` checks
+every chunk of a store. Stores whose chain is anything else (compressed with Blosc,
+filtered with BitRound, unsharded, a partial map per chunk) are read the same way as
+``check=True``: correct, but amplified as a slice reader's reads are.
+
+Failed images (``done == 2``) read as NaN, as in xarray; samples not written yet
+(``done == 0``) and a missing shard of a written unit are a StoreError naming the
+block, samples and timesteps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import StoreError
+from pipeline.store import location
+from pipeline.store.checks import LIST_ABOVE, Integrity, hint
+from pipeline.store.layout import SAMPLE_COORDS, open_root
+from pipeline.store.schema import PENDING, block_names
+
+#: An index entry of an inner chunk that was never stored (it held only the fill value).
+EMPTY = 2**64 - 1
+#: Byte-range requests in flight at once on object storage.
+CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class RawShards:
+    """Where values lie in an array's shards, when they are stored raw.
+
+    ``shard`` and ``inner`` are the shard and inner chunk shapes; ``dtype`` carries the
+    stored byte order; ``checksum``: inner chunks end with a crc32c; ``index_nbytes``
+    is the shard index's size (its crc32c included when ``index_checksum``).
+    """
+
+    shard: tuple[int, ...]
+    inner: tuple[int, ...]
+    dtype: np.dtype
+    checksum: bool
+    index_at_end: bool
+    index_checksum: bool
+
+    @property
+    def per_shard(self) -> tuple[int, ...]:
+        return tuple(s // c for s, c in zip(self.shard, self.inner))
+
+    @property
+    def index_nbytes(self) -> int:
+        return 16 * math.prod(self.per_shard) + 4 * self.index_checksum
+
+    def chunk_nbytes(self) -> int:
+        return math.prod(self.inner) * self.dtype.itemsize + 4 * self.checksum
+
+
+def raw_shards(array) -> RawShards | None:
+    """The byte layout of ``array``'s shards if a sample's values are byte ranges of them, else None.
+
+    That holds for Zarr v3 ``sharding_indexed`` whose inner codecs are ``bytes`` alone or
+    ``bytes`` + ``crc32c``, whose index codecs are ``bytes`` (+ ``crc32c``), and whose inner
+    chunks hold whole ``(C, H, W)`` maps (one sample's maps are then contiguous).
+    """
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    codecs = getattr(array.metadata, "codecs", ())
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sharding = codecs[0]
+
+    def plain(chain) -> tuple[object, bool] | None:
+        chain = tuple(chain)
+        if not chain or not isinstance(chain[0], BytesCodec):
+            return None
+        if chain[1:] == ():
+            return chain[0], False
+        if len(chain) == 2 and isinstance(chain[1], Crc32cCodec):
+            return chain[0], True
+        return None
+
+    inner, index = plain(sharding.codecs), plain(sharding.index_codecs)
+    if inner is None or index is None or str(getattr(index[0].endian, "value", "little")) != "little":
+        return None
+    chunk = tuple(int(c) for c in sharding.chunk_shape)
+    if chunk[2:] != tuple(array.shape[2:]):
+        return None
+    order = "<" if str(getattr(inner[0].endian, "value", "little")) == "little" else ">"
+    return RawShards(tuple(int(s) for s in array.metadata.chunk_grid.chunk_shape), chunk,
+                     np.dtype(array.dtype).newbyteorder(order), inner[1],
+                     str(sharding.index_location.value) == "end", index[1])
+
+
+class SampleReader:
+    """Reads a few samples of a store's blocks; shard indexes are read once and kept.
+
+    Parameters
+    ----------
+    store : str, Path or location
+        A store folder or URL (an extraction or pool output, local or on object storage).
+    """
+
+    def __init__(self, store):
+        self.path = location.as_location(store)
+        self.root = open_root(self.path)
+        self.checks = Integrity(self.root, self.path)
+        self.zstore = self.root.store
+        self.local = getattr(self.zstore, "root", None)
+        self.local = Path(self.local) if isinstance(self.local, (str, Path)) else None
+        self._indexes: dict[str, np.ndarray | None] = {}
+        self._ids: dict[str, np.ndarray] = {}
+        self.bytes_read = 0
+
+    # ------------------------------------------------------------- the API
+
+    def read(self, block: str, samples, timesteps: Sequence[int] | None = None, *, check: bool = False):
+        """Every requested sample's maps at the requested timesteps, as an ``xarray.DataArray``.
+
+        Parameters
+        ----------
+        block : str
+            The block, as named under ``blocks/`` (a pooled store's ``"<block>/p<size>"``).
+        samples : sequence of int or of str
+            Sample positions (0-based rows of the store), or image ids: an id selects every
+            view of that image, in store order. In the order given; repeats are repeated.
+        timesteps : sequence of int, optional
+            Timestep values (default: all the store's), in the order given.
+        check : bool
+            Read whole inner chunks through zarr, so every crc32c is verified (slower:
+            the bytes of whole chunks are read).
+
+        Returns
+        -------
+        xarray.DataArray
+            ``(sample, timestep, channel, y, x)`` in the stored dtype, with the coordinates
+            ``xr.open_zarr(store, group=f"blocks/{block}")["activations"]`` has (``sample``,
+            ``timestep``, ``image_id``, ``view``, ``flipped``, ``label``): equal to its
+            ``.isel(sample=positions, timestep=...)``.
+        """
+        import xarray as xr
+
+        array_path = f"blocks/{block}/activations"
+        if array_path not in self.root:
+            raise StoreError(f"store {self.path} has no block {block!r}; it has {self._known_blocks()}")
+        array = self.root[array_path]
+        group = self.root[f"blocks/{block}"]
+        positions = self._positions(block, group, samples, int(array.shape[0]))
+        stored_t = [int(t) for t in group["timestep"][:]]
+        t_index = self._timestep_index(stored_t, timesteps)
+        unique, inverse = np.unique(positions, return_inverse=True)
+        self._refuse_pending(block, unique, [stored_t[i] for i in t_index])
+        layout = None if check else raw_shards(array)
+        if layout is None:
+            values = self._read_through_zarr(array_path, unique, t_index)
+        else:
+            values = self._read_ranges(array_path, array, layout, unique, t_index)
+        coords = {"sample": ("sample", positions.astype(np.int64)),
+                  "timestep": ("timestep", np.asarray([stored_t[i] for i in t_index], dtype=group["timestep"].dtype))}
+        for name in SAMPLE_COORDS:
+            if name in group:
+                coords[name] = ("sample", np.asarray(group[name].get_orthogonal_selection((unique,)))[inverse])
+        attrs = {k: v for k, v in array.attrs.items() if k != "coordinates"}
+        dims = tuple(array.metadata.dimension_names or ("sample", "timestep", "channel", "y", "x"))
+        return xr.DataArray(values[inverse], dims=dims, coords=coords, attrs=attrs, name="activations")
+
+    # ------------------------------------------------------------- what is asked
+
+    def _known_blocks(self) -> list[str]:
+        names = block_names(self.root)
+        pooled = self.root.attrs.get("diffprobe", {}).get("pooled")
+        if pooled:
+            from pipeline.store.slices import pooled_key
+
+            names = [pooled_key(b, s) for b in pooled["blocks"] for s in sorted(pooled["sizes"])]
+        return names
+
+    def _positions(self, block: str, group, samples, n: int) -> np.ndarray:
+        """``(k,) int64`` store rows of ``samples`` (positions or image ids), in the order asked."""
+        asked = np.asarray([samples] if isinstance(samples, (int, np.integer, str)) else list(samples))
+        if asked.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if asked.dtype.kind in "iu":
+            bad = asked[(asked < 0) | (asked >= n)]
+            if len(bad):
+                raise StoreError(f"store {self.path}: sample position {int(bad[0])} is outside 0..{n - 1}")
+            return asked.astype(np.int64)
+        if asked.dtype.kind not in "UO" or not all(isinstance(s, str) for s in asked.tolist()):
+            raise StoreError(f"samples must be positions (ints) or image ids (str); got {asked.dtype} values")
+        if block not in self._ids:
+            self._ids[block] = np.asarray(group["image_id"][:]).astype(str)
+        ids = self._ids[block]
+        wanted = np.unique(asked.astype(str))
+        hits = np.flatnonzero(np.isin(ids, wanted))
+        rows: dict[str, list[int]] = {}
+        for row in hits.tolist():
+            rows.setdefault(str(ids[row]), []).append(row)
+        unknown = [s for s in wanted.tolist() if s not in rows]
+        if unknown:
+            shown = ", ".join(repr(s) for s in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise StoreError(f"store {self.path} has no image id {shown} ({len(unknown)} unknown of "
+                             f"{len(wanted)} asked); its ids are the dataset's paths, e.g. {str(ids[0])!r}")
+        return np.asarray([r for s in asked.tolist() for r in rows[s]], dtype=np.int64)
+
+    def _timestep_index(self, stored: list[int], timesteps: Sequence[int] | None) -> list[int]:
+        if timesteps is None:
+            return list(range(len(stored)))
+        asked = [int(t) for t in np.atleast_1d(np.asarray(timesteps))]
+        missing = [t for t in asked if t not in stored]
+        if missing:
+            raise StoreError(f"store {self.path} lacks timestep(s) {missing}; it has {stored}")
+        return [stored.index(t) for t in asked]
+
+    def _refuse_pending(self, block: str, unique: np.ndarray, timesteps: list[int]) -> None:
+        done = self.checks.done()
+        pending = unique[done[unique] == PENDING]
+        if len(pending):
+            shown = ", ".join(map(str, pending[:8].tolist())) + (" ..." if len(pending) > 8 else "")
+            raise StoreError(
+                f"store {self.path}: block {block!r} has no data yet for {len(pending)} requested sample(s) "
+                f"({shown}; timesteps {timesteps}): their units are not written (done = 0); run the stage "
+                f"again to finish the store ('diffprobe inspect {self.path}' lists the missing units)")
+
+    # ------------------------------------------------------------- whole chunks (verified)
+
+    def _read_through_zarr(self, array_path: str, unique: np.ndarray, t_index: list[int]) -> np.ndarray:
+        """``(len(unique), len(t_index), C, H, W)`` read as whole inner chunks by zarr (crc32c checked)."""
+        checked = self.checks.array(array_path)
+        array = checked.zarr
+        shard_n = int(array.metadata.chunk_grid.chunk_shape[0])
+        shards = np.unique(unique // shard_n)
+        if len(shards) > LIST_ABOVE:
+            self.checks.listing(array)  # one listing instead of a stat per shard
+        for s in shards.tolist():
+            self.checks.check_present([array_path], s * shard_n, (s + 1) * shard_n)
+        chunk_n = int(array.chunks[0])
+        out = np.empty((len(unique), len(t_index), *array.shape[2:]), dtype=array.dtype)
+        groups = np.split(np.arange(len(unique)), np.flatnonzero(np.diff(unique // chunk_n)) + 1)
+        selections, targets = [], []
+        for rows in groups:
+            lo, hi = int(unique[rows[0]]), int(unique[rows[-1]]) + 1
+            for k, t in enumerate(t_index):
+                selections.append((slice(lo, hi), slice(t, t + 1)))
+                targets.append((rows, k, unique[rows] - lo))
+        for got, (rows, k, within) in zip(checked.read_many(selections, CONCURRENCY), targets):
+            out[rows, k] = got[within, 0]
+            self.bytes_read += got.nbytes
+        return out
+
+    # ------------------------------------------------------------- byte ranges
+
+    def _read_ranges(self, array_path: str, array, lay: RawShards, unique: np.ndarray,
+                     t_index: list[int]) -> np.ndarray:
+        """``(len(unique), len(t_index), C, H, W)``: one byte range per (sample, timestep) slab."""
+        map_shape = tuple(int(s) for s in array.shape[2:])
+        slab = math.prod(map_shape) * lay.dtype.itemsize
+        pos = np.repeat(unique, len(t_index))
+        ts = np.tile(np.asarray(t_index, dtype=np.int64), len(unique))
+        shard_s, shard_t = pos // lay.shard[0], ts // lay.shard[1]
+        local_s, local_t = pos % lay.shard[0], ts % lay.shard[1]
+        chunk_s, chunk_t = local_s // lay.inner[0], local_t // lay.inner[1]
+        within = ((local_s % lay.inner[0]) * lay.inner[1] + local_t % lay.inner[1]) * slab
+        rest = (0,) * (len(lay.shard) - 2)
+        keys = [f"{array_path}/{array.metadata.encode_chunk_key((int(a), int(b), *rest))}"
+                for a, b in zip(shard_s, shard_t)]
+        indexes = self._shard_indexes(array_path, array, lay, sorted(set(keys)), shard_s, shard_t, keys)
+        start = np.full(len(pos), -1, dtype=np.int64)
+        for e, key in enumerate(keys):
+            index = indexes[key]
+            if index is None:
+                continue  # a shard of failed images only: NaN, as zarr reads it
+            offset, nbytes = (int(v) for v in index[(chunk_s[e], chunk_t[e]) + rest])
+            if offset == EMPTY:
+                continue  # never stored: it held only the fill value
+            if nbytes != lay.chunk_nbytes():
+                raise StoreError(f"store {self.path}: {self.checks.relative(self._file(key))}'s index gives an "
+                                 f"inner chunk of {nbytes} bytes where {lay.chunk_nbytes()} are expected: the shard "
+                                 f"is damaged; {hint(self.path)}")
+            start[e] = offset + int(within[e])
+        out = np.full((len(pos), *map_shape), array.fill_value, dtype=array.dtype)
+        stored = np.flatnonzero(start >= 0)
+        order = stored[np.lexsort((start[stored], np.asarray(keys, dtype=object)[stored].astype(str)))]
+        runs: list[tuple[str, int, int]] = []
+        for e in order.tolist():
+            if runs and runs[-1][0] == keys[e] and runs[-1][2] == start[e]:
+                runs[-1] = (keys[e], runs[-1][1], runs[-1][2] + slab)
+            else:
+                runs.append((keys[e], int(start[e]), int(start[e]) + slab))
+        data = b"".join(self._fetch(runs))
+        if len(order):
+            out[order] = np.frombuffer(data, dtype=lay.dtype).reshape(len(order), *map_shape)
+        return out.reshape(len(unique), len(t_index), *map_shape)
+
+    def _file(self, key: str):
+        return self.path / key
+
+    def _shard_indexes(self, array_path, array, lay: RawShards, needed: list[str], shard_s, shard_t,
+                       keys) -> dict[str, np.ndarray | None]:
+        """``{shard key: (*per_shard, 2) uint64 index}`` (None: no such object), read once per reader."""
+        import google_crc32c
+
+        fresh = [k for k in needed if k not in self._indexes]
+        size = lay.index_nbytes
+        request = (-size, None) if lay.index_at_end else (0, size)
+        for key, raw in zip(fresh, self._fetch([(k, *request) for k in fresh], missing_ok=True)):
+            if raw is None:
+                self._indexes[key] = None
+                continue
+            body = raw[:-4] if lay.index_checksum else raw
+            if len(raw) != size or (lay.index_checksum
+                                    and google_crc32c.value(body) != int.from_bytes(raw[-4:], "little")):
+                raise StoreError(f"store {self.path}: the shard index of {self.checks.relative(self._file(key))} "
+                                 f"fails its crc32c checksum: its bytes are damaged; {hint(self.path)}")
+            self._indexes[key] = np.frombuffer(body, dtype="<u8").reshape(*lay.per_shard, 2)
+        first = {k: e for e, k in reversed(list(enumerate(keys)))}
+        for key in needed:
+            if self._indexes[key] is None:
+                s = int(shard_s[first[key]])
+                # written samples need their shard: the same one line every reader gives
+                self.checks.check_present([array_path], s * lay.shard[0], (s + 1) * lay.shard[0])
+        return {k: self._indexes[k] for k in needed}
+
+    def _fetch(self, requests: Sequence[tuple[str, int, int | None]], missing_ok: bool = False) -> list:
+        """The bytes of each ``(key, start, stop)`` (``start < 0, stop None``: the last ``-start``
+        bytes); None for a key that is not stored when ``missing_ok``."""
+        if not requests:
+            return []
+        out = self._fetch_local(requests) if self.local is not None else self._fetch_remote(requests, missing_ok)
+        if not missing_ok and any(b is None for b in out):
+            key = requests[[b is None for b in out].index(True)][0]
+            raise StoreError(f"store {self.path}: {key} vanished while it was read; {hint(self.path)}")
+        self.bytes_read += sum(len(b) for b in out if b is not None)
+        return out
+
+    def _fetch_local(self, requests) -> list:
+        out: list = []
+        fds: dict[str, int | None] = {}
+        try:
+            for key, start, stop in requests:
+                if key not in fds:
+                    try:
+                        fds[key] = os.open(self.local / key, os.O_RDONLY)
+                    except FileNotFoundError:
+                        fds[key] = None
+                fd = fds[key]
+                if fd is None:
+                    out.append(None)
+                    continue
+                if start < 0:
+                    size = os.fstat(fd).st_size
+                    start, stop = max(0, size + start), size
+                out.append(os.pread(fd, stop - start, start))
+        finally:
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
+        return out
+
+    def _fetch_remote(self, requests, missing_ok: bool) -> list:
+        from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        proto = default_buffer_prototype()
+        ranges = [SuffixByteRequest(-start) if start < 0 else RangeByteRequest(start, stop)
+                  for _, start, stop in requests]
+        if not missing_ok:  # data runs: the client merges a shard's ranges into few requests
+            got = sync(self.zstore.get_partial_values(proto, [(k, r) for (k, *_), r in zip(requests, ranges)]))
+        else:  # indexes: one get each, so a missing shard answers None (get_partial_values may raise)
+            gate = asyncio.Semaphore(CONCURRENCY)
+
+            async def one(key, byte_range):
+                async with gate:
+                    return await self.zstore.get(key, proto, byte_range=byte_range)
+
+            async def every():
+                return await asyncio.gather(*(one(k, r) for (k, *_), r in zip(requests, ranges)))
+
+            got = sync(every())
+        return [None if b is None else b.to_bytes() for b in got]
+
+
+def read_samples(store, block: str, samples, timesteps: Sequence[int] | None = None, *, check: bool = False):
+    """A few samples' ``(sample, timestep, channel, y, x)`` maps of one block, reading ~what they return.
+
+    ``SampleReader(store).read(block, samples, timesteps, check=check)``: see
+    :meth:`SampleReader.read` for the arguments and the module docstring for how the
+    bytes are found. Keep a :class:`SampleReader` to read several blocks or batches of
+    one store (its shard indexes and ids are read once).
+    """
+    return SampleReader(store).read(block, samples, timesteps, check=check)
