@@ -17,8 +17,8 @@ shard's end or start as ``index_location`` says) gives ``offset``. A
 :class:`SampleReader` reads each shard's index once (and keeps it), then reads each
 requested (sample, timestep) slab with one byte-range read, adjacent slabs of one
 shard merged into one read: ``os.pread`` on local files, ``get_partial_values`` of the
-store's zarr client on object storage (obstore's ``get_ranges``, which also merges
-nearby ranges, or s3fs's ``cat_ranges``; :mod:`pipeline.store.location` picks it).
+store's zarr client on object storage (one ranged GET per merged range, 16 in flight,
+through obstore or s3fs as :mod:`pipeline.store.location` picks for every reader).
 
 What a byte-range read cannot do is check an inner chunk's crc32c (that needs the
 whole chunk). The shard index's own crc32c is checked; the values are not.
@@ -353,7 +353,7 @@ class SampleReader:
         bytes); None for a key that is not stored when ``missing_ok``."""
         if not requests:
             return []
-        out = self._fetch_local(requests) if self.local is not None else self._fetch_remote(requests, missing_ok)
+        out = self._fetch_local(requests) if self.local is not None else self._fetch_remote(requests)
         if not missing_ok and any(b is None for b in out):
             key = requests[[b is None for b in out].index(True)][0]
             raise StoreError(f"store {self.path}: {key} vanished while it was read; {hint(self.path)}")
@@ -384,28 +384,26 @@ class SampleReader:
                     os.close(fd)
         return out
 
-    def _fetch_remote(self, requests, missing_ok: bool) -> list:
+    def _fetch_remote(self, requests) -> list:
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
+        # One GET per range, CONCURRENCY in flight: not get_partial_values, whose obstore path
+        # merges ranges up to 1 MiB apart (it would read most of a shard for scattered samples)
+        # and raises for a missing object where get answers None.
         proto = default_buffer_prototype()
-        ranges = [SuffixByteRequest(-start) if start < 0 else RangeByteRequest(start, stop)
-                  for _, start, stop in requests]
-        if not missing_ok:  # data runs: the client merges a shard's ranges into few requests
-            got = sync(self.zstore.get_partial_values(proto, [(k, r) for (k, *_), r in zip(requests, ranges)]))
-        else:  # indexes: one get each, so a missing shard answers None (get_partial_values may raise)
-            gate = asyncio.Semaphore(CONCURRENCY)
+        gate = asyncio.Semaphore(CONCURRENCY)
 
-            async def one(key, byte_range):
-                async with gate:
-                    return await self.zstore.get(key, proto, byte_range=byte_range)
+        async def one(key, start, stop):
+            async with gate:
+                return await self.zstore.get(key, proto, byte_range=SuffixByteRequest(-start) if start < 0
+                                             else RangeByteRequest(start, stop))
 
-            async def every():
-                return await asyncio.gather(*(one(k, r) for (k, *_), r in zip(requests, ranges)))
+        async def every():
+            return await asyncio.gather(*(one(*request) for request in requests))
 
-            got = sync(every())
-        return [None if b is None else b.to_bytes() for b in got]
+        return [None if b is None else b.to_bytes() for b in sync(every())]
 
 
 def read_samples(store, block: str, samples, timesteps: Sequence[int] | None = None, *, check: bool = False):
