@@ -42,8 +42,9 @@ def make_store(path: Path, dtype: str = "float16", compression=store.Compression
 
 
 def expected(path: str, block: str, positions, t_index=None) -> xr.DataArray:
+    """xarray's read of the same samples (and timestep positions)."""
     acts = xr.open_zarr(path, group=f"blocks/{block}", chunks=None)["activations"]
-    return acts.isel(sample=list(positions), timestep=slice(None) if t_index is None else t_index)
+    return acts.isel(sample=list(positions), timestep=slice(None) if t_index is None else t_index).load()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
@@ -94,6 +95,7 @@ def test_the_byte_range_math_matches_zarrs_own_read(tmp_path):
     array = zarr.open_group(path, mode="r")["blocks/b/activations"]
     lay = raw_shards(array)
     assert lay is not None and lay.index_at_end and lay.checksum
+    reader = SampleReader(path)
     inner = chunks["b"]
     raw = (Path(path) / "blocks/b/activations/c/1/0/0/0/0").read_bytes()  # samples 64..127
     index = np.frombuffer(raw[-(16 * (64 // inner) * 3 + 4):-4], dtype="<u8").reshape(64 // inner, 3, 2)
@@ -106,7 +108,7 @@ def test_the_byte_range_math_matches_zarrs_own_read(tmp_path):
             values = np.frombuffer(body, dtype="<f2").reshape(inner, 3, 4, 4)
             np.testing.assert_array_equal(values, array[lo:lo + inner, t])
             sample = 64 + i * inner + 3  # one sample's slab: 3 * 4 * 4 float16 at j = 3
-            got = read_samples(path, "b", [sample], timesteps=[TIMESTEPS[t]]).values[0, 0]
+            got = reader.read("b", [sample], timesteps=[TIMESTEPS[t]]).values[0, 0]
             np.testing.assert_array_equal(got, np.frombuffer(body[3 * 96:4 * 96], dtype="<f2").reshape(3, 4, 4))
 
 

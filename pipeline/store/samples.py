@@ -279,55 +279,60 @@ class SampleReader:
 
     def _read_ranges(self, array_path: str, array, lay: RawShards, unique: np.ndarray,
                      t_index: list[int]) -> np.ndarray:
-        """``(len(unique), len(t_index), C, H, W)``: one byte range per (sample, timestep) slab."""
+        """``(len(unique), len(t_index), C, H, W)``: one byte range per (sample, timestep) slab,
+        adjacent slabs of a shard read as one."""
         map_shape = tuple(int(s) for s in array.shape[2:])
         slab = math.prod(map_shape) * lay.dtype.itemsize
         pos = np.repeat(unique, len(t_index))
         ts = np.tile(np.asarray(t_index, dtype=np.int64), len(unique))
-        shard_s, shard_t = pos // lay.shard[0], ts // lay.shard[1]
+        if not len(pos):
+            return np.zeros((len(unique), len(t_index), *map_shape), dtype=array.dtype)
         local_s, local_t = pos % lay.shard[0], ts % lay.shard[1]
-        chunk_s, chunk_t = local_s // lay.inner[0], local_t // lay.inner[1]
-        within = ((local_s % lay.inner[0]) * lay.inner[1] + local_t % lay.inner[1]) * slab
+        # each element's shard, as a row of `shards` (sample-shard, timestep-shard)
+        shards, shard_of = np.unique(np.stack([pos // lay.shard[0], ts // lay.shard[1]], axis=1), axis=0,
+                                     return_inverse=True)
+        shard_of = shard_of.reshape(-1)
         rest = (0,) * (len(lay.shard) - 2)
-        keys = [f"{array_path}/{array.metadata.encode_chunk_key((int(a), int(b), *rest))}"
-                for a, b in zip(shard_s, shard_t)]
-        indexes = self._shard_indexes(array_path, array, lay, sorted(set(keys)), shard_s, shard_t, keys)
-        start = np.full(len(pos), -1, dtype=np.int64)
-        for e, key in enumerate(keys):
-            index = indexes[key]
-            if index is None:
-                continue  # a shard of failed images only: NaN, as zarr reads it
-            offset, nbytes = (int(v) for v in index[(chunk_s[e], chunk_t[e]) + rest])
-            if offset == EMPTY:
-                continue  # never stored: it held only the fill value
-            if nbytes != lay.chunk_nbytes():
-                raise StoreError(f"store {self.path}: {self.checks.relative(self._file(key))}'s index gives an "
-                                 f"inner chunk of {nbytes} bytes where {lay.chunk_nbytes()} are expected: the shard "
-                                 f"is damaged; {hint(self.path)}")
-            start[e] = offset + int(within[e])
+        keys = [f"{array_path}/{array.metadata.encode_chunk_key((int(a), int(b), *rest))}" for a, b in shards]
+        indexes = self._shard_indexes(array_path, lay, keys, shards[:, 0])
+        table = np.stack([np.full((*lay.per_shard, 2), EMPTY, dtype=np.uint64) if i is None else i
+                          for i in indexes])  # a missing shard (failed images only) reads as never stored
+        entry = table[(shard_of, local_s // lay.inner[0], local_t // lay.inner[1]) + rest]
+        stored = np.flatnonzero(entry[:, 0] != EMPTY)  # an inner chunk never stored held only the fill value
+        bad = stored[entry[stored, 1] != lay.chunk_nbytes()]
+        if len(bad):
+            raise StoreError(f"store {self.path}: the index of {self.checks.relative(self._file(keys[shard_of[bad[0]]]))} "
+                             f"gives an inner chunk of {int(entry[bad[0], 1])} bytes where {lay.chunk_nbytes()} are "
+                             f"expected: the shard is damaged; {hint(self.path)}")
+        start = entry[stored, 0].astype(np.int64) + (
+            (local_s[stored] % lay.inner[0]) * lay.inner[1] + local_t[stored] % lay.inner[1]) * slab
+        order = np.lexsort((start, shard_of[stored]))
+        start, owner, elements = start[order], shard_of[stored][order], stored[order]
+        # a run breaks where the shard changes or the next slab does not follow on
+        breaks = np.flatnonzero((np.diff(owner) != 0) | (np.diff(start) != slab)) + 1
+        firsts = np.concatenate([[0], breaks]).astype(np.int64)
+        lasts = np.concatenate([breaks, [len(start)]]).astype(np.int64)
+        runs = [(keys[owner[f]], int(start[f]), int(start[f]) + int(l - f) * slab)
+                for f, l in zip(firsts.tolist(), lasts.tolist())] if len(start) else []
         out = np.full((len(pos), *map_shape), array.fill_value, dtype=array.dtype)
-        stored = np.flatnonzero(start >= 0)
-        order = stored[np.lexsort((start[stored], np.asarray(keys, dtype=object)[stored].astype(str)))]
-        runs: list[tuple[str, int, int]] = []
-        for e in order.tolist():
-            if runs and runs[-1][0] == keys[e] and runs[-1][2] == start[e]:
-                runs[-1] = (keys[e], runs[-1][1], runs[-1][2] + slab)
-            else:
-                runs.append((keys[e], int(start[e]), int(start[e]) + slab))
-        data = b"".join(self._fetch(runs))
-        if len(order):
-            out[order] = np.frombuffer(data, dtype=lay.dtype).reshape(len(order), *map_shape)
+        if runs:
+            data = b"".join(self._fetch(runs))
+            out[elements] = np.frombuffer(data, dtype=lay.dtype).reshape(len(elements), *map_shape)
         return out.reshape(len(unique), len(t_index), *map_shape)
 
     def _file(self, key: str):
         return self.path / key
 
-    def _shard_indexes(self, array_path, array, lay: RawShards, needed: list[str], shard_s, shard_t,
-                       keys) -> dict[str, np.ndarray | None]:
-        """``{shard key: (*per_shard, 2) uint64 index}`` (None: no such object), read once per reader."""
+    def _shard_indexes(self, array_path: str, lay: RawShards, keys: list[str],
+                       sample_shards: np.ndarray) -> list[np.ndarray | None]:
+        """Each shard's ``(*per_shard, 2)`` uint64 index (None: not stored), read once per reader.
+
+        A shard that is not stored is refused when ``done`` marks a sample of it written
+        (the same one line every reader gives); else (failed images only) it reads as NaN.
+        """
         import google_crc32c
 
-        fresh = [k for k in needed if k not in self._indexes]
+        fresh = [k for k in dict.fromkeys(keys) if k not in self._indexes]
         size = lay.index_nbytes
         request = (-size, None) if lay.index_at_end else (0, size)
         for key, raw in zip(fresh, self._fetch([(k, *request) for k in fresh], missing_ok=True)):
@@ -340,13 +345,10 @@ class SampleReader:
                 raise StoreError(f"store {self.path}: the shard index of {self.checks.relative(self._file(key))} "
                                  f"fails its crc32c checksum: its bytes are damaged; {hint(self.path)}")
             self._indexes[key] = np.frombuffer(body, dtype="<u8").reshape(*lay.per_shard, 2)
-        first = {k: e for e, k in reversed(list(enumerate(keys)))}
-        for key in needed:
+        for key, s in zip(keys, sample_shards.tolist()):
             if self._indexes[key] is None:
-                s = int(shard_s[first[key]])
-                # written samples need their shard: the same one line every reader gives
                 self.checks.check_present([array_path], s * lay.shard[0], (s + 1) * lay.shard[0])
-        return {k: self._indexes[k] for k in needed}
+        return [self._indexes[k] for k in keys]
 
     def _fetch(self, requests: Sequence[tuple[str, int, int | None]], missing_ok: bool = False) -> list:
         """The bytes of each ``(key, start, stop)`` (``start < 0, stop None``: the last ``-start``
