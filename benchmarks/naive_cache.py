@@ -172,7 +172,7 @@ def main() -> None:
                 f.close()
                 name = "HDF5, contiguous dataset per block"
             elif name == "read_samples":
-                import xarray  # noqa: F401 -- imported before timing, as zarr and h5py are
+                import xarray  # noqa: F401,I001 -- imported before timing, as zarr and h5py are
                 from pipeline.store.samples import read_samples
 
                 ta, ra, _ = best(lambda: read_samples(path, block, np.arange(n), [TIMESTEPS[t_index]]),

@@ -20,13 +20,14 @@ TIMESTEPS = [10, 50, 200]
 N = 150  # not a multiple of the inner chunk: the last chunk is padded
 
 
-def make_store(path: Path, dtype: str = "float16", compression=store.Compression(), failed=(),
+def make_store(path: Path, dtype: str = "float16", compression=None, failed=(),
                pending_units=()) -> tuple[str, dict]:
     """``N`` samples of random values in 2 blocks; shards of 64 samples, inner chunks of 8 or 16."""
     layout = store.make_layout(N, BLOCKS, TIMESTEPS, dtype, unit_samples=64, chunk_bytes=512)
     samples = store.SampleTable([f"img/{i % 140}" for i in range(N)], [i // 140 for i in range(N)],
                                 [False] * N, [i % 3 for i in range(N)])
-    store.create_store(path, layout, samples, list("xyz"), {"stage": "extract", "stage_hash": "s"}, compression)
+    store.create_store(path, layout, samples, list("xyz"), {"stage": "extract", "stage_hash": "s"},
+                       compression or store.Compression())
     root = store.open_root(path, mode="r+")
     rng = np.random.default_rng(0)
     values = {b: rng.standard_normal((N, len(TIMESTEPS), *s)).astype(np.float32) for b, s in BLOCKS.items()}
@@ -80,7 +81,8 @@ def test_image_ids_select_every_view_in_the_order_asked(tmp_path):
 
 
 def test_a_compressed_store_is_read_through_zarr(tmp_path):
-    path, _ = make_store(tmp_path / "z.zarr", compression=store.Compression(cname="zstd", bitround_keepbits=7))
+    zstd_bitround = store.Compression(cname="zstd", bitround_keepbits=7)
+    path, _ = make_store(tmp_path / "z.zarr", compression=zstd_bitround)
     with store.quiet_zarr():
         assert raw_shards(zarr.open_group(path, mode="r")["blocks/a/activations"]) is None
         positions = [149, 7, 7, 80]
@@ -109,7 +111,8 @@ def test_the_byte_range_math_matches_zarrs_own_read(tmp_path):
             np.testing.assert_array_equal(values, array[lo:lo + inner, t])
             sample = 64 + i * inner + 3  # one sample's slab: 3 * 4 * 4 float16 at j = 3
             got = reader.read("b", [sample], timesteps=[TIMESTEPS[t]]).values[0, 0]
-            np.testing.assert_array_equal(got, np.frombuffer(body[3 * 96:4 * 96], dtype="<f2").reshape(3, 4, 4))
+            slab = np.frombuffer(body[3 * 96:4 * 96], dtype="<f2").reshape(3, 4, 4)
+            np.testing.assert_array_equal(got, slab)
 
 
 def test_missing_data_is_named_and_failed_images_read_as_nan(tmp_path):
@@ -122,8 +125,9 @@ def test_missing_data_is_named_and_failed_images_read_as_nan(tmp_path):
         read_samples(path, "a", [5, 130, 149])
     shutil.rmtree(Path(path) / "blocks/b/activations/c/1")
     for check in (False, True):
-        with pytest.raises(StoreError, match=r"block 'b' has no data for samples 64\.\.127, all timesteps, which "
-                                             r"done marks written: blocks/b/activations/c/1/0/0/0/0 is missing"):
+        with pytest.raises(StoreError, match=r"block 'b' has no data for samples 64\.\.127, all timesteps, "
+                                             r"which done marks written: blocks/b/activations/c/1/0/0/0/0 is "
+                                             r"missing"):
             read_samples(path, "b", [3, 100], check=check)
     for bad, message in ((["img/999"], "has no image id 'img/999'"), ([150], "outside 0..149"),
                          ([True], "positions \\(ints\\) or image ids")):
@@ -152,7 +156,8 @@ def test_samples_read_from_s3_equal_local(tmp_path, s3_server, monkeypatch):
 
     bucket = s3_server.new_bucket("samples")
     local, _ = make_store(tmp_path / "s.zarr", failed=(3,))
-    url = location.parse(upload(s3_server, local, bucket, "s.zarr"), storage_options=s3_server.storage_options)
+    url = location.parse(upload(s3_server, local, bucket, "s.zarr"),
+                         storage_options=s3_server.storage_options)
     positions = [149, 3, 70, 71, 72, 5, 70]
     want = read_samples(local, "b", positions)
     for client in ("obstore", "fsspec"):

@@ -48,7 +48,8 @@ from pipeline.errors import StoreError
 from pipeline.store import location
 from pipeline.store.checks import LIST_ABOVE, Integrity, hint
 from pipeline.store.layout import SAMPLE_COORDS, open_root
-from pipeline.store.schema import PENDING, block_names
+from pipeline.store.schema import ATTR_KEY, PENDING, block_names
+from pipeline.store.slices import pooled_key
 
 #: An index entry of an inner chunk that was never stored (it held only the fill value).
 EMPTY = 2**64 - 1
@@ -137,7 +138,7 @@ class SampleReader:
         self.local = getattr(self.zstore, "root", None)
         self.local = Path(self.local) if isinstance(self.local, (str, Path)) else None
         self._indexes: dict[str, np.ndarray | None] = {}
-        self._ids: dict[str, np.ndarray] = {}
+        self._coords: dict[str, dict[str, np.ndarray]] = {}
         self.bytes_read = 0
 
     # ------------------------------------------------------------- the API
@@ -183,11 +184,10 @@ class SampleReader:
             values = self._read_through_zarr(array_path, unique, t_index)
         else:
             values = self._read_ranges(array_path, array, layout, unique, t_index)
-        coords = {"sample": ("sample", positions.astype(np.int64)),
-                  "timestep": ("timestep", np.asarray([stored_t[i] for i in t_index], dtype=group["timestep"].dtype))}
-        for name in SAMPLE_COORDS:
-            if name in group:
-                coords[name] = ("sample", np.asarray(group[name].get_orthogonal_selection((unique,)))[inverse])
+        picked_t = np.asarray([stored_t[i] for i in t_index], dtype=group["timestep"].dtype)
+        coords = {"sample": ("sample", positions.astype(np.int64)), "timestep": ("timestep", picked_t)}
+        for name, column in self._sample_coords(block, group).items():
+            coords[name] = ("sample", column[positions])
         attrs = {k: v for k, v in array.attrs.items() if k != "coordinates"}
         dims = tuple(array.metadata.dimension_names or ("sample", "timestep", "channel", "y", "x"))
         return xr.DataArray(values[inverse], dims=dims, coords=coords, attrs=attrs, name="activations")
@@ -196,10 +196,8 @@ class SampleReader:
 
     def _known_blocks(self) -> list[str]:
         names = block_names(self.root)
-        pooled = self.root.attrs.get("diffprobe", {}).get("pooled")
+        pooled = self.root.attrs.get(ATTR_KEY, {}).get("pooled")
         if pooled:
-            from pipeline.store.slices import pooled_key
-
             names = [pooled_key(b, s) for b in pooled["blocks"] for s in sorted(pooled["sizes"])]
         return names
 
@@ -215,9 +213,8 @@ class SampleReader:
             return asked.astype(np.int64)
         if asked.dtype.kind not in "UO" or not all(isinstance(s, str) for s in asked.tolist()):
             raise StoreError(f"samples must be positions (ints) or image ids (str); got {asked.dtype} values")
-        if block not in self._ids:
-            self._ids[block] = np.asarray(group["image_id"][:]).astype(str)
-        ids = self._ids[block]
+        ids = self._sample_coords(block, group)["image_id"]
+        ids = ids if ids.dtype.kind == "U" else ids.astype(str)  # stores of before: StringDType
         wanted = np.unique(asked.astype(str))
         hits = np.flatnonzero(np.isin(ids, wanted))
         rows: dict[str, list[int]] = {}
@@ -229,6 +226,14 @@ class SampleReader:
             raise StoreError(f"store {self.path} has no image id {shown} ({len(unknown)} unknown of "
                              f"{len(wanted)} asked); its ids are the dataset's paths, e.g. {str(ids[0])!r}")
         return np.asarray([r for s in asked.tolist() for r in rows[s]], dtype=np.int64)
+
+    def _sample_coords(self, block: str, group) -> dict[str, np.ndarray]:
+        """The group's per-sample coordinates, read once per reader (each is one chunk: a
+        selection would decode all of it anyway)."""
+        if block not in self._coords:
+            self._coords[block] = {name: np.asarray(group[name][:]) for name in SAMPLE_COORDS
+                                   if name in group}
+        return self._coords[block]
 
     def _timestep_index(self, stored: list[int], timesteps: Sequence[int] | None) -> list[int]:
         if timesteps is None:
@@ -301,9 +306,9 @@ class SampleReader:
         stored = np.flatnonzero(entry[:, 0] != EMPTY)  # an inner chunk never stored held only the fill value
         bad = stored[entry[stored, 1] != lay.chunk_nbytes()]
         if len(bad):
-            raise StoreError(f"store {self.path}: the index of {self.checks.relative(self._file(keys[shard_of[bad[0]]]))} "
-                             f"gives an inner chunk of {int(entry[bad[0], 1])} bytes where {lay.chunk_nbytes()} are "
-                             f"expected: the shard is damaged; {hint(self.path)}")
+            damaged = self.checks.relative(self._file(keys[shard_of[bad[0]]]))
+            raise StoreError(f"store {self.path}: the index of {damaged} gives an inner chunk of "
+                             f"{int(entry[bad[0], 1])} bytes where {lay.chunk_nbytes()} are expected: the shard is damaged; {hint(self.path)}")
         start = entry[stored, 0].astype(np.int64) + (
             (local_s[stored] % lay.inner[0]) * lay.inner[1] + local_t[stored] % lay.inner[1]) * slab
         order = np.lexsort((start, shard_of[stored]))
@@ -342,8 +347,8 @@ class SampleReader:
             body = raw[:-4] if lay.index_checksum else raw
             if len(raw) != size or (lay.index_checksum
                                     and google_crc32c.value(body) != int.from_bytes(raw[-4:], "little")):
-                raise StoreError(f"store {self.path}: the shard index of {self.checks.relative(self._file(key))} "
-                                 f"fails its crc32c checksum: its bytes are damaged; {hint(self.path)}")
+                damaged = self.checks.relative(self._file(key))
+                raise StoreError(f"store {self.path}: the shard index of {damaged} fails its crc32c checksum: its bytes are damaged; {hint(self.path)}")
             self._indexes[key] = np.frombuffer(body, dtype="<u8").reshape(*lay.per_shard, 2)
         for key, s in zip(keys, sample_shards.tolist()):
             if self._indexes[key] is None:
