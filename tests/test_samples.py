@@ -172,3 +172,30 @@ def test_samples_read_from_s3_equal_local(tmp_path, s3_server, monkeypatch):
     s3_server.filesystem().rm(f"{bucket}/s.zarr/blocks/b/activations/c/1/0/0/0/0")
     with pytest.raises(StoreError, match=r"samples 64\.\.127, all timesteps, which done marks written"):
         read_samples(url, "b", [70])
+
+
+def test_other_raw_shard_layouts_index_at_the_start_no_checksum_several_timesteps_per_chunk(tmp_path):
+    """Shards as other Zarr writers may make them: index first, big-endian inner chunks without crc32c,
+    two timesteps per inner chunk (slabs then interleave samples and timesteps)."""
+    from zarr.codecs import BytesCodec
+
+    root = zarr.open_group(str(tmp_path / "o.zarr"), mode="w", zarr_format=3)
+    root.attrs["diffprobe"] = {"stage": "extract"}
+    root.create_array("done", shape=(40,), dtype="int8", fill_value=1)[:] = np.ones(40, dtype="int8")
+    group = root.create_group("blocks").create_group("x")
+    acts = group.create_array("activations", shape=(40, 4, 3, 2, 2), dtype="float32", chunks=(4, 2, 3, 2, 2),
+                              shards={"shape": (16, 4, 3, 2, 2), "index_location": "start"},
+                              serializer=BytesCodec(endian="big"), compressors=None, fill_value=float("nan"),
+                              dimension_names=("sample", "timestep", "channel", "y", "x"))
+    values = np.random.default_rng(2).standard_normal(acts.shape).astype(np.float32)
+    acts[:] = values
+    group.create_array("timestep", shape=(4,), dtype="int64", chunks=(4,), dimension_names=("timestep",))[:] = [
+        1, 2, 3, 4]
+    lay = raw_shards(acts)
+    assert lay is not None and not lay.index_at_end and not lay.checksum and lay.dtype.byteorder == ">"
+    reader = SampleReader(tmp_path / "o.zarr")
+    positions, timesteps = [39, 0, 17, 18, 5], [4, 1, 2]
+    got = reader.read("x", positions, timesteps)
+    np.testing.assert_array_equal(got.values, values[positions][:, [3, 0, 1]])
+    assert got.timestep.values.tolist() == timesteps
+    assert reader.bytes_read == 5 * 3 * 48 + 3 * (16 * 8 + 4)  # slabs + 3 indexes of 8 entries + crc32c

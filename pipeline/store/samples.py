@@ -3,7 +3,7 @@
 Slice readers (probes, CKA, pool) read whole inner chunks: an inner chunk is
 ``(n, 1, C, H, W)`` with n up to ~1,000 samples, so reading 100 random samples over
 every block and timestep through zarr decodes 100 chunks per (block, timestep) and
-reads ~90x the bytes it returns. :func:`read_samples` instead reads the bytes of the
+reads ~100x the bytes it returns (benchmarks/naive_cache.py). :func:`read_samples` instead reads the bytes of the
 requested samples only, from the same files, without any change to the store format
 (TensorStore, xarray and zarr read the stores as before).
 
@@ -16,9 +16,9 @@ inner chunk, samples leading). An inner chunk is then the C-order bytes of its
 shard's end or start as ``index_location`` says) gives ``offset``. A
 :class:`SampleReader` reads each shard's index once (and keeps it), then reads each
 requested (sample, timestep) slab with one byte-range read, adjacent slabs of one
-shard merged into one read: ``os.pread`` on local files, ``get_partial_values`` of the
-store's zarr client on object storage (one ranged GET per merged range, 16 in flight,
-through obstore or s3fs as :mod:`pipeline.store.location` picks for every reader).
+shard merged into one read: ``os.pread`` on local files, and on object storage one ranged
+GET per merged range (16 in flight) through the store's zarr client, obstore or s3fs as
+:mod:`pipeline.store.location` picks for every reader.
 
 What a byte-range read cannot do is check an inner chunk's crc32c (that needs the
 whole chunk). The shard index's own crc32c is checked; the values are not.
@@ -128,6 +128,12 @@ class SampleReader:
     ----------
     store : str, Path or location
         A store folder or URL (an extraction or pool output, local or on object storage).
+
+    Attributes
+    ----------
+    bytes_read : int
+        Bytes fetched by byte range so far (shard indexes and slabs); whole-chunk reads
+        through zarr (``check=True``, compressed stores) are not counted.
     """
 
     def __init__(self, store):
@@ -277,7 +283,6 @@ class SampleReader:
                 targets.append((rows, k, unique[rows] - lo))
         for got, (rows, k, within) in zip(checked.read_many(selections, CONCURRENCY), targets):
             out[rows, k] = got[within, 0]
-            self.bytes_read += got.nbytes
         return out
 
     # ------------------------------------------------------------- byte ranges
