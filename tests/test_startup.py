@@ -2,7 +2,7 @@
 
 Each test runs a child process, the only place a fresh interpreter's imports can be
 seen: ``pipeline.models.imports`` (diffusers' model classes without their packages'
-eager siblings) and ``pipeline.cli.program`` (the collector paused until the stages
+eager siblings) and ``pipeline.cli.collector`` (the collector paused until the stages
 are validated, the heap frozen at exit).
 """
 

@@ -91,7 +91,7 @@ def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
     from pipeline.workflow.runner import Runner, parse_shard
     from stages import STAGES
 
-    from pipeline.cli.program import resume_collector
+    from pipeline.cli.collector import resume_collector
 
     wf = load_workflow(workflow, STAGES)
     runner = Runner(wf, force=force, shard=parse_shard(shard), strict=strict, progress=not no_progress,
@@ -248,6 +248,7 @@ def diff(a, b, atol, rtol):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from pipeline.cli.program import main as program
+    from pipeline.cli.collector import start_program
 
-    program()
+    start_program(sys.argv)
+    main()

@@ -1,53 +1,19 @@
-"""The ``diffprobe`` program: the click commands, with the garbage collector set for one short process.
+"""The ``diffprobe`` program: the click commands in a process of their own.
 
-A ``diffprobe run`` imports torch, diffusers, zarr, ... and builds its models before
-the first stage computes: about a million objects that live until the process ends.
-Python's cyclic collector walks that growing heap again and again while it is built
-(5-8 full collections, ~1.3 CPU-s of a short run on the 2-core machine, finding a few
-hundred objects), and once more, with the module teardown, at exit (~1.8 CPU-s). So
-the program
-
-- pauses the collector from its start until the run's stages are validated (imports,
-  workflow, hashes, models built; ``resume_collector``, called by the runner), then
-  freezes what exists then (``gc.freeze``: those objects are never walked again) and
-  resumes it: the stages' work (batches, tensors, stores) is collected as usual;
-- freezes the whole heap at exit (an ``atexit`` handler), so the last collections skip
-  it; other atexit handlers still run, and files are closed by their owners, never by
-  the collector.
-
-Cyclic garbage made while paused (a few hundred objects) is frozen with the rest and
-never freed: the process ends soon after. Commands other than ``run`` only get the
-frozen exit. In-process callers (``click.testing.CliRunner`` on
-``pipeline.cli.main``) get none of this: it is the program's, not the library's.
+The console script and ``python -m pipeline.cli`` start here; in-process callers
+(``click.testing.CliRunner``) use ``pipeline.cli.main``, without what
+``pipeline.cli.collector.start_program`` sets for a process.
 """
 
 from __future__ import annotations
 
-import atexit
-import gc
+import sys
 
-_paused = False
+from pipeline.cli.collector import start_program
+from pipeline.cli.commands import main as commands
 
 
 def main() -> None:
     """Entry point of the ``diffprobe`` console script and ``python -m pipeline.cli``."""
-    import sys
-
-    global _paused
-    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    if command == "run" and gc.isenabled():
-        gc.disable()
-        _paused = True
-    atexit.register(gc.freeze)
-    from pipeline.cli.commands import main as commands
-
+    start_program(sys.argv)
     commands()
-
-
-def resume_collector() -> None:
-    """Freeze the heap built so far and resume the collector, if the program paused it (else nothing)."""
-    global _paused
-    if _paused:
-        _paused = False
-        gc.freeze()
-        gc.enable()
