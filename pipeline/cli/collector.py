@@ -1,10 +1,10 @@
 """The garbage collector in the ``diffprobe`` program, set for one short process.
 
 A ``diffprobe run`` imports torch, diffusers, zarr, ... and builds its models before
-the first stage computes: about a million objects that live until the process ends.
-Python's cyclic collector walks that growing heap again and again while it is built
-(5-8 full collections, ~1.3 CPU-s of a short run on the 2-core machine, finding a few
-hundred objects), and once more, with the module teardown, at exit (~1.8 CPU-s). So
+the first stage computes: ~570k objects that live until the process ends. Python's
+cyclic collector walks that growing heap again and again while it is built (8 full
+collections, ~1.5 CPU-s of a short run on the 2-core machine, finding a few hundred
+objects), and once more, with the module teardown, at exit (~2 CPU-s). So
 the program (``start_program``)
 
 - pauses the collector from its start until the run's stages are validated (imports,

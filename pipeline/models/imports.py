@@ -3,12 +3,15 @@
 ``from diffusers.models.unets.unet_2d import UNet2DModel`` executes the package
 ``diffusers.models.unets`` first, whose ``__init__`` imports every U-Net diffusers
 ships; through them ``diffusers.models.transformers`` and its 70-odd transformers,
-their LoRA and single-file loaders, Hugging Face ``transformers`` and
-``scipy.stats``. And ``diffusers.utils`` imports ``torch._dynamo`` (the compiler
-front end, with sympy) for one decorator. In a fresh process that was 4.0 CPU-s of
-the 4.7 a digits model build costs (torch itself not counted), paid by every
-``diffprobe run``, ``plan`` and ``blocks`` that builds a model (benchmarks/RESULTS.md,
-"Fixed cost of a run").
+their LoRA and single-file loaders, Hugging Face ``transformers``' loss modules and
+``scipy.stats``; and ``diffusers.utils`` imports ``torch._dynamo`` (the compiler front
+end, with sympy) for one decorator. That import alone cost 4.0 CPU-s in a fresh
+process after torch; building the digits model (weights and block discovery) took
+4.0-4.7 CPU-s in all, 3.1-3.4 through this module, in every ``diffprobe run``,
+``plan`` and ``blocks`` that builds one (benchmarks/RESULTS.md, "Fixed cost of a run").
+``from_pretrained`` still imports ``torch._dynamo`` (its ``model.device`` imports
+``diffusers.hooks``, decorated with ``@torch.compiler.disable``); a model built from a
+config JSON runs without it.
 
 :func:`diffusers_module` imports one module with two changes, both undone before
 it returns:
