@@ -74,7 +74,7 @@ def child(workflow: Path) -> dict[str, float]:
         importlib.import_module(name)
     out["imports: CLI, runner, stage modules (torch)"] = time.process_time() - t
     if program:
-        import pipeline.cli.collector as collector
+        from pipeline.cli import collector
 
         collector._paused = True
     for path, attr, label in TIMED:
@@ -123,9 +123,10 @@ def run_child(tree: Path, work: Path, label: str, workflow_text: str) -> dict[st
     wf = folder / "wf.yaml"
     wf.write_text(workflow_text)
     result = folder / "phases.json"
-    cmd = ["/usr/bin/time", "-f", "%U %S", "-o", str(folder / "time.txt"), sys.executable, str(Path(__file__).resolve()),
-           "--child", str(wf), "--json", str(result)]
-    proc = subprocess.run(cmd, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True)
+    cmd = ["/usr/bin/time", "-f", "%U %S", "-o", str(folder / "time.txt"), sys.executable,
+           str(Path(__file__).resolve()), "--child", str(wf), "--json", str(result)]
+    proc = subprocess.run(cmd, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True,
+                          check=False)
     if proc.returncode:
         raise SystemExit(f"{tree}: {proc.stderr[-2000:]}")
     row = json.loads(result.read_text())
@@ -155,12 +156,12 @@ def main() -> None:
                                batch=rvc.BATCH, seed=rvc.SEED, lr=rvc.LR, mom=rvc.MOMENTUM, wd=rvc.WEIGHT_DECAY,
                                step=rvc.step_size(1), gamma=rvc.GAMMA, epochs=1)
     trees = [t.resolve() for t in (args.tree or [ROOT])]
-    load = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
+    load = [subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()]
     rows: dict[int, list[dict]] = {i: [] for i in range(len(trees))}
     for r in range(args.repeats):
         for i, tree in enumerate(trees):
             rows[i].append(run_child(tree, args.work, f"{i}-{r}", text))
-    load.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    load.append(subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())
     keys = list(dict.fromkeys(k for runs in rows.values() for row in runs for k in row))
     print(f"{args.dataset}; load: {load[0]} / {load[-1]}\n")
     print("| phase (CPU s) | " + " | ".join(re.sub(r"^/.*/", "", str(t)) or str(t) for t in trees) + " |")

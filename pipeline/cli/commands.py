@@ -87,11 +87,10 @@ def run(workflow, only, until, force, dry_run, shard, strict, no_progress):
     from pipeline.interrupts import install_handlers
 
     install_handlers()
+    from pipeline.cli.collector import resume_collector
     from pipeline.workflow.config import load_workflow
     from pipeline.workflow.runner import Runner, parse_shard
     from stages import STAGES
-
-    from pipeline.cli.collector import resume_collector
 
     wf = load_workflow(workflow, STAGES)
     runner = Runner(wf, force=force, shard=parse_shard(shard), strict=strict, progress=not no_progress,
