@@ -9,9 +9,10 @@ end, with sympy) for one decorator. That import alone cost 4.0 CPU-s in a fresh
 process after torch; building the digits model (weights and block discovery) took
 4.0-4.7 CPU-s in all, 3.1-3.4 through this module, in every ``diffprobe run``,
 ``plan`` and ``blocks`` that builds one (benchmarks/RESULTS.md, "Fixed cost of a run").
-``from_pretrained`` still imports ``torch._dynamo`` (its ``model.device`` imports
-``diffusers.hooks``, decorated with ``@torch.compiler.disable``); a model built from a
-config JSON runs without it.
+A run still imports ``torch._dynamo`` later: ``from_pretrained`` asks ``model.device``,
+which imports ``diffusers.hooks`` (decorated with ``@torch.compiler.disable``), and
+block discovery on the meta device runs torch's Python reference ops, which torch
+wraps with its own ``_disable_dynamo``.
 
 :func:`diffusers_module` imports one module with two changes, both undone before
 it returns:
