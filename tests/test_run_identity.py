@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import zarr
 
+from helpers import invoke, one_error_line
+
 from pipeline import store
 from pipeline.errors import ConfigError, DatasetError, StoreError
 from pipeline.workflow.config import Where, build_dataclass, config_dict, load_workflow
@@ -201,7 +203,5 @@ def test_a_users_file_or_folder_at_an_output_path_is_never_offered_for_deletion(
 def test_output_dir_that_is_a_file_is_one_line(extract_workflow):
     wf = extract_workflow()
     (wf.parent / "out").write_text("not a folder")
-    proc = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: stage 'ex': ")
-    assert "is a file, not a folder; set output_dir" in proc.stderr and "Traceback" not in proc.stderr
+    line = one_error_line(*invoke("run", wf, "--no-progress"))
+    assert line.startswith("error: stage 'ex': ") and "is a file, not a folder; set output_dir" in line, line
