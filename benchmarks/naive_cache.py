@@ -12,6 +12,10 @@ diffprobe stores whose inner chunks target each ``--chunk-kib`` (``make_layout``
 - bytes on disk;
 - read A: one (block, timestep) slice of all samples (what a probe or CKA reads);
 - read B: every block and timestep of 100 random samples (what a look at a few images reads);
+  the row ``diffprobe read_samples`` reads the first diffprobe store (the default chunks) with
+  ``pipeline.store.samples.read_samples``, one call per block, each opening the store afresh
+  (metadata, ``done``, coordinates and shard indexes read in every call); its read A is
+  ``read_samples`` of every sample at one timestep;
 - read amplification = bytes read from files / bytes returned: counted from the process's
   ``rchar`` (``/proc/self/io``) for diffprobe and HDF5, and for memory-mapped ``.npy`` as
   the 4 KiB pages the request touches;
@@ -100,6 +104,8 @@ def build(folder: Path, n: int, chunk_kib: list[int]) -> dict:
             store.write_unit(root, lay, u, {b: arr[a:z] for b, arr in data.items()})
         store.finalize(path)
         paths[f"diffprobe {kib} KiB chunks"] = path
+        if kib == chunk_kib[0]:
+            paths["read_samples"] = path  # the default chunks' store, right after its own row
     return paths
 
 
@@ -165,6 +171,14 @@ def main() -> None:
                 tb, rb, _ = best(lambda: [f[b][picks] for b in BLOCKS], args.repeats)
                 f.close()
                 name = "HDF5, contiguous dataset per block"
+            elif name == "read_samples":
+                import xarray  # noqa: F401,I001 -- imported before timing, as zarr and h5py are
+                from pipeline.store.samples import read_samples
+
+                ta, ra, _ = best(lambda: read_samples(path, block, np.arange(n), [TIMESTEPS[t_index]]),
+                                 args.repeats)
+                tb, rb, _ = best(lambda: [read_samples(path, b, picks) for b in BLOCKS], args.repeats)
+                name = f"diffprobe read_samples (byte ranges of the store above, {path.name})"
             else:
                 root = zarr.open_group(str(path), mode="r")
                 arrs = {b: root[f"blocks/{b}/activations"] for b in BLOCKS}
@@ -177,7 +191,7 @@ def main() -> None:
                   f"{ra / slice_bytes:.2f} | {tb:.4f} | {rb / sample_bytes:.2f} |", flush=True)
         print("\n| layout | streamed shuffled pass, samples/s |\n|---|---|")
         for name, path in paths.items():
-            if name.startswith("diffprobe"):
+            if name.startswith("diffprobe"):  # read_samples: no streaming pass of its own
                 try:
                     rate = stream_rate(path, block, n, args.repeats)
                     print(f"| {name} | {rate:.0f} |", flush=True)

@@ -20,8 +20,9 @@ computed: an entry of a representation with itself is 1 by definition (no task r
 it), and in ``across`` mode a pair listed both ways is computed once and mirrored:
 
 - ``linear`` (exact). With ``route: gram`` (or ``auto`` when two n x n float64
-  arrays fit a task) every representation's centred Gram is computed once from
-  column groups of its slice:
+  arrays fit a task and the Grams take fewer flops than streaming each pair, i.e.
+  many features for few samples) every representation's centred Gram is computed
+  once from column groups of its slice:
 
   ``gram``        all Grams fit one task (small n): one task, ``cka_matrix``
                   (each Gram centred once, one inner product per entry);
@@ -30,7 +31,8 @@ it), and in ``across`` mode a pair listed both ways is computed once and mirrore
                   deleted at the end), then one task per row takes inner products
                   of the saved Grams (memory-mapped).
 
-  ``route: stream`` (``auto`` when not even one Gram fits: large n) computes each
+  ``route: stream`` (``auto`` when not even one Gram fits, or when streaming is
+  cheaper: pooled features, p << n) computes each
   entry on its own with ``LinearCKAAccumulator``: co-moments (the "feature" route)
   when the features are few, never holding a slice. Each pair then reads both
   slices, so this is for pooled / low-dimensional features.
@@ -259,6 +261,23 @@ def memory_bytes(cfg: CKAConfig, cluster) -> int:
     return _parse_bytes(cluster.memory_limit) // max(1, cluster.threads_per_worker) // 2
 
 
+def _stream_is_cheaper(rows, cols, n: int) -> bool:
+    """Whether pair-by-pair streaming takes fewer flops than the Gram methods.
+
+    The Grams cost ``n^2 p`` per representation plus ``n^2`` per entry; a streamed
+    pair ``n (p1 + p2)^2`` on the feature route. Pooled features (p << n) stream: at
+    n = 10,000 and p = 256 the Grams of 4 representations take ~6x the flops of their 6
+    pairs and 800 MB each, where the co-moments take 2 MiB.
+    """
+    from pipeline.cka.estimate import stream_cost
+
+    needed = needed_pairs(rows, cols)
+    union = {r.label: r.n_features for r in rows + cols}
+    gram = sum(n * n * p for p in union.values()) + len(needed) * n * n
+    stream = sum(stream_cost(n, rows[i].n_features, cols[j].n_features) for i, j in needed)
+    return stream < gram
+
+
 def _choose_method(cfg: CKAConfig, rows, cols, n: int, budget: int, read: int) -> str:
     """gram | gram-cache | stream | minibatch, or a ConfigError saying what to change."""
     from pipeline.cka.estimators import linear_route_bytes
@@ -274,7 +293,8 @@ def _choose_method(cfg: CKAConfig, rows, cols, n: int, budget: int, read: int) -
         raise ConfigError(f"cka: rbf CKA holds (n, n) kernels of all {n} samples (median over n^2 "
                           f"distances), over rbf_max_samples={cfg.rbf_max_samples}; use estimator linear "
                           f"or minibatch, or raise rbf_max_samples")
-    if cfg.estimator == "linear" and (cfg.route == "stream" or (cfg.route == "auto" and held < 2)):
+    if cfg.estimator == "linear" and (cfg.route == "stream" or (
+            cfg.route == "auto" and (held < 2 or _stream_is_cheaper(rows, cols, n)))):
         for r in rows:
             for c in cols:
                 need = min(linear_route_bytes(n, r.n_features, c.n_features).values())

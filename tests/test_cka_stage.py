@@ -405,3 +405,16 @@ def test_tasks_load_the_planned_alignment_instead_of_matching_ids_again(wf, tmp_
     x = stored(wf, rx.stage, rx.array_path, rx.t_index)[plan.align.positions[str(rx.path)]]
     y = stored(wf, ry.stage, ry.array_path, ry.t_index)[plan.align.positions[str(ry.path)]]
     assert value == pytest.approx(linear_cka(x, y), abs=1e-10)
+
+
+def test_auto_streams_pooled_features_and_keeps_grams_for_wide_ones():
+    """``route: auto`` weighs flops: 4 pooled representations (p = 256) of 10,000 samples stream
+    their 6 pairs (co-moments); 4 raw maps of 40 samples x 1,024 features take the Grams."""
+    from stages.cka import _stream_is_cheaper
+
+    def reps(p):
+        return [types.SimpleNamespace(label=f"r{k}", n_features=p) for k in range(4)]
+
+    pooled, raw = reps(256), reps(1024)
+    assert _stream_is_cheaper(pooled, pooled, 10_000)
+    assert not _stream_is_cheaper(raw, raw, 40)

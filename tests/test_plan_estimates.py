@@ -20,7 +20,7 @@ DOWNSTREAM = """\
       - {name: linear, head: {kind: linear}}
       - {name: mlp, head: {kind: mlp, hidden: 32}}
     train: {epochs: 3}
-  - {name: cka, stage: cka, selections: [{input: ex}]}
+  - {name: cka, stage: cka, selections: [{input: ex}], route: gram}
 """
 
 TIME_ROW = re.compile(r"time \(est\.\)\s+[\d.]+ (us|ms|s|min|h) on \d+ worker")

@@ -7,7 +7,8 @@ itself is the split.
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+import os
+from pathlib import Path
 
 from pipeline.datasets.base import DatasetReader, Record
 from pipeline.datasets.files import files_under, list_folder
@@ -24,9 +25,10 @@ def scan_class_folders(base: Path) -> tuple[list[str], list[Record]]:
     classes = [name for name, kind in list_folder(base) if kind == "directory" and not name.startswith(".")]
     records = []
     for label, name in enumerate(classes):
-        for rel in files_under(base / name):
-            if PurePosixPath(rel).suffix.lower() in IMAGE_SUFFIXES:
-                records.append(Record(image_id=f"{name}/{rel}", label=label, path=base / name / rel))
+        folder = base / name
+        for rel in files_under(folder):
+            if os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES:
+                records.append(Record(image_id=f"{name}/{rel}", label=label, path=folder / rel))
     return classes, records
 
 

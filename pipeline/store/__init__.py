@@ -9,6 +9,8 @@ What lives here
   written with the same protocol.
 - ``source``: ``ZarrSource``, minibatches streamed from a store slice for training.
 - ``prefetch``: the helper that builds the source's blocks of rows ahead of use.
+- ``samples``: ``read_samples``, a few samples' maps read by byte range through the shard
+  index (about the bytes they hold, where whole-chunk reads take ~100x).
 - ``slices``: names of stored feature slices (block, timestep, pool size).
 - ``describe``: the human summary printed by ``diffprobe inspect``.
 - ``schema``: the names every store shares (attrs key, ``done`` flags, block order) and
