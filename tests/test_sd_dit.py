@@ -20,7 +20,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel  # noq
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from helpers import tiny_vae, write_tiny_sd  # noqa: E402
+from helpers import tiny_vae, write_tiny_sd
 
 from pipeline.workflow.config import load_workflow  # noqa: E402
 from stages import STAGES
