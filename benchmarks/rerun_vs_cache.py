@@ -9,17 +9,25 @@ lr 0.05, momentum 0.9, weight decay 1e-4, step schedule with step ``max(1, E // 
 and gamma 0.1, batch 32), on the same train/test split of images (diffprobe's
 ``split_by_image``, 20 % test, seed 0; no validation split on either side):
 
-rerun      a plain-torch script (a child process, timed from its start: imports,
-           model load and all): decode the images once and keep them in memory
-           (favourable to it: the reference decodes every epoch), then per epoch a
-           fresh ``torch.randn`` noise draw per image, the truncated forward to the
-           block (batch 128), 2x2 average pooling, and head steps on batches of 32;
-           the head is ``BatchNorm1d(affine=False)`` + ``Linear`` (features change
-           every epoch, so it standardises on the fly); test: one forward of the
-           test images at a fixed draw.
+rerun      a torch training loop (a child process, timed from its start: imports,
+           model load and all; it borrows diffprobe's reader, image loading, model
+           adapter and hooks, so both sides see the same pixels and the same forward):
+           decode the images once and keep them in memory (favourable to it: the
+           reference decodes every epoch), then per epoch a fresh ``torch.randn``
+           noise draw per image, the truncated forward to the block (batch 128), 2x2
+           average pooling, and head steps on batches of 32; the head is
+           ``BatchNorm1d(affine=False)`` + ``Linear`` (features change every epoch,
+           so it standardises on the fly); test: one forward of the test images at a
+           fixed draw.
 diffprobe  ``diffprobe run`` (a child process) of extract -> pool (size 2) -> probe
            (one linear head) in a fresh output folder every time, so each run
            extracts again: the cost of extract once + pool + probe, as a user meets it.
+           All of it runs in that one process: extract computes there, and pool (a
+           few MiB of maps for digits, ~20 MiB for synth10000: under
+           ``cluster.in_process_mib``) and probe (one cell, one task) run their tasks
+           in-process, so no dask cluster starts; the workflow's ``cluster: {kind:
+           local, n_workers: 2}`` is what a user would write, and would be started
+           once for the whole run if a stage's work were larger.
 
 Both sides run in the same invocation, interleaved per E (rerun, diffprobe, and
 ``--base`` (another diffprobe checkout, e.g. the code before a change) if given), and
@@ -33,9 +41,11 @@ labels are nearly independent of the pixels, so accuracies there are near chance
 the rows measure time).
 
     .venv/bin/python benchmarks/rerun_vs_cache.py --datasets digits,synth10000 --epochs 1,5,28 \\
-        --work /tmp/rvc [--base /path/to/other/checkout]
+        --work /tmp/rvc [--base /path/to/other/checkout] [--base-epochs 1,5] [--project 1,2,5,28]
 
-Writes ``<work>/rerun_vs_cache.md`` and ``.json``; ``uptime`` at the start and end.
+The defaults are the values shown, except ``--work`` (``/tmp/rerun-vs-cache``),
+``--base`` (none: two sides) and ``--base-epochs`` (``--epochs``). Writes
+``<work>/rerun_vs_cache.md`` and ``.json``; ``uptime`` at the start and after every E.
 """
 
 from __future__ import annotations

@@ -11,16 +11,26 @@ Diffusion Classifier with 2 trials), then times, as a user would:
 listing   opening the imagefolder reader (the directory scan), in this process
 extract   ``diffprobe run --only extract`` (model load, extract, finalize)
 inspect   ``diffprobe inspect`` on the extraction store
-plan      ``diffprobe plan`` (the whole workflow; extract's plan runs one real batch)
+plan      ``diffprobe plan`` (the whole workflow; extract's plan times real batches, a
+          warm-up then the median of up to five, and each later stage a small sample)
 pool / probe / cka / classify / report   ``diffprobe run --only <stage>``
 score     ``diffprobe score`` on the classify store
 
-Every command is a child process; its peak memory is the child's own ``ru_maxrss``
-from ``os.wait4`` (dask workers are its children: the maximum of them is included).
-Per-sample figures divide by N (classify and score by the classified images, at most
-``--classify-max``, default 2,000: at 20 forwards per image a 100k classify is ~1.5 CPU-hours here). The
-table goes to ``<work>/scale.md`` and ``scale.json``; ``uptime`` is recorded at the
-start and end (the machine may be shared).
+Every command is a child process, and each ``--only`` stage is a run of its own, so it
+decides on its own where its tasks run: a dask stage whose work is small (one task, or
+tasks reading at most ``cluster.in_process_mib``, 256 MiB, in all) runs them inside the
+child, one with more starts the workflow's ``LocalCluster`` (2 workers x 1 thread,
+4 GiB each) and its row includes that start-up (in one whole ``diffprobe run`` the dask
+stages would share a single cluster). At N = 1,000, pool and cka stay in-process and
+probe (4 tasks) starts a cluster; the child's lines in ``<work>/n<N>/log.txt`` say
+which. Extract and classify always compute in the child. Peak memory is the child's
+``ru_maxrss`` from ``os.wait4``: the largest single process among the child and its
+reaped children (the dask workers), not their sum. Per-sample figures divide by N
+(classify and score by the classified images, at most ``--classify-max``, default
+2,000: at 20 forwards per image a 100k classify is ~1.5 CPU-hours here). Defaults:
+``--sizes 1000,10000,100000``, ``--work /tmp/dp-scale``; ``--skip`` leaves stages out.
+The table goes to ``<work>/scale.md`` and ``scale.json`` (rewritten after each N);
+``uptime`` is recorded at the start and after each N (the machine may be shared).
 """
 
 from __future__ import annotations

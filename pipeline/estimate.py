@@ -261,10 +261,12 @@ class StoreShape:
 _PLANNED: dict[tuple[str, str], StoreShape | None] = {}
 
 
-def input_shape(workflow, name: str) -> StoreShape | None:
+def input_shape(workflow, name: str, prepared_by_stage: dict | None = None) -> StoreShape | None:
     """The shape of stage ``name``'s output: read from its store when written, else planned
-    by its stage (an extract builds its model on the CPU and lists its dataset); None when
-    the stage cannot say. Planned shapes are kept for the process (plan asks per stage)."""
+    by its stage (an extract builds its model on the CPU and lists its dataset, or reuses
+    those its ``validate`` put in ``prepared_by_stage``, a run's
+    ``RunContext.prepared_by_stage``); None when the stage cannot say. Planned shapes are
+    kept for the process (plan asks per stage)."""
     from pipeline import store
 
     entry = workflow.stage(name)
@@ -272,7 +274,7 @@ def input_shape(workflow, name: str) -> StoreShape | None:
         return StoreShape.from_store(entry.output)
     key = (str(workflow.file), name)
     if key not in _PLANNED:
-        _PLANNED[key] = entry.stage_class().planned_shape(entry.config, entry, workflow)
+        _PLANNED[key] = entry.stage_class().planned_shape(entry.config, entry, workflow, prepared_by_stage)
     return _PLANNED[key]
 
 

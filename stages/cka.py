@@ -451,7 +451,7 @@ class CKAStage(Stage):
 
         sizes = {}
         for name in cfg.inputs:
-            shape = input_shape(ctx.workflow, name)
+            shape = input_shape(ctx.workflow, name, ctx.prepared_by_stage)  # the model validate built
             if shape is None:
                 return
             sizes[name] = shape.n_images
@@ -599,7 +599,7 @@ class CKAStage(Stage):
         from pipeline.estimate import input_shape
 
         paths = self._paths(cfg, ctx)
-        shapes = {name: input_shape(ctx.workflow, name) for name in paths}
+        shapes = {name: input_shape(ctx.workflow, name, ctx.prepared_by_stage) for name in paths}
         if any(s is None for s in shapes.values()):
             return None
 

@@ -481,8 +481,11 @@ class ExtractStage(Stage):
         ctx.report_skipped(computed, units)
         ctx.finalize_store()
 
-    def planned_shape(self, cfg: ExtractConfig, entry, workflow):
-        return _store_shape(Extractor(cfg, device="cpu"))
+    def planned_shape(self, cfg: ExtractConfig, entry, workflow, prepared_by_stage=None):
+        # validate's CPU model and listing when this run has them; a copy, so that a model
+        # built here for a stage that will not run (--only) is not held for the whole run
+        prepared = dict(prepared_by_stage.get(entry.name, {})) if prepared_by_stage is not None else None
+        return _store_shape(Extractor(cfg, device="cpu", prepared=prepared))
 
     def plan(self, cfg: ExtractConfig, ctx: RunContext) -> list[tuple[str, str]]:
         from pipeline.estimate import gpu_projection, measure, remember_shape

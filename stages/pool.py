@@ -246,12 +246,12 @@ class PoolStage(Stage):
                 )
         store.finalize(ctx.output)
 
-    def planned_shape(self, cfg: PoolConfig, entry, workflow):
+    def planned_shape(self, cfg: PoolConfig, entry, workflow, prepared_by_stage=None):
         from dataclasses import replace
 
         from pipeline.estimate import input_shape
 
-        source = input_shape(workflow, entry.inputs["input"])
+        source = input_shape(workflow, entry.inputs["input"], prepared_by_stage)
         if source is None:
             return None
         blocks = list(dict.fromkeys(b for b, _ in source.slices))
@@ -294,7 +294,7 @@ class PoolStage(Stage):
             return True, {b: src_layout.blocks[b] for b in blocks}, timesteps, layout, src_layout.dtype
         from pipeline.estimate import input_shape
 
-        shape = input_shape(ctx.workflow, ctx.entry.inputs["input"])
+        shape = input_shape(ctx.workflow, ctx.entry.inputs["input"], ctx.prepared_by_stage)
         if shape is None:
             return None
         blocks = list(dict.fromkeys(b for b, _ in shape.slices))

@@ -448,9 +448,9 @@ class ProbeStage(Stage):
         from pipeline.estimate import input_shape
         from pipeline.probing.estimate import CellGroup, split_sizes
 
-        shape = input_shape(ctx.workflow, ctx.entry.inputs["input"])
+        shape = input_shape(ctx.workflow, ctx.entry.inputs["input"], ctx.prepared_by_stage)
         test_name = ctx.entry.inputs.get("test_input")
-        test_shape = input_shape(ctx.workflow, test_name) if test_name else None
+        test_shape = input_shape(ctx.workflow, test_name, ctx.prepared_by_stage) if test_name else None
         if shape is None or (test_name and test_shape is None):
             return None
         blocks = _select(cfg.blocks, list(dict.fromkeys(b for b, _ in shape.slices)), "block", "the planned input")

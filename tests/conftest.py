@@ -65,5 +65,36 @@ def cluster_address():
         yield cluster.scheduler_address
 
 
+@pytest.fixture(scope="session")
+def killed_extract(tmp_path_factory):
+    """copy(dest) -> ``(ref, killed)`` workflow paths under ``dest``: the default extract
+    workflow run whole in this process, and the same workflow in a ``diffprobe run`` SIGKILLed
+    after 2 units (a partial store). Made once for the session (a process start each time
+    costs seconds of imports); each test gets copies, as it resumes or rewrites them."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.workflow.config import load_workflow
+    from pipeline.workflow.runner import Runner
+    from stages import STAGES
+
+    made = tmp_path_factory.mktemp("killed-extract")
+    ref, killed = write_extract_workflow(made / "ref"), write_extract_workflow(made / "killed")
+    Runner(load_workflow(ref, STAGES), progress=False).run()
+    env = dict(os.environ, DIFFPROBE_FAULT_KILL_AFTER_UNITS="2")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli.commands", "run", str(killed), "--no-progress"],
+                          env=env, check=False, capture_output=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+    def copy(dest: Path) -> tuple[Path, Path]:
+        for name in ("ref", "killed"):
+            shutil.copytree(made / name, dest / name)
+        return dest / "ref" / ref.name, dest / "killed" / killed.name
+
+    return copy
+
+
 # Real servers (SLURM, S3, Chromium): session fixtures that skip with an install hint.
 from servers.fixtures import chromium, s3_server, slurm  # noqa: E402,F401

@@ -4,12 +4,15 @@ the fixtures in conftest.py build on them)."""
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import store
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: diffusers-style tiny config: class-conditional (10 digits + null class 10), 16x16, 1 channel.
 TINY_UNET = {
@@ -55,47 +58,37 @@ def write_extract_workflow(folder: Path, **overrides) -> Path:
     return path
 
 
-def write_tokenizer_files(folder: Path) -> None:
-    """A CLIP tokenizer with no merges (one token per byte), loadable offline."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+#: a 2-level SD UNet on 8x8 latents, cross-attention at 16 (the text encoder's width)
+TINY_SD_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 16, "attention_head_dim": 4, "norm_num_groups": 4,
+}
+
+#: a 2-level AutoencoderKL (8 channels, 4 latent channels): 16 px images <-> 8x8 latents
+TINY_VAE = {
+    "block_out_channels": [8, 8], "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "norm_num_groups": 4, "sample_size": 16,
+}
 
 
 def tiny_vae():
-    """A 2-level AutoencoderKL (8 channels, 4 latent channels), random weights."""
+    """``TINY_VAE`` with random weights."""
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=4, sample_size=16)
+    return AutoencoderKL(**TINY_VAE)
 
 
 def write_tiny_sd(folder: Path) -> Path:
-    """A tiny random Stable Diffusion pipeline folder (16 px images, 8x8 latents, 16-d CLIP)."""
-    import torch
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A tiny random Stable Diffusion pipeline folder (16 px images, 8x8 latents, 16-d CLIP),
+    written by the GPU check's own SD folder writer."""
+    gpu = str(ROOT / "benchmarks" / "gpu")
+    if gpu not in sys.path:
+        sys.path.insert(0, gpu)
+    from models import write_sd_folder
 
-    torch.manual_seed(0)
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4).save_pretrained(folder / "unet")
-    tiny_vae().save_pretrained(folder / "vae")
-    CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                                 vocab_size=1000, max_position_embeddings=77, projection_dim=16, bos_token_id=512,
-                                 eos_token_id=513, pad_token_id=513)).save_pretrained(folder / "text_encoder")
-    write_tokenizer_files(folder / "tokenizer")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
-        folder / "scheduler")
-    return folder
+    return write_sd_folder(folder, TINY_SD_UNET, TINY_VAE)
 
 
 def synthetic_store(path, n=512, channels=16, p=4, failed=()):

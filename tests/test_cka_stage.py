@@ -295,6 +295,27 @@ def test_unknown_block_names_the_valid_ones(wf):
         build_cka_work(cfg, {"ex32": wf.stage("ex32").output}, ClusterConfig())
 
 
+def test_a_run_builds_the_extract_model_once(extract_workflow, monkeypatch):
+    """The minibatch batch_size check needs the input's image count before extract runs: it
+    comes from the model and listing extract's validate built, not from a second build."""
+    import pipeline.models
+
+    builds = []
+    real_load = pipeline.models.load_model
+
+    def counting(cfg, *args, **kwargs):
+        builds.append(cfg)
+        return real_load(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.models, "load_model", counting)
+    wf = extract_workflow(dataset="{reader: digits, split: test, limit: 8}", blocks="[mid_block]", timesteps="[10]")
+    wf.write_text(wf.read_text() + "  - {name: mb, stage: cka, estimator: minibatch, batch_size: 4, "
+                  "selections: [{input: ex}]}\n")
+    Runner(load_workflow(wf, STAGES), progress=False).run()
+    assert len(builds) == 1
+    assert open_cka(wf.parent / "out" / "mb.cka").shape == (1, 1)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="mode 'across' takes 'rows' and 'cols'"):
         CKAConfig(mode="across", selections=(Selection("a"),))

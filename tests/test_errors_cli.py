@@ -10,8 +10,6 @@ from pipeline.cli.commands import main
 from helpers import invoke, one_error_line
 
 
-
-
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -25,16 +23,20 @@ from helpers import invoke, one_error_line
         ({"dtype": "float8"}, "'stages.ex.dtype' is 'float8'"),
         ({"conditioning": "none"}, "the model is class-conditional: set conditioning: class"),
         ({"model": "{config: missing.json}"}, "missing.json' does not exist"),
+        ({"model": "{config: tiny_unet.json, null_class: 99}"}, "null_class 99"),
     ],
 )
-def test_bad_input_one_line(extract_workflow, overrides, expected):
+def test_bad_input_one_line_and_dry_run_refuses_it_first(extract_workflow, overrides, expected):
     import torch
 
     if overrides.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     wf = extract_workflow(**overrides)
+    dry = one_error_line(*invoke("run", wf, "--dry-run"))
+    assert not (wf.parent / "out").exists()
     line = one_error_line(*invoke("run", wf, "--no-progress"))
     assert expected in line, line
+    assert line == dry  # errors before compute time: --dry-run says what run would
     assert not (wf.parent / "out" / "ex.zarr").exists()  # nothing partial left behind
 
 

@@ -5,29 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from test_errors_cli import invoke, one_error_line
+from helpers import invoke, one_error_line
 
-BAD_INPUTS = [
-    ({"blocks": "[down_blocks.9]"}, "unknown block 'down_blocks.9'"),
-    ({"timesteps": "[10, 1000]"}, "timestep 1000 outside the scheduler's range"),
-    ({"device": "cuda"}, "CUDA is not available here"),
-    ({"model": "{config: tiny_unet.json, null_class: 99}"}, "null_class 99"),
-    ({"conditioning": "none"}, "the model is class-conditional"),
-]
-
-
-@pytest.mark.parametrize(("overrides", "expected"), BAD_INPUTS)
-def test_dry_run_refuses_what_run_refuses(extract_workflow, overrides, expected):
-    import torch
-
-    if overrides.get("device") == "cuda" and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    wf = extract_workflow(**overrides)
-    dry = one_error_line(*invoke("run", wf, "--dry-run"))
-    assert expected in dry, dry
-    assert not (wf.parent / "out").exists()
-    real = one_error_line(*invoke("run", wf, "--no-progress"))
-    assert real == dry
+# --dry-run refusing each bad input with run's own line: test_errors_cli.py
 
 
 def test_bad_later_stage_fails_before_the_first_runs(extract_workflow):

@@ -5,15 +5,12 @@ batch size continues), --force only where the config changed, never a user's fil
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from helpers import invoke, one_error_line
 
 from pipeline import store
 from pipeline.errors import ConfigError, DatasetError, StoreError
@@ -22,7 +19,6 @@ from pipeline.workflow.runner import Runner
 from stages import STAGES
 from stages.extract import ExtractConfig
 
-DIFFPROBE = [sys.executable, "-m", "pipeline.cli.commands"]
 BLOCKS = ("down_blocks.1", "mid_block", "up_blocks.0")
 
 
@@ -140,12 +136,8 @@ def test_settings_that_cannot_change_stored_values_stay_out_of_the_hash():
     assert config_dict(cfg(batch_size=4))["batch_size"] == 4  # still recorded in attrs
 
 
-def test_killed_extract_resumes_with_another_batch_size(extract_workflow):
-    ref, wf = extract_workflow("ref"), extract_workflow("killed")
-    runner(ref).run()
-    env = dict(os.environ, DIFFPROBE_FAULT_KILL_AFTER_UNITS="2")
-    proc = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], env=env, check=False, capture_output=True, timeout=240)
-    assert proc.returncode == -signal.SIGKILL
+def test_killed_extract_resumes_with_another_batch_size(killed_extract, tmp_path):
+    ref, wf = killed_extract(tmp_path)  # a run SIGKILLed after 2 units, and an uninterrupted one
     wf.write_text(wf.read_text().replace("batch_size: 4", "batch_size: 7\n    num_workers: 1"))
     assert runner(wf).run() == [("ex", "resume")]
     for block in BLOCKS:
@@ -201,7 +193,5 @@ def test_a_users_file_or_folder_at_an_output_path_is_never_offered_for_deletion(
 def test_output_dir_that_is_a_file_is_one_line(extract_workflow):
     wf = extract_workflow()
     (wf.parent / "out").write_text("not a folder")
-    proc = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: stage 'ex': ")
-    assert "is a file, not a folder; set output_dir" in proc.stderr and "Traceback" not in proc.stderr
+    line = one_error_line(*invoke("run", wf, "--no-progress"))
+    assert line.startswith("error: stage 'ex': ") and "is a file, not a folder; set output_dir" in line, line

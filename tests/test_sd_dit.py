@@ -18,7 +18,9 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # noqa: 
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel  # noqa: E402
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel  # noqa: E402
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from helpers import tiny_vae, write_tiny_sd
 
 from pipeline.workflow.config import load_workflow  # noqa: E402
 from stages import STAGES
@@ -32,58 +34,9 @@ from pipeline.workflow.runner import Runner  # noqa: E402
 # ----------------------------------------------------------------- tiny pipeline folders
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP byte-level alphabet: the 256 base symbols of a byte-level BPE vocab."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
-
-
-def write_tokenizer(folder: Path) -> None:
-    """A CLIP tokenizer with no merges (one token per byte): 514 ids, loads offline."""
-    folder.mkdir(parents=True)
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
-
-
-def tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=4, sample_size=16)
-
-
-def model_index(folder: Path, cls: str, parts: dict[str, tuple[str, str]]) -> None:
-    index = {"_class_name": cls, "_diffusers_version": "0.42.1"} | {k: list(v) for k, v in parts.items()}
-    (folder / "model_index.json").write_text(json.dumps(index))
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    torch.manual_seed(0)
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
-    ).save_pretrained(folder / "unet")
-    tiny_vae().save_pretrained(folder / "vae")
-    CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                                 vocab_size=1000, max_position_embeddings=77, projection_dim=16,
-                                 bos_token_id=512, eos_token_id=513, pad_token_id=513)
-                  ).save_pretrained(folder / "text_encoder")
-    write_tokenizer(folder / "tokenizer")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
-    model_index(folder, "StableDiffusionPipeline", {
-        "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-        "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
-        "scheduler": ("diffusers", "DDPMScheduler")})
-    return folder
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +48,10 @@ def dit_folder(tmp_path_factory) -> Path:
                           sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(folder / "transformer")
     tiny_vae().save_pretrained(folder / "vae")
     DDPMScheduler().save_pretrained(folder / "scheduler")
-    model_index(folder, "DiTPipeline", {"transformer": ("diffusers", "DiTTransformer2DModel"),
-                                        "vae": ("diffusers", "AutoencoderKL"),
-                                        "scheduler": ("diffusers", "DDPMScheduler")})
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline", "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
     return folder
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from helpers import write_extract_workflow
+from helpers import invoke, write_extract_workflow
+from helpers import one_error_line as error_line  # in-process CLI calls
 
 from pipeline import store
 from pipeline.workflow.config import load_workflow
@@ -54,7 +55,8 @@ def cli_run(wf: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
+def stderr_error_line(proc: subprocess.CompletedProcess) -> str:
+    """A real process's exit 2, no traceback, and its last stderr line an ``error:`` one."""
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -73,7 +75,7 @@ def workflow_in(folder: Path, code_dir: Path, **kw) -> Path:
 def test_a_full_disk_is_one_line_leaves_whole_units_and_resumes(tmp_path, tmpfs):
     small = tmpfs("420k")
     wf = workflow_in(small, tmp_path / "wf")
-    line = one_error_line(cli_run(wf))
+    line = stderr_error_line(cli_run(wf))
     out = small / "out/ex.zarr"
     assert "no space left writing" in line and str(out) in line and "free" in line, line
     assert "more are needed for the rest" in line and "run again: finished units are kept" in line, line
@@ -85,8 +87,8 @@ def test_a_full_disk_is_one_line_leaves_whole_units_and_resumes(tmp_path, tmpfs)
             assert np.isfinite(acts[u * 8:(u + 1) * 8]).all()
     assert not list(small.glob("out/.*.tmp-*"))  # a failed schema build leaves no temp folder
     remount(small, "size=8m")
-    proc = cli_run(wf)
-    assert proc.returncode == 0, proc.stderr
+    code, text = invoke("run", wf, "--no-progress")
+    assert code == 0, text
     assert store.read_attrs(out)["complete"] is True
     ref = workflow_in(tmp_path / "ref", tmp_path / "ref")
     Runner(load_workflow(ref, STAGES), progress=False).run()
@@ -101,28 +103,30 @@ def test_a_read_only_output_is_one_line_fresh_partial_or_holding_inputs(tmp_path
 
     fs = tmpfs("16m")
     wf = workflow_in(fs, tmp_path / "wf")
-    # partial: killed after 2 units, then the file system goes read-only
+    # partial: killed after 2 units, then the file system goes read-only; the runs after
+    # the kill are in-process CLI calls (the real process's stderr line: the full-disk test)
     env = dict(os.environ, DIFFPROBE_FAULT_KILL_AFTER_UNITS="2")
     killed = subprocess.run([*DIFFPROBE, "run", str(wf), "--no-progress"], env=env, check=False, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     remount(fs, "ro")
-    line = one_error_line(cli_run(wf))
+    line = error_line(*invoke("run", wf, "--no-progress"))
     assert "cannot write" in line and "Read-only file system" in line and "make it writable" in line, line
     # holding a finished input for a next stage that writes beside it
     remount(fs, "rw")
-    assert cli_run(wf).returncode == 0
+    code, out = invoke("run", wf, "--no-progress")
+    assert code == 0, out
     wf.write_text(wf.read_text() + "  - {name: again, stage: extract, model: {config: tiny_unet.json, "
                   "null_class: 10}, conditioning: class, dataset: {reader: digits, split: test, limit: 4}, "
                   "blocks: [mid_block], timesteps: [10]}\n")
     remount(fs, "ro")
-    proc = cli_run(wf)
-    line = one_error_line(proc)
+    code, out = invoke("run", wf, "--no-progress")
+    line = error_line(code, out)
     assert "stage 'again'" in line and "Read-only file system" in line, line
-    assert "[ex] up to date, skipped" in proc.stderr
+    assert "[ex] up to date, skipped" in out
     # fresh: nothing there yet
     fresh = tmpfs("1m")
     remount(fresh, "ro")
-    line = one_error_line(cli_run(workflow_in(fresh, tmp_path / "fresh")))
+    line = error_line(*invoke("run", workflow_in(fresh, tmp_path / "fresh"), "--no-progress"))
     assert "cannot write" in line and "Read-only file system" in line, line
 
 
@@ -157,7 +161,7 @@ def downstream_workflow(folder: Path, address: str, name: str, **where: Path) ->
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cluster_address):
     """Every stage run once on an ordinary disk: the folder, and each stage output's allocated bytes."""
-    from helpers import TINY_UNET, invoke
+    from helpers import TINY_UNET
 
     folder = tmp_path_factory.mktemp("full")
     (folder / "tiny_unet.json").write_text(__import__("json").dumps(TINY_UNET))
@@ -190,9 +194,6 @@ def same_results(stage: str, got: Path, want: Path) -> None:
 @pytest.mark.parametrize("stage", ["pooled", "probe", "cka", "cl"])
 def test_a_full_disk_in_pool_probe_cka_or_classify_is_one_line_and_resumes_identically(
         reference, tmpfs, cluster_address, stage):
-    from helpers import invoke
-    from helpers import one_error_line as error_line
-
     from pipeline.store.verify import verify_store
 
     want = reference / "ref" / OUTPUTS[stage]

@@ -162,7 +162,8 @@ def model_configs(profile: Profile, work: Path) -> dict[str, tuple[ModelConfig, 
     """name -> (model config, top-level blocks, the 'one' block)."""
     adm_json = work / "adm256.json"
     adm_json.write_text(json.dumps(gpu_models.adm_config(profile.tiny)))
-    sd_folder = gpu_models.write_sd_folder(work / "sd15", profile.tiny)
+    sd_folder = gpu_models.write_sd_folder(work / "sd15", gpu_models.sd_unet_config(profile.tiny),
+                                           gpu_models.sd_vae_config(profile.tiny))
     return {
         "adm256": (ModelConfig(config=str(adm_json)), gpu_models.ADM_BLOCKS, "up_blocks.1"),
         "sd15": (ModelConfig(kind="sd", path=str(sd_folder)), gpu_models.SD_BLOCKS, "up_blocks.1"),

@@ -4,11 +4,12 @@
 widths (256 base channels, channel_mult (1, 1, 2, 2, 4, 4), 2 res blocks, attention at
 32/16/8 with 64 channels per head, scale-shift norm): ~550 M parameters, the same
 FLOPs per forward as the released checkpoint whatever the weights. ``write_sd_folder``
-writes a Stable Diffusion 1.x pipeline folder: the SD-1.x ``UNet2DConditionModel``
-(860 M parameters, 64x64 latents) and SD's VAE config, random weights; the CLIP text
-encoder has SD's width (768) but one layer, since prompts are encoded once per run and
-are not what the check measures. ``tiny=True`` keeps every structure (level count,
-block types, so block names match) at toy widths for the CPU smoke run.
+writes a Stable Diffusion pipeline folder with random weights from a UNet and a VAE
+config; here ``sd_unet_config`` / ``sd_vae_config`` give SD 1.x's (860 M parameters,
+64x64 latents), and the CLIP text encoder has SD's width (768) but one layer, since
+prompts are encoded once per run and are not what the check measures. ``tiny=True``
+keeps every structure (level count, block types, so block names match) at toy widths
+for the CPU smoke run. The tests build their own toy SD folders with the same writer.
 """
 
 from __future__ import annotations
@@ -70,8 +71,24 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
 
 
-def write_sd_folder(folder: Path, tiny: bool = False) -> Path:
-    """A StableDiffusionPipeline-layout folder with random weights (see the module docstring)."""
+def sd_vae_config(tiny: bool = False) -> dict:
+    """SD's ``AutoencoderKL`` (4 levels, 8x down); toy widths with ``tiny``."""
+    return {
+        "block_out_channels": [8, 8, 8, 8] if tiny else [128, 256, 512, 512], "in_channels": 3, "out_channels": 3,
+        "latent_channels": 4, "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "norm_num_groups": 4 if tiny else 32,
+        "sample_size": 32 if tiny else 512,
+    }
+
+
+def write_sd_folder(folder: Path, unet: dict, vae: dict) -> Path:
+    """A StableDiffusionPipeline-layout folder with random weights (torch seed 0).
+
+    ``unet`` and ``vae`` are ``UNet2DConditionModel`` and ``AutoencoderKL`` configs (the
+    GPU check's: ``sd_unet_config``, ``sd_vae_config``; the tests pass toy ones). The CLIP
+    text encoder is one layer at the UNet's ``cross_attention_dim``; the tokenizer is
+    ``write_tokenizer``'s; the scheduler is SD's scaled-linear DDPM.
+    """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -79,13 +96,8 @@ def write_sd_folder(folder: Path, tiny: bool = False) -> Path:
 
     folder = Path(folder)
     torch.manual_seed(0)
-    unet = sd_unet_config(tiny)
     UNet2DConditionModel(**unet).save_pretrained(folder / "unet")
-    AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8) if tiny else (128, 256, 512, 512), in_channels=3, out_channels=3,
-        latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, norm_num_groups=4 if tiny else 32, sample_size=unet["sample_size"] * 8,
-    ).save_pretrained(folder / "vae")
+    AutoencoderKL(**vae).save_pretrained(folder / "vae")
     width = unet["cross_attention_dim"]
     CLIPTextModel(CLIPTextConfig(hidden_size=width, intermediate_size=2 * width, num_attention_heads=2,
                                  num_hidden_layers=1, vocab_size=1000, max_position_embeddings=77,

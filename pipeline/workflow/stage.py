@@ -286,10 +286,13 @@ class Stage:
         this stage's ``RunContext.prepared``, when the caller has it."""
         return None
 
-    def planned_shape(self, cfg: Any, entry: Any, workflow: Any) -> Any:
+    def planned_shape(self, cfg: Any, entry: Any, workflow: Any, prepared_by_stage: dict | None = None) -> Any:
         """The ``pipeline.estimate.StoreShape`` of the store ``cfg`` will write, known before
-        it runs (for a later stage's time estimate in ``diffprobe plan``), or None where the
-        stage cannot say. ``entry`` / ``workflow``: this stage's entry and its workflow."""
+        it runs (for a later stage's ``validate``, or its time estimate in ``diffprobe plan``),
+        or None where the stage cannot say. ``entry`` / ``workflow``: this stage's entry and
+        its workflow. ``prepared_by_stage``: the run's :attr:`RunContext.prepared_by_stage`,
+        when the caller has it: what the stages' ``validate`` built (a model, a dataset
+        listing) is reused, and nothing is added to it."""
         return None
 
     def run(self, cfg: Any, ctx: RunContext) -> None:
