@@ -21,7 +21,7 @@ from pipeline.datasets.files import dataset_root, open_binary
 from pipeline.errors import DatasetError, ImageReadError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 80 of ~460 bytes a record, 80 MB per million images
 class Record:
     """One image of a split.
 
