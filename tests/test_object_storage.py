@@ -357,3 +357,16 @@ def test_verify_names_damage_on_s3_and_repair_recomputes_only_that_unit(tmp_path
     assert cli.invoke(main, ["verify", url]).exit_code == 0
     same = cli.invoke(main, ["diff", str(local.parent / "out/ex.zarr"), url])
     assert same.exit_code == 0 and same.output.splitlines()[-1] == "identical within atol=0, rtol=0", same.output
+
+
+def test_a_schema_committed_between_the_two_reads_is_not_called_foreign(monkeypatch, tmp_path):
+    """Two shard processes start together: the first read of the root attrs finds nothing, the
+    other process PUTs its root zarr.json, and the existence check then sees it. The output is
+    the other process's partial store (resumed into), not a foreign folder."""
+    from pipeline.workflow import runner
+
+    reads = iter([None, {"stage_hash": "h", "complete": False}])
+    monkeypatch.setattr(runner, "read_attrs", lambda path: next(reads))
+    monkeypatch.setattr(runner, "is_remote", lambda path: True)
+    (tmp_path / "zarr.json").write_text("{}")  # present by the time it is checked
+    assert runner.output_state(tmp_path, "h").status == "partial"

@@ -70,6 +70,10 @@ def output_state(path: Path, expected_hash: str) -> OutputState:
     # On object storage a prefix without a root zarr.json holds at most an uncommitted schema.
     if attrs is None and (not path.exists() or (is_remote(path) and not (path / "zarr.json").exists())):
         return OutputState("missing")
+    if attrs is None and is_remote(path):
+        # another shard process committed the schema (root zarr.json, PUT last) between the
+        # two requests above: read it again rather than call the store foreign
+        attrs = read_attrs(path)
     if attrs is None:
         if not is_remote(path) and not path.is_dir():
             return OutputState("foreign", f"{path} is a file, not a diffprobe output")
