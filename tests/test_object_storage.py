@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -359,14 +360,30 @@ def test_verify_names_damage_on_s3_and_repair_recomputes_only_that_unit(tmp_path
     assert same.exit_code == 0 and same.output.splitlines()[-1] == "identical within atol=0, rtol=0", same.output
 
 
-def test_a_schema_committed_between_the_two_reads_is_not_called_foreign(monkeypatch, tmp_path):
-    """Two shard processes start together: the first read of the root attrs finds nothing, the
-    other process PUTs its root zarr.json, and the existence check then sees it. The output is
-    the other process's partial store (resumed into), not a foreign folder."""
+def test_a_schema_committed_between_the_two_reads_is_not_called_foreign(monkeypatch):
+    """Two shard processes start together: the other one PUTs its root zarr.json (the commit,
+    attrs inside) at any moment of this one's requests. The output is then missing (this
+    process builds the schema, and keeps the other's) or the other's partial store (resumed
+    into), never a foreign folder."""
     from pipeline.workflow import runner
 
-    reads = iter([None, {"stage_hash": "h", "complete": False}])
-    monkeypatch.setattr(runner, "read_attrs", lambda path: next(reads))
+    class Prefix:  # an S3 prefix whose schema is committed after `after` requests
+        def __init__(self, after):
+            self.asked, self.after = 0, after
+
+        def committed(self):
+            self.asked += 1
+            return self.asked > self.after
+
+        def exists(self):
+            return self.committed()
+
+        def __truediv__(self, name):
+            return types.SimpleNamespace(exists=self.exists)
+
     monkeypatch.setattr(runner, "is_remote", lambda path: True)
-    (tmp_path / "zarr.json").write_text("{}")  # present by the time it is checked
-    assert runner.output_state(tmp_path, "h").status == "partial"
+    monkeypatch.setattr(runner, "read_attrs",
+                        lambda path: {"stage_hash": "h", "complete": False} if path.committed() else None)
+    for after in range(4):
+        assert runner.output_state(Prefix(after), "h").status in ("missing", "partial")
+    assert runner.output_state(Prefix(0), "h").status == "partial"

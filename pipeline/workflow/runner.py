@@ -66,14 +66,15 @@ def has_finished_work(path: Path, attrs: dict) -> bool:
 
 
 def output_state(path: Path, expected_hash: str) -> OutputState:
-    attrs = read_attrs(path)
     # On object storage a prefix without a root zarr.json holds at most an uncommitted schema.
-    if attrs is None and (not path.exists() or (is_remote(path) and not (path / "zarr.json").exists())):
+    # The root zarr.json is PUT last, whole, so it is looked for before the attrs are read:
+    # read the other way round, a schema another shard process commits between the two
+    # requests would look like a foreign folder.
+    if is_remote(path) and not (path / "zarr.json").exists():
         return OutputState("missing")
-    if attrs is None and is_remote(path):
-        # another shard process committed the schema (root zarr.json, PUT last) between the
-        # two requests above: read it again rather than call the store foreign
-        attrs = read_attrs(path)
+    attrs = read_attrs(path)
+    if attrs is None and not path.exists():
+        return OutputState("missing")
     if attrs is None:
         if not is_remote(path) and not path.is_dir():
             return OutputState("foreign", f"{path} is a file, not a diffprobe output")
