@@ -48,8 +48,8 @@ from pipeline.errors import StoreError
 from pipeline.store import location
 from pipeline.store.checks import LIST_ABOVE, Integrity, hint
 from pipeline.store.layout import SAMPLE_COORDS, open_root
-from pipeline.store.schema import ATTR_KEY, PENDING, block_names
-from pipeline.store.slices import pooled_key
+from pipeline.store.schema import PENDING
+from pipeline.store.slices import stored_groups, timestep_positions
 
 #: An index entry of an inner chunk that was never stored (it held only the fill value).
 EMPTY = 2**64 - 1
@@ -201,11 +201,7 @@ class SampleReader:
     # ------------------------------------------------------------- what is asked
 
     def _known_blocks(self) -> list[str]:
-        names = block_names(self.root)
-        pooled = self.root.attrs.get(ATTR_KEY, {}).get("pooled")
-        if pooled:
-            names = [pooled_key(b, s) for b in pooled["blocks"] for s in sorted(pooled["sizes"])]
-        return names
+        return [key for _, _, key in stored_groups(self.root)]
 
     def _positions(self, block: str, group, samples, n: int) -> np.ndarray:
         """``(k,) int64`` store rows of ``samples`` (positions or image ids), in the order asked."""
@@ -244,11 +240,7 @@ class SampleReader:
     def _timestep_index(self, stored: list[int], timesteps: Sequence[int] | None) -> list[int]:
         if timesteps is None:
             return list(range(len(stored)))
-        asked = [int(t) for t in np.atleast_1d(np.asarray(timesteps))]
-        missing = [t for t in asked if t not in stored]
-        if missing:
-            raise StoreError(f"store {self.path} lacks timestep(s) {missing}; it has {stored}")
-        return [stored.index(t) for t in asked]
+        return timestep_positions(self.path, stored, np.atleast_1d(np.asarray(timesteps)).tolist())
 
     def _refuse_pending(self, block: str, unique: np.ndarray, timesteps: list[int]) -> None:
         done = self.checks.done()

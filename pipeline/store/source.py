@@ -40,7 +40,7 @@ import numpy as np
 
 from pipeline.store.prefetch import WindowPlan, ProcessBuilder, ThreadBuilder, in_background, process_allowed
 from pipeline.errors import StoreError
-from pipeline.store.slices import timestep_key
+from pipeline.store.slices import timestep_key, timestep_positions
 from pipeline.store.checks import Integrity
 from pipeline.store.layout import WRITTEN, open_root
 from pipeline.store.location import is_remote
@@ -60,11 +60,8 @@ class _Part:
         root = open_root(path)
         checks = Integrity(root, path)
         self.array = checks.array(array_path)  # reads name damaged chunks
-        stored = [int(t) for t in root["timestep"][:]]
-        missing = [t for t in timesteps if t not in stored]
-        if missing:
-            raise StoreError(f"store {str(path)!r} lacks timestep(s) {missing}; it has {stored}")
-        self.t_index = {int(t): stored.index(int(t)) for t in timesteps}
+        positions = timestep_positions(path, root["timestep"][:], timesteps)
+        self.t_index = {int(t): i for t, i in zip(timesteps, positions)}
         self.n = int(self.array.shape[0])
         self.chunk = int(self.array.chunks[0])
         self.labels = root["label"][:].astype(np.int64)
