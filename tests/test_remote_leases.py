@@ -22,7 +22,7 @@ import pytest
 from helpers import race_for_lease, write_extract_workflow
 
 from pipeline import store
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.store import location
 from pipeline.workflow.claims import Claims, UnitClaims, claims_folder, unit_lease
 from pipeline.workflow.config import load_workflow
@@ -91,6 +91,43 @@ def tiny_store(output):
     samples = store.SampleTable([f"im{i}" for i in range(8)], [0] * 8, [False] * 8, [0] * 8)
     store.create_store(output, layout, samples, ["a"], {"stage": "extract", "stage_hash": "h"})
     return layout, store.open_root(output, mode="r+")
+
+
+def test_an_object_put_after_a_listing_is_seen_at_once_on_s3(s3_server):
+    # s3fs answers exists/info/cat_file from a cached listing of the parent folder; locations
+    # are opened with that cache off, so what another client puts meanwhile is there.
+    bucket = s3_server.new_bucket()
+    folder = location.parse(f"s3://{bucket}/run/.s.zarr.claims", storage_options=s3_server.storage_options)
+    (folder / "unit-000000.000000.json").write_text("{}")
+    assert location.list_files(folder) == ["unit-000000.000000.json"]  # one listing, as claims make
+    other = s3_server.filesystem()
+    other.pipe_file(f"{bucket}/run/.s.zarr.claims/unit-000001.000000.json", b'{"a": 1}')
+    fresh = folder / "unit-000001.000000.json"
+    assert fresh.exists() and fresh.read_text() == '{"a": 1}'
+    assert folder.fs.cat_file(fresh.path) == b'{"a": 1}'
+    with pytest.raises(ConfigError, match="use_listings_cache must stay off"):
+        location.parse(f"s3://{bucket}/x", storage_options={**s3_server.storage_options, "use_listings_cache": True})
+
+
+def test_a_lease_taken_while_another_thread_lists_the_folder_is_held(s3_server, monkeypatch):
+    # The writer thread releases the last unit's lease (one listing) while the main thread
+    # takes the next: a listing fetched before the put and stored after it once made the
+    # taker unable to read its own lease, so a unit of a single process was left undone.
+    out = location.parse(f"s3://{s3_server.new_bucket()}/run/s.zarr", storage_options=s3_server.storage_options)
+    claims = Claims(out)
+    assert claims.try_claim("unit-000000", "a") is None
+    put = location.put_if_absent
+
+    def put_then_store_an_older_listing(path, data):
+        before = path.fs.ls(path.parent.path, detail=True, refresh=True)
+        wrote = put(path, data)
+        path.fs.dircache[path.parent.path] = before  # what the other thread's listing leaves behind
+        return wrote
+
+    monkeypatch.setattr(location, "put_if_absent", put_then_store_an_older_listing)
+    assert claims.try_claim("unit-000001", "a") is None
+    assert claims.confirm("unit-000001")
+    claims.close()
 
 
 def test_a_holder_stalled_past_its_lease_writes_no_done(output, monkeypatch):

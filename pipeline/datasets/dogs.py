@@ -51,10 +51,10 @@ class DogsReader(DatasetReader):
         self.class_names = [readable(f.split("-", 1)[1] if "-" in f else f) for f in self.class_folders]
         annotation_dir = root / "Annotation"
         boxes = {}
-        if annotation_dir.is_dir():
-            # One listing and one batched read of the XML files (one per image): on object
-            # storage that is a few round trips, not a request per image.
-            present = set(files_under(annotation_dir))
+        # One listing (empty when there is no Annotation/) and one batched read of the XML
+        # files (one per image): on object storage a few round trips, not a request per image.
+        present = set(files_under(annotation_dir))
+        if present:
             wanted = [str(Path(rel).with_suffix("").as_posix()) for rel in files]
             boxes = {rel: union_box_of(data) for rel, data in
                      read_many(annotation_dir, [w for w in wanted if w in present]).items()}

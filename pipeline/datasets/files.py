@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.store.location import as_location, is_remote
+from pipeline.store.location import as_location, is_remote, read_object
 
 
 def dataset_root(root: Any) -> Path | Any:
@@ -92,9 +92,7 @@ def files_under(folder) -> list[str]:
 def read_bytes(path) -> bytes:
     """The whole file at ``path`` (a local path or a UPath), in one read."""
     if is_remote(path):
-        # start=0: one ranged GET; without a range s3fs first asks the size (a HEAD) to
-        # decide whether to split the download
-        return path.fs.cat_file(path.path, start=0)
+        return read_object(path)
     with open(path, "rb") as f:
         return f.read()
 
@@ -117,7 +115,7 @@ def read_many(folder, rel_paths: list[str]) -> dict[str, bytes]:
                 continue
         return out
     base = folder.path.rstrip("/")
-    got = folder.fs.cat([f"{base}/{rel}" for rel in rel_paths], on_error="omit")
+    got = folder.fs.cat([f"{base}/{rel}" for rel in rel_paths], on_error="omit", start=0)  # no HEADs: see read_object
     return {name[len(base) + 1:]: data for name, data in got.items() if isinstance(data, bytes)}
 
 

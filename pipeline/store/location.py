@@ -69,6 +69,14 @@ CLOUD_HINT = "pip install 'diffprobe[cloud]'"
 Location = Union[Path, "UPath"]  # noqa: F821 -- upath is imported lazily
 
 
+#: Backends whose file systems cache directory listings. diffprobe turns the cache off: s3fs
+#: answers ``exists``, ``info`` and even ``cat_file`` (which asks for the size first) from a
+#: cached listing of the parent, so an object put after a listing (by another process, or
+#: by this one while a second thread was listing) reads as missing. Seen as a lease just
+#: taken that its own taker could not read back, which left a unit undone.
+LISTING_CACHE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+
+
 def is_url(text: str) -> bool:
     """True for ``scheme://...`` (not ``file://``, and not a Windows drive letter)."""
     scheme, sep, _ = str(text).partition("://")
@@ -129,7 +137,13 @@ def parse(text: str | os.PathLike, base_dir: Path | None = None,
     except ValueError:
         raise ConfigError(f"{text}: unknown URL scheme {protocol}://; use a local path or "
                           f"s3://, gs://, az://, memory://") from None
-    return UPath(text, **dict(storage_options or {}))
+    options = dict(storage_options or {})
+    if protocol in LISTING_CACHE_PROTOCOLS:
+        if options.get("use_listings_cache"):
+            raise ConfigError(f"{text}: storage_options use_listings_cache must stay off: leases, claims and "
+                              "commits are decided by what is on the server now; remove it")
+        options["use_listings_cache"] = False
+    return UPath(text, **options)
 
 
 def as_location(path: str | os.PathLike | Location) -> Location:
@@ -373,6 +387,14 @@ def save_figure(fig, path: Location | str, dpi: int) -> Location:
 def write_csv(frame, path: Location | str) -> None:
     """``frame.to_csv(path, index=False)`` at a local path or URL (pandas would drop the storage options)."""
     as_location(path).write_text(frame.to_csv(index=False))
+
+
+def read_object(path: Location) -> bytes:
+    """The whole object at ``path`` (a URL location) in one GET, as the server holds it now.
+
+    ``start=0`` makes it one ranged GET: without a range s3fs first asks the size (a HEAD,
+    or a listing cache) to decide whether to split the download."""
+    return path.fs.cat_file(path.path, start=0)
 
 
 def exists_now(path: Location) -> bool:

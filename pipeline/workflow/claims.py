@@ -166,7 +166,7 @@ class Claims:
             try:
                 # One GET on object storage: a UPath file object pins the ETag of its first request, and a
                 # heartbeat that replaces the object meanwhile would fail the read (s3fs FileExpired)
-                text = path.fs.cat_file(path.path).decode() if self.remote else path.read_text()
+                text = location.read_object(path).decode() if self.remote else path.read_text()
             except FileNotFoundError:
                 return None
             try:
