@@ -199,3 +199,35 @@ def test_other_raw_shard_layouts_index_at_the_start_no_checksum_several_timestep
     np.testing.assert_array_equal(got.values, values[positions][:, [3, 0, 1]])
     assert got.timestep.values.tolist() == timesteps
     assert reader.bytes_read == 5 * 3 * 48 + 3 * (16 * 8 + 4)  # slabs + 3 indexes of 8 entries + crc32c
+
+
+def test_the_samples_command_writes_what_read_samples_returns(tmp_path):
+    from helpers import invoke, one_error_line
+
+    path, _ = make_store(tmp_path / "s.zarr")
+    out = tmp_path / "few.npz"
+    code, text = invoke("samples", path, out, "--ids", "img/5,img/130", "--timesteps", "200,10")
+    assert code == 0, text
+    assert "a: 3 sample(s) x 2 timestep(s) x (4, 2, 2) float16; read" in text and "by byte range" in text
+    with np.load(out) as saved:
+        assert sorted(saved.files) == ["a", "b", "flipped", "image_id", "label", "sample", "timestep", "view"]
+        for block in BLOCKS:
+            np.testing.assert_array_equal(saved[block], expected(path, block, [5, 145, 130], [2, 0]).values)
+        assert saved["image_id"].tolist() == ["img/5", "img/5", "img/130"]
+        assert saved["timestep"].tolist() == [200, 10] and saved["sample"].tolist() == [5, 145, 130]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("img/7\n\nimg/8\n")
+    assert invoke("samples", path, out, "--ids-file", ids, "--block", "b", "--check")[0] == 0
+    with np.load(out) as saved:
+        assert "a" not in saved.files
+        np.testing.assert_array_equal(saved["b"], expected(path, "b", [7, 147, 8, 148]).values)
+    assert invoke("samples", path, out, "--rows", "148:,3")[0] == 0
+    with np.load(out) as saved:
+        assert saved["sample"].tolist() == [3, 148, 149]
+    for args, message in [(["--rows", "1", "--ids", "img/1"], "exactly one of --rows, --ids"),
+                          (["--rows", "150"], "--rows: sample 150 is outside 0..149"),
+                          (["--ids", "img/1", "--block", "c"], "has no block 'c'"),
+                          (["--ids", "nope"], "has no image id 'nope'"),
+                          (["--ids", "img/1", "--timesteps", "7"], "7")]:
+        assert message in one_error_line(*invoke("samples", path, out, *args)), args
+    assert "must end in .npz" in one_error_line(*invoke("samples", path, tmp_path / "x.npy", "--rows", "1"))

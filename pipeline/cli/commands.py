@@ -164,6 +164,42 @@ def inspect(store_path):
             click.echo(line)
 
 
+@main.command(short_help="Write a few samples' activations to one .npz file.")
+@click.argument("store_path", metavar="STORE", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--rows", metavar="SEL", help="Sample rows: 0:10, 5,9,12 or a mix.")
+@click.option("--ids", metavar="ID,...", help="Image ids (every view of each), comma-separated.")
+@click.option("--ids-file", type=click.Path(dir_okay=False, exists=True),
+              help="A text file of image ids, one per line.")
+@click.option("--block", "blocks", multiple=True, metavar="NAME", help="Only this block (repeatable; default all).")
+@click.option("--timesteps", metavar="T,...", help="Only these timesteps, e.g. 10,400 (default all).")
+@click.option("--check", is_flag=True, help="Read whole chunks so every checksum is verified (slower).")
+@_friendly
+def samples(store_path, out, rows, ids, ids_file, blocks, timesteps, check):
+    """Write the activations of a few samples of STORE (an extract or pool output) to OUT (.npz),
+    reading about the bytes they hold rather than whole chunks."""
+    from pathlib import Path
+
+    from pipeline.dc.rescore import parse_ints, parse_trials
+    from pipeline.errors import ConfigError
+    from pipeline.store.samples import SampleReader, export_samples
+
+    if sum(x is not None for x in (rows, ids, ids_file)) != 1:
+        raise ConfigError("name the samples with exactly one of --rows, --ids or --ids-file")
+    if not str(out).endswith(".npz"):
+        raise ConfigError(f"OUT {out!r} must end in .npz")
+    if rows is not None:
+        picked = parse_trials(rows, SampleReader(store_path).n_samples(), what="--rows", item="sample")
+    else:
+        text = ids if ids is not None else Path(ids_file).read_text()
+        picked = [s.strip() for s in text.replace("\n", ",").split(",") if s.strip()]
+        if not picked:
+            raise ConfigError("no image id given")
+    for line in export_samples(store_path, picked, out, blocks or None,
+                               parse_ints(timesteps) if timesteps else None, check=check):
+        click.echo(line)
+
+
 @main.command(short_help="Print a probe stage's results table, best cells first.")
 @click.argument("path", type=click.Path())
 @click.option("--top", type=int, default=None, metavar="N", help="Show only the N best cells.")

@@ -23,24 +23,25 @@ from pipeline.store.error_tensor import LOSSES, error_array, open_error_store
 from pipeline.store.location import as_location
 
 
-def parse_trials(text: str, n_trials: int) -> list[int]:
-    """``"0:10"``, ``"0:20:2"``, ``"3,7,9"`` or a mix (``"0:5,12"``) -> sorted distinct trial indices."""
+def parse_trials(text: str, n_trials: int, what: str = "--trials", item: str = "trial") -> list[int]:
+    """``"0:10"``, ``"0:20:2"``, ``"3,7,9"`` or a mix (``"0:5,12"``) -> sorted distinct indices
+    below ``n_trials``; ``what`` / ``item`` name the option and its items in errors."""
     picked: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         if not re.fullmatch(r"-?\d*(:-?\d*){0,2}", part):
-            raise ConfigError(f"--trials {text!r}: {part!r} is neither an index nor a slice like 0:10")
+            raise ConfigError(f"{what} {text!r}: {part!r} is neither an index nor a slice like 0:10")
         if ":" in part:
             bounds = [int(b) if b else None for b in part.split(":")]
             picked.extend(range(n_trials)[slice(*bounds)])
         else:
             index = int(part)
             if not -n_trials <= index < n_trials:
-                raise ConfigError(f"--trials: trial {index} is outside 0..{n_trials - 1}")
+                raise ConfigError(f"{what}: {item} {index} is outside 0..{n_trials - 1}")
             picked.append(index % n_trials)
     if not picked:
-        raise ConfigError(f"--trials {text!r} selects no trial of the {n_trials}")
+        raise ConfigError(f"{what} {text!r} selects no {item} of the {n_trials}")
     return sorted(set(picked))
 
 

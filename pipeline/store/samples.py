@@ -177,7 +177,7 @@ class SampleReader:
 
         array_path = f"blocks/{block}/activations"
         if array_path not in self.root:
-            raise StoreError(f"store {self.path} has no block {block!r}; it has {self._known_blocks()}")
+            raise StoreError(f"store {self.path} has no block {block!r}; it has {self.block_names()}")
         array = self.root[array_path]
         group = self.root[f"blocks/{block}"]
         positions = self._positions(block, group, samples, int(array.shape[0]))
@@ -200,8 +200,13 @@ class SampleReader:
 
     # ------------------------------------------------------------- what is asked
 
-    def _known_blocks(self) -> list[str]:
+    def block_names(self) -> list[str]:
+        """The store's blocks as :meth:`read` names them (a pooled store's ``"<block>/p<size>"``)."""
         return [key for _, _, key in stored_groups(self.root)]
+
+    def n_samples(self) -> int:
+        """Rows of the store (every block has them all)."""
+        return int(self.root[f"blocks/{self.block_names()[0]}/activations"].shape[0])
 
     def _positions(self, block: str, group, samples, n: int) -> np.ndarray:
         """``(k,) int64`` store rows of ``samples`` (positions or image ids), in the order asked."""
@@ -419,3 +424,47 @@ def read_samples(store, block: str, samples, timesteps: Sequence[int] | None = N
     one store (its shard indexes and ids are read once).
     """
     return SampleReader(store).read(block, samples, timesteps, check=check)
+
+
+def export_samples(store, samples, out, blocks: Sequence[str] | None = None,
+                   timesteps: Sequence[int] | None = None, *, check: bool = False) -> list[str]:
+    """Write a few samples' maps of every (or the named) block of ``store`` to one ``.npz`` file.
+
+    The file holds one array per block, keyed by the block's name (a pooled store's
+    ``"<block>/p<size>"``), ``(sample, timestep, channel, y, x)`` in the stored dtype, and
+    the shared coordinates as ``sample``, ``timestep``, ``image_id``, ``label``, ``view``
+    and ``flipped`` (what the store has): ``np.load(out)["mid_block"]`` needs neither
+    diffprobe nor zarr. ``out`` may be a URL. Returns one line per block for the user.
+    """
+    import io
+
+    reader = SampleReader(store)
+    known = reader.block_names()
+    names = list(blocks) if blocks else known
+    unknown = [b for b in names if b not in known]
+    if unknown:
+        raise StoreError(f"store {reader.path} has no block {unknown[0]!r}; it has {known}")
+    arrays: dict[str, np.ndarray] = {}
+    coords: dict[str, np.ndarray] = {}
+    lines = []
+    for name in names:
+        before = reader.bytes_read
+        got = reader.read(name, samples, timesteps, check=check)
+        arrays[name] = got.values
+        for coord in ("sample", "timestep", *SAMPLE_COORDS):
+            if coord in got.coords:
+                value = np.asarray(got[coord].values)
+                if coord in coords and not np.array_equal(coords[coord], value):
+                    raise StoreError(f"store {reader.path}: block {name!r} has other {coord} values than "
+                                     f"{names[0]!r}; export the blocks one at a time (--block)")
+                coords[coord] = value
+        read = reader.bytes_read - before
+        how = f"read {read / 2**10:.1f} KiB by byte range" if read else "read whole chunks through zarr"
+        lines.append(f"{name}: {got.shape[0]} sample(s) x {got.shape[1]} timestep(s) x "
+                     f"{tuple(got.shape[2:])} {got.dtype}; {how}")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, **{k: (v.astype(str) if v.dtype.kind in "OT" else v) for k, v in coords.items()})
+    target = location.as_location(out)
+    target.write_bytes(buffer.getvalue())
+    lines.append(f"wrote {target} ({len(buffer.getvalue()) / 2**20:.2f} MiB)")
+    return lines
