@@ -261,3 +261,18 @@ def test_a_stalled_holder_on_s3_is_taken_over_and_marks_nothing_done(tmp_path, s
     theirs = store.open_root(out)["blocks/mid_block/activations"][:]
     np.testing.assert_array_equal(ours, theirs)
     assert lease_names(out) == []
+
+
+def test_a_stage_whose_input_another_process_is_still_filling_says_so(tmp_path):
+    wf = write_extract_workflow(tmp_path, **SMALL)
+    wf.write_text(wf.read_text() + "  - {name: pooled, stage: pool, input: ex, sizes: [1]}\n")
+    assert runner(wf, shard=(0, 2)).run(only="ex") == [("ex", "run")]  # units 0 and 2 done
+    out = load_workflow(wf, STAGES).stage("ex").output
+    forge(out, unit_lease(1), age=1)  # unit 1 is being computed on another host
+    with pytest.raises(StoreError, match=r"^stage 'pooled' needs 'ex', whose output .* is still being computed "
+                                         r"by another process \(1 lease\(s\), e.g. unit-000001 held by pid 4242 "
+                                         r"on elsewhere .*\); run again once it has finished"):
+        runner(wf).run(only="pooled")
+    forge(out, unit_lease(1), age=10_000)  # its holder died: nothing will finish it
+    with pytest.raises(StoreError, match=r"^stage 'pooled' needs 'ex', whose output .* is incomplete; run it first"):
+        runner(wf).run(only="pooled")

@@ -273,6 +273,8 @@ class Runner:
                     continue
                 src = self.wf.stage(ref)
                 state = output_state(src.output, self.hashes[ref])
+                if state.status == "partial":
+                    self.refuse_if_being_completed(entry, ref, src.output)
                 if state.status != "complete":
                     why = {"missing": "has not been run", "partial": "is incomplete",
                            "changed": "was written with another config", "stale": "was written with another config",
@@ -281,6 +283,19 @@ class Runner:
                         f"stage {entry.name!r} needs {ref!r}, whose output {src.output} {why[state.status]}; "
                         f"run it first: diffprobe run {self.wf.file} --only {ref}"
                     )
+
+    def refuse_if_being_completed(self, entry: StageEntry, ref: str, output) -> None:
+        """An input another live process is still filling: say so, rather than "run it first"."""
+        from pipeline.workflow.claims import Claims
+
+        claims = Claims(output)
+        live = {name: h for name, h in claims.holders().items() if h.alive(claims.timeout)}
+        if live:
+            name, holder = next(iter(live.items()))
+            raise StoreError(
+                f"stage {entry.name!r} needs {ref!r}, whose output {output} is still being computed by "
+                f"another process ({len(live)} lease(s), e.g. {name} held by {holder.describe(claims.timeout)}); "
+                f"run again once it has finished (diffprobe inspect {output} shows what is left)")
 
     def check_output_paths(self, selected: list[StageEntry]) -> None:
         """An output folder whose parent is a file: one line, before anything runs."""
