@@ -188,14 +188,15 @@ def samples(store_path, out, rows, ids, ids_file, blocks, timesteps, check):
         raise ConfigError("name the samples with exactly one of --rows, --ids or --ids-file")
     if not str(out).endswith(".npz"):
         raise ConfigError(f"OUT {out!r} must end in .npz")
+    reader = SampleReader(store_path)
     if rows is not None:
-        picked = parse_trials(rows, SampleReader(store_path).n_samples(), what="--rows", item="sample")
+        picked = parse_trials(rows, reader.n_samples(), what="--rows", item="sample")
     else:
         text = ids if ids is not None else Path(ids_file).read_text()
         picked = [s.strip() for s in text.replace("\n", ",").split(",") if s.strip()]
         if not picked:
             raise ConfigError("no image id given")
-    for line in export_samples(store_path, picked, out, blocks or None,
+    for line in export_samples(reader, picked, out, blocks or None,
                                parse_ints(timesteps) if timesteps else None, check=check):
         click.echo(line)
 

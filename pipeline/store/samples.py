@@ -426,9 +426,9 @@ def read_samples(store, block: str, samples, timesteps: Sequence[int] | None = N
     return SampleReader(store).read(block, samples, timesteps, check=check)
 
 
-def export_samples(store, samples, out, blocks: Sequence[str] | None = None,
+def export_samples(reader: SampleReader, samples, out, blocks: Sequence[str] | None = None,
                    timesteps: Sequence[int] | None = None, *, check: bool = False) -> list[str]:
-    """Write a few samples' maps of every (or the named) block of ``store`` to one ``.npz`` file.
+    """Write a few samples' maps of every (or the named) block of ``reader``'s store to one ``.npz`` file.
 
     The file holds one array per block, keyed by the block's name (a pooled store's
     ``"<block>/p<size>"``), ``(sample, timestep, channel, y, x)`` in the stored dtype, and
@@ -438,12 +438,7 @@ def export_samples(store, samples, out, blocks: Sequence[str] | None = None,
     """
     import io
 
-    reader = SampleReader(store)
-    known = reader.block_names()
-    names = list(blocks) if blocks else known
-    unknown = [b for b in names if b not in known]
-    if unknown:
-        raise StoreError(f"store {reader.path} has no block {unknown[0]!r}; it has {known}")
+    names = list(blocks) if blocks else reader.block_names()
     arrays: dict[str, np.ndarray] = {}
     coords: dict[str, np.ndarray] = {}
     lines = []

@@ -289,7 +289,7 @@ class Runner:
         from pipeline.workflow.claims import Claims
 
         claims = Claims(output)
-        live = {name: h for name, h in claims.holders().items() if h.alive(claims.timeout)}
+        live = claims.live_others()
         if live:
             name, holder = next(iter(live.items()))
             raise StoreError(
