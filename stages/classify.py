@@ -425,7 +425,7 @@ class ClassifyStage(Stage):
             out = out | {"prompts_sha256": digest}  # an edited prompt file is a new configuration
         return out
 
-    def dataset_records(self, cfg: ClassifyConfig, prepared: dict | None = None) -> list:
+    def dataset_records(self, cfg: ClassifyConfig, prepared: dict | None = None) -> Records:
         return prepared_value(prepared, "reader", lambda: open_dataset(cfg.dataset)).records
 
     def validate(self, cfg: ClassifyConfig, ctx: RunContext) -> None:

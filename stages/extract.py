@@ -445,7 +445,7 @@ class ExtractStage(Stage):
     def fingerprint(self, cfg: ExtractConfig, base_dir: Path) -> dict:
         return model_fingerprint(cfg.model)
 
-    def dataset_records(self, cfg: ExtractConfig, prepared: dict | None = None) -> list:
+    def dataset_records(self, cfg: ExtractConfig, prepared: dict | None = None) -> Records:
         return prepared_value(prepared, "reader", lambda: open_dataset(cfg.dataset)).records
 
     def validate(self, cfg: ExtractConfig, ctx: RunContext) -> None:
