@@ -276,7 +276,7 @@ class Classifier:
                                        self.cfg.num_workers, use_bbox=self.cfg.dataset.crop == "bbox")
         if failures and strict:
             index, reason = next(iter(failures.items()))
-            image_id = self.reader.records[index].image_id
+            image_id = str(self.reader.records.ids[index])
             raise DatasetError(f"cannot read image {image_id!r}: {reason} (--strict)")
         ok = [s for s in range(start, stop) if s not in failures]
         n, k, t = stop - start, self.n_candidates, self.plan.n_trials
@@ -295,7 +295,7 @@ class Classifier:
 
     def classify(self, samples: Sequence[int], x0: torch.Tensor) -> list[AdaptiveResult]:
         """Elimination in rounds for ``samples`` (indices into the dataset) with x_0 (n, C, H, W)."""
-        keys = [self.reader.records[s].image_id for s in samples]
+        keys = self.reader.records.ids[list(samples)].tolist()
         return adaptive_classify_batch(lambda requests: self.errors(requests, keys, x0), len(samples),
                                        self.n_candidates, self.plan, self.schedule, loss=self.cfg.loss)
 
@@ -425,7 +425,7 @@ class ClassifyStage(Stage):
             out = out | {"prompts_sha256": digest}  # an edited prompt file is a new configuration
         return out
 
-    def dataset_records(self, cfg: ClassifyConfig, prepared: dict | None = None) -> list:
+    def dataset_records(self, cfg: ClassifyConfig, prepared: dict | None = None) -> Records:
         return prepared_value(prepared, "reader", lambda: open_dataset(cfg.dataset)).records
 
     def validate(self, cfg: ClassifyConfig, ctx: RunContext) -> None:
@@ -442,11 +442,10 @@ class ClassifyStage(Stage):
             attrs = ctx.base_attrs() | {"plan": clf.plan.to_dict(), "schedule": clf.schedule_attrs(),
                                         "provenance": clf.provenance()}
             records = clf.reader.records
-            errorstore.create_error_store(ctx.output, lay, [r.image_id for r in records],
-                                          [r.label for r in records], clf.class_names, clf.candidate_class,
+            errorstore.create_error_store(ctx.output, lay, records.ids, records.labels, clf.class_names, clf.candidate_class,
                                           clf.candidate_prompt, clf.plan.trial_timesteps,
                                           clf.plan.trial_draws, attrs)
-        ctx.check_same_samples([r.image_id for r in clf.reader.records])
+        ctx.check_same_samples(clf.reader.records.ids)
         todo = ctx.pending_units(lay.n_units)
         sched = clf.schedule_attrs()
         ctx.log(f"{lay.n_samples} samples x {clf.n_candidates} candidates x {clf.plan.n_trials} trials "
@@ -497,7 +496,7 @@ class ClassifyStage(Stage):
             candidates = min(clf.n_candidates, cfg.batch_size)
             trials = list(range(min(plan.n_trials, math.ceil(cfg.batch_size / candidates))))
             request = RoundRequest(0, tuple(range(candidates)), tuple(trials))
-            key = [clf.reader.records[probe].image_id]
+            key = [str(clf.reader.records.ids[probe])]
             clf.errors([request], key, x0)  # warm-up
             begin = time.perf_counter()
             clf.errors([request], key, x0)

@@ -168,15 +168,17 @@ def sample_table(reader, views: int, flip: bool, augment: AugmentSpec | None = N
                  seed: int = 0) -> store.SampleTable:
     """Samples in store order, ``views`` per image; with ``augment`` the flips are drawn
     per (seed, image_id, view) and crop coordinates await the units (-1 until written)."""
-    ids, vs, flips, labels = [], [], [], []
-    for rec in reader.records:
-        for v in range(views):
-            ids.append(rec.image_id)
-            vs.append(v)
-            flips.append(view_flipped(augment, seed, rec.image_id, v) if augment else bool(flip and v % 2 == 1))
-            labels.append(rec.label)
-    crops = None if augment is None else np.full((len(ids), len(store.CROP_COORDS)), -1, dtype=np.int32)
-    return store.SampleTable(ids, vs, flips, labels, crops)
+    records = reader.records
+    n = len(records) * views
+    if augment:
+        flips = np.fromiter((view_flipped(augment, seed, image_id, v) for start in range(0, len(records), 65536)
+                             for image_id in records.ids[start:start + 65536].tolist() for v in range(views)),
+                            dtype=bool, count=n)
+    else:
+        flips = np.tile(np.arange(views) % 2 == 1, len(records)) & bool(flip)
+    crops = None if augment is None else np.full((n, len(store.CROP_COORDS)), -1, dtype=np.int32)
+    return store.SampleTable(np.repeat(records.ids, views), np.tile(np.arange(views, dtype=np.int32), len(records)),
+                             flips, np.repeat(records.labels, views), crops)
 
 
 # ----------------------------------------------------------------- compute
@@ -284,7 +286,7 @@ class Extractor:
             coords = dict(zip(store.CROP_COORDS, boxes.T))
         if read_failures and self.strict:
             index, reason = next(iter(read_failures.items()))
-            raise DatasetError(f"cannot read image {self.reader.records[index].image_id!r}: {reason} (--strict)")
+            raise DatasetError(f"cannot read image {str(self.reader.records.ids[index])!r}: {reason} (--strict)")
         n_t = len(self.timesteps)
         np_dtype = store.STORAGE_DTYPES[cfg.dtype]
         out = {b.name: np.full((stop - start, n_t, *self.block_shapes[b.name]), np.nan, dtype=np_dtype)
@@ -443,7 +445,7 @@ class ExtractStage(Stage):
     def fingerprint(self, cfg: ExtractConfig, base_dir: Path) -> dict:
         return model_fingerprint(cfg.model)
 
-    def dataset_records(self, cfg: ExtractConfig, prepared: dict | None = None) -> list:
+    def dataset_records(self, cfg: ExtractConfig, prepared: dict | None = None) -> Records:
         return prepared_value(prepared, "reader", lambda: open_dataset(cfg.dataset)).records
 
     def validate(self, cfg: ExtractConfig, ctx: RunContext) -> None:

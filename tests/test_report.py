@@ -309,3 +309,15 @@ def test_report_renders_in_chromium(run, chromium, width, tmp_path):
     assert shot.stat().st_size > 10_000
     if NOTES.is_dir():  # for a person to look at
         shutil.copyfile(shot, NOTES / f"report-test-{width}.png")
+
+
+def test_legend_names_line_styles_only_beside_a_control_or_baseline():
+    from pipeline.report.markup import legend
+
+    labels = {"trained": "probe", "control": "random-init control", "baseline": "pixels"}
+    alone = legend(["down", "mid"], labels, control=False, baseline=False)
+    assert alone.count("<span>") == 2 and "probe" not in alone  # the block colours only
+    with_control = legend(["down", "mid"], labels, control=True, baseline=False)
+    assert "<i></i>probe" in with_control and "<i class=dashed></i>random-init control" in with_control
+    with_baseline = legend(["down"], labels, control=False, baseline=True)
+    assert "<i></i>probe" in with_baseline and "<i class=dotted></i>pixels" in with_baseline

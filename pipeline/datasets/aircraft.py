@@ -29,6 +29,7 @@ from PIL import Image
 
 from pipeline.datasets.annotations import check_options, matlab_box, read_lines, read_rows
 from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.records import RecordsBuilder
 from pipeline.errors import DatasetError, ImageReadError
 
 BANNER_PIXELS = 20
@@ -58,6 +59,7 @@ class AircraftReader(DatasetReader):
             for fields in read_rows(data / "images_box.txt", 5):
                 boxes[fields[0]] = matlab_box(*map(float, fields[1:5]))
         list_file = self.require_file(f"{prefix}images_{annotation}_{split}.txt", LAYOUT)
+        self.listing = RecordsBuilder(data.parent)
         for image_id, class_name in read_rows(list_file, 2, max_split=1):
             class_name = class_name.strip()
             if class_name not in label_of:
@@ -65,14 +67,7 @@ class AircraftReader(DatasetReader):
                     f"{list_file}: image {image_id!r} has class {class_name!r}, which {CLASS_FILES[annotation]} lacks"
                 )
             path = data / "images" / f"{image_id}.jpg"
-            self.records.append(
-                Record(
-                    image_id=path.relative_to(data.parent).as_posix(),
-                    label=label_of[class_name],
-                    path=path,
-                    bbox=boxes.get(image_id),
-                )
-            )
+            self.listing.append(path.relative_to(data.parent).as_posix(), label_of[class_name], boxes.get(image_id))
 
     def data_folder(self) -> Path:
         root = self.require_root()

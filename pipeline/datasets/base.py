@@ -1,8 +1,9 @@
 """The dataset reader interface every reader implements, and subsetting.
 
 A reader knows one dataset's native on-disk layout. It lists the official split as
-``Record`` rows (stable ``image_id``, integer label, class names) and decodes one
-image to a PIL image. Everything after decoding (resize, crop, normalise) is the
+columnar :class:`~pipeline.datasets.records.Records` (stable ``image_id``, integer
+label, optional box; class names beside them) and decodes one image (a ``Record``
+view of one row) to a PIL image. Everything after decoding (resize, crop, normalise) is the
 shared, deterministic ``preprocess`` so that every dataset is treated alike and the
 settings can be recorded in the store.
 """
@@ -18,12 +19,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline.datasets.files import dataset_root, open_binary
+from pipeline.datasets.records import Records, RecordsBuilder
 from pipeline.errors import DatasetError, ImageReadError
 
 
-@dataclass(frozen=True, slots=True)  # slots: 80 of ~460 bytes a record, 80 MB per million images
+@dataclass(frozen=True, slots=True)
 class Record:
-    """One image of a split.
+    """One image of a split: a view of one row of a reader's ``Records``, built on demand.
 
     image_id: the dataset's own id (relative path or official id), stable across runs.
     label: 0-based class index into the reader's ``class_names``.
@@ -73,7 +75,9 @@ class DatasetConfig:
 
 
 class DatasetReader:
-    """Base class. Subclasses set ``records`` and ``class_names`` in ``__init__``."""
+    """Base class. Subclasses fill ``self.listing`` (a ``RecordsBuilder`` over the folder
+    their ids are paths in) and set ``class_names`` in ``__init__``; ``records`` is the
+    built listing."""
 
     name: str = "base"
     splits: tuple[str, ...] = ("train", "test")
@@ -86,8 +90,23 @@ class DatasetReader:
         self.root = dataset_root(root) if root is not None else None
         self.split = split
         self.options = options
-        self.records: list[Record] = []
+        self.listing = RecordsBuilder(self.root)
+        self._records: Records | None = None
         self.class_names: list[str] = []
+
+    @property
+    def records(self) -> Records:
+        """The split's images (the listing, built on first use)."""
+        if self._records is None:
+            self._records = self.listing.build()
+            self.listing = None
+        return self._records
+
+    @records.setter
+    def records(self, value: Records) -> None:
+        base = self._records.base if self._records is not None else self.root
+        self._records = value if isinstance(value, Records) else Records.from_records(value, base)
+        self.listing = None
 
     def require_root(self) -> Path:
         if self.root is None:
@@ -124,10 +143,16 @@ class DatasetReader:
         return len(self.records)
 
 
-def select_subset(records: Sequence[Record], class_names: Sequence[str], cfg: DatasetConfig) -> list[Record]:
-    """Apply ``classes``, ``per_class`` and ``limit`` deterministically (dataset order kept)."""
+def select_subset(records: Records, class_names: Sequence[str], cfg: DatasetConfig) -> Records:
+    """Apply ``classes``, ``per_class`` and ``limit`` deterministically (dataset order kept).
+
+    The draws are those of the list-of-records version this replaced, on the same seed:
+    ``per_class`` draws each class's positions (within the kept images) in order of the
+    class's first appearance, then ``limit`` draws positions among what is left.
+    """
     rng = np.random.default_rng(cfg.seed)
-    keep = list(records)
+    keep = np.arange(len(records))
+    labels = records.labels
     if cfg.classes:
         wanted = set()
         for c in cfg.classes:
@@ -137,17 +162,18 @@ def select_subset(records: Sequence[Record], class_names: Sequence[str], cfg: Da
                 wanted.add(int(c))
             else:
                 raise DatasetError(f"unknown class {c!r} in 'classes'; use a class name or 0-based index")
-        keep = [r for r in keep if r.label in wanted]
+        keep = keep[np.isin(labels, sorted(wanted))]
     if cfg.per_class is not None:
-        by_class: dict[int, list[int]] = {}
-        for i, r in enumerate(keep):
-            by_class.setdefault(r.label, []).append(i)
-        chosen: set[int] = set()
-        for idx in by_class.values():
-            n = min(cfg.per_class, len(idx))
-            chosen.update(rng.choice(idx, size=n, replace=False).tolist())
-        keep = [r for i, r in enumerate(keep) if i in chosen]
+        kept = labels[keep]
+        classes, first = np.unique(kept, return_index=True)
+        chosen = np.zeros(len(keep), dtype=bool)
+        by_class = np.split(np.argsort(kept, kind="stable"), np.cumsum(np.bincount(np.searchsorted(classes, kept)))[:-1])
+        for k in np.argsort(first):  # each class's positions, ascending, as the old lists held them
+            idx = by_class[k]
+            chosen[rng.choice(idx, size=min(cfg.per_class, len(idx)), replace=False)] = True
+        keep = keep[chosen]
     if cfg.limit is not None and cfg.limit < len(keep):
-        chosen = set(rng.choice(len(keep), size=cfg.limit, replace=False).tolist())
-        keep = [r for i, r in enumerate(keep) if i in chosen]
-    return keep
+        chosen = np.zeros(len(keep), dtype=bool)
+        chosen[rng.choice(len(keep), size=cfg.limit, replace=False)] = True
+        keep = keep[chosen]
+    return records if len(keep) == len(records) else records.take(keep)

@@ -44,7 +44,7 @@ from pipeline.datasets.annotations import (
     matlab_box,
     read_lines,
 )
-from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.base import DatasetReader
 from pipeline.datasets.files import files_under, open_text
 from pipeline.errors import DatasetError
 
@@ -148,11 +148,4 @@ class CarsReader(DatasetReader):
             raise DatasetError(
                 f"{source}: {path.name!r} has class {class_id}, outside 1..{len(self.class_names)} (the class-name list)"
             )
-        self.records.append(
-            Record(
-                image_id=path.relative_to(root).as_posix(),
-                label=class_id - 1,
-                path=path,
-                bbox=matlab_box(x1, y1, x2, y2),
-            )
-        )
+        self.listing.append(path.relative_to(root).as_posix(), class_id - 1, matlab_box(x1, y1, x2, y2))

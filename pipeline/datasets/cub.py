@@ -22,7 +22,8 @@ import re
 from pathlib import Path
 
 from pipeline.datasets.annotations import check_options, read_id_map, read_rows, readable, xywh_to_box
-from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.base import DatasetReader
+from pipeline.datasets.records import RecordsBuilder
 from pipeline.errors import DatasetError
 
 
@@ -59,6 +60,7 @@ class CUBReader(DatasetReader):
         self.class_names = [self.clean_name(class_table[cid]) for cid in class_ids]
 
         want_train = split == "train"
+        self.listing = RecordsBuilder(base)
         for image_id, rel_path in image_paths.items():
             for table, what in ((image_classes, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
                 if image_id not in table:
@@ -69,14 +71,7 @@ class CUBReader(DatasetReader):
             if class_id not in label_of:
                 raise DatasetError(f"{self.name}: image {image_id!r} has class {class_id}, which classes.txt lacks")
             path = base / "images" / rel_path
-            self.records.append(
-                Record(
-                    image_id=path.relative_to(base).as_posix(),
-                    label=label_of[class_id],
-                    path=path,
-                    bbox=boxes.get(image_id),
-                )
-            )
+            self.listing.append(path.relative_to(base).as_posix(), label_of[class_id], boxes.get(image_id))
 
     def dataset_folder(self) -> Path:
         """The folder holding ``images.txt``: root itself or ``root/<folder>``."""

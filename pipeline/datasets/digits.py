@@ -28,11 +28,9 @@ class DigitsReader(DatasetReader):
             "test": lambda i: i % 5 == 0,
             "all": lambda i: True,
         }[split]
-        self.records = [
-            Record(image_id=f"digits/{i:04d}", label=int(bunch.target[i]))
-            for i in range(len(bunch.target))
-            if keep(i)
-        ]
+        for i in range(len(bunch.target)):
+            if keep(i):
+                self.listing.append(f"digits/{i:04d}", int(bunch.target[i]))
 
     def load_image(self, record: Record) -> Image.Image:
         index = int(record.image_id.split("/")[1])

@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from pipeline.datasets.annotations import check_options, load_mat, mat_ints, mat_key, mat_strings, matlab_box, readable
-from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.base import DatasetReader
 from pipeline.datasets.files import files_under, read_many
 from pipeline.errors import DatasetError
 
@@ -70,7 +70,7 @@ class DogsReader(DatasetReader):
                     "among the sorted Images/ folders; Images/ must hold exactly the 120 breed folders"
                 )
             box = boxes.get(Path(rel).with_suffix("").as_posix())
-            self.records.append(Record(image_id=f"Images/{rel}", label=label - 1, path=image_dir / rel, bbox=box))
+            self.listing.append(f"Images/{rel}", label - 1, box)  # its file: root / "Images" / rel
 
 
 def union_box_of(data: bytes) -> tuple[float, float, float, float] | None:

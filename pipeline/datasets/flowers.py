@@ -19,7 +19,7 @@ from __future__ import annotations
 from importlib import resources
 
 from pipeline.datasets.annotations import check_options, load_mat, mat_ints, mat_key
-from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.base import DatasetReader
 from pipeline.errors import DatasetError
 
 NUM_CLASSES = 102
@@ -47,8 +47,7 @@ class FlowersReader(DatasetReader):
             label = labels[n - 1]
             if not 1 <= label <= len(self.class_names):
                 raise DatasetError(f"{labels_path}: image {n} has label {label}, outside 1..{len(self.class_names)}")
-            path = root / "jpg" / f"image_{n:05d}.jpg"
-            self.records.append(Record(image_id=f"jpg/{path.name}", label=label - 1, path=path))
+            self.listing.append(f"jpg/image_{n:05d}.jpg", label - 1)
 
 
 def flower_names() -> list[str]:

@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 
 from pipeline.datasets.annotations import check_options, read_lines, readable
-from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.base import DatasetReader
+from pipeline.datasets.records import RecordsBuilder
 from pipeline.datasets.files import open_text
 from pipeline.errors import DatasetError
 
@@ -53,10 +54,10 @@ class FoodReader(DatasetReader):
             if cls not in label_of:
                 raise DatasetError(f"{self.name}: {split} list names {entry!r}, whose class is not in meta/classes.txt")
             by_class.setdefault(cls, []).append(entry)
+        self.listing = RecordsBuilder(base)
         for cls in classes:
             for entry in by_class.get(cls, []):
-                path = base / "images" / f"{entry}.jpg"
-                self.records.append(Record(image_id=f"images/{entry}.jpg", label=label_of[cls], path=path))
+                self.listing.append(f"images/{entry}.jpg", label_of[cls])
 
     def split_entries(self, base: Path, prefix: str) -> list[str]:
         """``<class>/<id>`` entries of the split, from meta/<split>.json or meta/<split>.txt."""

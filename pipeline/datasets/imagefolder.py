@@ -10,26 +10,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.base import DatasetReader
+from pipeline.datasets.records import Records, RecordsBuilder
 from pipeline.datasets.files import files_under, list_folder
 from pipeline.errors import DatasetError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-def scan_class_folders(base: Path) -> tuple[list[str], list[Record]]:
-    """Sorted class folders under ``base`` and their images as Records (ids relative to base).
+def scan_class_folders(base: Path) -> tuple[list[str], Records]:
+    """Sorted class folders under ``base`` and their images (ids relative to base, the records' base).
 
     One listing of ``base`` and one recursive listing per class folder, on object storage too.
     """
     classes = [name for name, kind in list_folder(base) if kind == "directory" and not name.startswith(".")]
-    records = []
+    records = RecordsBuilder(base)
     for label, name in enumerate(classes):
-        folder = base / name
-        for rel in files_under(folder):
+        for rel in files_under(base / name):
             if os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES:
-                records.append(Record(image_id=f"{name}/{rel}", label=label, path=folder / rel))
-    return classes, records
+                records.append(f"{name}/{rel}", label)
+    return classes, records.build()
 
 
 class ImageFolderReader(DatasetReader):

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from pipeline.datasets.annotations import check_options, load_mat, mat_key, mat_struct_rows, read_lines
-from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.base import DatasetReader
 from pipeline.datasets.files import list_folder, open_text
 from pipeline.datasets.imagefolder import IMAGE_SUFFIXES
 from pipeline.errors import DatasetError
@@ -72,7 +72,7 @@ class ImageNetReader(DatasetReader):
                     f"{self.name}: image {path.name!r} has class {wnid!r}, which the class list "
                     f"({self.class_source}) lacks"
                 )
-            self.records.append(Record(image_id=path.relative_to(root).as_posix(), label=label_of[wnid], path=path))
+            self.listing.append(path.relative_to(root).as_posix(), label_of[wnid])
 
     def flat_val_labels(self, val_dir: Path) -> list[tuple[str, Path]]:
         """(wnid, path) for a flat val folder, from the Kaggle CSV or the devkit ground truth."""

@@ -17,7 +17,7 @@ name whichever split is opened. image_id is ``images/<name>.jpg``. The head boxe
 from __future__ import annotations
 
 from pipeline.datasets.annotations import check_options, read_rows, readable
-from pipeline.datasets.base import DatasetReader, Record
+from pipeline.datasets.base import DatasetReader
 from pipeline.errors import DatasetError
 
 LAYOUT = "annotations/{trainval.txt, test.txt} with lines '<name> <class id> <species> <breed id>', images/<name>.jpg"
@@ -52,5 +52,4 @@ class PetsReader(DatasetReader):
             raise DatasetError(f"{self.name}: class id(s) {missing[:5]} never appear in annotations/*.txt")
         self.class_names = [names[i] for i in range(1, max(names) + 1)]
         for image_name, class_id in rows_by_split[split]:
-            path = root / "images" / f"{image_name}.jpg"
-            self.records.append(Record(image_id=f"images/{path.name}", label=class_id - 1, path=path))
+            self.listing.append(f"images/{image_name}.jpg", class_id - 1)

@@ -42,7 +42,7 @@ class PreprocessedImages(Dataset):
     """
 
     def __init__(self, reader: DatasetReader, prep: Preprocessing, use_bbox: bool = False):
-        if use_bbox and not any(r.bbox is not None for r in reader.records):
+        if use_bbox and not reader.records.has_bbox:
             raise DatasetError(
                 f"crop: bbox needs bounding boxes, but dataset {reader.name!r} (split {reader.split!r}) provides none; "
                 "use crop: center"

@@ -98,10 +98,15 @@ def figure(drawing: figures.Drawing, alt: str, caption: str, fig_id: str) -> str
 
 
 def legend(blocks: list[str], labels: Mapping[str, str], control: bool, baseline: bool) -> str:
-    """The timestep panels' shared legend, in HTML (readable at any width)."""
+    """The timestep panels' shared legend, in HTML (readable at any width).
+
+    Line styles are named only when a second style is drawn (a control or a baseline):
+    with the solid lines alone, a black "trained" entry names nothing the colours do not.
+    """
     items = [f'<span><i style="border-color:{figures.block_colour(i)}"></i>{e(b)}</span>'
              for i, b in enumerate(blocks)]
-    items.append(f'<span><i></i>{e(labels["trained"])}</span>')
+    if control or baseline:
+        items.append(f'<span><i></i>{e(labels["trained"])}</span>')
     if control:
         items.append(f'<span><i class=dashed></i>{e(labels["control"])}</span>')
     if baseline:

@@ -108,7 +108,7 @@ def create_error_store(path: str | Path, layout: ErrorLayout, image_ids: Sequenc
     with store.new_group(path) as root:
         compressors, _ = store.codecs_for(compression)
         store.write_1d(root, "sample", np.arange(n, dtype=np.int64), "sample")
-        store.write_1d(root, "image_id", list(image_ids), "sample", dtype=str)
+        store.write_1d(root, "image_id", image_ids, "sample", dtype=str)
         store.write_1d(root, "label", np.asarray(labels, dtype=np.int64), "sample")
         store.write_1d(root, "candidate", np.arange(k, dtype=np.int64), "candidate")
         store.write_1d(root, "candidate_class", np.asarray(candidate_class, dtype=np.int64), "candidate")

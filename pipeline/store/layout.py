@@ -72,6 +72,9 @@ DIMS = ("sample", "timestep", "channel", "y", "x")
 SAMPLE_COORDS = ("image_id", "view", "flipped", "label")
 #: per-sample crop of an augmented view, known only once its image is decoded
 CROP_COORDS = ("crop_side", "crop_x0", "crop_y0")
+#: numpy's variable-width string dtype (numpy >= 2): ids held in memory without a Python
+#: object per string (stores keep fixed-width ``<U`` arrays: ``write_1d``)
+STRINGS = np.dtypes.StringDType()
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "float32"}
 
 
@@ -225,7 +228,9 @@ def write_1d(group, name: str, values, dim: str, dtype=None, chunks=None):
     arrays keep spec types only.
     """
     if dtype is str:
-        values = np.asarray([str(v) for v in values], dtype=f"<U{max(1, max(map(len, values), default=1))}")
+        if not isinstance(values, np.ndarray) or values.dtype.kind not in "TU":
+            values = np.asarray([str(v) for v in values], dtype=STRINGS)
+        values = values.astype(f"<U{max(1, int(np.strings.str_len(values).max(initial=1)))}")
     else:
         values = np.asarray(values)
     arr = group.create_array(
@@ -243,14 +248,20 @@ def write_1d(group, name: str, values, dim: str, dtype=None, chunks=None):
 
 @dataclass(frozen=True)
 class SampleTable:
-    """Per-sample coordinates, in store order."""
+    """Per-sample coordinates, in store order, as arrays (sequences given are converted):
+    ``image_id`` StringDType, ``view`` int32, ``flipped`` bool, ``label`` int64, so a
+    table of a million samples holds no Python object per sample."""
 
-    image_id: list[str]
-    view: list[int]
-    flipped: list[bool]
-    label: list[int]
+    image_id: np.ndarray
+    view: np.ndarray
+    flipped: np.ndarray
+    label: np.ndarray
     #: (n, 3) int (crop_side, crop_x0, crop_y0), -1 where none was drawn; None: no crop coords
     crops: np.ndarray | None = None
+
+    def __post_init__(self):
+        for name, dtype in (("image_id", STRINGS), ("view", np.int32), ("flipped", bool), ("label", np.int64)):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=dtype))
 
 
 def read_sample_table(root) -> SampleTable:
@@ -258,8 +269,8 @@ def read_sample_table(root) -> SampleTable:
     crops = None
     if all(name in root for name in CROP_COORDS):
         crops = np.stack([root[name][:] for name in CROP_COORDS], axis=1)
-    return SampleTable([str(s) for s in root["image_id"][:]], root["view"][:].tolist(),
-                       root["flipped"][:].tolist(), root["label"][:].tolist(), crops)
+    return SampleTable(np.asarray(root["image_id"][:]).astype(STRINGS), root["view"][:],
+                       root["flipped"][:], root["label"][:], crops)
 
 
 def create_store(

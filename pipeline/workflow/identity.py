@@ -18,9 +18,11 @@ from pipeline.store.schema import dataset_identity as identity_of_pairs
 
 def dataset_identity(records: Sequence) -> dict:
     """``{"n_images": n, "ids_sha256": hex}`` over the ordered ``(image_id, label)`` pairs
-    of ``records`` (``pipeline.datasets.Record``: anything with ``image_id`` and ``label``);
+    of ``records`` (``pipeline.datasets.records.Records``, or anything whose items have
+    ``image_id`` and ``label``);
     the formula is ``pipeline.store.schema.dataset_identity``, which ``verify`` shares."""
-    return identity_of_pairs((rec.image_id, rec.label) for rec in records)
+    pairs = getattr(records, "pairs", None)  # ``Records``: converted a chunk at a time
+    return identity_of_pairs(pairs() if pairs else ((rec.image_id, rec.label) for rec in records))
 
 
 def first_difference(stored: Sequence[str], current: Sequence[str]) -> str:

@@ -239,7 +239,7 @@ class Runner:
             except Exception:  # noqa: BLE001 -- fall back to the generic difference
                 ids = None
             if ids is not None:
-                where = first_difference(ids, [r.image_id for r in self.records[entry.name]])
+                where = first_difference(ids, self.records[entry.name].ids.tolist())
                 return f"the dataset changed: {where or 'the image labels differ'}"
         diffs = _differences(stamped, new)
         more = f" (and {len(diffs) - 2} more)" if len(diffs) > 2 else ""

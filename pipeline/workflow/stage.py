@@ -125,13 +125,16 @@ class RunContext:
         ``image_ids`` is the run's per-row id list. The stage hash already holds the
         dataset's identity; this is the last guard before any row is written.
         """
-        from pipeline.store.layout import open_root
+        import numpy as np
+
+        from pipeline.store.layout import STRINGS, open_root
         from pipeline.workflow.identity import first_difference
 
-        stored = [str(i) for i in open_root(self.output)["image_id"][:]]
-        if stored != list(image_ids):
+        stored = np.asarray(open_root(self.output)["image_id"][:]).astype(STRINGS)
+        current = np.asarray(image_ids, dtype=STRINGS)
+        if len(stored) != len(current) or not (stored == current).all():
             raise StoreError(f"{self.output}: the dataset changed since this store was written: "
-                             f"{first_difference(stored, list(image_ids)) or 'labels differ'}; "
+                             f"{first_difference(stored.tolist(), current.tolist()) or 'labels differ'}; "
                              "re-run with --force to replace it, or set another 'output:'")
 
     def unit_claims(self):
