@@ -29,7 +29,7 @@ def child(code: str, cwd: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_a_unet2d_loads_without_the_other_diffusers_models_and_is_the_same_model(tmp_path):
+def test_a_unet2d_loads_without_the_other_diffusers_models_or_hf_transformers_and_is_the_same_model(tmp_path):
     got = child(f"""
         import json, sys
         import torch
@@ -38,11 +38,14 @@ def test_a_unet2d_loads_without_the_other_diffusers_models_and_is_the_same_model
         adapter = load_model(ModelConfig(path={str(DIGITS)!r}, null_class=10))
         loaded = sorted(m for m in ("scipy", "scipy.stats", "diffusers.models.unets.unet_1d",
                                     "diffusers.models.transformers.ace_step_transformer",
-                                    "transformers.loss.loss_utils") if m in sys.modules)
+                                    "transformers", "transformers.loss.loss_utils", "diffusers.quantizers",
+                                    "diffusers.quantizers.pipe_quant_config") if m in sys.modules)
+        quantizer = sys.modules["diffusers.models.modeling_utils"].DiffusersAutoQuantizer
 
         # the packages' own __init__ still work afterwards, and hand out the same classes
         from diffusers import UNet2DConditionModel, UNet2DModel
         from diffusers.models import unets
+        from diffusers.quantizers import DiffusersAutoQuantizer, PipelineQuantizationConfig
         plain = UNet2DModel.from_pretrained({str(DIGITS / "unet")!r}).eval()
         x, t = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 50, 500])
         labels = torch.tensor([1, 2, 10])
@@ -51,9 +54,12 @@ def test_a_unet2d_loads_without_the_other_diffusers_models_and_is_the_same_model
                                     plain(x, t, class_labels=labels).sample))
         print(json.dumps({{"loaded": loaded,
                           "same_class": type(adapter.module) is UNet2DModel is unets.UNet2DModel,
-                          "condition_unet": unets.UNet2DConditionModel is UNet2DConditionModel, "same": same}}))
+                          "condition_unet": unets.UNet2DConditionModel is UNet2DConditionModel, "same": same,
+                          "quantizer": quantizer is DiffusersAutoQuantizer,
+                          "pipeline_config": PipelineQuantizationConfig.__module__}}))
     """, tmp_path)
-    assert got == {"loaded": [], "same_class": True, "condition_unet": True, "same": True}
+    assert got == {"loaded": [], "same_class": True, "condition_unet": True, "same": True, "quantizer": True,
+                   "pipeline_config": "diffusers.quantizers.pipe_quant_config"}
 
 
 def test_the_program_resumes_the_collector_before_the_stages_and_freezes_the_startup_heap(tmp_path):
