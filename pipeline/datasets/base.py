@@ -19,24 +19,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.datasets.files import dataset_root, open_binary
-from pipeline.datasets.records import Records, RecordsBuilder
+from pipeline.datasets.records import Record, Records, RecordsBuilder  # Record re-exported
 from pipeline.errors import DatasetError, ImageReadError
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One image of a split: a view of one row of a reader's ``Records``, built on demand.
-
-    image_id: the dataset's own id (relative path or official id), stable across runs.
-    label: 0-based class index into the reader's ``class_names``.
-    path: file to decode, or None for in-memory datasets (digits).
-    bbox: optional (x0, y0, x1, y1) box in pixels, for bounding-box crops.
-    """
-
-    image_id: str
-    label: int
-    path: Path | None = None
-    bbox: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)

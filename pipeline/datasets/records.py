@@ -21,11 +21,28 @@ dataset identity, the sample table) uses the arrays.
 from __future__ import annotations
 
 from array import array
+from dataclasses import dataclass
 from collections.abc import Iterator
 
 import numpy as np
 
 from pipeline.store.layout import STRINGS
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One image of a split: a view of one row of a reader's ``Records``, built on demand.
+
+    image_id: the dataset's own id (relative path or official id), stable across runs.
+    label: 0-based class index into the reader's ``class_names``.
+    path: file to decode, or None for in-memory datasets (digits).
+    bbox: optional (x0, y0, x1, y1) box in pixels, for bounding-box crops.
+    """
+
+    image_id: str
+    label: int
+    path: Path | None = None
+    bbox: tuple[float, float, float, float] | None = None
+
 
 #: ids collected as Python strings are packed into a StringDType chunk this often, so a
 #: listing never holds more than this many id objects at once
@@ -82,7 +99,6 @@ class Records:
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
-            from pipeline.datasets.base import Record
 
             i = int(key)
             if i < 0:
