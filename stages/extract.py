@@ -171,9 +171,8 @@ def sample_table(reader, views: int, flip: bool, augment: AugmentSpec | None = N
     records = reader.records
     n = len(records) * views
     if augment:
-        flips = np.fromiter((view_flipped(augment, seed, image_id, v) for start in range(0, len(records), 65536)
-                             for image_id in records.ids[start:start + 65536].tolist() for v in range(views)),
-                            dtype=bool, count=n)
+        flips = np.fromiter((view_flipped(augment, seed, image_id, v) for image_id, _ in records.pairs()
+                             for v in range(views)), dtype=bool, count=n)
     else:
         flips = np.tile(np.arange(views) % 2 == 1, len(records)) & bool(flip)
     crops = None if augment is None else np.full((n, len(store.CROP_COORDS)), -1, dtype=np.int32)

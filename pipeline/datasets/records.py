@@ -13,7 +13,7 @@ each hold one. :class:`Records` keeps the same information in arrays:
   ``base / image_id``: every reader's ids are their file's path below some folder, so
   the paths need no column of their own. None for in-memory datasets (digits).
 
-``records[i]`` and iteration give :class:`~pipeline.datasets.base.Record` views built
+``records[i]`` and iteration give :class:`Record` views built
 on demand (a DataLoader item, an error message); whole-listing work (subsetting, the
 dataset identity, the sample table) uses the arrays.
 """
@@ -21,12 +21,14 @@ dataset identity, the sample table) uses the arrays.
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.store.layout import STRINGS
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -99,7 +101,6 @@ class Records:
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
-
             i = int(key)
             if i < 0:
                 i += len(self)
